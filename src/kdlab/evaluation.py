@@ -1,0 +1,119 @@
+"""Batched inference for both task kinds: label-word scoring (one forward pass per batch, logits at the last
+position only) and greedy generation with the KV cache. Batches are grouped by prompt length so little
+compute goes to padding.
+"""
+
+from __future__ import annotations
+
+import time
+from collections.abc import Sequence
+from dataclasses import dataclass, field
+from typing import Any
+
+import torch
+from torch import nn
+from tqdm.auto import tqdm
+from transformers import PreTrainedTokenizerBase
+
+from kdlab.scored import position_ids_for
+from kdlab.tasks.base import Example, Task, collate_prompts, encode_prompts
+
+
+@dataclass
+class EvalResult:
+    metrics: dict[str, float]
+    predictions: dict[str, Any]
+    counts: dict[str, int] = field(default_factory=dict)  # prompts truncated / skipped to fit max_length
+    seconds: float = 0.0
+
+
+def _length_batches(lengths: Sequence[int], batch_size: int) -> list[list[int]]:
+    order = sorted(range(len(lengths)), key=lambda i: -lengths[i])
+    return [order[i : i + batch_size] for i in range(0, len(order), batch_size)]
+
+
+def _device(model: nn.Module) -> torch.device:
+    return next(model.parameters()).device
+
+
+@torch.no_grad()
+def score_labels(
+    model: nn.Module, prompt_ids: Sequence[list[int]], label_ids: Sequence[int], *, pad_id: int,
+    batch_size: int, desc: str = "scoring",
+) -> list[int]:
+    """Index of the label word whose first token gets the highest log-probability after each prompt."""
+    device = _device(model)
+    choices = torch.tensor(list(label_ids), device=device)
+    out: list[int] = [0] * len(prompt_ids)
+    for rows in tqdm(_length_batches([len(p) for p in prompt_ids], batch_size), desc=desc, leave=False):
+        batch = collate_prompts([prompt_ids[i] for i in rows], pad_id)
+        mask = batch["attention_mask"].to(device)
+        logits = model(input_ids=batch["input_ids"].to(device), attention_mask=mask,
+                       position_ids=position_ids_for(mask), logits_to_keep=1, use_cache=False).logits[:, -1]
+        best = logits.float().log_softmax(-1)[:, choices].argmax(-1).tolist()
+        for i, b in zip(rows, best, strict=True):
+            out[i] = int(b)
+    return out
+
+
+@torch.no_grad()
+def generate_answers(
+    model: nn.Module, tokenizer: PreTrainedTokenizerBase, prompt_ids: Sequence[list[int]], *,
+    max_new_tokens: int, batch_size: int, desc: str = "generating",
+) -> list[str]:
+    """Greedy answers, stopping at a newline or EOS; the text after the prompt, first line, stripped."""
+    device = _device(model)
+    pad_id = tokenizer.pad_token_id
+    out: list[str] = [""] * len(prompt_ids)
+    for rows in tqdm(_length_batches([len(p) for p in prompt_ids], batch_size), desc=desc, leave=False):
+        batch = collate_prompts([prompt_ids[i] for i in rows], pad_id)
+        width = batch["input_ids"].shape[1]
+        generated = model.generate(
+            input_ids=batch["input_ids"].to(device), attention_mask=batch["attention_mask"].to(device),
+            max_new_tokens=max_new_tokens, do_sample=False, num_beams=1, pad_token_id=pad_id,
+            eos_token_id=tokenizer.eos_token_id, stop_strings=["\n"], tokenizer=tokenizer,
+            temperature=None, top_p=None, top_k=None,
+        )
+        texts = tokenizer.batch_decode(generated[:, width:], skip_special_tokens=True)
+        for i, text in zip(rows, texts, strict=True):
+            out[i] = text.split("\n", 1)[0].strip()
+    return out
+
+
+def predict(
+    task: Task, model: nn.Module, tokenizer: PreTrainedTokenizerBase, examples: Sequence[Example], *,
+    batch_size: int, desc: str | None = None, training_prompts: bool = False,
+) -> tuple[dict[str, Any], dict[str, int]]:
+    """Predictions by example id (SST-2: label index, SQuAD: answer text) and prompt-fitting counts.
+
+    `training_prompts` builds the prompts as training does (a teacher answering the prompts a student is
+    trained on); evaluation prompts never look at the answer.
+    """
+    pairs, counts = task.build_prompts(examples, tokenizer, training=training_prompts)
+    prompt_ids = encode_prompts([p for _, p in pairs], tokenizer)
+    desc = desc or f"{task.name} inference"
+    was_training = model.training
+    model.eval()
+    try:
+        if task.generative:
+            answers: list[Any] = generate_answers(
+                model, tokenizer, prompt_ids, max_new_tokens=task.settings.max_new_tokens,
+                batch_size=batch_size, desc=desc)
+        else:
+            answers = score_labels(model, prompt_ids, task.label_token_ids(tokenizer),
+                                   pad_id=tokenizer.pad_token_id, batch_size=batch_size, desc=desc)
+    finally:
+        model.train(was_training)
+    return {ex.id: a for (ex, _), a in zip(pairs, answers, strict=True)}, counts
+
+
+def evaluate(
+    task: Task, model: nn.Module, tokenizer: PreTrainedTokenizerBase, examples: Sequence[Example], *,
+    batch_size: int, desc: str | None = None,
+) -> EvalResult:
+    start = time.perf_counter()
+    predictions, counts = predict(task, model, tokenizer, examples, batch_size=batch_size, desc=desc)
+    metrics = task.score(predictions, examples)
+    metrics["n"] = len(examples)
+    return EvalResult(metrics=metrics, predictions=predictions, counts=counts,
+                      seconds=time.perf_counter() - start)

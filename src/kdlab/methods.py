@@ -1,0 +1,126 @@
+"""The methods of a study: what teacher signal each needs and how its loss is assembled from `losses`.
+
+A new method is one entry in `METHODS` plus its settings class in `config` and its pure loss in `losses`.
+"""
+
+from __future__ import annotations
+
+from collections.abc import Callable, Mapping
+from dataclasses import dataclass, field
+from typing import Any
+
+import torch
+from torch import nn
+
+from kdlab import losses
+from kdlab.scored import Scored, forward_scored
+
+
+@dataclass
+class TeacherBatch:
+    """Teacher signals for the answer tokens of one batch, rows aligned with `Scored` rows."""
+
+    topk_indices: torch.Tensor | None = None  # [N, k] (cached)
+    topk_logprobs: torch.Tensor | None = None  # [N, k] (cached)
+    logits: torch.Tensor | None = None  # [N, V] (online)
+    hidden: dict[int, torch.Tensor] = field(default_factory=dict)  # teacher layer -> [N, d_t]
+
+
+@dataclass
+class LossInputs:
+    model: nn.Module
+    batch: Mapping[str, torch.Tensor]
+    student: Scored
+    teacher: TeacherBatch | None
+    num_tokens: torch.Tensor | float  # answer tokens in the global batch
+    num_teacher_tokens: torch.Tensor | float  # KD2: tokens of the teacher answers in the global batch
+    params: Mapping[str, Any]
+    layer_pairs: list[tuple[int, int]]
+    projections: nn.ModuleList | None
+    vocab_size: int
+
+
+LossFn = Callable[[LossInputs], tuple[torch.Tensor, dict[str, torch.Tensor]]]
+
+
+def _task_ce(x: LossInputs) -> torch.Tensor:
+    return losses.cross_entropy_tokens(x.student.logits, x.student.targets, num_tokens=x.num_tokens)
+
+
+def sft_loss(x: LossInputs) -> tuple[torch.Tensor, dict[str, torch.Tensor]]:
+    ce = _task_ce(x)
+    return ce, {"ce": ce}
+
+
+def kd1_loss(x: LossInputs) -> tuple[torch.Tensor, dict[str, torch.Tensor]]:
+    """(1-λ)·CE(gold) + λ·T²·D(teacher_T ‖ student_T) over the answer tokens."""
+    ce = _task_ce(x)
+    lam = float(x.params["lam"])
+    if lam == 0.0:
+        return ce, {"ce": ce}
+    t = x.teacher
+    assert t is not None
+    common = dict(
+        temperature=float(x.params["temperature"]),
+        divergence=x.params["divergence"],
+        beta=float(x.params.get("jsd_beta", 0.5)),
+        num_tokens=x.num_tokens,
+    )
+    if t.logits is not None:
+        kd = losses.kd_divergence_full(x.student.logits, t.logits, **common)
+    else:
+        k = int(x.params["top_k"])
+        kd = losses.kd_divergence_topk(x.student.logits, t.topk_indices[:, :k], t.topk_logprobs[:, :k], **common)
+    return losses.mix(ce, kd, lam), {"ce": ce, "kd": kd}
+
+
+def kd2_loss(x: LossInputs) -> tuple[torch.Tensor, dict[str, torch.Tensor]]:
+    """(1-λ)·CE(gold) + λ·CE(teacher's answer), prompt masked; λ=1 is Kim & Rush sequence-level KD."""
+    lam = float(x.params["lam"])
+    ce = _task_ce(x)
+    if lam == 0.0:
+        return ce, {"ce": ce}
+    on_teacher = forward_scored(x.model, x.batch, vocab_size=x.vocab_size, prefix="kd2_")
+    kd = losses.cross_entropy_tokens(on_teacher.logits, on_teacher.targets, num_tokens=x.num_teacher_tokens)
+    return losses.mix(ce, kd, lam), {"ce": ce, "kd": kd}
+
+
+def kd3_loss(x: LossInputs) -> tuple[torch.Tensor, dict[str, torch.Tensor]]:
+    """CE(gold) + λ·Σ_l D(P_l·h_student[m(l)], h_teacher[l]) over the answer positions."""
+    ce = _task_ce(x)
+    lam = float(x.params["lam"])
+    if lam == 0.0:
+        return ce, {"ce": ce}
+    t = x.teacher
+    assert t is not None
+    feat = losses.feature_loss(
+        [x.student.hidden[s] for s, _ in x.layer_pairs],
+        [t.hidden[tl] for _, tl in x.layer_pairs],
+        x.projections,
+        kind=x.params.get("loss", "mse"),
+        num_tokens=x.num_tokens,
+    )
+    return losses.add_weighted(ce, feat, lam), {"ce": ce, "kd": feat}
+
+
+@dataclass(frozen=True)
+class Method:
+    name: str
+    loss: LossFn
+    needs_topk: bool = False  # KD1: teacher log-probs at the answer tokens
+    needs_answers: bool = False  # KD2: teacher-generated answers
+    needs_hidden: bool = False  # KD3: teacher hidden states at mapped layers
+
+
+METHODS: dict[str, Method] = {
+    "sft": Method("sft", sft_loss),
+    "kd1": Method("kd1", kd1_loss, needs_topk=True),
+    "kd2": Method("kd2", kd2_loss, needs_answers=True),
+    "kd3": Method("kd3", kd3_loss, needs_hidden=True),
+}
+
+
+def get_method(name: str) -> Method:
+    if name not in METHODS:
+        raise ValueError(f"unknown method {name!r}; expected one of {sorted(METHODS)}")
+    return METHODS[name]

@@ -1,0 +1,577 @@
+"""Run registry: a SQLite file recording every run of a study.
+
+Re-running a study skips what is done and redoes what failed or was interrupted; several processes
+(on one host or several hosts sharing the output folder) can work on the same study without running
+anything twice.
+
+Design notes:
+- A fresh connection per call: sqlite connections are neither fork-safe nor shareable across threads
+  by default, and the per-call cost is negligible next to a training run.
+- Every write is one ``BEGIN IMMEDIATE ... COMMIT`` transaction: the write lock is taken up front, so
+  the read-decide-update of ``claim`` cannot interleave with another process, and a process killed at
+  any moment leaves either the old row or the new one, never half of it.
+- WAL journal so readers never block the writer; a busy timeout so concurrent writers wait for the
+  lock instead of failing with "database is locked".
+"""
+
+from __future__ import annotations
+
+import json
+import os
+import socket
+import sqlite3
+import time
+from collections.abc import Iterable, Iterator, Sequence
+from contextlib import contextmanager
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Any
+
+__all__ = [
+    "KINDS",
+    "SCHEMA_VERSION",
+    "STAGES",
+    "STATUSES",
+    "Registry",
+    "RegistryError",
+    "RunRecord",
+    "RunSpec",
+    "default_owner",
+]
+
+SCHEMA_VERSION = 1
+KINDS = ("teacher", "student")
+STAGES = ("grid", "final", "teacher")
+STATUSES = ("todo", "running", "done", "failed")
+MAX_ERROR_CHARS = 4000
+
+_SCHEMA = """
+CREATE TABLE IF NOT EXISTS meta (
+    key TEXT PRIMARY KEY,
+    value TEXT NOT NULL
+);
+CREATE TABLE IF NOT EXISTS runs (
+    id TEXT PRIMARY KEY,
+    kind TEXT NOT NULL,
+    task TEXT NOT NULL,
+    method TEXT NOT NULL,
+    student TEXT NOT NULL,
+    stage TEXT NOT NULL,
+    params TEXT NOT NULL,
+    seed INTEGER,
+    config_hash TEXT NOT NULL,
+    status TEXT NOT NULL CHECK (status IN ('todo', 'running', 'done', 'failed')),
+    metrics TEXT,
+    wall_time REAL,
+    owner TEXT,
+    heartbeat REAL,
+    attempts INTEGER NOT NULL DEFAULT 0,
+    error TEXT,
+    output_dir TEXT NOT NULL DEFAULT '',
+    created_at REAL NOT NULL,
+    started_at REAL,
+    finished_at REAL
+);
+CREATE INDEX IF NOT EXISTS runs_status ON runs (status);
+"""
+
+_COLUMNS = (
+    "id, kind, task, method, student, stage, params, seed, config_hash, status, metrics, wall_time, "
+    "owner, heartbeat, attempts, error, output_dir, created_at, started_at, finished_at"
+)
+
+
+class RegistryError(RuntimeError):
+    """A registry operation that would corrupt the study's bookkeeping was refused."""
+
+
+def default_owner() -> str:
+    """Owner tag of this process: ``host:pid`` (the pid lets same-host peers detect a dead owner)."""
+    return f"{socket.gethostname()}:{os.getpid()}"
+
+
+@dataclass(frozen=True)
+class RunSpec:
+    """What a run is: everything the study config determines, nothing about its progress."""
+
+    id: str
+    kind: str
+    task: str
+    method: str
+    student: str
+    stage: str
+    params: dict[str, Any] = field(default_factory=dict)
+    seed: int | None = None
+    config_hash: str = ""
+    output_dir: str = ""
+
+    def __post_init__(self) -> None:
+        # Catch typos early: a misspelt stage would silently never be scheduled by stage filters.
+        if not self.id:
+            raise ValueError("RunSpec.id must be non-empty")
+        if self.kind not in KINDS:
+            raise ValueError(f"RunSpec {self.id!r}: kind must be one of {KINDS}, got {self.kind!r}")
+        if self.stage not in STAGES:
+            raise ValueError(f"RunSpec {self.id!r}: stage must be one of {STAGES}, got {self.stage!r}")
+
+
+@dataclass(frozen=True)
+class RunRecord:
+    """One row of the registry, JSON columns decoded."""
+
+    id: str
+    kind: str
+    task: str
+    method: str
+    student: str
+    stage: str
+    params: dict[str, Any]
+    seed: int | None
+    config_hash: str
+    status: str
+    metrics: dict[str, Any] | None
+    wall_time: float | None
+    owner: str | None
+    heartbeat: float | None
+    attempts: int
+    error: str | None
+    output_dir: str
+    created_at: float
+    started_at: float | None
+    finished_at: float | None
+
+    @property
+    def done(self) -> bool:
+        return self.status == "done"
+
+    def spec(self) -> RunSpec:
+        return RunSpec(
+            id=self.id,
+            kind=self.kind,
+            task=self.task,
+            method=self.method,
+            student=self.student,
+            stage=self.stage,
+            params=dict(self.params),
+            seed=self.seed,
+            config_hash=self.config_hash,
+            output_dir=self.output_dir,
+        )
+
+
+def _record(row: sqlite3.Row | tuple[Any, ...]) -> RunRecord:
+    (
+        rid,
+        kind,
+        task,
+        method,
+        student,
+        stage,
+        params,
+        seed,
+        config_hash,
+        status,
+        metrics,
+        wall_time,
+        owner,
+        heartbeat,
+        attempts,
+        error,
+        output_dir,
+        created_at,
+        started_at,
+        finished_at,
+    ) = row
+    return RunRecord(
+        id=rid,
+        kind=kind,
+        task=task,
+        method=method,
+        student=student,
+        stage=stage,
+        params=json.loads(params) if params else {},
+        seed=seed,
+        config_hash=config_hash,
+        status=status,
+        metrics=json.loads(metrics) if metrics is not None else None,
+        wall_time=wall_time,
+        owner=owner,
+        heartbeat=heartbeat,
+        attempts=int(attempts or 0),
+        error=error,
+        output_dir=output_dir or "",
+        created_at=created_at,
+        started_at=started_at,
+        finished_at=finished_at,
+    )
+
+
+def _dumps(obj: Any) -> str:
+    # sort_keys so the stored text is stable across runs (easier diffing / eyeballing in sqlite3).
+    return json.dumps(obj, sort_keys=True)
+
+
+def _pid_alive(pid: int) -> bool:
+    if pid <= 0:  # os.kill(0 or negative) would target process groups, not a process
+        return False
+    try:
+        os.kill(pid, 0)
+    except ProcessLookupError:
+        return False
+    except PermissionError:  # exists, owned by another user
+        return True
+    except OSError:
+        return True  # unknown: err on the side of not stealing a live run
+    return True
+
+
+def _split_owner(owner: str) -> tuple[str, int | None]:
+    host, sep, pid = owner.rpartition(":")
+    if not sep:
+        return owner, None
+    try:
+        return host, int(pid)
+    except ValueError:
+        return host, None
+
+
+class Registry:
+    """The ``runs`` table of one study (``registry.sqlite`` in the study's output folder)."""
+
+    def __init__(self, path: str | Path, *, stale_after: float = 600.0, timeout: float = 60.0) -> None:
+        self.path = Path(path)
+        self.stale_after = float(stale_after)
+        self.timeout = float(timeout)
+        self.hostname = socket.gethostname()
+        self.path.parent.mkdir(parents=True, exist_ok=True)
+        conn = self._connect()
+        try:
+            # WAL is persistent in the file; only switch when needed (the switch needs an exclusive lock).
+            mode = conn.execute("PRAGMA journal_mode").fetchone()[0]
+            if str(mode).lower() != "wal":
+                conn.execute("PRAGMA journal_mode=WAL")  # may stay 'delete' on e.g. NFS: still correct
+            conn.execute("BEGIN IMMEDIATE")
+            for stmt in _SCHEMA.split(";"):
+                if stmt.strip():
+                    conn.execute(stmt)
+            conn.execute(
+                "INSERT OR IGNORE INTO meta (key, value) VALUES ('schema_version', ?)", (str(SCHEMA_VERSION),)
+            )
+            found = conn.execute("SELECT value FROM meta WHERE key = 'schema_version'").fetchone()[0]
+            conn.execute("COMMIT")
+        except BaseException:
+            if conn.in_transaction:
+                conn.execute("ROLLBACK")
+            raise
+        finally:
+            conn.close()
+        if str(found) != str(SCHEMA_VERSION):
+            raise RegistryError(
+                f"{self.path}: registry schema version {found}, this kdlab expects {SCHEMA_VERSION}"
+            )
+
+    # ------------------------------------------------------------------ plumbing
+
+    def _connect(self) -> sqlite3.Connection:
+        # isolation_level=None: we issue BEGIN IMMEDIATE / COMMIT ourselves.
+        conn = sqlite3.connect(str(self.path), timeout=self.timeout, isolation_level=None)
+        conn.execute(f"PRAGMA busy_timeout = {int(self.timeout * 1000)}")
+        return conn
+
+    @contextmanager
+    def _tx(self) -> Iterator[sqlite3.Connection]:
+        """One write transaction; the write lock is taken at BEGIN so read-then-write is atomic."""
+        conn = self._connect()
+        try:
+            conn.execute("BEGIN IMMEDIATE")
+            try:
+                yield conn
+            except BaseException:
+                conn.execute("ROLLBACK")
+                raise
+            conn.execute("COMMIT")
+        finally:
+            conn.close()
+
+    @contextmanager
+    def _read(self) -> Iterator[sqlite3.Connection]:
+        conn = self._connect()
+        try:
+            yield conn
+        finally:
+            conn.close()
+
+    @staticmethod
+    def _fetch(conn: sqlite3.Connection, run_id: str) -> RunRecord | None:
+        row = conn.execute(f"SELECT {_COLUMNS} FROM runs WHERE id = ?", (run_id,)).fetchone()
+        return _record(row) if row is not None else None
+
+    def _fetch_required(self, conn: sqlite3.Connection, run_id: str) -> RunRecord:
+        rec = self._fetch(conn, run_id)
+        if rec is None:
+            raise RegistryError(f"unknown run {run_id!r} in {self.path}")
+        return rec
+
+    def is_stale(self, rec: RunRecord, now: float | None = None) -> bool:
+        """Whether a 'running' row's owner is gone, so the run may be claimed again.
+
+        Same host: the pid decides (exact and immediate). Other hosts: we cannot see their
+        processes, so a heartbeat older than ``stale_after`` seconds means the owner is gone.
+        """
+        if rec.status != "running":
+            return False
+        if rec.owner:
+            host, pid = _split_owner(rec.owner)
+            if host == self.hostname and pid is not None:
+                return not _pid_alive(pid)
+        beat = rec.heartbeat if rec.heartbeat is not None else rec.started_at
+        if beat is None:
+            return True
+        now = time.time() if now is None else now
+        return now - beat > self.stale_after
+
+    def _claimable(self, rec: RunRecord, now: float) -> bool:
+        return rec.status in ("todo", "failed") or (rec.status == "running" and self.is_stale(rec, now))
+
+    @staticmethod
+    def _take(conn: sqlite3.Connection, run_id: str, owner: str, now: float) -> None:
+        conn.execute(
+            "UPDATE runs SET status = 'running', owner = ?, heartbeat = ?, started_at = ?, "
+            "finished_at = NULL, metrics = NULL, wall_time = NULL, attempts = attempts + 1 WHERE id = ?",
+            (owner, now, now, run_id),
+        )
+
+    # ------------------------------------------------------------------ adding runs
+
+    def _add(self, conn: sqlite3.Connection, spec: RunSpec, force: bool) -> RunRecord:
+        now = time.time()
+        old = self._fetch(conn, spec.id)
+        fields = (
+            spec.kind,
+            spec.task,
+            spec.method,
+            spec.student,
+            spec.stage,
+            _dumps(spec.params),
+            spec.seed,
+            spec.config_hash,
+            spec.output_dir,
+        )
+        if old is None:
+            conn.execute(
+                "INSERT INTO runs (kind, task, method, student, stage, params, seed, config_hash, "
+                "output_dir, id, status, attempts, created_at) "
+                "VALUES (?, ?, ?, ?, ?, ?, ?, ?, ?, ?, 'todo', 0, ?)",
+                (*fields, spec.id, now),
+            )
+        elif old.config_hash == spec.config_hash:
+            return old
+        elif old.status == "done" and not force:
+            raise RegistryError(
+                f"run {spec.id!r} is already done with config_hash {old.config_hash!r} but the study now "
+                f"gives config_hash {spec.config_hash!r}: the study changed under a finished run. "
+                "Use a new output folder, or --force to redo it."
+            )
+        else:
+            # Changed definition of an unfinished (or forced) run: the old progress is meaningless.
+            conn.execute(
+                "UPDATE runs SET kind = ?, task = ?, method = ?, student = ?, stage = ?, params = ?, "
+                "seed = ?, config_hash = ?, output_dir = ?, status = 'todo', metrics = NULL, "
+                "wall_time = NULL, owner = NULL, heartbeat = NULL, attempts = 0, error = NULL, "
+                "started_at = NULL, finished_at = NULL WHERE id = ?",
+                (*fields, spec.id),
+            )
+        rec = self._fetch(conn, spec.id)
+        assert rec is not None
+        return rec
+
+    def add(self, spec: RunSpec, *, force: bool = False) -> RunRecord:
+        """Register a run as 'todo' if absent.
+
+        Same config_hash: returned unchanged. Different hash and not done: spec updated, reset to todo.
+        Different hash and done: RegistryError, unless ``force`` (then reset to todo like the others).
+        """
+        with self._tx() as conn:
+            return self._add(conn, spec, force)
+
+    def add_many(self, specs: Iterable[RunSpec], *, force: bool = False) -> list[RunRecord]:
+        """``add`` for a whole study in one transaction: all specs registered, or none (on error)."""
+        with self._tx() as conn:
+            return [self._add(conn, spec, force) for spec in specs]
+
+    # ------------------------------------------------------------------ claiming and finishing
+
+    def claim(self, run_id: str, owner: str | None = None) -> bool:
+        """Atomically move a todo / failed / stale-running run to running for ``owner``.
+
+        False when the run is done or running under a live owner (including ``owner`` itself).
+        """
+        owner = owner or default_owner()
+        with self._tx() as conn:
+            now = time.time()
+            rec = self._fetch_required(conn, run_id)
+            if not self._claimable(rec, now):
+                return False
+            self._take(conn, run_id, owner, now)
+            return True
+
+    def claim_next(
+        self,
+        owner: str | None = None,
+        *,
+        ids: Sequence[str] | None = None,
+        retry_failed: bool = True,
+        max_attempts: int | None = None,
+    ) -> RunRecord | None:
+        """Claim the first claimable run in insertion order (restricted to ``ids`` when given).
+
+        A loop of ``claim_next`` would retry a deterministically failing run forever; pass
+        ``retry_failed=False`` or ``max_attempts`` (runs with that many attempts are skipped unless
+        still todo) to bound retries within one invocation.
+        """
+        owner = owner or default_owner()
+        wanted = set(ids) if ids is not None else None
+        with self._tx() as conn:
+            now = time.time()
+            rows = conn.execute(
+                f"SELECT {_COLUMNS} FROM runs WHERE status != 'done' ORDER BY rowid"
+            ).fetchall()
+            for row in rows:
+                rec = _record(row)
+                if wanted is not None and rec.id not in wanted:
+                    continue
+                if rec.status == "failed" and not retry_failed:
+                    continue
+                if max_attempts is not None and rec.status != "todo" and rec.attempts >= max_attempts:
+                    continue
+                if not self._claimable(rec, now):
+                    continue
+                self._take(conn, rec.id, owner, now)
+                return self._fetch(conn, rec.id)
+        return None
+
+    def _held(self, rec: RunRecord, owner: str) -> bool:
+        return rec.status == "running" and rec.owner == owner
+
+    def heartbeat(self, run_id: str, owner: str | None = None) -> bool:
+        """Refresh the heartbeat; False if ``owner`` no longer holds the run (it was taken over)."""
+        owner = owner or default_owner()
+        with self._tx() as conn:
+            rec = self._fetch_required(conn, run_id)
+            if not self._held(rec, owner):
+                return False
+            conn.execute("UPDATE runs SET heartbeat = ? WHERE id = ?", (time.time(), run_id))
+            return True
+
+    def finish(
+        self, run_id: str, metrics: dict[str, Any], wall_time: float, owner: str | None = None
+    ) -> None:
+        """Mark done with its metrics. Raises RegistryError if ``owner`` no longer holds the run
+        (declared stale and re-claimed, reset, or redefined): its result must not overwrite another's."""
+        owner = owner or default_owner()
+        metrics_text = _dumps(metrics)  # serialise before locking so a bad metric fails without side effect
+        with self._tx() as conn:
+            rec = self._fetch_required(conn, run_id)
+            if not self._held(rec, owner):
+                raise RegistryError(
+                    f"run {run_id!r}: {owner} no longer holds it (status {rec.status!r}, "
+                    f"owner {rec.owner!r}); result not recorded"
+                )
+            now = time.time()
+            conn.execute(
+                "UPDATE runs SET status = 'done', metrics = ?, wall_time = ?, finished_at = ?, "
+                "heartbeat = ?, error = NULL WHERE id = ?",
+                (metrics_text, float(wall_time), now, now, run_id),
+            )
+
+    def fail(self, run_id: str, error: str, owner: str | None = None) -> bool:
+        """Mark failed, keeping the tail of ``error``. Returns False (no change) if ``owner`` no longer
+        holds the run: called from error paths, so it does not raise over the original exception."""
+        owner = owner or default_owner()
+        if len(error) > MAX_ERROR_CHARS:
+            error = "..." + error[-(MAX_ERROR_CHARS - 3) :]  # the tail holds the exception itself
+        with self._tx() as conn:
+            rec = self._fetch_required(conn, run_id)
+            if not self._held(rec, owner):
+                return False
+            now = time.time()
+            elapsed = now - rec.started_at if rec.started_at is not None else None
+            conn.execute(
+                "UPDATE runs SET status = 'failed', error = ?, finished_at = ?, wall_time = ? WHERE id = ?",
+                (error, now, elapsed, run_id),
+            )
+            return True
+
+    def release(self, run_id: str, owner: str | None = None) -> bool:
+        """Give a held run back as 'todo' (e.g. on KeyboardInterrupt). False if not held by ``owner``."""
+        owner = owner or default_owner()
+        with self._tx() as conn:
+            rec = self._fetch_required(conn, run_id)
+            if not self._held(rec, owner):
+                return False
+            conn.execute(
+                "UPDATE runs SET status = 'todo', owner = NULL, heartbeat = NULL, started_at = NULL "
+                "WHERE id = ?",
+                (run_id,),
+            )
+            return True
+
+    def reset(self, run_id: str) -> None:
+        """Force a run back to 'todo' whatever its state (the user asked to redo it).
+
+        A live owner of a reset run will have its ``finish`` refused.
+        """
+        with self._tx() as conn:
+            self._fetch_required(conn, run_id)
+            conn.execute(
+                "UPDATE runs SET status = 'todo', metrics = NULL, wall_time = NULL, owner = NULL, "
+                "heartbeat = NULL, attempts = 0, error = NULL, started_at = NULL, finished_at = NULL "
+                "WHERE id = ?",
+                (run_id,),
+            )
+
+    # ------------------------------------------------------------------ queries
+
+    def get(self, run_id: str) -> RunRecord | None:
+        with self._read() as conn:
+            return self._fetch(conn, run_id)
+
+    def runs(
+        self,
+        *,
+        task: str | None = None,
+        method: str | None = None,
+        stage: str | None = None,
+        status: str | None = None,
+        kind: str | None = None,
+    ) -> list[RunRecord]:
+        """Runs matching every given filter, in insertion order."""
+        where: list[str] = []
+        args: list[Any] = []
+        for col, val in (
+            ("task", task),
+            ("method", method),
+            ("stage", stage),
+            ("status", status),
+            ("kind", kind),
+        ):
+            if val is not None:
+                where.append(f"{col} = ?")
+                args.append(val)
+        sql = f"SELECT {_COLUMNS} FROM runs"
+        if where:
+            sql += " WHERE " + " AND ".join(where)
+        sql += " ORDER BY rowid"
+        with self._read() as conn:
+            return [_record(row) for row in conn.execute(sql, args).fetchall()]
+
+    def counts(self) -> dict[str, int]:
+        """Number of runs per status (every status present, zero included)."""
+        out = dict.fromkeys(STATUSES, 0)
+        with self._read() as conn:
+            for status, n in conn.execute("SELECT status, COUNT(*) FROM runs GROUP BY status"):
+                out[status] = n
+        return out
+
+    def __repr__(self) -> str:
+        return f"Registry({str(self.path)!r}, stale_after={self.stale_after})"

@@ -1,0 +1,472 @@
+"""The study recipe: wires tasks, models, teacher, cache, methods, training, evaluation and the registry
+into stages. Each stage writes its artifacts under the study's output folder and is skipped when they exist,
+so `kdlab run` resumes where it stopped.
+
+    prepare data → teacher (zero-shot eval, adaptation, eval) → students' initial weights → teacher cache
+    → grid runs (first seed) → best setting per method on the selection split → remaining seeds → results
+"""
+
+from __future__ import annotations
+
+import gc
+import itertools
+import json
+import logging
+import shutil
+import time
+import traceback
+from collections.abc import Callable, Sequence
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Any
+
+import torch
+from safetensors.torch import save_file
+
+from kdlab import losses
+from kdlab.config import StudentSettings, StudyConfig
+from kdlab.evaluation import evaluate, predict
+from kdlab.methods import METHODS, get_method
+from kdlab.models import (
+    add_lora,
+    count_parameters,
+    derive_student,
+    evenly_spaced_layers,
+    load_model,
+    load_tokenizer,
+    resolve_device,
+    resolve_model_path,
+    save_model,
+)
+from kdlab.registry import Registry, RunRecord, RunSpec
+from kdlab.tasks import get_task
+from kdlab.tasks.base import Encoded, Example, Task, encode, split_train_selection, subset
+from kdlab.teacher import build_teacher_cache, cache_fingerprint_inputs
+from kdlab.teacher_cache import TeacherCache, fingerprint, hash_directory
+from kdlab.training import TrainItem, train
+
+log = logging.getLogger("kdlab")
+
+
+@dataclass
+class TaskData:
+    task: Task
+    train: list[Example]
+    selection: list[Example]
+    eval: list[Example]
+    prompts: dict[str, str]  # training prompts by example id
+    encoded: dict[str, Encoded]  # gold training encodings by example id
+    counts: dict[str, int]
+
+
+def _fmt(x: float) -> str:
+    return f"{x:g}"
+
+
+def run_id(method: str, task: str, student: str, params: dict[str, Any], axes: Sequence[str], seed: int) -> str:
+    """Readable, deterministic: `kd3-sst2-s1-lam0.5-seed42` (grid axes with one value are left out)."""
+    short = {"lam": "lam", "temperature": "T", "divergence": "", "top_k": "k"}
+    parts = [method, task, student]
+    for axis in axes:
+        value = params[axis]
+        parts.append(f"{short.get(axis, axis)}{_fmt(value) if isinstance(value, float) else value}")
+    parts.append(f"seed{seed}")
+    return "-".join(parts)
+
+
+class Study:
+    def __init__(self, config: StudyConfig, *, output_dir: str | Path | None = None,
+                 data_dir: str | Path | None = None, rebuild_cache: bool = False,
+                 echo: Callable[[str], None] = print):
+        self.config = config
+        self.out = Path(output_dir or config.output_dir)
+        self.data_dir = data_dir if data_dir is not None else config.data_dir
+        self.rebuild_cache = rebuild_cache
+        self.echo = echo
+        self.device = resolve_device(config.device)
+        self.out.mkdir(parents=True, exist_ok=True)
+        self._write_config()
+        self.registry = Registry(self.out / "registry.sqlite")
+        self._data: dict[str, TaskData] = {}
+        self._tokenizer = None
+
+    # -- artifacts ----------------------------------------------------------------------------------------
+
+    def _write_config(self) -> None:
+        path = self.out / "study.yaml"
+        text = self.config.to_yaml()
+        if path.exists() and path.read_text() != text:
+            # Keep the earlier config beside the new one: the registry refuses finished runs whose
+            # settings changed, and the user needs both to see what moved.
+            path.rename(self.out / f"study.{int(time.time())}.yaml")
+        path.write_text(text)
+
+    @property
+    def base_teacher_path(self) -> str:
+        return resolve_model_path(self.config.teacher.model)
+
+    @property
+    def tokenizer(self):
+        if self._tokenizer is None:
+            self._tokenizer = load_tokenizer(self.base_teacher_path,
+                                             trust_remote_code=self.config.teacher.trust_remote_code)
+        return self._tokenizer
+
+    def teacher_path(self, task: str) -> str:
+        return str(self.out / "teacher" / task) if self.config.teacher.adapt else self.base_teacher_path
+
+    def cache_dir(self, task: str) -> Path:
+        root = Path(self.config.cache.dir) if self.config.cache.dir else self.out / "teacher_cache"
+        return root / task
+
+    # -- data ---------------------------------------------------------------------------------------------
+
+    def data(self, name: str) -> TaskData:
+        if name in self._data:
+            return self._data[name]
+        settings = self.config.tasks[name]
+        task = get_task(name, settings)
+        seed = self.config.data_seed
+        pool = task.load(task.train_split, self.data_dir)
+        train_ex, selection = split_train_selection(pool, settings.train_size, settings.selection_size, seed)
+        eval_ex = subset(task.load(task.eval_split, self.data_dir), settings.eval_size, seed)
+        pairs, counts = task.build_prompts(train_ex, self.tokenizer, training=True)
+        prompts = {ex.id: p for ex, p in pairs}
+        encoded = {}
+        for ex, p in pairs:
+            enc = encode(task, ex, p, self.tokenizer)
+            if enc is None:
+                counts["skipped"] = counts.get("skipped", 0) + 1
+            else:
+                encoded[ex.id] = enc
+        data = TaskData(task, train_ex, selection, eval_ex, prompts, encoded, counts)
+        manifest = {
+            "task": name, "data_seed": seed, "counts": counts,
+            "train": [e.id for e in train_ex], "selection": [e.id for e in selection],
+            "eval": [e.id for e in eval_ex],
+        }
+        (self.out / "data").mkdir(exist_ok=True)
+        (self.out / "data" / f"{name}.json").write_text(json.dumps(manifest))
+        self.echo(f"[data] {name}: train {len(encoded)} (truncated {counts.get('truncated', 0)}, skipped "
+                  f"{counts.get('skipped', 0)}), selection {len(selection)}, eval {len(eval_ex)}")
+        self._data[name] = data
+        return data
+
+    # -- registry helpers ---------------------------------------------------------------------------------
+
+    def _hash(self, *parts: Any) -> str:
+        return fingerprint({"parts": [json.loads(json.dumps(p, default=str)) for p in parts]})[:16]
+
+    def _execute(self, spec: RunSpec, body: Callable[[], dict[str, Any]]) -> RunRecord | None:
+        """Run `body` once for `spec` unless it is done (or held by another live process)."""
+        record = self.registry.add(spec)
+        if record.status == "done":
+            return record
+        if not self.registry.claim(spec.id):
+            self.echo(f"[skip] {spec.id}: running in another process")
+            return None
+        start = time.perf_counter()
+        try:
+            metrics = body()
+        except KeyboardInterrupt:
+            self.registry.release(spec.id)
+            raise
+        except Exception as e:
+            self.registry.fail(spec.id, traceback.format_exc())
+            self.echo(f"[failed] {spec.id}: {type(e).__name__}: {e}")
+            raise
+        finally:
+            gc.collect()
+        wall = time.perf_counter() - start
+        self.registry.finish(spec.id, metrics, wall)
+        self.echo(f"[done] {spec.id}: {self._summary(metrics)} ({wall:.0f}s)")
+        return self.registry.get(spec.id)
+
+    @staticmethod
+    def _summary(metrics: dict[str, Any]) -> str:
+        ev = metrics.get("eval", {})
+        sel = metrics.get("selection", {})
+        keys = [k for k in ("accuracy", "exact_match", "f1") if k in ev]
+        text = ", ".join(f"{k} {ev[k]:.1f}" for k in keys)
+        if sel:
+            text += " | selection " + ", ".join(f"{k} {sel[k]:.1f}" for k in keys if k in sel)
+        return text
+
+    def _evaluate_model(self, model, task_data: TaskData, folder: Path, label: str,
+                        splits: Sequence[str] = ("selection", "eval")) -> dict[str, Any]:
+        task = task_data.task
+        model.to(dtype=getattr(torch, self.config.evaluation.dtype))
+        metrics: dict[str, Any] = {}
+        folder.mkdir(parents=True, exist_ok=True)
+        for split in splits:
+            examples = task_data.selection if split == "selection" else task_data.eval
+            result = evaluate(task, model, self.tokenizer, examples,
+                              batch_size=self.config.evaluation.batch_size, desc=f"{label} {split}")
+            ext = "json" if task.generative else "jsonl"
+            task.write_predictions(result.predictions, folder / f"predictions_{split}.{ext}")
+            metrics[split] = {**result.metrics, "truncated": result.counts.get("truncated", 0),
+                              "seconds": round(result.seconds, 2)}
+        return metrics
+
+    # -- teacher ------------------------------------------------------------------------------------------
+
+    def teacher_stage(self, name: str) -> None:
+        cfg = self.config.teacher
+        data = self.data(name)
+        dtype = self.config.evaluation.dtype
+        common = dict(kind="teacher", task=name, method="teacher", student="teacher", seed=None)
+        settings = self.config.tasks[name].model_dump(mode="json")
+
+        def zero_shot() -> dict[str, Any]:
+            model = load_model(self.base_teacher_path, dtype=dtype, device=self.device,
+                               trust_remote_code=cfg.trust_remote_code)
+            return self._evaluate_model(model, data, self.out / "teacher" / f"{name}-zero-shot", "teacher")
+
+        self._execute(RunSpec(id=f"teacher-{name}-zero-shot", stage="teacher", params={"adapted": False},
+                              config_hash=self._hash(cfg.model, settings, self.config.evaluation,
+                                                     self.config.data_seed),
+                              output_dir=str(self.out / "teacher" / f"{name}-zero-shot"), **common), zero_shot)
+        if not cfg.adapt:
+            return
+        folder = Path(self.teacher_path(name))
+
+        def adapt() -> dict[str, Any]:
+            model = load_model(self.base_teacher_path, device=self.device, trust_remote_code=cfg.trust_remote_code)
+            if cfg.finetune == "lora":
+                model = add_lora(model, cfg.lora)
+            examples = subset(data.train, cfg.train_size, self.config.data_seed) if cfg.train_size else data.train
+            items = [TrainItem(gold=data.encoded[e.id]) for e in examples if e.id in data.encoded]
+            result = train(model, items, method=get_method("sft"), params={}, settings=cfg.training,
+                           output_dir=folder.with_name(folder.name + "-trainer"), seed=self.config.seeds[0],
+                           pad_id=self.tokenizer.pad_token_id, vocab_size=len(self.tokenizer))
+            model = model.merge_and_unload() if hasattr(model, "merge_and_unload") else model
+            partial = folder.with_name(folder.name + ".partial")
+            save_model(model, self.tokenizer, partial)
+            if folder.exists():
+                shutil.rmtree(folder)
+            partial.rename(folder)  # a killed save never leaves a half-written teacher behind
+            metrics = self._evaluate_model(model, data, folder.with_name(name + "-eval"), "teacher")
+            metrics["train_runtime"] = round(result.train_runtime, 1)
+            return metrics
+
+        spec = RunSpec(id=f"teacher-{name}", stage="teacher", params={"adapted": True},
+                       config_hash=self._hash(cfg.model_dump(mode="json"), settings, self.config.evaluation,
+                                              self.config.data_seed, self.config.seeds[0]),
+                       output_dir=str(folder), **common)
+        record = self.registry.get(spec.id)
+        if record is not None and record.status == "done" and not folder.is_dir():
+            self.registry.reset(spec.id)  # the registry says done but the model is gone: redo it
+        self._execute(spec, adapt)
+
+    # -- students -----------------------------------------------------------------------------------------
+
+    def student_path(self, student: StudentSettings) -> str:
+        if student.model is not None:
+            return resolve_model_path(student.model)
+        folder = self.out / "students" / student.name / "init"
+        if (folder / "config.json").is_file():
+            return str(folder)
+        teacher = load_model(self.base_teacher_path, trust_remote_code=self.config.teacher.trust_remote_code)
+        n = teacher.config.num_hidden_layers
+        layers = student.derive.layers or evenly_spaced_layers(n, student.derive.num_layers)
+        model = derive_student(teacher, layers)
+        partial = folder.with_name("init.partial")
+        save_model(model, self.tokenizer, partial)
+        (partial / "derived_from.json").write_text(json.dumps({"teacher": self.config.teacher.model,
+                                                               "teacher_layers": layers}))
+        partial.rename(folder)
+        self.echo(f"[student] {student.name}: {len(layers)} of {n} teacher layers {layers}, "
+                  f"{count_parameters(model)[0] / 1e6:.1f}M parameters")
+        return str(folder)
+
+    def _check_vocab(self, student: StudentSettings, path: str) -> None:
+        tok = load_tokenizer(path, trust_remote_code=student.trust_remote_code)
+        if tok.get_vocab() != self.tokenizer.get_vocab():
+            raise ValueError(f"students.{student.name}: its tokenizer differs from the teacher's "
+                             f"({len(tok)} vs {len(self.tokenizer)} tokens); KD needs a shared vocabulary")
+
+    def layer_pairs(self, student_path: str) -> list[tuple[int, int]]:
+        kd3 = self.config.methods.get("kd3")
+        if kd3 is None:
+            return []
+        from transformers import AutoConfig
+
+        s = AutoConfig.from_pretrained(student_path).num_hidden_layers
+        t = AutoConfig.from_pretrained(self.base_teacher_path).num_hidden_layers
+        return losses.resolve_layer_map(kd3.layer_map, s, t)
+
+    # -- teacher cache ------------------------------------------------------------------------------------
+
+    def cache_stage(self, name: str) -> TeacherCache | None:
+        needs = [METHODS[m] for m in self.config.methods]
+        topk = any(m.needs_topk for m in needs)
+        hidden = any(m.needs_hidden for m in needs)
+        answers = any(m.needs_answers for m in needs)
+        if not (topk or hidden or answers) or self.config.cache.mode == "online":
+            return None
+        layers = sorted({t for st in self.config.students for _, t in self.layer_pairs(self.student_path(st))}
+                        ) if hidden else []
+        data = self.data(name)
+        teacher_dir = self.teacher_path(name)
+        inputs = cache_fingerprint_inputs(
+            teacher_weights=hash_directory(teacher_dir, patterns=("*.safetensors", "*.bin", "config.json")),
+            tokenizer=self.tokenizer, task=data.task, split=data.task.train_split,
+            example_ids=[e.id for e in data.train], top_k=self.config.methods["kd1"].top_k if topk else None,
+            hidden_layers=layers, answers=answers, dtype=self.config.evaluation.dtype,
+            hidden_dtype=self.config.cache.hidden_dtype)
+        directory = self.cache_dir(name)
+        if (directory / "manifest.json").is_file() and not self.rebuild_cache:
+            return TeacherCache.open(directory, expected_fingerprint=fingerprint(inputs), expected_inputs=inputs)
+        self.echo(f"[cache] {name}: building the teacher cache in {directory}")
+        start = time.perf_counter()
+        teacher = load_model(teacher_dir, dtype=self.config.evaluation.dtype, device=self.device)
+        cache = build_teacher_cache(
+            directory, task=data.task, teacher=teacher, tokenizer=self.tokenizer, examples=data.train,
+            encoded=data.encoded, fingerprint_inputs=inputs, top_k=inputs["top_k"], hidden_layers=layers,
+            answers=answers, batch_size=self.config.evaluation.batch_size,
+            hidden_dtype=self.config.cache.hidden_dtype, overwrite=self.rebuild_cache)
+        self.echo(f"[cache] {name}: {len(cache)} examples, {cache.manifest.get('num_tokens')} answer tokens, "
+                  f"{time.perf_counter() - start:.0f}s")
+        return cache
+
+    # -- student runs -------------------------------------------------------------------------------------
+
+    def grid(self, method: str) -> tuple[list[dict[str, Any]], list[str]]:
+        settings = self.config.methods[method]
+        axes = settings.grid_axes()
+        fixed = {k: v for k, v in settings.model_dump().items() if k not in axes}
+        names = list(axes)
+        points = [dict(fixed, **dict(zip(names, values, strict=True)))
+                  for values in itertools.product(*(axes[n] for n in names))]
+        shown = [n for n in names if len(axes[n]) > 1 or n == "lam"]
+        return points, shown
+
+    def student_spec(self, student: StudentSettings, task: str, method: str, params: dict[str, Any],
+                     axes: Sequence[str], seed: int, stage: str) -> RunSpec:
+        rid = run_id(method, task, student.name, params, axes, seed)
+        return RunSpec(
+            id=rid, kind="student", task=task, method=method, student=student.name, stage=stage,
+            params=params, seed=seed, output_dir=str(self.out / "runs" / rid),
+            config_hash=self._hash(student.model_dump(mode="json"), self.config.teacher.model_dump(mode="json"),
+                                   self.config.tasks[task].model_dump(mode="json"), params,
+                                   self.config.training, self.config.evaluation, self.config.cache.mode,
+                                   self.config.data_seed, seed),
+        )
+
+    def student_run(self, spec: RunSpec, student: StudentSettings, cache: TeacherCache | None) -> RunRecord | None:
+        def body() -> dict[str, Any]:
+            return self._train_student(spec, student, cache)
+
+        return self._execute(spec, body)
+
+    def _train_student(self, spec: RunSpec, student: StudentSettings, cache: TeacherCache | None) -> dict:
+        data = self.data(spec.task)
+        method = get_method(spec.method)
+        path = self.student_path(student)
+        self._check_vocab(student, path)
+        folder = Path(spec.output_dir)
+        torch.manual_seed(spec.seed)
+        model = load_model(path, device=self.device, trust_remote_code=student.trust_remote_code)
+        if student.finetune == "lora":
+            model = add_lora(model, student.lora)
+        pairs = self.layer_pairs(path) if method.needs_hidden else []
+        projections = None
+        if pairs:
+            from transformers import AutoConfig
+
+            width = AutoConfig.from_pretrained(self.base_teacher_path).hidden_size
+            projections = losses.make_projections(pairs, model.config.hidden_size, width).to(self.device)
+        live = None
+        if self.config.cache.mode == "online" and (method.needs_topk or method.needs_hidden or
+                                                    method.needs_answers):
+            live = load_model(self.teacher_path(spec.task), device=self.device)
+            live.requires_grad_(False)
+        items = []
+        answers: dict[str, Any] = {}
+        if method.needs_answers:
+            if live is not None:
+                answers, _ = predict(data.task, live, self.tokenizer, data.train,
+                                     batch_size=self.config.evaluation.batch_size, training_prompts=True)
+            else:
+                answers = {i: cache.answer(i) for i in data.encoded}
+        for ex in data.train:
+            gold = data.encoded.get(ex.id)
+            if gold is None:
+                continue
+            teacher_item = None
+            if method.needs_answers:
+                teacher_item = encode(data.task, ex, data.prompts[ex.id], self.tokenizer,
+                                      target=data.task.answer_target(answers[ex.id]))
+                if teacher_item is None:
+                    continue
+            items.append(TrainItem(gold=gold, teacher=teacher_item))
+        result = train(model, items, method=method, params=spec.params, settings=self.config.training,
+                       output_dir=folder / "trainer", seed=spec.seed, pad_id=self.tokenizer.pad_token_id,
+                       vocab_size=len(self.tokenizer), cache=cache, live_teacher=live, layer_pairs=pairs,
+                       projections=projections)
+        del live
+        (folder / "log_history.json").write_text(json.dumps(result.log_history))
+        total, trainable = count_parameters(model)
+        save_model(model, self.tokenizer, folder / "model", merged=student.save == "merged")
+        if projections is not None:
+            save_file({k: v.contiguous() for k, v in projections.state_dict().items()},
+                      folder / "model" / "kd3_projections.safetensors")
+        if hasattr(model, "merge_and_unload"):
+            model = model.merge_and_unload()
+        metrics = self._evaluate_model(model, data, folder, spec.id)
+        metrics.update(train_runtime=round(result.train_runtime, 1), steps=result.steps,
+                       train_examples=len(items), trainable_parameters=trainable, parameters=total)
+        return metrics
+
+    # -- selection ----------------------------------------------------------------------------------------
+
+    def select_best(self, task: str, method: str, student: str, grid_runs: Sequence[RunRecord]) -> RunRecord:
+        """Best grid run on the selection split's task metric (losses of different methods don't compare)."""
+        metric = self.data(task).task.metric
+        best = max(grid_runs, key=lambda r: r.metrics["selection"][metric])
+        path = self.out / "selection.json"
+        chosen = json.loads(path.read_text()) if path.exists() else {}
+        chosen[f"{method}-{task}-{student}"] = {
+            "metric": f"selection {metric}",
+            "chosen": best.params,
+            "run": best.id,
+            "candidates": {r.id: r.metrics["selection"][metric] for r in grid_runs},
+            "why": f"highest selection-split {metric} ({best.metrics['selection'][metric]:.2f}) of "
+                   f"{len(grid_runs)} settings",
+        }
+        path.write_text(json.dumps(chosen, indent=1))
+        return best
+
+    def student_stage(self, name: str, cache: TeacherCache | None) -> None:
+        seeds = self.config.seeds
+        for student in self.config.students:
+            for method in self.config.methods:
+                points, axes = self.grid(method)
+                specs = [self.student_spec(student, name, method, p, axes, seeds[0], "grid") for p in points]
+                grid_runs = [r for r in (self.student_run(s, student, cache) for s in specs) if r is not None]
+                if len(grid_runs) < len(specs):
+                    continue  # other processes are still on the grid; they will finish it
+                best = self.select_best(name, method, student.name, grid_runs) if len(grid_runs) > 1 \
+                    else grid_runs[0]
+                for seed in seeds[1:]:
+                    self.student_run(self.student_spec(student, name, method, best.params, axes, seed, "final"),
+                                     student, cache)
+
+    # -- whole study --------------------------------------------------------------------------------------
+
+    def run(self) -> None:
+        start = time.perf_counter()
+        for name in self.config.tasks:
+            self.data(name)
+        for name in self.config.tasks:
+            self.teacher_stage(name)
+        for student in self.config.students:
+            self.student_path(student)
+        for name in self.config.tasks:
+            cache = self.cache_stage(name)
+            self.student_stage(name, cache)
+        from kdlab.report import write_results
+
+        paths = write_results(self)
+        self.echo(f"[study] finished in {time.perf_counter() - start:.0f}s; results: "
+                  + ", ".join(str(p) for p in paths))

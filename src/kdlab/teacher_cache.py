@@ -1,0 +1,1029 @@
+"""On-disk cache of teacher outputs for knowledge distillation.
+
+A teacher LLM is run once per task+split and, for each example id, we keep what the distillation
+methods need: the generated answer text (sequence-level KD), the top-k token indices/log-probs at
+each answer position (logit KD) and hidden states at selected layers (feature KD).  This module
+only stores arrays that the caller computed; it contains no model code.
+
+Layout of a cache directory::
+
+    manifest.json                  written LAST, atomically: its presence marks a complete cache
+    index.json                     example id -> (shard, row offset, n rows) per field, columnar
+    answers.jsonl                  {"id": ..., "answer": ...} per line (if answers are stored)
+    shard-00000.topk_idx.npy       [rows, k] uint16 (vocab <= 65536) or uint32
+    shard-00000.topk_lp.npy        [rows, k] float16 log-probs (tail mass is derived, not stored)
+    shard-00000.hidden-L12.npy     [rows, d] float16, or bfloat16 bits stored as uint16
+    ...
+
+Shards are plain ``.npy`` files (never pickled) so the reader can memory-map them.
+"""
+
+from __future__ import annotations
+
+import copy
+import datetime as _dt
+import fnmatch
+import hashlib
+import json
+import operator
+import os
+import shutil
+import uuid
+from collections.abc import Mapping, Sequence
+from pathlib import Path
+from typing import Any
+
+import numpy as np
+import torch
+
+__all__ = [
+    "FORMAT_VERSION",
+    "CacheError",
+    "CacheExistsError",
+    "CacheMismatchError",
+    "TeacherCache",
+    "TeacherCacheWriter",
+    "fingerprint",
+    "hash_directory",
+    "hash_file",
+]
+
+FORMAT_VERSION = 1
+MANIFEST_NAME = "manifest.json"
+INDEX_NAME = "index.json"
+ANSWERS_NAME = "answers.jsonl"
+HIDDEN_DTYPES = ("float16", "bfloat16")
+REBUILD_HINT = "run `kdlab cache --rebuild` (or build with TeacherCacheWriter(..., overwrite=True))"
+
+_FP16_MAX = 65504.0
+# A little slack above 0 for log-softmax rounding; anything larger is almost surely raw logits.
+_LOGPROB_SLACK = 1e-3
+_DEFAULT_SHARD_ROWS = 1_000_000
+_DEFAULT_SHARD_BYTES = 512 << 20
+_HASH_CHUNK = 1 << 20
+
+ExampleId = str | int
+
+
+class CacheError(Exception):
+    """The cache is absent, incomplete, corrupt or unusable."""
+
+
+class CacheExistsError(CacheError, FileExistsError):
+    """Refusing to build over an existing cache (or a foreign non-empty directory)."""
+
+
+class CacheMismatchError(CacheError):
+    """The cache was built from different fingerprint inputs than the ones requested.
+
+    ``differences`` lists ``(key, cached_value, requested_value)``; it is empty when only a bare
+    fingerprint (no inputs) was given to compare against.
+    """
+
+    def __init__(self, message: str, differences: Sequence[tuple[str, Any, Any]] = ()) -> None:
+        super().__init__(message)
+        self.differences = list(differences)
+
+
+# --------------------------------------------------------------------------------------------------
+# Fingerprints and hashing
+# --------------------------------------------------------------------------------------------------
+
+
+def _jsonable(value: Any, where: str = "inputs") -> Any:
+    """Normalise to plain JSON types, refusing anything whose text form would be ambiguous."""
+    if value is None or isinstance(value, (bool, str)):
+        return value
+    if isinstance(value, int):
+        return int(value)
+    if isinstance(value, float):
+        if not np.isfinite(value):
+            raise TypeError(f"fingerprint input {where} is a non-finite float ({value}); not canonical JSON")
+        return float(value)
+    if isinstance(value, np.generic):
+        return _jsonable(value.item(), where)
+    if isinstance(value, os.PathLike):
+        return os.fspath(value)
+    if isinstance(value, torch.dtype):
+        return str(value)
+    if isinstance(value, Mapping):
+        out: dict[str, Any] = {}
+        for k, v in value.items():
+            # Non-str keys would silently collide with their str form after JSON encoding.
+            if not isinstance(k, str):
+                raise TypeError(f"fingerprint input {where} has a non-string key {k!r}; use str keys")
+            out[k] = _jsonable(v, f"{where}.{k}")
+        return out
+    if isinstance(value, (list, tuple)):
+        return [_jsonable(v, f"{where}[{i}]") for i, v in enumerate(value)]
+    if isinstance(value, (set, frozenset)):
+        items = [_jsonable(v, f"{where}{{}}") for v in value]
+        return sorted(items, key=lambda v: json.dumps(v, sort_keys=True))
+    raise TypeError(f"fingerprint input {where} has unsupported type {type(value).__name__}")
+
+
+def _canonical_json(inputs: Mapping[str, Any]) -> str:
+    return json.dumps(
+        _jsonable(inputs), sort_keys=True, separators=(",", ":"), ensure_ascii=False, allow_nan=False
+    )
+
+
+def fingerprint(inputs: Mapping[str, Any]) -> str:
+    """Hex sha256 of the canonical JSON (sorted keys, compact) of ``inputs``.
+
+    The caller chooses what goes in (teacher spec, weights hash, tokenizer, task, split, template,
+    max length, k, layers, decoding, ...).  Note that ``1`` and ``1.0`` hash differently.
+    """
+    if not isinstance(inputs, Mapping):
+        raise TypeError(f"fingerprint inputs must be a mapping, got {type(inputs).__name__}")
+    return hashlib.sha256(_canonical_json(inputs).encode("utf-8")).hexdigest()
+
+
+def hash_file(path: str | os.PathLike[str], chunk_size: int = _HASH_CHUNK) -> str:
+    """Hex sha256 of a file's bytes, read in chunks so multi-GB weights never sit in RAM."""
+    h = hashlib.sha256()
+    with open(path, "rb") as f:
+        while chunk := f.read(chunk_size):
+            h.update(chunk)
+    return h.hexdigest()
+
+
+def hash_directory(
+    path: str | os.PathLike[str],
+    patterns: Sequence[str] = ("*.safetensors", "*.bin", "*.json"),
+) -> str:
+    """Hex sha256 over every file below ``path`` whose name matches one of ``patterns``.
+
+    Relative paths are part of the hash (renaming a shard changes it), files are visited in sorted
+    order so the result does not depend on filesystem listing order, and symlinks (as in the
+    Hugging Face cache) are followed.
+    """
+    root = Path(path)
+    if not root.is_dir():
+        raise NotADirectoryError(f"hash_directory: {root} is not a directory")
+    files = sorted(
+        (p for p in root.rglob("*") if p.is_file() and any(fnmatch.fnmatch(p.name, pat) for pat in patterns)),
+        key=lambda p: p.relative_to(root).as_posix(),
+    )
+    if not files:
+        raise ValueError(f"hash_directory: no file under {root} matches {list(patterns)}")
+    h = hashlib.sha256()
+    for p in files:
+        rel = p.relative_to(root).as_posix()
+        h.update(f"{rel}\0{hash_file(p)}\n".encode())
+    return h.hexdigest()
+
+
+# --------------------------------------------------------------------------------------------------
+# Helpers
+# --------------------------------------------------------------------------------------------------
+
+
+def _index_dtype(vocab_size: int) -> np.dtype:
+    # uint16 halves the index bytes of the common (<=64K vocab) case; uint32 covers the rest.
+    return np.dtype(np.uint16) if vocab_size <= 1 << 16 else np.dtype(np.uint32)
+
+
+def _normalize_id(example_id: Any) -> ExampleId:
+    if isinstance(example_id, bool):
+        raise TypeError(f"example id must be str or int, got bool {example_id!r}")
+    if isinstance(example_id, np.integer):
+        return int(example_id)
+    if isinstance(example_id, (str, int)):
+        return example_id
+    raise TypeError(f"example id must be str or int, got {type(example_id).__name__} {example_id!r}")
+
+
+def _to_numpy(x: Any) -> np.ndarray:
+    if isinstance(x, torch.Tensor):
+        t = x.detach().cpu()
+        if t.dtype == torch.bfloat16:  # numpy has no bfloat16
+            t = t.float()
+        return t.numpy()
+    return np.asarray(x)
+
+
+def _short(value: Any, limit: int = 60) -> str:
+    text = "<absent>" if value is _ABSENT else json.dumps(value, sort_keys=True, ensure_ascii=False)
+    return text if len(text) <= limit else text[: limit - 1] + "…"
+
+
+_ABSENT = object()
+
+
+def _flatten(d: Mapping[str, Any], prefix: str = "") -> dict[str, Any]:
+    # Nested dicts are diffed per leaf so the error names e.g. "teacher.revision", not "teacher".
+    out: dict[str, Any] = {}
+    for k, v in d.items():
+        key = f"{prefix}{k}"
+        if isinstance(v, Mapping) and v:
+            out.update(_flatten(v, key + "."))
+        else:
+            out[key] = v
+    return out
+
+
+def _diff_inputs(cached: Mapping[str, Any], requested: Mapping[str, Any]) -> list[tuple[str, Any, Any]]:
+    a, b = _flatten(cached), _flatten(requested)
+    diffs = []
+    for key in sorted(set(a) | set(b)):
+        va, vb = a.get(key, _ABSENT), b.get(key, _ABSENT)
+        if va is _ABSENT or vb is _ABSENT or _canonical_json({"v": va}) != _canonical_json({"v": vb}):
+            diffs.append((key, va, vb))
+    return diffs
+
+
+def _write_npy(path: Path, chunks: Sequence[np.ndarray], dtype: np.dtype, cols: int) -> None:
+    """Stream ``chunks`` (all [*, cols] of ``dtype``) into one .npy without concatenating in RAM."""
+    rows = sum(c.shape[0] for c in chunks)
+    header = {"descr": np.lib.format.dtype_to_descr(dtype), "fortran_order": False, "shape": (rows, cols)}
+    with open(path, "wb") as f:
+        np.lib.format.write_array_header_1_0(f, header)
+        for c in chunks:
+            f.write(np.ascontiguousarray(c, dtype=dtype).tobytes())
+        f.flush()
+        os.fsync(f.fileno())
+
+
+def _write_json_atomic(path: Path, obj: Any) -> None:
+    tmp = path.with_name(f"{path.name}.tmp-{uuid.uuid4().hex[:8]}")
+    with open(tmp, "w", encoding="utf-8") as f:
+        json.dump(obj, f, ensure_ascii=False, indent=1)
+        f.flush()
+        os.fsync(f.fileno())
+    os.replace(tmp, path)
+
+
+def _fsync_dir(path: Path) -> None:
+    try:
+        fd = os.open(path, os.O_RDONLY)
+    except OSError:
+        return
+    try:
+        os.fsync(fd)
+    except OSError:
+        pass
+    finally:
+        os.close(fd)
+
+
+def _is_cache_file(p: Path) -> bool:
+    """Files an unfinished writer may have left behind (safe to clear before a fresh build)."""
+    name = p.name
+    return p.is_file() and (
+        fnmatch.fnmatch(name, "shard-*.npy")
+        or name in (INDEX_NAME, ANSWERS_NAME)
+        or fnmatch.fnmatch(name, "*.tmp-*")
+    )
+
+
+def _hidden_file(shard: str, layer: int) -> str:
+    return f"{shard}.hidden-L{layer}.npy"
+
+
+# --------------------------------------------------------------------------------------------------
+# Writer
+# --------------------------------------------------------------------------------------------------
+
+
+class TeacherCacheWriter:
+    """Builds a cache directory shard by shard; use as a context manager.
+
+    On a clean exit the last shard, the index and finally ``manifest.json`` are written.  If the
+    with-block raises, nothing is committed (no manifest) and the partial build is removed.
+    Building over an existing complete cache requires ``overwrite=True``; the new cache is then
+    built in a temporary sibling directory and swapped in at close, so a crash mid-build leaves the
+    old cache intact.
+    """
+
+    def __init__(
+        self,
+        directory: str | os.PathLike[str],
+        *,
+        fingerprint_inputs: Mapping[str, Any],
+        vocab_size: int,
+        top_k: int | None,
+        hidden_layers: Sequence[int] = (),
+        hidden_size: int | None = None,
+        hidden_dtype: str = "float16",
+        store_answers: bool = False,
+        shard_rows: int = _DEFAULT_SHARD_ROWS,
+        shard_bytes: int = _DEFAULT_SHARD_BYTES,
+        overwrite: bool = False,
+    ) -> None:
+        if int(vocab_size) <= 0:
+            raise ValueError(f"vocab_size must be positive, got {vocab_size}")
+        if top_k is not None and int(top_k) <= 0:
+            raise ValueError(f"top_k must be positive or None, got {top_k}")
+        if hidden_dtype not in HIDDEN_DTYPES:
+            raise ValueError(f"hidden_dtype must be one of {HIDDEN_DTYPES}, got {hidden_dtype!r}")
+        layers = [operator.index(layer) for layer in hidden_layers]
+        if len(set(layers)) != len(layers):
+            raise ValueError(f"hidden_layers has duplicates: {layers}")
+        if hidden_size is not None and int(hidden_size) <= 0:
+            raise ValueError(f"hidden_size must be positive or None, got {hidden_size}")
+        if hidden_size is not None and not layers:
+            raise ValueError("hidden_size given but hidden_layers is empty")
+        if shard_rows <= 0 or shard_bytes <= 0:
+            raise ValueError("shard_rows and shard_bytes must be positive")
+        if top_k is None and not layers and not store_answers:
+            raise ValueError("nothing to store: set top_k, hidden_layers and/or store_answers=True")
+
+        self.fingerprint_inputs: dict[str, Any] = _jsonable(fingerprint_inputs)
+        self.fingerprint = fingerprint(fingerprint_inputs)
+        self.vocab_size = int(vocab_size)
+        self.top_k = None if top_k is None else int(top_k)
+        self.hidden_layers: tuple[int, ...] = tuple(layers)
+        self.hidden_size = None if hidden_size is None else int(hidden_size)
+        self.hidden_dtype = hidden_dtype
+        self.store_answers = bool(store_answers)
+        self.shard_rows = int(shard_rows)
+        self.shard_bytes = int(shard_bytes)
+        self.directory = Path(directory)
+        self._idx_dtype = _index_dtype(self.vocab_size)
+        self._hid_np_dtype = np.dtype(np.float16) if hidden_dtype == "float16" else np.dtype(np.uint16)
+
+        self._build_dir, self._swap, self._created_dir = self._prepare_directory(overwrite)
+
+        # Index columns (small: a few ints per example) stay in RAM until close.
+        self._ids: list[ExampleId] = []
+        self._id_set: set[ExampleId] = set()
+        self._col_shard: list[int] = []
+        self._col_topk_off: list[int] = []
+        self._col_topk_n: list[int] = []
+        self._col_hid_off: list[int] = []
+        self._col_hid_n: list[int] = []
+        self._shards: list[dict[str, Any]] = []
+        self._num_tokens = 0
+        self._num_hidden_rows = 0
+        self._reset_buffers()
+        # Answers are streamed to disk as they come, so they never pile up in RAM.
+        self._answers_fh = None
+        if self.store_answers:
+            self._answers_fh = open(self._build_dir / ANSWERS_NAME, "w", encoding="utf-8")  # noqa: SIM115
+        self._closed = False
+
+    @property
+    def fields(self) -> tuple[str, ...]:
+        out = []
+        if self.store_answers:
+            out.append("answer")
+        if self.top_k is not None:
+            out.append("topk")
+        if self.hidden_layers:
+            out.append("hidden")
+        return tuple(out)
+
+    def __len__(self) -> int:
+        return len(self._ids)
+
+    # ---- directory handling ----------------------------------------------------------------------
+
+    def _prepare_directory(self, overwrite: bool) -> tuple[Path, bool, bool]:
+        """Return (build dir, swap at close?, did we create the target?)."""
+        target = self.directory
+        if (target / MANIFEST_NAME).exists():
+            if not overwrite:
+                raise CacheExistsError(
+                    f"a complete teacher cache already exists at {target}; pass overwrite=True to rebuild it"
+                )
+            return self._temp_sibling(), True, False
+        if target.exists():
+            if not target.is_dir():
+                raise CacheExistsError(f"cache path {target} exists and is not a directory")
+            entries = list(target.iterdir())
+            if entries and all(_is_cache_file(p) for p in entries):
+                # Leftovers of an unfinished build (no manifest): nothing worth keeping.
+                for p in entries:
+                    p.unlink()
+                return target, False, False
+            if not entries:
+                return target, False, False
+            if not overwrite:
+                raise CacheExistsError(
+                    f"{target} is not empty and holds no teacher cache; pass overwrite=True to replace it"
+                )
+            return self._temp_sibling(), True, False
+        target.mkdir(parents=True)
+        return target, False, True
+
+    def _temp_sibling(self) -> Path:
+        parent = self.directory.parent
+        parent.mkdir(parents=True, exist_ok=True)
+        tmp = parent / f".{self.directory.name}.building-{os.getpid()}-{uuid.uuid4().hex[:8]}"
+        tmp.mkdir()
+        return tmp
+
+    # ---- adding examples -------------------------------------------------------------------------
+
+    def _reset_buffers(self) -> None:
+        self._buf_idx: list[np.ndarray] = []
+        self._buf_lp: list[np.ndarray] = []
+        self._buf_hidden: dict[int, list[np.ndarray]] = {layer: [] for layer in self.hidden_layers}
+        self._buf_examples = 0
+        self._buf_topk_rows = 0
+        self._buf_hid_rows = 0
+        self._buf_bytes = 0
+
+    def add(
+        self,
+        example_id: ExampleId,
+        *,
+        answer: str | None = None,
+        topk_indices: Any = None,
+        topk_logprobs: Any = None,
+        hidden: Mapping[int, Any] | None = None,
+    ) -> None:
+        """Append one example.  Every field the cache declares must be given; others must not.
+
+        Arrays may be numpy arrays or torch tensors (any device/dtype).  Everything is validated
+        before any state changes, so a rejected call leaves the writer usable.
+        """
+        if self._closed:
+            raise RuntimeError(f"writer for {self.directory} is closed")
+        key = _normalize_id(example_id)
+        if key in self._id_set:
+            raise ValueError(
+                f"duplicate example id {key!r}: already added to the cache being built at {self.directory}"
+            )
+        if self.store_answers:
+            if not isinstance(answer, str):
+                raise ValueError(
+                    f"example {key!r}: this cache stores answers; answer must be a str, got {answer!r}"
+                )
+        elif answer is not None:
+            raise ValueError(
+                f"example {key!r}: answer given but the writer was created with store_answers=False"
+            )
+        idx, lp = self._prepare_topk(key, topk_indices, topk_logprobs)
+        hid, width = self._prepare_hidden(key, hidden)
+
+        n = 0 if idx is None else idx.shape[0]
+        m = 0 if hid is None else next(iter(hid.values())).shape[0]
+        nbytes = 0 if idx is None else idx.nbytes + lp.nbytes
+        nbytes += 0 if hid is None else sum(a.nbytes for a in hid.values())
+        too_many_rows = max(self._buf_topk_rows + n, self._buf_hid_rows + m) > self.shard_rows
+        if self._buf_examples and (too_many_rows or self._buf_bytes + nbytes > self.shard_bytes):
+            self._flush_shard()
+
+        # Commit.
+        if width is not None:
+            self.hidden_size = width
+        self._ids.append(key)
+        self._id_set.add(key)
+        self._col_shard.append(len(self._shards))
+        self._col_topk_off.append(self._buf_topk_rows)
+        self._col_topk_n.append(n)
+        self._col_hid_off.append(self._buf_hid_rows)
+        self._col_hid_n.append(m)
+        if idx is not None:
+            self._buf_idx.append(idx)
+            self._buf_lp.append(lp)
+        if hid is not None:
+            for layer, arr in hid.items():
+                self._buf_hidden[layer].append(arr)
+        self._buf_examples += 1
+        self._buf_topk_rows += n
+        self._buf_hid_rows += m
+        self._buf_bytes += nbytes
+        self._num_tokens += n
+        self._num_hidden_rows += m
+        if self._answers_fh is not None:
+            self._answers_fh.write(json.dumps({"id": key, "answer": answer}, ensure_ascii=False) + "\n")
+
+    def _prepare_topk(
+        self, key: ExampleId, topk_indices: Any, topk_logprobs: Any
+    ) -> tuple[np.ndarray | None, np.ndarray | None]:
+        if (topk_indices is None) != (topk_logprobs is None):
+            raise ValueError(f"example {key!r}: give both topk_indices and topk_logprobs, or neither")
+        if topk_indices is None:
+            if self.top_k is not None:
+                raise ValueError(
+                    f"example {key!r}: this cache stores top-k (k={self.top_k}); topk_indices and "
+                    "topk_logprobs are required"
+                )
+            return None, None
+        if self.top_k is None:
+            raise ValueError(f"example {key!r}: top-k given but the writer was created with top_k=None")
+        k = self.top_k
+        idx, lp = _to_numpy(topk_indices), _to_numpy(topk_logprobs)
+        for name, arr in (("topk_indices", idx), ("topk_logprobs", lp)):
+            if arr.ndim != 2 or arr.shape[1] != k:
+                raise ValueError(
+                    f"example {key!r}: {name} must have shape [n, k={k}], got {tuple(arr.shape)}"
+                )
+        if idx.shape[0] != lp.shape[0]:
+            raise ValueError(
+                f"example {key!r}: topk_indices has {idx.shape[0]} rows but topk_logprobs has {lp.shape[0]}"
+            )
+        if idx.dtype.kind not in "iu":
+            raise ValueError(f"example {key!r}: topk_indices must be integers, got dtype {idx.dtype}")
+        if lp.dtype.kind != "f":
+            raise ValueError(f"example {key!r}: topk_logprobs must be floating point, got dtype {lp.dtype}")
+        if idx.size:
+            lo, hi = int(idx.min()), int(idx.max())
+            if lo < 0 or hi >= self.vocab_size:
+                raise ValueError(
+                    f"example {key!r}: topk_indices out of range [0, vocab_size={self.vocab_size}): "
+                    f"min {lo}, max {hi}"
+                )
+            if np.isnan(lp).any():
+                raise ValueError(f"example {key!r}: topk_logprobs contains NaN")
+            top = float(lp.max())
+            if top > _LOGPROB_SLACK:
+                raise ValueError(
+                    f"example {key!r}: topk_logprobs must be log-probabilities (<= 0), got max {top:.4g}; "
+                    "raw logits passed by mistake?"
+                )
+        return idx.astype(self._idx_dtype), lp.astype(np.float16)
+
+    def _prepare_hidden(
+        self, key: ExampleId, hidden: Mapping[int, Any] | None
+    ) -> tuple[dict[int, np.ndarray] | None, int | None]:
+        if hidden is None:
+            if self.hidden_layers:
+                raise ValueError(
+                    f"example {key!r}: this cache stores hidden states for layers "
+                    f"{list(self.hidden_layers)}; hidden is required"
+                )
+            return None, None
+        if not self.hidden_layers:
+            raise ValueError(f"example {key!r}: hidden given but the writer declared no hidden_layers")
+        if not isinstance(hidden, Mapping):
+            raise ValueError(
+                f"example {key!r}: hidden must be a dict {{layer: array [m, d]}}, got {type(hidden).__name__}"
+            )
+        by_layer = {operator.index(layer): v for layer, v in hidden.items()}
+        declared = set(self.hidden_layers)
+        undeclared = sorted(set(by_layer) - declared)
+        if undeclared:
+            raise ValueError(
+                f"example {key!r}: hidden layer(s) {undeclared} not declared; declared hidden_layers="
+                f"{list(self.hidden_layers)}"
+            )
+        missing = sorted(declared - set(by_layer))
+        if missing:
+            raise ValueError(f"example {key!r}: hidden is missing declared layer(s) {missing}")
+        width = self.hidden_size
+        rows = None
+        out: dict[int, np.ndarray] = {}
+        for layer in self.hidden_layers:
+            arr = _to_numpy(by_layer[layer])
+            if arr.ndim != 2:
+                raise ValueError(
+                    f"example {key!r}: hidden[{layer}] must be 2-D [m, d], got shape {tuple(arr.shape)}"
+                )
+            if arr.dtype.kind != "f":
+                raise ValueError(
+                    f"example {key!r}: hidden[{layer}] must be floating point, got dtype {arr.dtype}"
+                )
+            if width is None:
+                width = arr.shape[1]  # inferred from the first example when not declared
+            if arr.shape[1] != width:
+                raise ValueError(
+                    f"example {key!r}: hidden[{layer}] has width {arr.shape[1]}, expected hidden_size={width}"
+                )
+            if rows is None:
+                rows = arr.shape[0]
+            elif arr.shape[0] != rows:
+                raise ValueError(
+                    f"example {key!r}: hidden layers must cover the same positions; hidden[{layer}] has "
+                    f"{arr.shape[0]} rows, expected {rows}"
+                )
+            out[layer] = self._encode_hidden(key, layer, arr)
+        return out, (width if self.hidden_size is None else None)
+
+    def _encode_hidden(self, key: ExampleId, layer: int, arr: np.ndarray) -> np.ndarray:
+        if arr.size and not np.isfinite(arr).all():
+            raise ValueError(f"example {key!r}: hidden[{layer}] contains inf/NaN")
+        if self.hidden_dtype == "float16":
+            if arr.size and float(np.abs(arr).max()) > _FP16_MAX:
+                raise ValueError(
+                    f"example {key!r}: hidden[{layer}] has |values| up to {float(np.abs(arr).max()):.4g}, "
+                    "beyond float16 range; use hidden_dtype='bfloat16'"
+                )
+            return arr.astype(np.float16)
+        # bfloat16: round via torch, keep the raw bits as uint16 (numpy has no bfloat16 dtype).
+        t = torch.from_numpy(np.ascontiguousarray(arr, dtype=np.float32)).to(torch.bfloat16)
+        return t.view(torch.int16).numpy().view(np.uint16).copy()
+
+    # ---- flushing / committing -------------------------------------------------------------------
+
+    def _flush_shard(self) -> None:
+        if not self._buf_examples:
+            return
+        name = f"shard-{len(self._shards):05d}"
+        files: dict[str, Any] = {}
+        if self.top_k is not None:
+            files["topk_idx"] = f"{name}.topk_idx.npy"
+            files["topk_lp"] = f"{name}.topk_lp.npy"
+            _write_npy(self._build_dir / files["topk_idx"], self._buf_idx, self._idx_dtype, self.top_k)
+            _write_npy(self._build_dir / files["topk_lp"], self._buf_lp, np.dtype(np.float16), self.top_k)
+        if self.hidden_layers:
+            files["hidden"] = {}
+            for layer in self.hidden_layers:
+                fname = _hidden_file(name, layer)
+                files["hidden"][str(layer)] = fname
+                assert self.hidden_size is not None  # set by the first add()
+                chunks = self._buf_hidden[layer]
+                _write_npy(self._build_dir / fname, chunks, self._hid_np_dtype, self.hidden_size)
+        self._shards.append(
+            {
+                "name": name,
+                "num_examples": self._buf_examples,
+                "topk_rows": self._buf_topk_rows,
+                "hidden_rows": self._buf_hid_rows,
+                "files": files,
+            }
+        )
+        self._reset_buffers()
+
+    def close(self) -> None:
+        """Flush the last shard, write the index, then the manifest (the commit point)."""
+        if self._closed:
+            return
+        self._flush_shard()
+        if self._answers_fh is not None:
+            self._answers_fh.flush()
+            os.fsync(self._answers_fh.fileno())
+            self._answers_fh.close()
+        _write_json_atomic(
+            self._build_dir / INDEX_NAME,
+            {
+                "ids": self._ids,
+                "shard": self._col_shard,
+                "topk_offset": self._col_topk_off,
+                "topk_rows": self._col_topk_n,
+                "hidden_offset": self._col_hid_off,
+                "hidden_rows": self._col_hid_n,
+            },
+        )
+        manifest = {
+            "format_version": FORMAT_VERSION,
+            "fingerprint": self.fingerprint,
+            "fingerprint_inputs": self.fingerprint_inputs,
+            "fields": list(self.fields),
+            "top_k": self.top_k,
+            "vocab_size": self.vocab_size,
+            "index_dtype": self._idx_dtype.name,
+            "logprob_dtype": "float16",
+            "hidden_layers": list(self.hidden_layers),
+            "hidden_size": self.hidden_size,
+            "hidden_dtype": self.hidden_dtype if self.hidden_layers else None,
+            "num_examples": len(self._ids),
+            "num_tokens": self._num_tokens,
+            "num_hidden_rows": self._num_hidden_rows,
+            "index_file": INDEX_NAME,
+            "answers_file": ANSWERS_NAME if self.store_answers else None,
+            "shards": self._shards,
+            "created_at": _dt.datetime.now(_dt.UTC).isoformat(timespec="seconds"),
+        }
+        _fsync_dir(self._build_dir)
+        _write_json_atomic(self._build_dir / MANIFEST_NAME, manifest)
+        _fsync_dir(self._build_dir)
+        if self._swap:
+            self._swap_in()
+        self._closed = True
+
+    def _swap_in(self) -> None:
+        target = self.directory
+        backup = target.parent / f".{target.name}.old-{uuid.uuid4().hex[:8]}"
+        # Two renames; between them the old cache sits intact at `backup`, the new one at the
+        # build dir, so no crash point loses both.
+        os.replace(target, backup)
+        try:
+            os.replace(self._build_dir, target)
+        except BaseException:
+            os.replace(backup, target)
+            raise
+        _fsync_dir(target.parent)
+        shutil.rmtree(backup, ignore_errors=True)
+
+    def abort(self) -> None:
+        """Discard the build: no manifest is written and any existing cache is left untouched."""
+        if self._closed:
+            return
+        self._closed = True
+        if self._answers_fh is not None:
+            self._answers_fh.close()
+        if self._swap or self._created_dir:
+            shutil.rmtree(self._build_dir, ignore_errors=True)
+        else:
+            # In-place build into a directory that was empty (or held only build leftovers).
+            for p in self._build_dir.iterdir():
+                if _is_cache_file(p):
+                    p.unlink()
+
+    def __enter__(self) -> TeacherCacheWriter:
+        return self
+
+    def __exit__(self, exc_type: Any, exc: Any, tb: Any) -> None:
+        if exc_type is None:
+            self.close()
+        else:
+            self.abort()
+
+
+# --------------------------------------------------------------------------------------------------
+# Reader
+# --------------------------------------------------------------------------------------------------
+
+
+def _reopen(directory: str, expected_fingerprint: str) -> TeacherCache:
+    return TeacherCache.open(directory, expected_fingerprint=expected_fingerprint)
+
+
+class TeacherCache:
+    """Read-only, memory-mapped view of a complete cache.  Create with :meth:`open`.
+
+    Shard arrays are mapped lazily and per process (re-mapped after a fork), and pickling only
+    carries the path + fingerprint, so the object can be handed to DataLoader workers.
+    """
+
+    def __init__(self, directory: Path, manifest: dict[str, Any], index: dict[str, Any]) -> None:
+        self._dir = directory
+        self._manifest = manifest
+        self._ids: list[ExampleId] = list(index["ids"])
+        self._pos: dict[ExampleId, int] = {key: i for i, key in enumerate(self._ids)}
+        self._col_shard = np.asarray(index["shard"], dtype=np.int64)
+        self._col_topk_off = np.asarray(index["topk_offset"], dtype=np.int64)
+        self._col_topk_n = np.asarray(index["topk_rows"], dtype=np.int64)
+        self._col_hid_off = np.asarray(index["hidden_offset"], dtype=np.int64)
+        self._col_hid_n = np.asarray(index["hidden_rows"], dtype=np.int64)
+        self._idx_dtype = np.dtype(manifest["index_dtype"])
+        self._hidden_layers: tuple[int, ...] = tuple(int(x) for x in manifest["hidden_layers"])
+        self._mmaps: dict[tuple[int, str], np.memmap] = {}
+        self._answers: dict[ExampleId, str] | None = None
+        self._pid = os.getpid()
+
+    # ---- opening ---------------------------------------------------------------------------------
+
+    @classmethod
+    def open(
+        cls,
+        directory: str | os.PathLike[str],
+        expected_fingerprint: str | None = None,
+        expected_inputs: Mapping[str, Any] | None = None,
+    ) -> TeacherCache:
+        """Open a complete cache, optionally checking it was built from the expected inputs.
+
+        Raises CacheError if the manifest is missing (absent or unfinished build) or the cache is
+        corrupt, CacheMismatchError if the fingerprint differs.
+        """
+        d = Path(directory)
+        manifest_path = d / MANIFEST_NAME
+        if not manifest_path.is_file():
+            state = "incomplete (a build did not finish)" if d.is_dir() else "absent"
+            raise CacheError(
+                f"teacher cache at {d} is incomplete or absent ({state}: no {MANIFEST_NAME}); "
+                f"build it first, e.g. {REBUILD_HINT}"
+            )
+        try:
+            manifest = json.loads(manifest_path.read_text(encoding="utf-8"))
+        except (OSError, ValueError) as e:
+            raise CacheError(f"teacher cache at {d}: unreadable {MANIFEST_NAME} ({e}); {REBUILD_HINT}") from e
+        version = manifest.get("format_version")
+        if version != FORMAT_VERSION:
+            raise CacheError(
+                f"teacher cache at {d} has format version {version}, this code reads {FORMAT_VERSION}; "
+                f"{REBUILD_HINT}"
+            )
+        stored_inputs = manifest["fingerprint_inputs"]
+        if fingerprint(stored_inputs) != manifest["fingerprint"]:
+            raise CacheError(
+                f"teacher cache at {d}: manifest fingerprint does not match its inputs (corrupt?); "
+                f"{REBUILD_HINT}"
+            )
+
+        expected = expected_fingerprint
+        if expected_inputs is not None:
+            computed = fingerprint(expected_inputs)
+            if expected is not None and expected != computed:
+                raise ValueError("expected_fingerprint does not equal fingerprint(expected_inputs)")
+            expected = computed
+        if expected is not None and expected != manifest["fingerprint"]:
+            raise cls._mismatch(d, manifest, expected, expected_inputs)
+
+        try:
+            index = json.loads((d / manifest.get("index_file", INDEX_NAME)).read_text(encoding="utf-8"))
+        except (OSError, ValueError) as e:
+            raise CacheError(f"teacher cache at {d}: unreadable index ({e}); {REBUILD_HINT}") from e
+        n = manifest["num_examples"]
+        if any(len(index[col]) != n for col in index):
+            raise CacheError(
+                f"teacher cache at {d}: index length disagrees with manifest ({n} examples); {REBUILD_HINT}"
+            )
+        for shard in manifest["shards"]:
+            files = shard["files"]
+            names = [files[k] for k in ("topk_idx", "topk_lp") if k in files]
+            names += list(files.get("hidden", {}).values())
+            for fname in names:
+                if not (d / fname).is_file():
+                    raise CacheError(f"teacher cache at {d}: shard file {fname} is missing; {REBUILD_HINT}")
+        return cls(d, manifest, index)
+
+    @staticmethod
+    def _mismatch(
+        d: Path, manifest: Mapping[str, Any], expected: str, expected_inputs: Mapping[str, Any] | None
+    ) -> CacheMismatchError:
+        head = (
+            f"teacher cache at {d} was built from different inputs "
+            f"(fingerprint {manifest['fingerprint'][:12]}… != requested {expected[:12]}…)."
+        )
+        if expected_inputs is None:
+            body = "\n  (pass expected_inputs to see which inputs differ); cached inputs: " + _short(
+                manifest["fingerprint_inputs"], 200
+            )
+            diffs: list[tuple[str, Any, Any]] = []
+        else:
+            diffs = _diff_inputs(manifest["fingerprint_inputs"], _jsonable(expected_inputs))
+            body = "\n  differing inputs:" + "".join(
+                f"\n    {key}: cached={_short(old)} requested={_short(new)}" for key, old, new in diffs
+            )
+        return CacheMismatchError(f"{head}{body}\n  To rebuild: {REBUILD_HINT}.", diffs)
+
+    # ---- pickling / fork safety ------------------------------------------------------------------
+
+    def __reduce__(self) -> tuple[Any, tuple[str, str]]:
+        # memmaps pickle poorly (they would be copied into the pickle); reopen from disk instead.
+        return (_reopen, (str(self._dir), self._manifest["fingerprint"]))
+
+    def _array(self, shard: int, name: str) -> np.memmap:
+        """Memory-mapped array ``name`` ('topk_idx', 'topk_lp', 'hidden-L<layer>') of one shard."""
+        if os.getpid() != self._pid:  # forked: do not share mappings/handles with the parent
+            self._mmaps = {}
+            self._pid = os.getpid()
+        arr = self._mmaps.get((shard, name))
+        if arr is not None:
+            return arr
+        info = self._manifest["shards"][shard]
+        files = info["files"]
+        if name.startswith("hidden-L"):
+            fname = files["hidden"][name[len("hidden-L") :]]
+            rows, cols = info["hidden_rows"], self._manifest["hidden_size"]
+            dtype = np.dtype(np.float16 if self._manifest["hidden_dtype"] == "float16" else np.uint16)
+        else:
+            fname = files[name]
+            rows, cols = info["topk_rows"], self._manifest["top_k"]
+            dtype = self._idx_dtype if name == "topk_idx" else np.dtype(np.float16)
+        arr = np.load(self._dir / fname, mmap_mode="r", allow_pickle=False)
+        if arr.shape != (rows, cols) or arr.dtype != dtype:
+            raise CacheError(
+                f"teacher cache at {self._dir}: {fname} has shape {arr.shape} dtype {arr.dtype}, "
+                f"expected {(rows, cols)} {dtype}; {REBUILD_HINT}"
+            )
+        self._mmaps[(shard, name)] = arr
+        return arr
+
+    # ---- metadata --------------------------------------------------------------------------------
+
+    @property
+    def manifest(self) -> dict[str, Any]:
+        return copy.deepcopy(self._manifest)
+
+    @property
+    def fields(self) -> tuple[str, ...]:
+        return tuple(self._manifest["fields"])
+
+    @property
+    def directory(self) -> Path:
+        return self._dir
+
+    @property
+    def fingerprint(self) -> str:
+        return self._manifest["fingerprint"]
+
+    @property
+    def top_k(self) -> int | None:
+        return self._manifest["top_k"]
+
+    @property
+    def vocab_size(self) -> int:
+        return self._manifest["vocab_size"]
+
+    @property
+    def hidden_layers(self) -> tuple[int, ...]:
+        return self._hidden_layers
+
+    @property
+    def hidden_size(self) -> int | None:
+        return self._manifest["hidden_size"]
+
+    @property
+    def num_tokens(self) -> int:
+        return self._manifest["num_tokens"]
+
+    def __len__(self) -> int:
+        return len(self._ids)
+
+    def __contains__(self, example_id: object) -> bool:
+        try:
+            return _normalize_id(example_id) in self._pos
+        except TypeError:
+            return False
+
+    def ids(self) -> list[ExampleId]:
+        """Example ids in insertion order."""
+        return list(self._ids)
+
+    def __repr__(self) -> str:
+        return f"TeacherCache({str(self._dir)!r}, examples={len(self)}, fields={list(self.fields)})"
+
+    def _locate(self, example_id: Any) -> int:
+        try:
+            return self._pos[_normalize_id(example_id)]
+        except (KeyError, TypeError):
+            raise KeyError(f"example id {example_id!r} not in teacher cache at {self._dir}") from None
+
+    def _require(self, field: str) -> None:
+        if field not in self._manifest["fields"]:
+            raise CacheError(
+                f"teacher cache at {self._dir} has no {field!r} field (it holds {list(self.fields)}); "
+                f"{REBUILD_HINT}"
+            )
+
+    def topk_rows(self, example_id: ExampleId) -> int:
+        """Number of cached answer-token positions of an example."""
+        self._require("topk")
+        return int(self._col_topk_n[self._locate(example_id)])
+
+    def hidden_rows(self, example_id: ExampleId) -> int:
+        self._require("hidden")
+        return int(self._col_hid_n[self._locate(example_id)])
+
+    # ---- data access -----------------------------------------------------------------------------
+
+    def answer(self, example_id: ExampleId) -> str:
+        self._require("answer")
+        i = self._locate(example_id)
+        if self._answers is None:
+            answers: dict[ExampleId, str] = {}
+            with open(self._dir / ANSWERS_NAME, encoding="utf-8") as f:
+                for line in f:
+                    rec = json.loads(line)
+                    answers[rec["id"]] = rec["answer"]
+            if len(answers) != len(self._ids):
+                raise CacheError(
+                    f"teacher cache at {self._dir}: {ANSWERS_NAME} has {len(answers)} answers, "
+                    f"expected {len(self._ids)}; {REBUILD_HINT}"
+                )
+            self._answers = answers
+        return self._answers[self._ids[i]]
+
+    def topk(self, example_id: ExampleId) -> tuple[torch.Tensor, torch.Tensor]:
+        """(indices int64 [n, k], log-probs float32 [n, k]); only this example's rows are converted."""
+        idx, lp = self.batch_topk([example_id])
+        return idx, lp
+
+    def batch_topk(self, example_ids: Sequence[ExampleId]) -> tuple[torch.Tensor, torch.Tensor]:
+        """Rows of ``example_ids`` concatenated in the order given: ([sum n, k] int64, [sum n, k] float32)."""
+        self._require("topk")
+        pos = [self._locate(e) for e in example_ids]
+        k = self._manifest["top_k"]
+        total = int(sum(int(self._col_topk_n[p]) for p in pos))
+        out_idx = np.empty((total, k), dtype=np.int64)
+        out_lp = np.empty((total, k), dtype=np.float32)
+        row = 0
+        for p in pos:
+            s, off, n = int(self._col_shard[p]), int(self._col_topk_off[p]), int(self._col_topk_n[p])
+            if n:
+                out_idx[row : row + n] = self._array(s, "topk_idx")[off : off + n]
+                out_lp[row : row + n] = self._array(s, "topk_lp")[off : off + n]
+            row += n
+        return torch.from_numpy(out_idx), torch.from_numpy(out_lp)
+
+    def hidden(self, example_id: ExampleId) -> dict[int, torch.Tensor]:
+        """{layer: float32 [m, d]} for one example."""
+        return self.batch_hidden([example_id])
+
+    def batch_hidden(self, example_ids: Sequence[ExampleId]) -> dict[int, torch.Tensor]:
+        """{layer: float32 [sum m, d]} with rows concatenated in the order given."""
+        self._require("hidden")
+        pos = [self._locate(e) for e in example_ids]
+        d = self._manifest["hidden_size"]
+        total = int(sum(int(self._col_hid_n[p]) for p in pos))
+        bf16 = self._manifest["hidden_dtype"] == "bfloat16"
+        out: dict[int, torch.Tensor] = {}
+        for layer in self._hidden_layers:
+            # bfloat16 bits are the top half of a float32: widen to uint32 and shift, no torch needed.
+            buf = np.empty((total, d), dtype=np.uint32 if bf16 else np.float32)
+            row = 0
+            for p in pos:
+                s, off, m = int(self._col_shard[p]), int(self._col_hid_off[p]), int(self._col_hid_n[p])
+                if m:
+                    buf[row : row + m] = self._array(s, f"hidden-L{layer}")[off : off + m]
+                row += m
+            if bf16:
+                buf <<= 16
+                buf = buf.view(np.float32)
+            out[layer] = torch.from_numpy(buf)
+        return out
+
+    def bytes_per_token(self) -> float:
+        """Measured bytes of stored top-k data (indices + log-probs, npy headers excluded) per token."""
+        self._require("topk")
+        total_bytes = 0
+        for s in range(len(self._manifest["shards"])):
+            total_bytes += self._array(s, "topk_idx").nbytes + self._array(s, "topk_lp").nbytes
+        tokens = self._manifest["num_tokens"]
+        return total_bytes / tokens if tokens else 0.0

@@ -1,0 +1,238 @@
+"""One Trainer for every method: it gathers the student's outputs at the answer tokens, fetches the
+teacher's signals (from the cache or a live teacher) and asks the method for its loss.
+"""
+
+from __future__ import annotations
+
+import json
+import math
+from collections import defaultdict
+from collections.abc import Mapping, Sequence
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Any
+
+import torch
+from torch import nn
+from transformers import PreTrainedModel, Trainer, TrainingArguments, set_seed
+
+from kdlab.config import TrainingSettings
+from kdlab.methods import LossInputs, Method, TeacherBatch
+from kdlab.scored import forward_scored
+from kdlab.tasks.base import Encoded, collate
+from kdlab.teacher_cache import TeacherCache
+
+
+@dataclass
+class TrainItem:
+    gold: Encoded
+    teacher: Encoded | None = None  # KD2: the same prompt with the teacher's answer as target
+
+
+class StudentModule(nn.Module):
+    """The student plus the learned KD3 projections, so one optimizer, one DDP wrapper and one state
+    dict hold both."""
+
+    def __init__(self, student: nn.Module, projections: nn.ModuleList | None = None):
+        super().__init__()
+        self.student = student
+        self.projections = projections if projections is not None else nn.ModuleList()
+
+    def forward(self, **kwargs: Any) -> Any:
+        return self.student(**kwargs)
+
+
+class TrainCollator:
+    """Left-pads gold (and KD2 teacher-answer) sequences; looks cached teacher signals up by example id."""
+
+    def __init__(
+        self,
+        pad_id: int,
+        *,
+        method: Method,
+        cache: TeacherCache | None = None,
+        teacher_layers: Sequence[int] = (),
+    ):
+        self.pad_id = pad_id
+        self.method = method
+        self.cache = cache
+        self.teacher_layers = list(teacher_layers)
+
+    def __call__(self, items: Sequence[TrainItem]) -> dict[str, torch.Tensor]:
+        gold = collate([it.gold for it in items], self.pad_id, padding_side="left")
+        ids = gold.pop("example_ids")
+        batch = dict(gold)
+        if self.method.needs_answers:
+            for key, value in collate([it.teacher for it in items], self.pad_id, padding_side="left").items():
+                if key != "example_ids":
+                    batch["kd2_" + key] = value
+        if self.cache is not None and self.method.needs_topk:
+            batch["teacher_topk_indices"], batch["teacher_topk_logprobs"] = self.cache.batch_topk(ids)
+        if self.cache is not None and self.method.needs_hidden:
+            hidden = self.cache.batch_hidden(ids)
+            for layer in self.teacher_layers:
+                batch[f"teacher_hidden_{layer}"] = hidden[layer]
+        return batch
+
+
+class KDTrainer(Trainer):
+    def __init__(
+        self,
+        *args: Any,
+        method: Method,
+        params: Mapping[str, Any],
+        vocab_size: int,
+        layer_pairs: Sequence[tuple[int, int]] = (),
+        live_teacher: nn.Module | None = None,
+        **kwargs: Any,
+    ):
+        super().__init__(*args, **kwargs)
+        self.method = method
+        self.params = dict(params)
+        self.vocab_size = vocab_size
+        self.layer_pairs = list(layer_pairs)
+        self.live_teacher = live_teacher
+        # compute_loss divides by the global number of answer tokens, so the Trainer must not also
+        # divide by the accumulation steps.
+        self.model_accepts_loss_kwargs = True
+        self.loss_is_scaled_for_ga = True
+        self._kd2_tokens: torch.Tensor | None = None
+        self._parts: dict[str, list[float]] = defaultdict(list)
+
+    def get_batch_samples(self, epoch_iterator: Any, num_batches: int, device: Any) -> Any:
+        batch_samples, num_items = super().get_batch_samples(epoch_iterator, num_batches, device)
+        if self.method.needs_answers and batch_samples:
+            n = sum((b["kd2_labels"][..., 1:] != -100).sum() for b in batch_samples).to(device)
+            if self.args.world_size > 1:
+                n = self.accelerator.gather(n).sum()
+            self._kd2_tokens = n
+        return batch_samples, num_items
+
+    def _teacher_batch(self, batch: dict[str, torch.Tensor]) -> TeacherBatch | None:
+        if not (self.method.needs_topk or self.method.needs_hidden):
+            return None
+        teacher_layers = [t for _, t in self.layer_pairs] if self.method.needs_hidden else []
+        if self.live_teacher is not None:
+            with torch.no_grad():
+                out = forward_scored(self.live_teacher, batch, hidden_layers=teacher_layers,
+                                     vocab_size=self.vocab_size)
+            return TeacherBatch(logits=out.logits if self.method.needs_topk else None, hidden=out.hidden)
+        return TeacherBatch(
+            topk_indices=batch.pop("teacher_topk_indices", None),
+            topk_logprobs=batch.pop("teacher_topk_logprobs", None),
+            hidden={t: batch.pop(f"teacher_hidden_{t}") for t in teacher_layers},
+        )
+
+    def compute_loss(
+        self, model: nn.Module, inputs: dict[str, torch.Tensor], return_outputs: bool = False,
+        num_items_in_batch: torch.Tensor | int | None = None,
+    ) -> Any:
+        batch = dict(inputs)
+        teacher = self._teacher_batch(batch)
+        student_layers = [s for s, _ in self.layer_pairs] if self.method.needs_hidden else []
+        student = forward_scored(model, batch, hidden_layers=student_layers, vocab_size=self.vocab_size)
+        local = student.targets.numel()
+        num_tokens = num_items_in_batch if num_items_in_batch is not None else local
+        kd2_tokens = self._kd2_tokens
+        if kd2_tokens is None and "kd2_labels" in batch:
+            kd2_tokens = int((batch["kd2_labels"] != -100).sum())
+        unwrapped = self.accelerator.unwrap_model(model)
+        projections = unwrapped.projections if isinstance(unwrapped, StudentModule) else None
+        loss, parts = self.method.loss(LossInputs(
+            model=model, batch=batch, student=student, teacher=teacher, num_tokens=num_tokens,
+            num_teacher_tokens=kd2_tokens if kd2_tokens is not None else 1, params=self.params,
+            layer_pairs=self.layer_pairs, projections=projections, vocab_size=self.vocab_size,
+        ))
+        # Losses are sums over the global batch's tokens; DDP averages gradients over processes.
+        if self.args.average_tokens_across_devices and self.args.world_size > 1 and num_items_in_batch is not None:
+            loss = loss * self.accelerator.num_processes
+        # Logged per micro-batch as a share of the global batch; summed back per step in `log`.
+        for name, value in parts.items():
+            self._parts[name].append(float(value.detach()))
+        return loss
+
+    def log(self, logs: dict[str, float], start_time: float | None = None) -> None:
+        if self._parts and "loss" in logs:
+            steps = max(1, len(self._parts["ce"]) // max(1, self.args.gradient_accumulation_steps))
+            for name, values in self._parts.items():
+                logs[f"loss_{name}"] = round(sum(values) / steps, 6)
+            self._parts.clear()
+        super().log(logs, start_time)
+
+
+@dataclass
+class TrainResult:
+    log_history: list[dict[str, Any]]
+    train_runtime: float
+    steps: int
+
+
+def training_arguments(settings: TrainingSettings, output_dir: str | Path, seed: int, *,
+                       use_cpu: bool) -> TrainingArguments:
+    return TrainingArguments(
+        output_dir=str(output_dir),
+        learning_rate=settings.learning_rate,
+        weight_decay=settings.weight_decay,
+        warmup_steps=settings.warmup_ratio,  # transformers 5: a float < 1 is a ratio of the total steps
+        lr_scheduler_type=settings.lr_scheduler,
+        per_device_train_batch_size=settings.batch_size,
+        gradient_accumulation_steps=settings.gradient_accumulation_steps,
+        num_train_epochs=settings.epochs,
+        max_steps=settings.max_steps,
+        max_grad_norm=settings.max_grad_norm,
+        logging_steps=settings.logging_steps,
+        bf16=settings.bf16,
+        seed=seed,
+        data_seed=seed,
+        save_strategy="steps" if settings.save_steps else "no",
+        save_steps=settings.save_steps or 500,
+        report_to=[],
+        remove_unused_columns=False,
+        dataloader_num_workers=0,
+        use_cpu=use_cpu,
+        disable_tqdm=False,
+    )
+
+
+def train(
+    student: PreTrainedModel | nn.Module,
+    items: Sequence[TrainItem],
+    *,
+    method: Method,
+    params: Mapping[str, Any],
+    settings: TrainingSettings,
+    output_dir: str | Path,
+    seed: int,
+    pad_id: int,
+    vocab_size: int,
+    cache: TeacherCache | None = None,
+    live_teacher: nn.Module | None = None,
+    layer_pairs: Sequence[tuple[int, int]] = (),
+    projections: nn.ModuleList | None = None,
+    resume_from_checkpoint: str | bool | None = None,
+) -> TrainResult:
+    """Train `student` in place on `items` with `method`; the caller saves it."""
+    if not items:
+        raise ValueError("no training examples left after encoding (all skipped as too long?)")
+    set_seed(seed)
+    if settings.gradient_checkpointing:
+        student.gradient_checkpointing_enable(gradient_checkpointing_kwargs={"use_reentrant": False})
+    module = StudentModule(student, projections)
+    device = next(student.parameters()).device
+    args = training_arguments(settings, output_dir, seed, use_cpu=device.type == "cpu")
+    collator = TrainCollator(pad_id, method=method, cache=cache if live_teacher is None else None,
+                             teacher_layers=[t for _, t in layer_pairs])
+    trainer = KDTrainer(
+        model=module, args=args, train_dataset=list(items), data_collator=collator,
+        method=method, params=params, vocab_size=vocab_size, layer_pairs=layer_pairs,
+        live_teacher=live_teacher,
+    )
+    out = trainer.train(resume_from_checkpoint=resume_from_checkpoint)
+    history = trainer.state.log_history
+    Path(output_dir).mkdir(parents=True, exist_ok=True)
+    (Path(output_dir) / "log_history.json").write_text(json.dumps(history, indent=1))
+    for entry in history:
+        if "loss" in entry and not math.isfinite(entry["loss"]):
+            raise FloatingPointError(f"training diverged: loss {entry['loss']} at step {entry.get('step')}")
+    return TrainResult(log_history=history, train_runtime=out.metrics.get("train_runtime", 0.0),
+                       steps=trainer.state.global_step)
