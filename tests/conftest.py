@@ -1,76 +1,78 @@
-"""Shared fixtures: a tiny BPE tokenizer built in code, a synthetic data folder, and the real data folder.
-
-``build_tiny_tokenizer`` lives here for now; it is meant to move next to the tiny-model builders.
-"""
+"""Shared fixtures: the tiny BPE tokenizer (kdlab.tiny), a synthetic data folder, and the real data folder."""
 
 from __future__ import annotations
 
 import json
+import os
 import random
 from pathlib import Path
 
 import pytest
+import torch
 from transformers import PreTrainedTokenizerFast
 
-SPECIAL_TOKENS = ["<pad>", "<s>", "</s>", "<unk>"]
+from kdlab.tiny import build_tiny_tokenizer
 
-# Template words, label words and plain English, so BPE learns whole-word tokens for the words tests use.
-_TINY_CORPUS = """
-Review: a charming and often affecting journey . Sentiment: positive
-Review: the plot is dull and the jokes fall flat . Sentiment: negative
-Review: a great film with a moving story . Sentiment: positive
-Review: a bad , boring and terrible mess . Sentiment: negative
-Context: The river runs through the old city and the bridge was built in the year one thousand.
-Question: When was the bridge built? Answer: one thousand
-Context: The capital of the country is a large city near the sea.
-Question: What is the capital? Answer: the large city
-the a an of to in and is was for on with as by at from that which who what when where why how
-one two three four five six seven eight nine ten hundred thousand year years first last new old
-positive negative good bad great terrible best worst love hate fun funny sad happy story film movie
-river city bridge king queen castle garden music painter village mountain forest lake harbour ship
-"""
+USER_KDLAB_CACHE = os.environ.get("KDLAB_CACHE")  # as the developer had it, before any test changed it
+THREADS = torch.get_num_threads()
 
 
-def build_tiny_tokenizer(
-    *, vocab_size: int = 400, add_bos: bool = True, add_eos: bool = False
-) -> PreTrainedTokenizerFast:
-    """A deterministic byte-level BPE tokenizer (special tokens <pad> <s> </s> <unk>).
+@pytest.fixture(scope="session")
+def kdlab_cache_dir(tmp_path_factory: pytest.TempPathFactory) -> Path:
+    """One model cache for the whole session, so the tiny-llama alias is built once per session."""
+    return tmp_path_factory.mktemp("kdlab_cache")
 
-    ``add_bos`` / ``add_eos``: whether encoding with special tokens puts <s> first / </s> last, to mimic
-    Llama-style and eos-appending tokenizers.
-    """
-    from tokenizers import Tokenizer, decoders, models, pre_tokenizers, processors, trainers
 
-    tok = Tokenizer(models.BPE(unk_token="<unk>"))
-    tok.pre_tokenizer = pre_tokenizers.ByteLevel(add_prefix_space=False)
-    tok.decoder = decoders.ByteLevel()
-    trainer = trainers.BpeTrainer(
-        vocab_size=vocab_size,
-        special_tokens=SPECIAL_TOKENS,
-        initial_alphabet=pre_tokenizers.ByteLevel.alphabet(),
-        show_progress=False,
-    )
-    tok.train_from_iterator((_TINY_CORPUS * 3).splitlines(), trainer=trainer)
-    single = " ".join([*(["<s>"] if add_bos else []), "$A", *(["</s>"] if add_eos else [])])
-    tok.post_processor = processors.TemplateProcessing(
-        single=single,
-        special_tokens=[("<s>", tok.token_to_id("<s>")), ("</s>", tok.token_to_id("</s>"))],
-    )
-    return PreTrainedTokenizerFast(
-        tokenizer_object=tok, bos_token="<s>", eos_token="</s>", pad_token="<pad>", unk_token="<unk>"
-    )
+@pytest.fixture(scope="session", autouse=True)
+def _test_environment(kdlab_cache_dir: Path):
+    """For the whole session (module- and session-scoped fixtures and subprocesses included): models are
+    cached in a temporary folder, never in ~/.cache/kdlab, and torch uses one thread (tiny models gain
+    nothing from more, and the suite should not crowd a shared CPU)."""
+    with pytest.MonkeyPatch.context() as mp:
+        mp.setenv("KDLAB_CACHE", str(kdlab_cache_dir))
+        mp.setenv("OMP_NUM_THREADS", "1")
+        torch.set_num_threads(1)
+        try:
+            yield
+        finally:
+            torch.set_num_threads(THREADS)
+
+
+def use_user_cache(mp: pytest.MonkeyPatch) -> None:
+    """The developer's model cache (default ~/.cache/kdlab), where the SmolLM2 GGUF is dequantized once."""
+    if USER_KDLAB_CACHE is None:
+        mp.delenv("KDLAB_CACHE", raising=False)
+    else:
+        mp.setenv("KDLAB_CACHE", USER_KDLAB_CACHE)
+
+
+@pytest.fixture(autouse=True)
+def _real_tests_environment(request: pytest.FixtureRequest, monkeypatch: pytest.MonkeyPatch):
+    """`real` tests share the user's model cache and use every CPU thread."""
+    if request.node.get_closest_marker("real") is None:
+        yield
+        return
+    use_user_cache(monkeypatch)
+    monkeypatch.delenv("OMP_NUM_THREADS", raising=False)
+    torch.set_num_threads(THREADS)
+    try:
+        yield
+    finally:
+        torch.set_num_threads(1)
 
 
 @pytest.fixture(scope="session")
 def tiny_tokenizer() -> PreTrainedTokenizerFast:
-    return build_tiny_tokenizer()
+    # Llama-style: encoding with special tokens puts <s> first (tests check BOS is kept in prompts).
+    return build_tiny_tokenizer(add_bos=True)
 
 
 # ---------------------------------------------------------------------------------------------------------
 # synthetic data in the official formats
 
-_WORDS = ("river city bridge king queen castle garden music painter village mountain forest lake harbour "
-          "ship story film movie year old new first last good great").split()
+_WORDS = ["river", "city", "bridge", "king", "queen", "castle", "garden", "music", "painter", "village",
+          "mountain", "forest", "lake", "harbour", "ship", "story", "film", "movie", "year", "old", "new",
+          "first", "last", "good", "great"]
 _POS = "a charming and moving film", "great fun with a happy story", "the best movie of the year"
 _NEG = "a dull and boring mess", "the worst film , terrible jokes", "sad and bad , the plot falls flat"
 
@@ -136,7 +138,8 @@ def write_tiny_data(root: Path) -> Path:
     (root / "sst2").mkdir(parents=True, exist_ok=True)
     (root / "squad").mkdir(parents=True, exist_ok=True)
     for split, n in (("train", 60), ("validation", 20)):
-        (root / "sst2" / f"{split}.tsv").write_text("sentence\tlabel\n" + "\n".join(_sst2_rows(rng, n)) + "\n")
+        rows = _sst2_rows(rng, n)
+        (root / "sst2" / f"{split}.tsv").write_text("sentence\tlabel\n" + "\n".join(rows) + "\n")
     for name, n, dev in (("train-v1.1.json", 40, False), ("dev-v1.1.json", 20, True)):
         data = _squad_file(rng, "dev-" if dev else "train-", n, dev=dev)
         (root / "squad" / name).write_text(json.dumps(data))

@@ -4,7 +4,6 @@ import json
 from pathlib import Path
 
 import pytest
-from conftest import build_tiny_tokenizer
 
 from kdlab.config import TASK_SETTINGS, SquadSettings, SST2Settings
 from kdlab.tasks import (
@@ -22,6 +21,7 @@ from kdlab.tasks import (
     split_train_selection,
     subset,
 )
+from kdlab.tiny import build_tiny_tokenizer
 
 
 @pytest.fixture(autouse=True)
@@ -48,7 +48,7 @@ def test_registry_matches_config_sections() -> None:
 def test_settings_type_and_template_checked() -> None:
     with pytest.raises(TypeError, match="SST2Settings"):
         SST2Task(SquadSettings())
-    with pytest.raises(ValueError, match="tasks.sst2.template.*'review'"):
+    with pytest.raises(ValueError, match=r"tasks\.sst2\.template.*'review'"):
         SST2Task(SST2Settings(template="{review} ->"))
     with pytest.raises(ValueError, match=r"tasks.squad.template: must contain \{context\}"):
         SquadTask(SquadSettings(template="Q: {question}"))
@@ -85,7 +85,7 @@ def test_encode_masks_exactly_the_prompt(tiny_data_dir: Path, tiny_tokenizer) ->
 
 
 def test_encode_strips_an_eos_the_tokenizer_appends(tiny_data_dir: Path, tiny_tokenizer) -> None:
-    eos_tok = build_tiny_tokenizer(add_eos=True)
+    eos_tok = build_tiny_tokenizer(add_bos=True, add_eos=True)
     assert eos_tok("hello").input_ids[-1] == eos_tok.eos_token_id  # the tokenizer does append eos
     task = SST2Task()
     ex = task.load("train", tiny_data_dir)[0]
@@ -272,7 +272,7 @@ def test_subset_deterministic_and_ordered() -> None:
     assert positions == sorted(positions) and len(set(positions)) == 20
     assert {e.id for e in a} <= {e.id for e in subset(data, 50, seed=1)}  # larger subsets nest
     assert subset(data, None, seed=1) == data
-    with pytest.raises(ValueError, match="101.*100"):
+    with pytest.raises(ValueError, match=r"101.*only 100"):
         subset(data, 101, seed=1)
 
 
@@ -342,10 +342,30 @@ def test_squad_eval_truncation_keeps_the_head(tiny_data_dir: Path, tiny_tokenize
         assert n + task.settings.max_new_tokens <= task.settings.max_length
         context = prompt.split("\nQuestion:")[0].removeprefix("Context: ")
         assert ex.fields["context"].startswith(context)
-    cut = [p for ex, p in kept if ex.id == "dev-long-end"][0]
+    cut = next(p for ex, p in kept if ex.id == "dev-long-end")
     assert "nine hundred" not in cut  # evaluation never windows onto the answer
     # Nearly the whole budget is used: the head is cut at a token boundary close to the limit.
-    assert len(encode_prompt(cut, tiny_tokenizer)) > task.settings.max_length - task.settings.max_new_tokens - 8
+    budget = task.settings.max_length - task.settings.max_new_tokens
+    assert len(encode_prompt(cut, tiny_tokenizer)) > budget - 8
+
+
+class _OvershootingSquad(SquadTask):
+    """Cuts 5 tokens too many on the first try, as tokenizers whose pieces do not add up can."""
+
+    calls = 0
+
+    def cut_field(self, ex, text, offsets, width, *, training):
+        type(self).calls += 1
+        return super().cut_field(ex, text, offsets, width + (5 if self.calls == 1 else 0), training=training)
+
+
+def test_prompt_fitting_recuts_an_overshoot(tiny_data_dir: Path, tiny_tokenizer) -> None:
+    task = _OvershootingSquad()
+    ex = next(e for e in task.load("dev", tiny_data_dir) if e.id == "dev-long-middle")
+    kept, counts = task.build_prompts([ex], tiny_tokenizer, training=False)
+    assert counts == {"truncated": 1, "skipped": 0} and task.calls == 2
+    budget = task.settings.max_length - task.settings.max_new_tokens
+    assert len(encode_prompt(kept[0][1], tiny_tokenizer)) <= budget
 
 
 def test_sst2_long_sentences(tiny_data_dir: Path, tiny_tokenizer) -> None:
@@ -363,7 +383,8 @@ def test_sst2_long_sentences(tiny_data_dir: Path, tiny_tokenizer) -> None:
 def test_label_token_ids(tiny_tokenizer) -> None:
     ids = SST2Task().label_token_ids(tiny_tokenizer)
     assert len(ids) == 2 and ids[0] != ids[1]
-    assert ids == [tiny_tokenizer(w, add_special_tokens=False).input_ids[0] for w in (" negative", " positive")]
+    words = (" negative", " positive")
+    assert ids == [tiny_tokenizer(w, add_special_tokens=False).input_ids[0] for w in words]
     clash = [" positive", " positively"]
     first = [tiny_tokenizer(w, add_special_tokens=False).input_ids[0] for w in clash]
     assert first[0] == first[1]  # precondition: the two words really share their first token

@@ -11,6 +11,7 @@ from pathlib import Path
 
 from kdlab import __version__
 from kdlab.config import PRESETS, ConfigError, StudyConfig, load_config, load_preset, preset_text
+from kdlab.errors import StudyError
 
 EPILOG = """examples:
   kdlab run                                  # the demo study (2-core CPU, under 20 minutes)
@@ -24,16 +25,104 @@ without it the Hugging Face hub is used (stanfordnlp/sst2, rajpurkar/squad)."""
 
 
 def _study_config(args: argparse.Namespace) -> StudyConfig:
+    """STUDY.yaml, else --preset, else the study.yaml an earlier run left in --out, else the demo preset."""
     if args.config and args.preset:
         raise ConfigError("give a STUDY.yaml or --preset, not both")
-    return load_config(args.config) if args.config else load_preset(args.preset or "demo")
+    if args.config:
+        return load_config(args.config)
+    if args.preset:
+        return load_preset(args.preset)
+    if args.out and (Path(args.out) / "study.yaml").is_file():
+        return load_config(Path(args.out) / "study.yaml")
+    return load_preset("demo")
+
+
+def _study(args: argparse.Namespace):
+    from kdlab.study import Study
+
+    return Study(
+        _study_config(args),
+        output_dir=args.out,
+        data_dir=args.data_dir,
+        rebuild_cache=getattr(args, "rebuild_cache", False),
+    )
 
 
 def cmd_run(args: argparse.Namespace) -> int:
-    from kdlab.study import Study
+    return 1 if _study(args).run() else 0
 
-    config = _study_config(args)
-    Study(config, output_dir=args.out, data_dir=args.data_dir, rebuild_cache=args.rebuild_cache).run()
+
+def cmd_sweep(args: argparse.Namespace) -> int:
+    study = _study(args)
+    study.prepare()
+    failed = study.sweep()
+    if failed:
+        print(f"kdlab: {len(failed)} run(s) failed: {', '.join(failed)}", file=sys.stderr)
+    return 1 if failed else 0
+
+
+def cmd_cache(args: argparse.Namespace) -> int:
+    study = _study(args)
+    study.prepare()
+    for name in study.config.tasks:
+        cache = study.cache_stage(name)
+        if cache is None:
+            print(f"{name}: no method of this study needs a teacher cache (or cache.mode is online)")
+        else:
+            print(
+                f"{name}: {cache.directory} ({len(cache)} examples, fields {', '.join(cache.fields)}, "
+                f"fingerprint {cache.fingerprint[:12]})"
+            )
+    return 0
+
+
+def cmd_bench(args: argparse.Namespace) -> int:
+    from kdlab.bench import write_bench
+
+    print(write_bench(_study(args), examples=args.examples, warmup=args.warmup, repeats=args.repeats))
+    return 0
+
+
+def cmd_report(args: argparse.Namespace) -> int:
+    from kdlab.report import write_report
+
+    for path in write_report(Path(args.out), data_dir=args.data_dir):
+        print(path)
+    return 0
+
+
+def cmd_status(args: argparse.Namespace) -> int:
+    from kdlab.registry import Registry
+
+    path = Path(args.out) / "registry.sqlite"
+    if not path.is_file():
+        raise FileNotFoundError(f"{path}: no study registry here (expected the --out folder of a study)")
+    registry = Registry(path)
+    if args.run:
+        record = registry.get(args.run)
+        if record is None:
+            raise ValueError(f"--run {args.run}: no such run in {path}")
+        print(json.dumps({k: v for k, v in record.__dict__.items()}, indent=1, default=str))
+        return 0
+    counts = registry.counts()
+    print(
+        f"{args.out}: " + ", ".join(f"{counts.get(k, 0)} {k}" for k in ("done", "running", "failed", "todo"))
+    )
+    best: dict[tuple[str, str], tuple[float, str]] = {}
+    for r in registry.runs():
+        ev = (r.metrics or {}).get("eval", {})
+        main_metric = "accuracy" if "accuracy" in ev else "f1"
+        value = ev.get(main_metric)
+        shown = f"{main_metric} {value:.1f}" if value is not None else ""
+        print(f"  {r.status:8s} {r.id:45s} {shown}")
+        if value is not None and r.kind == "student":
+            key = (r.task, r.method)
+            if key not in best or value > best[key][0]:
+                best[key] = (value, r.id)
+    if best:
+        print("best so far (eval split):")
+        for (task, method), (value, rid) in sorted(best.items()):
+            print(f"  {task:6s} {method:4s} {value:6.1f}  {rid}")
     return 0
 
 
@@ -44,8 +133,10 @@ def cmd_config_show(args: argparse.Namespace) -> int:
 
 def cmd_config_check(args: argparse.Namespace) -> int:
     config = load_config(args.config)
-    print(f"{args.config}: valid study config ({len(config.students)} student(s), tasks "
-          f"{', '.join(config.tasks)}, methods {', '.join(config.methods)}, {len(config.seeds)} seed(s))")
+    print(
+        f"{args.config}: valid study config ({len(config.students)} student(s), tasks "
+        f"{', '.join(config.tasks)}, methods {', '.join(config.methods)}, {len(config.seeds)} seed(s))"
+    )
     return 0
 
 
@@ -63,25 +154,103 @@ def build_parser() -> argparse.ArgumentParser:
     parser = argparse.ArgumentParser(
         prog="kdlab",
         description="Knowledge-distillation studies on causal language models: adapt a teacher, cache its "
-                    "outputs, train students with SFT / logit KD / sequence KD / feature KD over a grid and "
-                    "seeds, evaluate on SST-2 and SQuAD v1.1, and write the results.",
-        epilog=EPILOG, formatter_class=argparse.RawDescriptionHelpFormatter)
+        "outputs, train students with SFT / logit KD / sequence KD / feature KD over a grid and "
+        "seeds, evaluate on SST-2 and SQuAD v1.1, and write the results.",
+        epilog=EPILOG,
+        formatter_class=argparse.RawDescriptionHelpFormatter,
+    )
     parser.add_argument("--version", action="version", version=f"kdlab {__version__}")
     parser.add_argument("-v", "--verbose", action="store_true", help="debug logging")
     sub = parser.add_subparsers(dest="command", required=True, metavar="COMMAND")
 
-    run = sub.add_parser("run", help="run a whole study, resuming where it stopped",
-                         description="Run every stage of a study: data → teacher adaptation and evaluation → "
-                                     "teacher cache → students (grid, best setting, all seeds) → results. "
-                                     "Finished runs are skipped, so re-running resumes.")
+    run = sub.add_parser(
+        "run",
+        help="run a whole study, resuming where it stopped",
+        description="Run every stage of a study: data → teacher adaptation and evaluation → "
+        "teacher cache → students (grid, best setting, all seeds) → results. "
+        "Finished runs are skipped, so re-running resumes.",
+    )
     run.add_argument("config", nargs="?", metavar="STUDY.yaml", help="study config (default: --preset demo)")
     run.add_argument("--preset", choices=PRESETS, help="a built-in study: " + ", ".join(PRESETS))
     run.add_argument("--out", help="output folder (default: the config's output_dir)")
-    run.add_argument("--data-dir", default=os.environ.get("KDLAB_DATA_DIR"),
-                     help="folder with sst2/ and squad/ files (default: $KDLAB_DATA_DIR, else the hub)")
-    run.add_argument("--rebuild-cache", action="store_true",
-                     help="rebuild teacher caches whose fingerprint no longer matches")
+    run.add_argument(
+        "--data-dir",
+        default=os.environ.get("KDLAB_DATA_DIR"),
+        help="folder with sst2/ and squad/ files (default: $KDLAB_DATA_DIR, else the hub)",
+    )
+    run.add_argument(
+        "--rebuild-cache",
+        action="store_true",
+        help="rebuild teacher caches whose fingerprint no longer matches",
+    )
     run.set_defaults(func=cmd_run)
+
+    def study_args(p: argparse.ArgumentParser) -> None:
+        p.add_argument(
+            "config",
+            nargs="?",
+            metavar="STUDY.yaml",
+            help="study config (default: --preset, else OUT/study.yaml, else the demo)",
+        )
+        p.add_argument("--preset", choices=PRESETS)
+        p.add_argument("--out", help="output folder (default: the config's output_dir)")
+        p.add_argument(
+            "--data-dir",
+            default=os.environ.get("KDLAB_DATA_DIR"),
+            help="folder with sst2/ and squad/ files (default: $KDLAB_DATA_DIR, else the hub)",
+        )
+
+    sweep = sub.add_parser(
+        "sweep",
+        help="train and evaluate every student run (grid, best setting, seeds)",
+        description="Runs the grid on the first seed, picks each method's best setting on "
+        "the selection split, then runs it on every seed. Several `kdlab sweep` "
+        "processes on the same --out share the work; nothing runs twice.",
+    )
+    study_args(sweep)
+    sweep.set_defaults(func=cmd_sweep)
+
+    cache = sub.add_parser(
+        "cache",
+        help="build (or check) the teacher caches of a study",
+        description="Runs the teacher once over each task's training examples and stores "
+        "answers (KD2), top-k log-probs (KD1) and hidden states (KD3), "
+        "fingerprinted; a cache whose fingerprint differs is refused.",
+    )
+    study_args(cache)
+    cache.add_argument(
+        "--rebuild",
+        dest="rebuild_cache",
+        action="store_true",
+        help="rebuild caches whose fingerprint no longer matches",
+    )
+    cache.set_defaults(func=cmd_cache)
+
+    bench = sub.add_parser(
+        "bench",
+        help="measure parameters, size, latency, throughput, peak memory",
+        description="Benchmarks the teacher and every final student on the study's device "
+        "and writes OUT/bench.json (used by `kdlab report`).",
+    )
+    study_args(bench)
+    bench.add_argument("--examples", type=int, help="evaluation examples per task (default: bench.examples)")
+    bench.add_argument("--warmup", type=int, help="untimed calls before timing (default: bench.warmup)")
+    bench.add_argument("--repeats", type=int, help="timed passes over the examples (default: bench.repeats)")
+    bench.set_defaults(func=cmd_bench)
+
+    report = sub.add_parser("report", help="write tables, statistics and figures of a study folder")
+    report.add_argument("out", metavar="OUT", help="the study's output folder")
+    report.add_argument(
+        "--data-dir",
+        default=os.environ.get("KDLAB_DATA_DIR"),
+        help="data folder, for per-example statistics (default: $KDLAB_DATA_DIR, else hub)",
+    )
+    report.set_defaults(func=cmd_report)
+
+    status = sub.add_parser("status", help="runs done / running / failed / to do, and the best so far")
+    status.add_argument("out", metavar="OUT", help="the study's output folder")
+    status.add_argument("--run", help="show one run in full (params, metrics, error)")
+    status.set_defaults(func=cmd_status)
 
     config = sub.add_parser("config", help="show or check study configs")
     csub = config.add_subparsers(dest="config_command", required=True, metavar="ACTION")
@@ -92,25 +261,31 @@ def build_parser() -> argparse.ArgumentParser:
     check.add_argument("config", metavar="STUDY.yaml")
     check.set_defaults(func=cmd_config_check)
 
-    score = sub.add_parser("score", help="score a predictions file like the official scripts",
-                           description="SQuAD: predictions as {\"question id\": \"answer\"}, references as "
-                                       "the official dev-v1.1.json; prints {\"exact_match\", \"f1\"}. SST-2: "
-                                       "predictions as JSON lines {\"id\", \"label\"}, references as "
-                                       "validation.tsv; prints {\"accuracy\"}.")
+    score = sub.add_parser(
+        "score",
+        help="score a predictions file like the official scripts",
+        description='SQuAD: predictions as {"question id": "answer"}, references as '
+        'the official dev-v1.1.json; prints {"exact_match", "f1"}. SST-2: '
+        'predictions as JSON lines {"id", "label"}, references as '
+        'validation.tsv; prints {"accuracy"}.',
+    )
     score.add_argument("task", choices=["sst2", "squad"])
     score.add_argument("predictions", type=Path)
-    score.add_argument("--data", type=Path, required=True, help="reference file (dev-v1.1.json / validation.tsv)")
+    score.add_argument(
+        "--data", type=Path, required=True, help="reference file (dev-v1.1.json / validation.tsv)"
+    )
     score.set_defaults(func=cmd_score)
     return parser
 
 
 def main(argv: list[str] | None = None) -> int:
     args = build_parser().parse_args(argv)
-    logging.basicConfig(level=logging.DEBUG if args.verbose else logging.INFO,
-                        format="%(levelname)s %(name)s: %(message)s")
+    logging.basicConfig(
+        level=logging.DEBUG if args.verbose else logging.INFO, format="%(levelname)s %(name)s: %(message)s"
+    )
     try:
         return args.func(args)
-    except (ConfigError, FileNotFoundError, ValueError) as e:
+    except (ConfigError, FileNotFoundError, ValueError, StudyError) as e:
         print(f"kdlab: error: {e}", file=sys.stderr)
         return 2
 

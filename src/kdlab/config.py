@@ -13,7 +13,15 @@ from pathlib import Path
 from typing import Any, ClassVar, Literal
 
 import yaml
-from pydantic import BaseModel, ConfigDict, Field, ValidationError, field_validator, model_validator
+from pydantic import (
+    BaseModel,
+    ConfigDict,
+    Field,
+    SerializeAsAny,
+    ValidationError,
+    field_validator,
+    model_validator,
+)
 
 PRESETS = ("demo", "thesis", "smoke")
 METHODS = ("sft", "kd1", "kd2", "kd3")
@@ -128,7 +136,9 @@ class TaskSettings(Strict):
 class SST2Settings(TaskSettings):
     train_split_size: ClassVar[int] = 67349
     eval_split_size: ClassVar[int] = 872
-    label_words: list[str] = Field(default_factory=lambda: [" negative", " positive"], min_length=2, max_length=2)
+    label_words: list[str] = Field(
+        default_factory=lambda: [" negative", " positive"], min_length=2, max_length=2
+    )
 
 
 class SquadSettings(TaskSettings):
@@ -171,7 +181,9 @@ class SFTSettings(Strict):
 
 class KD1Settings(MethodSettings):
     temperature: list[float] = Field(default_factory=lambda: [2.0], min_length=1)
-    divergence: list[Literal["forward_kl", "reverse_kl", "jsd"]] = Field(default_factory=lambda: ["forward_kl"])
+    divergence: list[Literal["forward_kl", "reverse_kl", "jsd"]] = Field(
+        default_factory=lambda: ["forward_kl"]
+    )
     jsd_beta: float = Field(0.5, gt=0, lt=1)
     top_k: int = Field(32, gt=0, description="teacher log-probs kept per token in the cache")
 
@@ -209,6 +221,15 @@ class EvaluationSettings(Strict):
     )
 
 
+class BenchSettings(Strict):
+    """Efficiency measurements of the teacher and final students (`kdlab bench`, a stage of `kdlab run`)."""
+
+    enabled: bool = Field(True, description="run the bench stage in `kdlab run`")
+    examples: int = Field(32, gt=0, description="evaluation examples per task")
+    warmup: int = Field(2, ge=0, description="untimed calls before timing")
+    repeats: int = Field(3, gt=0, description="timed passes over the examples")
+
+
 class CacheSettings(Strict):
     mode: Literal["cached", "online"] = Field("cached", description="teacher signals from disk or live")
     hidden_dtype: Literal["float16", "bfloat16"] = "float16"
@@ -222,11 +243,16 @@ class StudyConfig(Strict):
     device: Literal["auto", "cpu", "cuda", "mps"] = "auto"
     teacher: TeacherSettings
     students: list[StudentSettings] = Field(..., min_length=1)
-    tasks: dict[str, TaskSettings] = Field(..., min_length=1)
-    methods: dict[str, Strict] = Field(default_factory=lambda: {"sft": SFTSettings()}, min_length=1)
+    # SerializeAsAny: the sections hold subclasses (SST2Settings, KD1Settings, ...); without it model_dump
+    # (to_yaml, config_hash) would write only the base class's fields and drop e.g. every method setting.
+    tasks: dict[str, SerializeAsAny[TaskSettings]] = Field(..., min_length=1)
+    methods: dict[str, SerializeAsAny[Strict]] = Field(
+        default_factory=lambda: {"sft": SFTSettings()}, min_length=1
+    )
     training: TrainingSettings = Field(default_factory=TrainingSettings)
     evaluation: EvaluationSettings = Field(default_factory=EvaluationSettings)
     cache: CacheSettings = Field(default_factory=CacheSettings)
+    bench: BenchSettings = Field(default_factory=BenchSettings)
     seeds: list[int] = Field(default_factory=lambda: [42], min_length=1)
     data_seed: int = Field(1234, description="picks the train/selection/eval subsets; shared by every run")
 
@@ -260,7 +286,8 @@ class StudyConfig(Strict):
         return hashlib.sha256(json.dumps(data, sort_keys=True).encode()).hexdigest()[:16]
 
     def to_yaml(self) -> str:
-        return yaml.safe_dump(self.model_dump(mode="json", by_alias=True), sort_keys=False, allow_unicode=True)
+        data = self.model_dump(mode="json", by_alias=True)
+        return yaml.safe_dump(data, sort_keys=False, allow_unicode=True)
 
 
 def _typed_sections(raw: Any, classes: dict[str, type[Strict]], where: str) -> Any:

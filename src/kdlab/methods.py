@@ -70,7 +70,9 @@ def kd1_loss(x: LossInputs) -> tuple[torch.Tensor, dict[str, torch.Tensor]]:
         kd = losses.kd_divergence_full(x.student.logits, t.logits, **common)
     else:
         k = int(x.params["top_k"])
-        kd = losses.kd_divergence_topk(x.student.logits, t.topk_indices[:, :k], t.topk_logprobs[:, :k], **common)
+        kd = losses.kd_divergence_topk(
+            x.student.logits, t.topk_indices[:, :k], t.topk_logprobs[:, :k], **common
+        )
     return losses.mix(ce, kd, lam), {"ce": ce, "kd": kd}
 
 

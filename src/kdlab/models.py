@@ -154,7 +154,9 @@ def load_model(
     device: torch.device | str = "cpu",
     trust_remote_code: bool = False,
 ) -> PreTrainedModel:
-    model = AutoModelForCausalLM.from_pretrained(path, dtype=DTYPES[dtype], trust_remote_code=trust_remote_code)
+    model = AutoModelForCausalLM.from_pretrained(
+        path, dtype=DTYPES[dtype], trust_remote_code=trust_remote_code
+    )
     return model.to(device)
 
 

@@ -1,111 +1,1043 @@
-"""Results tables from the registry: the teacher rows and, per student and method, the chosen setting's
-mean ± std over seeds on each task's evaluation split."""
+"""The study report, written from the output folder alone (so `kdlab report OUT` works in a fresh process).
+
+    results.csv   every run, one row each (flattened metrics and params)
+    summary.md    per task: teacher rows, each (student, method)'s chosen setting with mean ± std over seeds,
+                  and Δ vs SFT with a paired-bootstrap 95% interval and p-value
+    summary.tex   the same tables for LaTeX (booktabs)
+    figures/      λ sensitivity, efficiency frontier (with bench.json), training curves; PNG and PDF
+    report.md     links to all of it, the environment, the study config and how to reproduce it
+
+Every file is written to a temporary name and moved into place, and report.md last, so a crash leaves either
+the previous report or the new one, never half a file nor a report linking to missing figures.
+"""
 
 from __future__ import annotations
 
+import contextlib
 import csv
+import datetime as dt
+import io
 import json
-import statistics
-from collections.abc import Sequence
-from dataclasses import dataclass
+import math
+import os
+import platform
+import subprocess
+import sys
+from collections.abc import Callable, Mapping, Sequence
+from dataclasses import dataclass, field
+from importlib import metadata
 from pathlib import Path
 from typing import Any
 
+import numpy as np
+
+from kdlab.config import StudyConfig, load_config
+from kdlab.figures import (
+    COLUMN_WIDTH_IN,
+    Curve,
+    EfficiencyPoint,
+    LambdaSeries,
+    atomic_output,
+    efficiency_figure,
+    lambda_figure,
+    training_figure,
+)
+from kdlab.metrics import exact_match, f1
 from kdlab.registry import Registry, RunRecord
+from kdlab.stats import BootstrapResult, mean_std, paired_bootstrap
+from kdlab.tasks import TASKS, Example, Task, get_task
+
+__all__ = [
+    "Comparison",
+    "Group",
+    "StudyOutputs",
+    "chosen_groups",
+    "compare_to_sft",
+    "final_runs",
+    "load_outputs",
+    "per_example_scores",
+    "write_report",
+    "write_results",
+]
 
 METRICS = {"sst2": ["accuracy"], "squad": ["exact_match", "f1"]}
 LABELS = {"accuracy": "Acc", "exact_match": "EM", "f1": "F1"}
+METRIC_NAMES = {"accuracy": "accuracy", "exact_match": "exact match", "f1": "F1"}
 TASK_LABELS = {"sst2": "SST-2", "squad": "SQuAD"}
+METHOD_ORDER = ("sft", "kd1", "kd2", "kd3")
+PARAM_SYMBOLS = {"lam": ("λ", r"$\lambda$"), "temperature": ("T", "$T$"), "divergence": ("", "")}
+DECIMALS = 1
+N_RESAMPLES = 10_000
+BOOTSTRAP_SEED = 0
+CONFIDENCE = 0.95
+ENV_PACKAGES = ("torch", "transformers", "peft", "accelerate", "datasets", "numpy", "scipy", "matplotlib")
+# The registry's eval metric and the mean of the per-example scores must agree to this many points (%).
+CONSISTENCY_TOL = 0.01
+
+Echo = Callable[[str], None]
+
+
+# ---------------------------------------------------------------------------------------------------------
+# reading the output folder
 
 
 @dataclass
-class Row:
+class StudyOutputs:
+    """What a study left in its output folder, read once."""
+
+    out: Path
+    runs: list[RunRecord]
+    selection: dict[str, Any]
+    config: StudyConfig | None
+    config_text: str | None
+    bench: dict[str, Any] | None
+    tasks: list[str]
+    notes: list[str] = field(default_factory=list)  # problems met while reading, shown in report.md
+
+    def get(self, run_id: str | None) -> RunRecord | None:
+        return next((r for r in self.runs if r.id == run_id), None) if run_id else None
+
+    def run_dir(self, run: RunRecord) -> Path:
+        # Relative to the folder first: output_dir is absolute and breaks when a study folder is moved.
+        local = self.out / "runs" / run.id
+        return local if local.is_dir() or not run.output_dir else Path(run.output_dir)
+
+    @property
+    def name(self) -> str:
+        return self.config.name if self.config is not None else self.out.name
+
+
+def _read_json(path: Path, notes: list[str]) -> Any:
+    if not path.is_file():
+        return None
+    try:
+        return json.loads(path.read_text(encoding="utf-8"))
+    except ValueError as e:
+        notes.append(f"{path.name} is not valid JSON ({e}); ignored")
+        return None
+
+
+def load_outputs(out: str | Path) -> StudyOutputs:
+    out = Path(out)
+    if not (out / "registry.sqlite").is_file():
+        raise FileNotFoundError(f"{out}: no registry.sqlite here; not a kdlab study output folder")
+    notes: list[str] = []
+    runs = Registry(out / "registry.sqlite").runs()
+    selection = _read_json(out / "selection.json", notes) or {}
+    bench = _read_json(out / "bench.json", notes)
+    if bench is not None and not isinstance(bench.get("models"), dict):
+        notes.append("bench.json has no `models` mapping; efficiency results skipped")
+        bench = None
+    config, config_text = None, None
+    if (out / "study.yaml").is_file():
+        config_text = (out / "study.yaml").read_text(encoding="utf-8")
+        try:
+            config = load_config(out / "study.yaml")
+        except ValueError as e:  # ConfigError: still report, with task defaults
+            notes.append(f"study.yaml could not be validated ({e}); task defaults used")
+    tasks = list(config.tasks) if config is not None else []
+    tasks += [t for t in dict.fromkeys(r.task for r in runs) if t not in tasks]
+    unknown = [t for t in tasks if t not in TASKS]
+    if unknown:  # runs of a task this kdlab does not know: listed in results.csv, left out of the tables
+        notes.append(f"unknown task(s) {', '.join(unknown)}: only in results.csv")
+    tasks = [t for t in tasks if t in TASKS]
+    return StudyOutputs(out, runs, selection, config, config_text, bench, tasks, notes)
+
+
+def task_metrics(task: str) -> list[str]:
+    return METRICS.get(task) or [TASKS[task].metric]
+
+
+def selection_metric(task: str) -> str:
+    """The metric `Study.select_best` chooses on (SST-2 accuracy, SQuAD F1)."""
+    return TASKS[task].metric
+
+
+def _key(params: Mapping[str, Any]) -> str:
+    return json.dumps(params, sort_keys=True, default=str)
+
+
+def _method_rank(method: str) -> tuple[int, str]:
+    return (METHOD_ORDER.index(method) if method in METHOD_ORDER else len(METHOD_ORDER), method)
+
+
+def _metric(run: RunRecord, split: str, metric: str) -> float | None:
+    value = ((run.metrics or {}).get(split) or {}).get(metric)
+    return float(value) if isinstance(value, int | float) and math.isfinite(value) else None
+
+
+@dataclass
+class Group:
+    """The chosen setting of one (student, method, task) and its finished runs over seeds."""
+
+    student: str
+    method: str
+    task: str
+    params: dict[str, Any]
+    runs: list[RunRecord]  # done runs of the chosen setting; the first-seed (grid) run first
+    candidates: list[RunRecord]  # done first-seed grid runs, every setting
+    source: str  # how the setting was chosen
+    varying: list[str]  # params that differ between the grid's settings
+
+    @property
+    def first(self) -> RunRecord | None:
+        return self.runs[0] if self.runs else None
+
+
+def chosen_groups(outputs: StudyOutputs) -> dict[tuple[str, str, str], Group]:
+    """Chosen setting per (student, method, task): selection.json's entry, else the only setting, else (a grid
+    still running in another process) the grid run with the best selection metric, as `select_best` would."""
+    seed_order = {s: i for i, s in enumerate(outputs.config.seeds)} if outputs.config is not None else {}
+    by_group: dict[tuple[str, str, str], list[RunRecord]] = {}
+    for r in outputs.runs:
+        if r.kind == "student" and r.task in TASKS:
+            by_group.setdefault((r.student, r.method, r.task), []).append(r)
+    groups: dict[tuple[str, str, str], Group] = {}
+    for (student, method, task), runs in by_group.items():
+        done = [r for r in runs if r.done]
+        grid = [r for r in done if r.stage == "grid"]
+        settings = {_key(r.params): r.params for r in runs}
+        varying = sorted({k for p in settings.values() for k in p
+                          if len({_key({k: q.get(k)}) for q in settings.values()}) > 1})
+        entry = outputs.selection.get(f"{method}-{task}-{student}")
+        if isinstance(entry, dict) and isinstance(entry.get("chosen"), dict):
+            params, source = entry["chosen"], "selection.json"
+        elif len(settings) == 1:
+            params, source = next(iter(settings.values())), "single setting"
+        elif grid:
+            metric = selection_metric(task)
+            best = max(grid, key=lambda r: _metric(r, "selection", metric) or -math.inf)
+            params, source = best.params, f"best selection {metric} (no selection.json entry yet)"
+        else:
+            continue
+        chosen = [r for r in done if _key(r.params) == _key(params)]
+        chosen.sort(key=lambda r: (r.stage != "grid", seed_order.get(r.seed, len(seed_order)), r.seed or 0))
+        groups[(student, method, task)] = Group(student, method, task, dict(params), chosen, grid, source,
+                                                varying)
+    return dict(sorted(groups.items(), key=lambda kv: (kv[0][2], kv[0][0], _method_rank(kv[0][1]))))
+
+
+def final_runs(registry: Registry, selection: Mapping[str, Any]
+               ) -> dict[tuple[str, str, str], list[RunRecord]]:
+    """Done runs of the chosen setting of each (student, method, task), all seeds (kept for `kdlab.bench`)."""
+    outputs = StudyOutputs(registry.path.parent, registry.runs(), dict(selection), None, None, None, [])
+    return {k: g.runs for k, g in chosen_groups(outputs).items() if g.runs}
+
+
+def _method_order(method: str) -> int:
+    """Position of a method in tables: teacher, sft, kd1, kd2, kd3, then the rest (kept for `kdlab.bench`)."""
+    order = ("teacher", *METHOD_ORDER)
+    return order.index(method) if method in order else 9
+
+
+# ---------------------------------------------------------------------------------------------------------
+# results.csv
+
+_CSV_HEAD = ["run", "kind", "task", "method", "student", "stage", "seed", "status", "chosen"]
+_CSV_METRICS = [f"{split}_{m}" for split in ("eval", "selection") for m in ("accuracy", "exact_match", "f1")]
+_CSV_TAIL = ["train_runtime", "steps", "train_examples", "trainable_parameters", "parameters", "wall_time",
+             "attempts", "error"]
+
+
+def _flatten(d: Mapping[str, Any], prefix: str = "") -> dict[str, Any]:
+    out: dict[str, Any] = {}
+    for k, v in d.items():
+        name = f"{prefix}{k}"
+        if isinstance(v, Mapping):
+            out.update(_flatten(v, name + "_"))
+        else:
+            out[name] = json.dumps(v) if isinstance(v, list) else v
+    return out
+
+
+def results_table(outputs: StudyOutputs, groups: Mapping[tuple[str, str, str], Group]
+                  ) -> tuple[list[str], list[dict[str, Any]]]:
+    """Header and one row per run: identity, status, `param_*` columns, flattened metrics, wall time."""
+    chosen_ids = {r.id for g in groups.values() for r in g.runs}
+    rows: list[dict[str, Any]] = []
+    param_cols: dict[str, None] = {}
+    metric_cols: dict[str, None] = dict.fromkeys(_CSV_METRICS)
+    for r in outputs.runs:
+        row: dict[str, Any] = {
+            "run": r.id, "kind": r.kind, "task": r.task, "method": r.method, "student": r.student,
+            "stage": r.stage, "seed": r.seed, "status": r.status,
+            "chosen": "" if r.kind == "teacher" else r.id in chosen_ids,
+            "wall_time": round(r.wall_time, 2) if r.wall_time is not None else None,
+            "attempts": r.attempts,
+            "error": (r.error or "").strip().splitlines()[-1] if (r.error or "").strip() else None,
+        }
+        for k, v in r.params.items():
+            param_cols[f"param_{k}"] = None
+            row[f"param_{k}"] = json.dumps(v) if isinstance(v, list | dict) else v
+        for k, v in _flatten(r.metrics or {}).items():
+            if k not in _CSV_TAIL:
+                metric_cols[k] = None
+            row[k] = v
+        rows.append(row)
+    # Fixed columns first (a stable schema for scripts), then whatever else the runs recorded, sorted.
+    extra = sorted(c for c in metric_cols if c not in _CSV_METRICS)
+    header = _CSV_HEAD + sorted(param_cols) + _CSV_METRICS + extra + _CSV_TAIL
+    return header, rows
+
+
+def _csv_text(header: Sequence[str], rows: Sequence[Mapping[str, Any]]) -> str:
+    buf = io.StringIO()
+    w = csv.DictWriter(buf, fieldnames=list(header), extrasaction="ignore", lineterminator="\n")
+    w.writeheader()
+    for row in rows:
+        w.writerow({k: "" if row.get(k) is None else row[k] for k in header})
+    return buf.getvalue()
+
+
+# ---------------------------------------------------------------------------------------------------------
+# per-example scores and the comparison with SFT
+
+
+def per_example_scores(task: str, predictions: Mapping[str, Any], examples: Sequence[Example]
+                       ) -> dict[str, np.ndarray]:
+    """Per-example scores x100 in ``examples`` order, whose means are the task's metrics (a missing prediction
+    scores 0, as in `kdlab.metrics`). SST-2: correctness; SQuAD: EM and F1, max over the gold answers."""
+    if task == "sst2":
+        return {"accuracy": np.array([100.0 * (ex.id in predictions and int(predictions[ex.id]) == ex.label)
+                                      for ex in examples])}
+    if task == "squad":
+        em, f = [], []
+        for ex in examples:
+            pred = predictions.get(ex.id)
+            if pred is None or not ex.answers:
+                em.append(0.0)
+                f.append(0.0)
+                continue
+            em.append(100.0 * max(exact_match(str(pred), g) for g in ex.answers))
+            f.append(100.0 * max(f1(str(pred), g) for g in ex.answers))
+        return {"exact_match": np.array(em), "f1": np.array(f)}
+    raise ValueError(f"no per-example scores for task {task!r}")
+
+
+@dataclass
+class Comparison:
+    """One method against SFT (same student, task) on one metric; ``result`` None with a ``note`` if it
+    could not be computed."""
+
+    task: str
+    student: str
+    method: str
+    metric: str
+    result: BootstrapResult | None
+    seeds: tuple[int, int] = (0, 0)  # (method, SFT) seeds averaged per example
+    note: str = ""
+
+
+class _Scorer:
+    """Reference answers and per-example scores of runs, loaded once per task."""
+
+    def __init__(self, outputs: StudyOutputs, data_dir: str | Path | None, notes: list[str]):
+        self.outputs, self.data_dir, self.notes = outputs, data_dir, notes
+        self._refs: dict[str, tuple[Task, list[Example]] | str] = {}
+        self._scores: dict[str, dict[str, np.ndarray] | str] = {}
+
+    def references(self, task: str) -> tuple[Task, list[Example]]:
+        if task not in self._refs:
+            try:
+                self._refs[task] = self._load(task)
+            except Exception as e:  # no data folder, hub offline, stale manifest: report without statistics
+                self._refs[task] = f"{type(e).__name__}: {e}"
+        ref = self._refs[task]
+        if isinstance(ref, str):
+            raise ValueError(f"evaluation references of {task} unavailable ({ref})")
+        return ref
+
+    def _load(self, task: str) -> tuple[Task, list[Example]]:
+        config = self.outputs.config
+        t = get_task(task, config.tasks.get(task) if config is not None else None)
+        manifest = self.outputs.out / "data" / f"{task}.json"
+        if not manifest.is_file():
+            raise FileNotFoundError(f"{manifest} not found (it lists the evaluation example ids)")
+        ids = [str(i) for i in json.loads(manifest.read_text())["eval"]]
+        by_id = {ex.id: ex for ex in t.load(t.eval_split, self.data_dir)}
+        missing = [i for i in ids if i not in by_id]
+        if missing:
+            raise ValueError(f"{len(missing)} evaluation ids of data/{task}.json are not in the "
+                             f"{t.eval_split} split (e.g. {missing[0]!r}): another data folder?")
+        return t, [by_id[i] for i in ids]
+
+    def scores(self, run: RunRecord) -> dict[str, np.ndarray]:
+        if run.id not in self._scores:
+            try:
+                self._scores[run.id] = self._score(run)
+            except Exception as e:
+                self._scores[run.id] = f"{type(e).__name__}: {e}"
+        got = self._scores[run.id]
+        if isinstance(got, str):
+            raise ValueError(got)
+        return got
+
+    def _score(self, run: RunRecord) -> dict[str, np.ndarray]:
+        task, examples = self.references(run.task)
+        path = self.outputs.run_dir(run) / f"predictions_eval.{'json' if task.generative else 'jsonl'}"
+        if not path.is_file():
+            raise FileNotFoundError(f"{path} not found")
+        scores = per_example_scores(run.task, task.read_predictions(path), examples)
+        for metric, values in scores.items():
+            recorded = _metric(run, "eval", metric)
+            if recorded is not None and abs(float(values.mean()) - recorded) > CONSISTENCY_TOL:
+                self.notes.append(f"{run.id}: its eval predictions give {metric} {values.mean():.2f} but the "
+                                  f"registry records {recorded:.2f} (predictions file from another run?)")
+        return scores
+
+
+def compare_to_sft(outputs: StudyOutputs, groups: Mapping[tuple[str, str, str], Group],
+                   data_dir: str | Path | None = None, *, n_resamples: int = N_RESAMPLES,
+                   seed: int = BOOTSTRAP_SEED, notes: list[str] | None = None) -> list[Comparison]:
+    """Paired bootstrap of every non-SFT method's chosen setting against SFT of the same student and task,
+    per metric, on per-example scores averaged over each system's seeds (see `kdlab.stats`)."""
+    notes = notes if notes is not None else []
+    scorer = _Scorer(outputs, data_dir, notes)
+    out: list[Comparison] = []
+    for (student, method, task), group in groups.items():
+        base = groups.get((student, "sft", task))
+        if method == "sft" or base is None:
+            continue
+        metrics = task_metrics(task)
+        seeds = (len(group.runs), len(base.runs))
+        try:
+            if not group.runs or not base.runs:
+                raise ValueError("no finished runs")
+            system = [scorer.scores(r) for r in group.runs]
+            baseline = [scorer.scores(r) for r in base.runs]
+        except ValueError as e:
+            out += [Comparison(task, student, method, m, None, seeds, str(e)) for m in metrics]
+            continue
+        for m in metrics:
+            res = paired_bootstrap(np.stack([s[m] for s in system]), np.stack([s[m] for s in baseline]),
+                                   n_resamples=n_resamples, confidence=CONFIDENCE, seed=seed)
+            out.append(Comparison(task, student, method, m, res, seeds))
+    return out
+
+
+# ---------------------------------------------------------------------------------------------------------
+# summary tables (markdown and LaTeX from one model)
+
+_TEX_SPECIALS = {"\\": r"\textbackslash{}", "&": r"\&", "%": r"\%", "$": r"\$", "#": r"\#", "_": r"\_",
+                 "{": r"\{", "}": r"\}", "~": r"\textasciitilde{}", "^": r"\textasciicircum{}"}
+# "<" and ">" print as other glyphs in LaTeX's default text font encoding, hence the text commands.
+_TEX_TEXT = {"±": r"$\pm$", "Δ": r"$\Delta$", "λ": r"$\lambda$", "–": "--", "−": "$-$",
+             "²": r"\textsuperscript{2}", "<": r"\textless{}", ">": r"\textgreater{}"}
+
+
+def tex_escape(text: str) -> str:
+    """Plain text as LaTeX: the ten specials escaped, and the few Unicode symbols kdlab writes as math."""
+    return "".join(_TEX_SPECIALS.get(ch) or _TEX_TEXT.get(ch) or ch for ch in str(text))
+
+
+def _num(x: Any) -> str:
+    return f"{x:g}" if isinstance(x, float) else str(x)
+
+
+def setting_parts(group: Group) -> list[tuple[str, str]]:
+    """(name, value) of the chosen setting worth showing: λ, T, divergence, and any other grid axis."""
+    keys = [k for k in PARAM_SYMBOLS if k in group.params]
+    keys += [k for k in group.varying if k not in keys and k in group.params]
+    return [(k, _num(group.params[k])) for k in keys]
+
+
+@dataclass
+class SummaryRow:
     model: str
     method: str
-    cells: dict[tuple[str, str], list[float]]  # (task, metric) -> values over seeds
-    params: dict[tuple[str, str], dict[str, Any]]
+    setting: list[tuple[str, str]]
+    values: dict[str, list[float]]  # metric -> values over seeds
+    teacher: bool = False
+
+    @property
+    def n(self) -> int:
+        return max((len(v) for v in self.values.values()), default=0)
 
 
-def final_runs(registry: Registry, selection: dict[str, Any]) -> dict[tuple[str, str, str], list[RunRecord]]:
-    """Done student runs of the chosen setting of each (student, method, task), all seeds."""
-    groups: dict[tuple[str, str, str], list[RunRecord]] = {}
-    for r in registry.runs(kind="student", status="done"):
-        chosen = selection.get(f"{r.method}-{r.task}-{r.student}")
-        if chosen is not None and r.params != chosen["chosen"]:
-            continue
-        groups.setdefault((r.student, r.method, r.task), []).append(r)
-    return groups
+@dataclass
+class TaskSummary:
+    task: str
+    metrics: list[str]
+    rows: list[SummaryRow]
+    comparisons: list[Comparison]
+    n_examples: int | None
+
+    def best(self, metric: str) -> float | None:
+        """Best student mean as displayed (rounded: values that print the same are all bold)."""
+        means = [round(mean_std(r.values[metric])[0], DECIMALS) for r in self.rows
+                 if not r.teacher and r.values.get(metric)]
+        return max(means) if means else None
 
 
-def build_rows(registry: Registry, selection: dict[str, Any], tasks: Sequence[str]) -> list[Row]:
-    rows: list[Row] = []
-    for label, rid in (("teacher (zero-shot)", "zero-shot"), ("teacher (adapted)", "")):
-        cells: dict[tuple[str, str], list[float]] = {}
-        for task in tasks:
-            run = registry.get(f"teacher-{task}-{rid}".rstrip("-"))
-            if run is not None and run.status == "done":
-                for m in METRICS[task]:
-                    cells[(task, m)] = [run.metrics["eval"][m]]
-        if cells:
-            rows.append(Row(label, "teacher", cells, {}))
-    groups = final_runs(registry, selection)
-    for student, method in sorted({(s, m) for s, m, _ in groups}, key=lambda x: (x[0], _method_order(x[1]))):
-        cells, params = {}, {}
-        for task in tasks:
-            runs = groups.get((student, method, task), [])
-            for m in METRICS[task]:
-                if runs:
-                    cells[(task, m)] = [r.metrics["eval"][m] for r in runs]
-            if runs:
-                params[(task, "")] = runs[0].params
-        rows.append(Row(student, method, cells, params))
-    return rows
+def build_summaries(outputs: StudyOutputs, groups: Mapping[tuple[str, str, str], Group],
+                    comparisons: Sequence[Comparison]) -> list[TaskSummary]:
+    out = []
+    for task in outputs.tasks:
+        metrics = task_metrics(task)
+        rows: list[SummaryRow] = []
+        for label, rid in (("zero-shot", f"teacher-{task}-zero-shot"), ("adapted", f"teacher-{task}")):
+            run = outputs.get(rid)
+            if run is not None and run.done:
+                values = {m: [v] for m in metrics if (v := _metric(run, "eval", m)) is not None}
+                rows.append(SummaryRow("teacher", label, [], values, teacher=True))
+        for (student, method, t), g in groups.items():
+            if t == task:
+                values = {m: [v for r in g.runs if (v := _metric(r, "eval", m)) is not None] for m in metrics}
+                rows.append(SummaryRow(student, method, setting_parts(g), values))
+        n_examples = None
+        manifest = outputs.out / "data" / f"{task}.json"
+        if manifest.is_file():
+            with contextlib.suppress(ValueError, KeyError, TypeError):
+                n_examples = len(json.loads(manifest.read_text())["eval"])
+        out.append(TaskSummary(task, metrics, rows, [c for c in comparisons if c.task == task], n_examples))
+    return out
 
 
-def _method_order(m: str) -> int:
-    return ["teacher", "sft", "kd1", "kd2", "kd3"].index(m) if m in ("teacher", "sft", "kd1", "kd2", "kd3") else 9
-
-
-def mean_std(values: Sequence[float]) -> tuple[float, float]:
-    return statistics.fmean(values), statistics.stdev(values) if len(values) > 1 else 0.0
-
-
-def _cell(values: list[float] | None) -> str:
+def _mean_cell(values: Sequence[float]) -> str:
     if not values:
         return "–"
     mean, std = mean_std(values)
-    return f"{mean:.1f}" if len(values) == 1 else f"{mean:.1f} ± {std:.1f}"
+    return f"{mean:.{DECIMALS}f}" if len(values) == 1 else f"{mean:.{DECIMALS}f} ± {std:.{DECIMALS}f}"
 
 
-def markdown_table(rows: Sequence[Row], tasks: Sequence[str]) -> str:
-    cols = [(t, m) for t in tasks for m in METRICS[t]]
-    head = ["model", "method"] + [f"{TASK_LABELS[t]} {LABELS[m]}" for t, m in cols] + ["seeds"]
-    lines = ["| " + " | ".join(head) + " |", "|" + "---|" * len(head)]
-    for r in rows:
-        seeds = max((len(v) for v in r.cells.values()), default=0)
-        lines.append("| " + " | ".join([r.model, r.method] + [_cell(r.cells.get(c)) for c in cols]
-                                        + [str(seeds)]) + " |")
-    return "\n".join(lines) + "\n"
+def _signed(x: float) -> str:
+    return f"{x:+.{DECIMALS}f}"
+
+
+def _p_text(p: float) -> str:
+    return "p<0.001" if p < 0.001 else f"p={p:.3f}"
+
+
+def _delta_cell(c: Comparison) -> str:
+    if c.result is None:
+        return "n/a"
+    r = c.result
+    return f"{_signed(r.delta)} [{_signed(r.low)}, {_signed(r.high)}], {_p_text(r.p_value)}"
+
+
+class _Markdown:
+    def bold(self, s: str) -> str:
+        return f"**{s}**"
+
+    def text(self, s: str) -> str:
+        return s.replace("|", "\\|")
+
+    def setting(self, parts: Sequence[tuple[str, str]]) -> str:
+        return ", ".join(f"{PARAM_SYMBOLS.get(k, (k,))[0]}={v}" if PARAM_SYMBOLS.get(k, (k,))[0] else v
+                         for k, v in parts) or "–"
+
+    def table(self, head: Sequence[str], rows: Sequence[Sequence[str]], align: str) -> str:
+        sep = ["---:" if a == "r" else "---" for a in align]
+        lines = ["| " + " | ".join(head) + " |", "| " + " | ".join(sep) + " |"]
+        lines += ["| " + " | ".join(r) + " |" for r in rows]
+        return "\n".join(lines) + "\n"
+
+
+class _Latex(_Markdown):
+    def bold(self, s: str) -> str:
+        return rf"\textbf{{{s}}}"
+
+    def text(self, s: str) -> str:
+        return tex_escape(s)
+
+    def setting(self, parts: Sequence[tuple[str, str]]) -> str:
+        out = []
+        for k, v in parts:
+            sym = PARAM_SYMBOLS.get(k, ("", tex_escape(k)))[1]
+            out.append(f"{sym}={tex_escape(v)}" if sym else tex_escape(v))
+        return ", ".join(out) or "--"
+
+    def table(self, head: Sequence[str], rows: Sequence[Sequence[str]], align: str) -> str:
+        lines = [rf"\begin{{tabular}}{{{align}}}", r"\toprule", " & ".join(head) + r" \\", r"\midrule"]
+        for r in rows:
+            if r and r[0] == "\\midrule":
+                lines.append(r"\midrule")
+            else:
+                lines.append(" & ".join(r) + r" \\")
+        lines += [r"\bottomrule", r"\end{tabular}"]
+        return "\n".join(lines) + "\n"
+
+
+def _results_rows(s: TaskSummary, fmt: _Markdown) -> tuple[list[str], list[list[str]], str]:
+    head = [fmt.text(h) for h in ("model", "method", "chosen setting")]
+    head += [fmt.text(f"{LABELS.get(m, m)} (%)") for m in s.metrics] + [fmt.text("seeds")]
+    best = {m: s.best(m) for m in s.metrics}
+    rows: list[list[str]] = []
+    for i, r in enumerate(s.rows):
+        if isinstance(fmt, _Latex) and i > 0 and s.rows[i - 1].teacher and not r.teacher:
+            rows.append(["\\midrule"])  # teachers above the rule, students below
+        cells = []
+        for m in s.metrics:
+            text = fmt.text(_mean_cell(r.values.get(m, [])))
+            values = r.values.get(m)
+            if (not r.teacher and values and best[m] is not None
+                    and round(mean_std(values)[0], DECIMALS) == best[m]):
+                text = fmt.bold(text)
+            cells.append(text)
+        setting = fmt.text("–") if r.teacher else fmt.setting(r.setting)
+        rows.append([fmt.text(r.model), fmt.text(r.method), setting, *cells, str(r.n)])
+    return head, rows, "lll" + "r" * len(s.metrics) + "r"
+
+
+def _delta_rows(s: TaskSummary, fmt: _Markdown) -> tuple[list[str], list[list[str]], str]:
+    head = [fmt.text("student"), fmt.text("method"), fmt.text("seeds (method/SFT)")]
+    head += [fmt.text(f"{LABELS.get(m, m)} Δ vs SFT [95% CI], p") for m in s.metrics]
+    keyed: dict[tuple[str, str], dict[str, Comparison]] = {}
+    for c in s.comparisons:
+        keyed.setdefault((c.student, c.method), {})[c.metric] = c
+    rows = []
+    for (student, method), by_metric in keyed.items():
+        first = next(iter(by_metric.values()))
+        cells = [fmt.text(_delta_cell(by_metric[m])) if m in by_metric else "" for m in s.metrics]
+        rows.append([fmt.text(student), fmt.text(method), f"{first.seeds[0]}/{first.seeds[1]}", *cells])
+    return head, rows, "lll" + "l" * len(s.metrics)
+
+
+def _task_title(s: TaskSummary) -> str:
+    metrics = ", ".join(METRIC_NAMES.get(m, m) for m in s.metrics)
+    n = f", {s.n_examples} evaluation examples" if s.n_examples is not None else ""
+    return f"{TASK_LABELS.get(s.task, s.task)} ({metrics} %{n})"
+
+
+def _stats_caption(s: TaskSummary) -> str:
+    examples = "the evaluation examples" if s.n_examples is None else f"the {s.n_examples} evaluation " \
+        "examples"
+    return (f"Δ vs SFT of the same student: mean difference over {examples} (per-example scores averaged "
+            f"over seeds), 95% percentile interval of a paired bootstrap ({N_RESAMPLES} resamples, seed "
+            f"{BOOTSTRAP_SEED}) and its two-sided p-value (not corrected for multiple comparisons)")
+
+
+SUMMARY_NOTE = ("Evaluation split, percentages. Mean ± sample standard deviation (n−1) over seeds of each "
+                "method's chosen setting (a single value for one seed); the seeds column counts them. The "
+                "chosen setting is the grid point with the best selection-split metric. Bold: best student "
+                "per column. ")
+
+
+def summary_markdown(summaries: Sequence[TaskSummary], *, level: int = 2) -> str:
+    fmt = _Markdown()
+    h = "#" * level
+    parts = [SUMMARY_NOTE + "\n"]
+    for s in summaries:
+        parts.append(f"{h} {_task_title(s)}\n")
+        head, rows, align = _results_rows(s, fmt)
+        parts.append(fmt.table(head, rows, align))
+        if s.comparisons:
+            parts.append(f"{h}# {TASK_LABELS.get(s.task, s.task)}: Δ vs SFT [95% CI], p\n")
+            head, rows, align = _delta_rows(s, fmt)
+            parts.append(fmt.table(head, rows, align))
+            parts.append(_stats_caption(s) + ".\n")
+            for note in dict.fromkeys(c.note for c in s.comparisons if c.note):
+                parts.append(f"\n- n/a: {note}\n")
+    return "\n".join(parts)
+
+
+def summary_latex(summaries: Sequence[TaskSummary], study: str) -> str:
+    fmt = _Latex()
+    label = "".join(ch if ch.isalnum() else "-" for ch in study)
+    parts = ["% kdlab study tables; needs \\usepackage{booktabs} in the preamble.\n"]
+    for s in summaries:
+        head, rows, align = _results_rows(s, fmt)
+        parts.append("\\begin{table}[t]\n\\centering\n\\small\n" + fmt.table(head, rows, align)
+                     + f"\\caption{{{tex_escape(_task_title(s) + '. ' + SUMMARY_NOTE.strip())}}}\n"
+                     + f"\\label{{tab:{label}-{s.task}}}\n\\end{{table}}\n")
+        if s.comparisons:
+            head, rows, align = _delta_rows(s, fmt)
+            caption = tex_escape(f"{TASK_LABELS.get(s.task, s.task)}: {_stats_caption(s)}.")
+            parts.append("\\begin{table}[t]\n\\centering\n\\small\n" + fmt.table(head, rows, align)
+                         + f"\\caption{{{caption}}}"
+                         + f"\n\\label{{tab:{label}-{s.task}-vs-sft}}\n\\end{{table}}\n")
+    return "\n".join(parts)
+
+
+# ---------------------------------------------------------------------------------------------------------
+# figures
+
+
+@dataclass
+class FigureEntry:
+    title: str
+    caption: str
+    paths: list[Path]
+
+
+def _student_label(student: str, method: str, many_students: bool) -> str:
+    return f"{student} {method}" if many_students else method
+
+
+def _metric_axis(metric: str, split: str) -> str:
+    return f"{split} {METRIC_NAMES.get(metric, metric)} (%)"
+
+
+def _lambda_figures(outputs: StudyOutputs, groups: Mapping[tuple[str, str, str], Group], fig_dir: Path
+                    ) -> list[FigureEntry]:
+    entries = []
+    students = sorted({g.student for g in groups.values()})
+    many = len(students) > 1
+    for task in outputs.tasks:
+        metric = selection_metric(task)
+        series: list[LambdaSeries] = []
+        baselines: dict[str, float] = {}
+        for (student, method, t), g in groups.items():
+            if t != task:
+                continue
+            if method == "sft":
+                v = _metric(g.first, "selection", metric) if g.first is not None else None
+                if v is not None:
+                    baselines[f"{_student_label(student, 'sft', many)} (no λ)"] = v
+                continue
+            # One line per combination of the other grid axes (e.g. temperature), λ on the x axis.
+            lines: dict[str, list[RunRecord]] = {}
+            for r in g.candidates:
+                if "lam" in r.params and _metric(r, "selection", metric) is not None:
+                    other = {k: r.params.get(k) for k in g.varying if k != "lam"}
+                    lines.setdefault(_key(other), []).append(r)
+            for other_key, runs in lines.items():
+                other = json.loads(other_key)
+                label = _student_label(student, method, many)
+                if other:
+                    label += " (" + ", ".join(f"{PARAM_SYMBOLS.get(k, (k,))[0] or k}={_num(v)}"
+                                              for k, v in other.items()) + ")"
+                is_chosen = all(g.params.get(k) == v for k, v in other.items())
+                series.append(LambdaSeries(
+                    label, method, [float(r.params["lam"]) for r in runs],
+                    [float(_metric(r, "selection", metric) or 0.0) for r in runs],
+                    chosen_lam=float(g.params["lam"]) if is_chosen and "lam" in g.params else None,
+                    student_index=students.index(student)))
+        if not series:
+            continue
+        title = f"{TASK_LABELS.get(task, task)}: λ sensitivity"
+        paths = lambda_figure(fig_dir / f"lambda_{task}", title=title,
+                              ylabel=_metric_axis(metric, "selection"), series=series, baselines=baselines)
+        caption = (f"Selection-split {METRIC_NAMES.get(metric, metric)} of the first-seed grid runs against "
+                   "λ; the ring marks the chosen setting, dashed lines are SFT (no KD term).")
+        entries.append(FigureEntry(title, caption, paths))
+    return entries
+
+
+def _bench_value(outputs: StudyOutputs, groups: Mapping[tuple[str, str, str], Group],
+                 entry: Mapping[str, Any], task: str, metric: str) -> float | None:
+    """Evaluation metric of a benchmarked model on ``task``: its student group's mean over seeds, or the
+    teacher run (zero-shot or adapted) that matches it."""
+    run = outputs.get(entry.get("run"))
+    zero_shot = "zero" in str(entry.get("method", "")) or (run is not None and run.id.endswith("-zero-shot"))
+    if run is not None and run.kind == "student":
+        if run.task != task:
+            return None  # a student trained on another task: its quality here was never measured
+        g = groups.get((run.student, run.method, task))
+        if g is not None and run.id in {r.id for r in g.runs}:
+            values = [v for r in g.runs if (v := _metric(r, "eval", metric)) is not None]
+            return float(np.mean(values)) if values else None
+        return _metric(run, "eval", metric) if run.done else None
+    if entry.get("role") == "teacher" or (run is not None and run.kind == "teacher"):
+        ids = [f"teacher-{task}-zero-shot"] if zero_shot else [f"teacher-{task}", f"teacher-{task}-zero-shot"]
+        for rid in ids:
+            r = outputs.get(rid)
+            if r is not None and r.done:
+                return _metric(r, "eval", metric)
+    return None
+
+
+def efficiency_points(outputs: StudyOutputs, groups: Mapping[tuple[str, str, str], Group], task: str
+                      ) -> list[EfficiencyPoint]:
+    metric = selection_metric(task)
+    points = []
+    for label, entry in (outputs.bench or {}).get("models", {}).items():
+        perf = (entry.get("tasks") or {}).get(task)
+        if not isinstance(perf, Mapping) or not entry.get("parameters"):
+            continue
+        value = _bench_value(outputs, groups, entry, task, metric)
+        if value is None:
+            continue
+        latency = perf.get("latency_ms_p50")
+        points.append(EfficiencyPoint(
+            str(label), str(entry.get("role", "student")), str(entry.get("method", "")), value,
+            float(entry["parameters"]), float(latency) if isinstance(latency, int | float) else None))
+    return points
+
+
+def _efficiency_figures(outputs: StudyOutputs, groups: Mapping[tuple[str, str, str], Group], fig_dir: Path
+                        ) -> list[FigureEntry]:
+    if outputs.bench is None:
+        return []
+    entries = []
+    for task in outputs.tasks:
+        points = efficiency_points(outputs, groups, task)
+        if not points:
+            continue
+        metric = selection_metric(task)
+        title = f"{TASK_LABELS.get(task, task)}: quality vs cost"
+        paths = efficiency_figure(fig_dir / f"efficiency_{task}", title=title,
+                                  ylabel=_metric_axis(metric, "eval"), points=points)
+        device = outputs.bench.get("device", "the bench device")
+        caption = (f"Evaluation {METRIC_NAMES.get(metric, metric)} against parameters and median latency on "
+                   f"{device} (bench.json); stars are teachers, the dashed line the frontier.")
+        entries.append(FigureEntry(title, caption, paths))
+    return entries
+
+
+def _log_losses(path: Path) -> dict[str, tuple[list[float], list[float]]]:
+    history = json.loads(path.read_text())
+    out: dict[str, tuple[list[float], list[float]]] = {}
+    for name in ("ce", "kd"):
+        steps, values = [], []
+        for entry in history:
+            v = entry.get(f"loss_{name}")
+            if v is None and name == "ce" and "loss_kd" not in entry:
+                v = entry.get("loss")  # an SFT log without parts: its loss is the CE
+            if isinstance(v, int | float) and math.isfinite(v) and "step" in entry:
+                steps.append(float(entry["step"]))
+                values.append(float(v))
+        if steps:
+            out[name] = (steps, values)
+    return out
+
+
+def _training_figures(outputs: StudyOutputs, groups: Mapping[tuple[str, str, str], Group], fig_dir: Path,
+                      notes: list[str]) -> list[FigureEntry]:
+    entries = []
+    students = sorted({g.student for g in groups.values()})
+    many = len(students) > 1
+    for task in outputs.tasks:
+        curves = []
+        for (student, method, t), g in groups.items():
+            if t != task or g.first is None:
+                continue
+            path = outputs.run_dir(g.first) / "log_history.json"
+            if not path.is_file():
+                notes.append(f"{g.first.id}: no log_history.json; left out of the training curves")
+                continue
+            try:
+                losses = _log_losses(path)
+            except (ValueError, TypeError, AttributeError) as e:
+                notes.append(f"{path}: unreadable log history ({e})")
+                continue
+            setting = _Markdown().setting(setting_parts(g))
+            label = _student_label(student, method, many) + ("" if setting == "–" else f" ({setting})")
+            curves.append(Curve(label, method, losses, students.index(student)))
+        if not any(c.losses for c in curves):
+            continue
+        title = f"{TASK_LABELS.get(task, task)}: training losses"
+        paths = training_figure(fig_dir / f"training_{task}", title=title, curves=curves)
+        caption = ("Losses logged during training of the first-seed run of each chosen setting: task "
+                   "cross-entropy on the gold answers, and the KD term (kd1: T²-scaled divergence, nats; "
+                   "kd2: cross-entropy on the teacher's answers, nats; kd3: feature distance).")
+        entries.append(FigureEntry(title, caption, paths))
+    return entries
+
+
+# ---------------------------------------------------------------------------------------------------------
+# environment and report.md
+
+
+def _version(package: str) -> str:
+    try:
+        return metadata.version(package)
+    except metadata.PackageNotFoundError:
+        return "not installed"
+
+
+def _git(args: Sequence[str], cwd: Path) -> str | None:
+    try:
+        # GIT_OPTIONAL_LOCKS=0: `git status` must not refresh (write) the index of the user's checkout.
+        done = subprocess.run(["git", *args], cwd=cwd, capture_output=True, text=True, timeout=10,
+                              env={**os.environ, "GIT_OPTIONAL_LOCKS": "0"}, check=False)
+    except (OSError, subprocess.SubprocessError):
+        return None
+    return done.stdout.strip() if done.returncode == 0 else None
+
+
+def git_commit() -> tuple[str | None, bool | None]:
+    """(commit, has uncommitted changes) of the kdlab checkout, or (None, None) when kdlab is not run from a
+    git checkout (e.g. installed from a wheel: the enclosing repository would be someone else's)."""
+    import kdlab
+
+    src = Path(kdlab.__file__).resolve().parent
+    if _git(["ls-files", "--error-unmatch", "__init__.py"], src) is None:
+        return None, None
+    commit = _git(["rev-parse", "HEAD"], src)
+    status = _git(["status", "--porcelain", "--untracked-files=no"], src)
+    return commit, (bool(status) if status is not None else None)
+
+
+def _device(bench: Mapping[str, Any] | None) -> str:
+    if bench and bench.get("device"):
+        return f"{bench['device']} (from bench.json)"
+    try:
+        import torch
+
+        if torch.cuda.is_available():
+            return f"cuda: {torch.cuda.get_device_name(0)} (report machine)"
+        if torch.backends.mps.is_available():
+            return "mps (report machine)"
+    except Exception:  # torch missing or broken: the report still gets written
+        pass
+    return f"cpu: {platform.processor() or platform.machine()}, {os.cpu_count()} cores (report machine)"
+
+
+def environment(bench: Mapping[str, Any] | None) -> dict[str, str]:
+    commit, dirty = git_commit()
+    env = {"python": sys.version.split()[0], "platform": platform.platform(), "kdlab": _version("kdlab")}
+    env.update({p: _version(p) for p in ENV_PACKAGES})
+    env["device"] = _device(bench)
+    env["git commit"] = "unknown (kdlab not run from a git checkout)" if commit is None else (
+        commit + (" (with uncommitted changes)" if dirty else ""))
+    return env
+
+
+def _rel(path: Path, out: Path) -> str:
+    return path.relative_to(out).as_posix()
+
+
+def _bench_table(bench: Mapping[str, Any]) -> str:
+    fmt = _Markdown()
+    head = ["model", "role", "method", "task", "params (M)", "disk (MB)", "latency p50 / p95 (ms)",
+            "examples/s", "tokens/s", "peak memory (MB)"]
+    rows = []
+    for label, e in bench.get("models", {}).items():
+        for task, t in (e.get("tasks") or {}).items():
+            def num(key: str, scale: float = 1.0, src: Mapping[str, Any] = t) -> str:
+                v = src.get(key)
+                return f"{v / scale:.1f}" if isinstance(v, int | float) else "–"
+            rows.append([fmt.text(str(label)), str(e.get("role", "")), str(e.get("method", "")), task,
+                         num("parameters", 1e6, e), num("disk_bytes", 1e6, e),
+                         f"{num('latency_ms_p50')} / {num('latency_ms_p95')}", num("examples_per_s"),
+                         num("tokens_per_s"), num("peak_memory_bytes", 1e6)])
+    return fmt.table(head, rows, "llllrrrrrr")
+
+
+def report_markdown(outputs: StudyOutputs, summaries: Sequence[TaskSummary], figures: Sequence[FigureEntry],
+                    tables: Mapping[str, Path], env: Mapping[str, str], notes: Sequence[str],
+                    data_dir: str | Path | None) -> str:
+    out = outputs.out
+    now = dt.datetime.now(dt.UTC).strftime("%Y-%m-%d %H:%M UTC")
+    lines = [f"# {outputs.name}: knowledge-distillation study report", "",
+             f"Written {now} by kdlab {env.get('kdlab', '?')} from the output folder `{out}`.", "",
+             "## Contents", ""]
+    lines += [f"- [{_rel(p, out)}]({_rel(p, out)}): {what}" for what, p in tables.items()]
+    for f in figures:
+        links = ", ".join(f"[{p.suffix[1:].upper()}]({_rel(p, out)})" for p in f.paths)
+        lines.append(f"- {f.title}: {links}")
+    counts: dict[str, int] = {}
+    for r in outputs.runs:
+        counts[r.status] = counts.get(r.status, 0) + 1
+    lines += ["", "## Runs", "",
+              f"{len(outputs.runs)} runs in registry.sqlite: "
+              + (", ".join(f"{n} {s}" for s, n in sorted(counts.items())) or "none") + "."]
+    unfinished = [r for r in outputs.runs if not r.done]
+    if unfinished:
+        lines += ["", "Not finished (left out of the tables): "
+                  + ", ".join(f"`{r.id}` ({r.status})" for r in unfinished[:20])
+                  + (", …" if len(unfinished) > 20 else "")]
+    lines += ["", "## Results", "", summary_markdown(summaries, level=3)]
+    if outputs.selection:
+        lines += ["## Chosen settings", ""]
+        fmt = _Markdown()
+        rows = [[fmt.text(k), f"`{v.get('run', '')}`", fmt.text(str(v.get("why", "")))]
+                for k, v in outputs.selection.items() if isinstance(v, dict)]
+        lines += [fmt.table(["method-task-student", "chosen run", "why"], rows, "lll"),
+                  "Methods with a single grid point have no entry: their only setting is the chosen one.", ""]
+    if figures:
+        lines += ["## Figures", "",
+                  f"Drawn at print size, {COLUMN_WIDTH_IN} in wide (one column) with 9-10 pt text; include "
+                  "them at that width. PNG at 300 dpi, PDF with embedded fonts.", ""]
+        for f in figures:
+            png = next((p for p in f.paths if p.suffix == ".png"), f.paths[0])
+            pdf = next((p for p in f.paths if p.suffix == ".pdf"), None)
+            lines += [f"### {f.title}", "", f"![{f.title}]({_rel(png, out)})", "",
+                      f.caption + (f" [PDF]({_rel(pdf, out)})" if pdf else ""), ""]
+    lines += ["## Efficiency", ""]
+    if outputs.bench is not None:
+        lines += [f"From bench.json, measured on {outputs.bench.get('device', 'an unnamed device')}.", "",
+                  _bench_table(outputs.bench)]
+    else:
+        lines += ["No bench.json in the output folder: run `kdlab bench` on the study, then `kdlab report` "
+                  "again for latency, throughput and memory, and the efficiency figures.", ""]
+    lines += ["## Statistics", "",
+              "Δ vs SFT compares each method's chosen setting with SFT of the same student on the same "
+              "evaluation examples. Per-example scores (SST-2: correct x100; SQuAD: EM and F1 x100, max over "
+              "the gold answers) are averaged over each system's seeds first, so Δ asks whether the method, "
+              "averaged over training seeds, beats SFT on this evaluation set; seed-to-seed spread is the ± "
+              f"std of the results tables. Examples are resampled with replacement {N_RESAMPLES} times "
+              "(paired: the same resample for both systems); the interval is the 2.5-97.5 percentile "
+              "interval of the resampled Δ, and the two-sided p-value is the share of resamples of the "
+              "null-centred distribution at least as far from 0 as the observed Δ, (1 + count) / "
+              f"(1 + resamples). Deterministic (numpy seed {BOOTSTRAP_SEED}); p-values are not corrected for "
+              "multiple comparisons.", ""]
+    if notes:
+        lines += ["## Notes", ""] + [f"- {n}" for n in dict.fromkeys(notes)] + [""]
+    lines += ["## Environment", "", "| | |", "| --- | --- |"]
+    lines += [f"| {k} | {v} |" for k, v in env.items()]
+    config_name = "study.yaml" if outputs.config_text is not None else "STUDY.yaml"
+    data_flag = f" --data-dir {data_dir}" if data_dir else " --data-dir DATA"
+    lines += ["", "## Reproduce", "",
+              "With the kdlab checkout at the commit above (`pip install -e .`) and the data folder "
+              "(sst2/{train,validation}.tsv, squad/{train,dev}-v1.1.json):", "", "```bash",
+              f"kdlab run {out / config_name} --out {out}{data_flag}",
+              f"kdlab report {out}{data_flag}",
+              "```", ""]
+    if outputs.config_text is not None:
+        lines += ["## Study config (study.yaml)", "", "```yaml", outputs.config_text.rstrip(), "```", ""]
+    return "\n".join(lines)
+
+
+# ---------------------------------------------------------------------------------------------------------
+# entry points
+
+
+def _write_text(path: Path, text: str) -> Path:
+    with atomic_output(path) as tmp:
+        tmp.write_text(text, encoding="utf-8")
+    return path
+
+
+def write_report(out_dir: str | Path, *, data_dir: str | Path | None = None, echo: Echo = print,
+                 n_resamples: int = N_RESAMPLES) -> list[Path]:
+    """Write results.csv, summary.md/.tex, figures/ and report.md from the study folder ``out_dir``.
+
+    ``data_dir``: the data folder with the evaluation references (for the per-example statistics); default
+    the study config's ``data_dir``, else $KDLAB_DATA_DIR, else the Hugging Face hub. Without references,
+    Δ vs SFT is reported as n/a and everything else is still written. Returns the written paths.
+    """
+    outputs = load_outputs(out_dir)
+    out = outputs.out
+    notes = list(outputs.notes)
+    if data_dir is None and outputs.config is not None:
+        data_dir = outputs.config.data_dir
+    groups = chosen_groups(outputs)
+    for g in groups.values():
+        if g.source.startswith("best selection"):
+            notes.append(f"{g.method}-{g.task}-{g.student}: not in selection.json; {g.source}")
+    comparisons = compare_to_sft(outputs, groups, data_dir, n_resamples=n_resamples, notes=notes)
+    summaries = build_summaries(outputs, groups, comparisons)
+
+    header, rows = results_table(outputs, groups)
+    tables = {
+        "every run, one row each (metrics and params flattened)": _write_text(out / "results.csv",
+                                                                              _csv_text(header, rows)),
+        "results tables with Δ vs SFT (Markdown)": _write_text(
+            out / "summary.md", f"# {outputs.name}: summary\n\n" + summary_markdown(summaries)),
+        "the same tables for LaTeX (booktabs)": _write_text(out / "summary.tex",
+                                                            summary_latex(summaries, outputs.name)),
+    }
+    if (out / "selection.json").is_file():
+        tables["chosen grid settings and their candidates"] = out / "selection.json"
+
+    fig_dir = out / "figures"
+    figures: list[FigureEntry] = []
+    for make in (_lambda_figures, _efficiency_figures):
+        figures += make(outputs, groups, fig_dir)
+    figures += _training_figures(outputs, groups, fig_dir, notes)
+
+    env = environment(outputs.bench)
+    report = _write_text(out / "report.md", report_markdown(outputs, summaries, figures, tables, env, notes,
+                                                             data_dir))
+    for note in dict.fromkeys(notes):
+        echo(f"[report] note: {note}")
+    echo(summary_markdown(summaries))
+    paths = [*tables.values(), *(p for f in figures for p in f.paths), report]
+    return [p for p in paths if p.name != "selection.json"]
 
 
 def write_results(study: Any) -> list[Path]:
-    out: Path = study.out
-    tasks = list(study.config.tasks)
-    selection_path = out / "selection.json"
-    selection = json.loads(selection_path.read_text()) if selection_path.exists() else {}
-    rows = build_rows(study.registry, selection, tasks)
-    md = out / "results.md"
-    md.write_text(f"# {study.config.name}: results\n\nMean ± std over seeds on each task's evaluation split "
-                  "(SST-2 accuracy %, SQuAD EM/F1).\n\n" + markdown_table(rows, tasks))
-    csv_path = out / "results.csv"
-    with csv_path.open("w", newline="") as f:
-        w = csv.writer(f)
-        w.writerow(["run", "kind", "task", "method", "student", "stage", "seed", "params", "status",
-                    "eval_metrics", "selection_metrics", "wall_time"])
-        for r in study.registry.runs():
-            metrics = r.metrics or {}
-            w.writerow([r.id, r.kind, r.task, r.method, r.student, r.stage, r.seed, json.dumps(r.params),
-                        r.status, json.dumps(metrics.get("eval", {})), json.dumps(metrics.get("selection", {})),
-                        f"{r.wall_time:.1f}" if r.wall_time else ""])
-    study.echo(markdown_table(rows, tasks))
-    return [md, csv_path]
+    """The last stage of `kdlab run`: the report of ``study`` (anything with .out, .data_dir and .echo)."""
+    return write_report(study.out, data_dir=study.data_dir, echo=study.echo)

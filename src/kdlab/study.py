@@ -12,7 +12,9 @@ import gc
 import itertools
 import json
 import logging
+import os
 import shutil
+import threading
 import time
 import traceback
 from collections.abc import Callable, Sequence
@@ -22,9 +24,11 @@ from typing import Any
 
 import torch
 from safetensors.torch import save_file
+from transformers.trainer_utils import get_last_checkpoint
 
 from kdlab import losses
 from kdlab.config import StudentSettings, StudyConfig
+from kdlab.errors import StudyError
 from kdlab.evaluation import evaluate, predict
 from kdlab.methods import METHODS, get_method
 from kdlab.models import (
@@ -38,7 +42,7 @@ from kdlab.models import (
     resolve_model_path,
     save_model,
 )
-from kdlab.registry import Registry, RunRecord, RunSpec
+from kdlab.registry import Registry, RunRecord, RunSpec, default_owner
 from kdlab.tasks import get_task
 from kdlab.tasks.base import Encoded, Example, Task, encode, split_train_selection, subset
 from kdlab.teacher import build_teacher_cache, cache_fingerprint_inputs
@@ -59,11 +63,30 @@ class TaskData:
     counts: dict[str, int]
 
 
+class _Heartbeat:
+    """Refreshes a claimed run's heartbeat while it runs, so workers on other hosts see it is alive."""
+
+    def __init__(self, registry: Registry, run: str, every: float = 60.0):
+        self._stop = threading.Event()
+        owner = default_owner()  # the claiming thread's owner id, not this thread's
+        self._thread = threading.Thread(target=self._beat, args=(registry, run, owner, every), daemon=True)
+        self._thread.start()
+
+    def _beat(self, registry: Registry, run: str, owner: str, every: float) -> None:
+        while not self._stop.wait(every):
+            registry.heartbeat(run, owner)
+
+    def stop(self) -> None:
+        self._stop.set()
+
+
 def _fmt(x: float) -> str:
     return f"{x:g}"
 
 
-def run_id(method: str, task: str, student: str, params: dict[str, Any], axes: Sequence[str], seed: int) -> str:
+def run_id(
+    method: str, task: str, student: str, params: dict[str, Any], axes: Sequence[str], seed: int
+) -> str:
     """Readable, deterministic: `kd3-sst2-s1-lam0.5-seed42` (grid axes with one value are left out)."""
     short = {"lam": "lam", "temperature": "T", "divergence": "", "top_k": "k"}
     parts = [method, task, student]
@@ -75,9 +98,22 @@ def run_id(method: str, task: str, student: str, params: dict[str, Any], axes: S
 
 
 class Study:
-    def __init__(self, config: StudyConfig, *, output_dir: str | Path | None = None,
-                 data_dir: str | Path | None = None, rebuild_cache: bool = False,
-                 echo: Callable[[str], None] = print):
+    def __init__(
+        self,
+        config: StudyConfig,
+        *,
+        output_dir: str | Path | None = None,
+        data_dir: str | Path | None = None,
+        rebuild_cache: bool = False,
+        echo: Callable[[str], None] = print,
+    ):
+        if int(os.environ.get("WORLD_SIZE", "1")) > 1:
+            # Each rank would claim different runs from the registry and deadlock in DDP collectives.
+            raise StudyError(
+                "kdlab run/sweep under a multi-process launcher is not supported yet: the study "
+                "recipe does not coordinate ranks. Run one process per GPU-free job, or several "
+                "`kdlab sweep` processes on one --out (each with its own device)."
+            )
         self.config = config
         self.out = Path(output_dir or config.output_dir)
         self.data_dir = data_dir if data_dir is not None else config.data_dir
@@ -88,6 +124,8 @@ class Study:
         self._write_config()
         self.registry = Registry(self.out / "registry.sqlite")
         self._data: dict[str, TaskData] = {}
+        self._caches: dict[str, TeacherCache | None] = {}
+        self._tried: set[str] = set()
         self._tokenizer = None
 
     # -- artifacts ----------------------------------------------------------------------------------------
@@ -108,8 +146,9 @@ class Study:
     @property
     def tokenizer(self):
         if self._tokenizer is None:
-            self._tokenizer = load_tokenizer(self.base_teacher_path,
-                                             trust_remote_code=self.config.teacher.trust_remote_code)
+            self._tokenizer = load_tokenizer(
+                self.base_teacher_path, trust_remote_code=self.config.teacher.trust_remote_code
+            )
         return self._tokenizer
 
     def teacher_path(self, task: str) -> str:
@@ -141,14 +180,19 @@ class Study:
                 encoded[ex.id] = enc
         data = TaskData(task, train_ex, selection, eval_ex, prompts, encoded, counts)
         manifest = {
-            "task": name, "data_seed": seed, "counts": counts,
-            "train": [e.id for e in train_ex], "selection": [e.id for e in selection],
+            "task": name,
+            "data_seed": seed,
+            "counts": counts,
+            "train": [e.id for e in train_ex],
+            "selection": [e.id for e in selection],
             "eval": [e.id for e in eval_ex],
         }
         (self.out / "data").mkdir(exist_ok=True)
         (self.out / "data" / f"{name}.json").write_text(json.dumps(manifest))
-        self.echo(f"[data] {name}: train {len(encoded)} (truncated {counts.get('truncated', 0)}, skipped "
-                  f"{counts.get('skipped', 0)}), selection {len(selection)}, eval {len(eval_ex)}")
+        self.echo(
+            f"[data] {name}: train {len(encoded)} (truncated {counts.get('truncated', 0)}, skipped "
+            f"{counts.get('skipped', 0)}), selection {len(selection)}, eval {len(eval_ex)}"
+        )
         self._data[name] = data
         return data
 
@@ -158,29 +202,47 @@ class Study:
         return fingerprint({"parts": [json.loads(json.dumps(p, default=str)) for p in parts]})[:16]
 
     def _execute(self, spec: RunSpec, body: Callable[[], dict[str, Any]]) -> RunRecord | None:
-        """Run `body` once for `spec` unless it is done (or held by another live process)."""
+        """Run `body` once for `spec` unless it is done, held by another live process, or already failed
+        in this process. Returns the run's record, or None while another process holds it."""
         record = self.registry.add(spec)
-        if record.status == "done":
+        if record.status == "done" or (record.status == "failed" and spec.id in self._tried):
             return record
         if not self.registry.claim(spec.id):
-            self.echo(f"[skip] {spec.id}: running in another process")
             return None
+        self._tried.add(spec.id)
         start = time.perf_counter()
+        beating = _Heartbeat(self.registry, spec.id)
         try:
             metrics = body()
         except KeyboardInterrupt:
             self.registry.release(spec.id)
             raise
         except Exception as e:
+            # One broken run must not stop the study: record it, go on, and report it at the end.
             self.registry.fail(spec.id, traceback.format_exc())
             self.echo(f"[failed] {spec.id}: {type(e).__name__}: {e}")
-            raise
+            log.debug("run %s failed", spec.id, exc_info=True)
+            return self.registry.get(spec.id)
         finally:
+            beating.stop()
             gc.collect()
         wall = time.perf_counter() - start
         self.registry.finish(spec.id, metrics, wall)
         self.echo(f"[done] {spec.id}: {self._summary(metrics)} ({wall:.0f}s)")
         return self.registry.get(spec.id)
+
+    def _execute_required(
+        self, spec: RunSpec, body: Callable[[], dict[str, Any]], poll_seconds: float = 5.0
+    ) -> RunRecord:
+        """Like `_execute` for runs later stages depend on: waits for another process, raises on failure."""
+        while (record := self._execute(spec, body)) is None:
+            time.sleep(poll_seconds)
+        if record.status != "done":
+            raise StudyError(
+                f"{spec.id} failed; later stages need it (traceback: `kdlab status "
+                f"{self.out} --run {spec.id}`)\n{(record.error or '').strip().splitlines()[-1:]}"
+            )
+        return record
 
     @staticmethod
     def _summary(metrics: dict[str, Any]) -> str:
@@ -192,20 +254,35 @@ class Study:
             text += " | selection " + ", ".join(f"{k} {sel[k]:.1f}" for k in keys if k in sel)
         return text
 
-    def _evaluate_model(self, model, task_data: TaskData, folder: Path, label: str,
-                        splits: Sequence[str] = ("selection", "eval")) -> dict[str, Any]:
+    def _evaluate_model(
+        self,
+        model,
+        task_data: TaskData,
+        folder: Path,
+        label: str,
+        splits: Sequence[str] = ("selection", "eval"),
+    ) -> dict[str, Any]:
         task = task_data.task
         model.to(dtype=getattr(torch, self.config.evaluation.dtype))
         metrics: dict[str, Any] = {}
         folder.mkdir(parents=True, exist_ok=True)
         for split in splits:
             examples = task_data.selection if split == "selection" else task_data.eval
-            result = evaluate(task, model, self.tokenizer, examples,
-                              batch_size=self.config.evaluation.batch_size, desc=f"{label} {split}")
+            result = evaluate(
+                task,
+                model,
+                self.tokenizer,
+                examples,
+                batch_size=self.config.evaluation.batch_size,
+                desc=f"{label} {split}",
+            )
             ext = "json" if task.generative else "jsonl"
             task.write_predictions(result.predictions, folder / f"predictions_{split}.{ext}")
-            metrics[split] = {**result.metrics, "truncated": result.counts.get("truncated", 0),
-                              "seconds": round(result.seconds, 2)}
+            metrics[split] = {
+                **result.metrics,
+                "truncated": result.counts.get("truncated", 0),
+                "seconds": round(result.seconds, 2),
+            }
         return metrics
 
     # -- teacher ------------------------------------------------------------------------------------------
@@ -218,27 +295,50 @@ class Study:
         settings = self.config.tasks[name].model_dump(mode="json")
 
         def zero_shot() -> dict[str, Any]:
-            model = load_model(self.base_teacher_path, dtype=dtype, device=self.device,
-                               trust_remote_code=cfg.trust_remote_code)
+            model = load_model(
+                self.base_teacher_path,
+                dtype=dtype,
+                device=self.device,
+                trust_remote_code=cfg.trust_remote_code,
+            )
             return self._evaluate_model(model, data, self.out / "teacher" / f"{name}-zero-shot", "teacher")
 
-        self._execute(RunSpec(id=f"teacher-{name}-zero-shot", stage="teacher", params={"adapted": False},
-                              config_hash=self._hash(cfg.model, settings, self.config.evaluation,
-                                                     self.config.data_seed),
-                              output_dir=str(self.out / "teacher" / f"{name}-zero-shot"), **common), zero_shot)
+        self._execute_required(
+            RunSpec(
+                id=f"teacher-{name}-zero-shot",
+                stage="teacher",
+                params={"adapted": False},
+                config_hash=self._hash(cfg.model, settings, self.config.evaluation, self.config.data_seed),
+                output_dir=str(self.out / "teacher" / f"{name}-zero-shot"),
+                **common,
+            ),
+            zero_shot,
+        )
         if not cfg.adapt:
             return
         folder = Path(self.teacher_path(name))
 
         def adapt() -> dict[str, Any]:
-            model = load_model(self.base_teacher_path, device=self.device, trust_remote_code=cfg.trust_remote_code)
+            model = load_model(
+                self.base_teacher_path, device=self.device, trust_remote_code=cfg.trust_remote_code
+            )
             if cfg.finetune == "lora":
                 model = add_lora(model, cfg.lora)
-            examples = subset(data.train, cfg.train_size, self.config.data_seed) if cfg.train_size else data.train
+            examples = (
+                subset(data.train, cfg.train_size, self.config.data_seed) if cfg.train_size else data.train
+            )
             items = [TrainItem(gold=data.encoded[e.id]) for e in examples if e.id in data.encoded]
-            result = train(model, items, method=get_method("sft"), params={}, settings=cfg.training,
-                           output_dir=folder.with_name(folder.name + "-trainer"), seed=self.config.seeds[0],
-                           pad_id=self.tokenizer.pad_token_id, vocab_size=len(self.tokenizer))
+            result = train(
+                model,
+                items,
+                method=get_method("sft"),
+                params={},
+                settings=cfg.training,
+                output_dir=folder.with_name(folder.name + "-trainer"),
+                seed=self.config.seeds[0],
+                pad_id=self.tokenizer.pad_token_id,
+                vocab_size=len(self.tokenizer),
+            )
             model = model.merge_and_unload() if hasattr(model, "merge_and_unload") else model
             partial = folder.with_name(folder.name + ".partial")
             save_model(model, self.tokenizer, partial)
@@ -249,14 +349,24 @@ class Study:
             metrics["train_runtime"] = round(result.train_runtime, 1)
             return metrics
 
-        spec = RunSpec(id=f"teacher-{name}", stage="teacher", params={"adapted": True},
-                       config_hash=self._hash(cfg.model_dump(mode="json"), settings, self.config.evaluation,
-                                              self.config.data_seed, self.config.seeds[0]),
-                       output_dir=str(folder), **common)
+        spec = RunSpec(
+            id=f"teacher-{name}",
+            stage="teacher",
+            params={"adapted": True},
+            config_hash=self._hash(
+                cfg.model_dump(mode="json"),
+                settings,
+                self.config.evaluation,
+                self.config.data_seed,
+                self.config.seeds[0],
+            ),
+            output_dir=str(folder),
+            **common,
+        )
         record = self.registry.get(spec.id)
         if record is not None and record.status == "done" and not folder.is_dir():
             self.registry.reset(spec.id)  # the registry says done but the model is gone: redo it
-        self._execute(spec, adapt)
+        self._execute_required(spec, adapt)
 
     # -- students -----------------------------------------------------------------------------------------
 
@@ -272,18 +382,23 @@ class Study:
         model = derive_student(teacher, layers)
         partial = folder.with_name("init.partial")
         save_model(model, self.tokenizer, partial)
-        (partial / "derived_from.json").write_text(json.dumps({"teacher": self.config.teacher.model,
-                                                               "teacher_layers": layers}))
+        (partial / "derived_from.json").write_text(
+            json.dumps({"teacher": self.config.teacher.model, "teacher_layers": layers})
+        )
         partial.rename(folder)
-        self.echo(f"[student] {student.name}: {len(layers)} of {n} teacher layers {layers}, "
-                  f"{count_parameters(model)[0] / 1e6:.1f}M parameters")
+        self.echo(
+            f"[student] {student.name}: {len(layers)} of {n} teacher layers {layers}, "
+            f"{count_parameters(model)[0] / 1e6:.1f}M parameters"
+        )
         return str(folder)
 
     def _check_vocab(self, student: StudentSettings, path: str) -> None:
         tok = load_tokenizer(path, trust_remote_code=student.trust_remote_code)
         if tok.get_vocab() != self.tokenizer.get_vocab():
-            raise ValueError(f"students.{student.name}: its tokenizer differs from the teacher's "
-                             f"({len(tok)} vs {len(self.tokenizer)} tokens); KD needs a shared vocabulary")
+            raise ValueError(
+                f"students.{student.name}: its tokenizer differs from the teacher's "
+                f"({len(tok)} vs {len(self.tokenizer)} tokens); KD needs a shared vocabulary"
+            )
 
     def layer_pairs(self, student_path: str) -> list[tuple[int, int]]:
         kd3 = self.config.methods.get("kd3")
@@ -304,29 +419,52 @@ class Study:
         answers = any(m.needs_answers for m in needs)
         if not (topk or hidden or answers) or self.config.cache.mode == "online":
             return None
-        layers = sorted({t for st in self.config.students for _, t in self.layer_pairs(self.student_path(st))}
-                        ) if hidden else []
+        layers = (
+            sorted({t for st in self.config.students for _, t in self.layer_pairs(self.student_path(st))})
+            if hidden
+            else []
+        )
         data = self.data(name)
         teacher_dir = self.teacher_path(name)
         inputs = cache_fingerprint_inputs(
             teacher_weights=hash_directory(teacher_dir, patterns=("*.safetensors", "*.bin", "config.json")),
-            tokenizer=self.tokenizer, task=data.task, split=data.task.train_split,
-            example_ids=[e.id for e in data.train], top_k=self.config.methods["kd1"].top_k if topk else None,
-            hidden_layers=layers, answers=answers, dtype=self.config.evaluation.dtype,
-            hidden_dtype=self.config.cache.hidden_dtype)
+            tokenizer=self.tokenizer,
+            task=data.task,
+            split=data.task.train_split,
+            example_ids=[e.id for e in data.train],
+            top_k=self.config.methods["kd1"].top_k if topk else None,
+            hidden_layers=layers,
+            answers=answers,
+            dtype=self.config.evaluation.dtype,
+            hidden_dtype=self.config.cache.hidden_dtype,
+        )
         directory = self.cache_dir(name)
         if (directory / "manifest.json").is_file() and not self.rebuild_cache:
-            return TeacherCache.open(directory, expected_fingerprint=fingerprint(inputs), expected_inputs=inputs)
+            return TeacherCache.open(
+                directory, expected_fingerprint=fingerprint(inputs), expected_inputs=inputs
+            )
         self.echo(f"[cache] {name}: building the teacher cache in {directory}")
         start = time.perf_counter()
         teacher = load_model(teacher_dir, dtype=self.config.evaluation.dtype, device=self.device)
         cache = build_teacher_cache(
-            directory, task=data.task, teacher=teacher, tokenizer=self.tokenizer, examples=data.train,
-            encoded=data.encoded, fingerprint_inputs=inputs, top_k=inputs["top_k"], hidden_layers=layers,
-            answers=answers, batch_size=self.config.evaluation.batch_size,
-            hidden_dtype=self.config.cache.hidden_dtype, overwrite=self.rebuild_cache)
-        self.echo(f"[cache] {name}: {len(cache)} examples, {cache.manifest.get('num_tokens')} answer tokens, "
-                  f"{time.perf_counter() - start:.0f}s")
+            directory,
+            task=data.task,
+            teacher=teacher,
+            tokenizer=self.tokenizer,
+            examples=data.train,
+            encoded=data.encoded,
+            fingerprint_inputs=inputs,
+            top_k=inputs["top_k"],
+            hidden_layers=layers,
+            answers=answers,
+            batch_size=self.config.evaluation.batch_size,
+            hidden_dtype=self.config.cache.hidden_dtype,
+            overwrite=self.rebuild_cache,
+        )
+        self.echo(
+            f"[cache] {name}: {len(cache)} examples, {cache.manifest.get('num_tokens')} answer tokens, "
+            f"{time.perf_counter() - start:.0f}s"
+        )
         return cache
 
     # -- student runs -------------------------------------------------------------------------------------
@@ -336,24 +474,50 @@ class Study:
         axes = settings.grid_axes()
         fixed = {k: v for k, v in settings.model_dump().items() if k not in axes}
         names = list(axes)
-        points = [dict(fixed, **dict(zip(names, values, strict=True)))
-                  for values in itertools.product(*(axes[n] for n in names))]
+        points = [
+            dict(fixed, **dict(zip(names, values, strict=True)))
+            for values in itertools.product(*(axes[n] for n in names))
+        ]
         shown = [n for n in names if len(axes[n]) > 1 or n == "lam"]
         return points, shown
 
-    def student_spec(self, student: StudentSettings, task: str, method: str, params: dict[str, Any],
-                     axes: Sequence[str], seed: int, stage: str) -> RunSpec:
+    def student_spec(
+        self,
+        student: StudentSettings,
+        task: str,
+        method: str,
+        params: dict[str, Any],
+        axes: Sequence[str],
+        seed: int,
+        stage: str,
+    ) -> RunSpec:
         rid = run_id(method, task, student.name, params, axes, seed)
         return RunSpec(
-            id=rid, kind="student", task=task, method=method, student=student.name, stage=stage,
-            params=params, seed=seed, output_dir=str(self.out / "runs" / rid),
-            config_hash=self._hash(student.model_dump(mode="json"), self.config.teacher.model_dump(mode="json"),
-                                   self.config.tasks[task].model_dump(mode="json"), params,
-                                   self.config.training, self.config.evaluation, self.config.cache.mode,
-                                   self.config.data_seed, seed),
+            id=rid,
+            kind="student",
+            task=task,
+            method=method,
+            student=student.name,
+            stage=stage,
+            params=params,
+            seed=seed,
+            output_dir=str(self.out / "runs" / rid),
+            config_hash=self._hash(
+                student.model_dump(mode="json"),
+                self.config.teacher.model_dump(mode="json"),
+                self.config.tasks[task].model_dump(mode="json"),
+                params,
+                self.config.training,
+                self.config.evaluation,
+                self.config.cache.mode,
+                self.config.data_seed,
+                seed,
+            ),
         )
 
-    def student_run(self, spec: RunSpec, student: StudentSettings, cache: TeacherCache | None) -> RunRecord | None:
+    def student_run(
+        self, spec: RunSpec, student: StudentSettings, cache: TeacherCache | None
+    ) -> RunRecord | None:
         def body() -> dict[str, Any]:
             return self._train_student(spec, student, cache)
 
@@ -377,16 +541,23 @@ class Study:
             width = AutoConfig.from_pretrained(self.base_teacher_path).hidden_size
             projections = losses.make_projections(pairs, model.config.hidden_size, width).to(self.device)
         live = None
-        if self.config.cache.mode == "online" and (method.needs_topk or method.needs_hidden or
-                                                    method.needs_answers):
+        if self.config.cache.mode == "online" and (
+            method.needs_topk or method.needs_hidden or method.needs_answers
+        ):
             live = load_model(self.teacher_path(spec.task), device=self.device)
             live.requires_grad_(False)
         items = []
         answers: dict[str, Any] = {}
         if method.needs_answers:
             if live is not None:
-                answers, _ = predict(data.task, live, self.tokenizer, data.train,
-                                     batch_size=self.config.evaluation.batch_size, training_prompts=True)
+                answers, _ = predict(
+                    data.task,
+                    live,
+                    self.tokenizer,
+                    data.train,
+                    batch_size=self.config.evaluation.batch_size,
+                    training_prompts=True,
+                )
             else:
                 answers = {i: cache.answer(i) for i in data.encoded}
         for ex in data.train:
@@ -395,27 +566,56 @@ class Study:
                 continue
             teacher_item = None
             if method.needs_answers:
-                teacher_item = encode(data.task, ex, data.prompts[ex.id], self.tokenizer,
-                                      target=data.task.answer_target(answers[ex.id]))
+                teacher_item = encode(
+                    data.task,
+                    ex,
+                    data.prompts[ex.id],
+                    self.tokenizer,
+                    target=data.task.answer_target(answers[ex.id]),
+                )
                 if teacher_item is None:
                     continue
             items.append(TrainItem(gold=gold, teacher=teacher_item))
-        result = train(model, items, method=method, params=spec.params, settings=self.config.training,
-                       output_dir=folder / "trainer", seed=spec.seed, pad_id=self.tokenizer.pad_token_id,
-                       vocab_size=len(self.tokenizer), cache=cache, live_teacher=live, layer_pairs=pairs,
-                       projections=projections)
+        # An interrupted run continues from its last checkpoint (training.save_steps > 0).
+        trainer_dir = folder / "trainer"
+        last = get_last_checkpoint(str(trainer_dir)) if trainer_dir.is_dir() else None
+        if last:
+            self.echo(f"[resume] {spec.id} from {last}")
+        result = train(
+            model,
+            items,
+            method=method,
+            params=spec.params,
+            settings=self.config.training,
+            output_dir=trainer_dir,
+            seed=spec.seed,
+            pad_id=self.tokenizer.pad_token_id,
+            vocab_size=len(self.tokenizer),
+            cache=cache,
+            live_teacher=live,
+            layer_pairs=pairs,
+            projections=projections,
+            resume_from_checkpoint=last,
+        )
         del live
         (folder / "log_history.json").write_text(json.dumps(result.log_history))
         total, trainable = count_parameters(model)
         save_model(model, self.tokenizer, folder / "model", merged=student.save == "merged")
         if projections is not None:
-            save_file({k: v.contiguous() for k, v in projections.state_dict().items()},
-                      folder / "model" / "kd3_projections.safetensors")
+            save_file(
+                {k: v.contiguous() for k, v in projections.state_dict().items()},
+                folder / "model" / "kd3_projections.safetensors",
+            )
         if hasattr(model, "merge_and_unload"):
             model = model.merge_and_unload()
         metrics = self._evaluate_model(model, data, folder, spec.id)
-        metrics.update(train_runtime=round(result.train_runtime, 1), steps=result.steps,
-                       train_examples=len(items), trainable_parameters=trainable, parameters=total)
+        metrics.update(
+            train_runtime=round(result.train_runtime, 1),
+            steps=result.steps,
+            train_examples=len(items),
+            trainable_parameters=trainable,
+            parameters=total,
+        )
         return metrics
 
     # -- selection ----------------------------------------------------------------------------------------
@@ -432,41 +632,80 @@ class Study:
             "run": best.id,
             "candidates": {r.id: r.metrics["selection"][metric] for r in grid_runs},
             "why": f"highest selection-split {metric} ({best.metrics['selection'][metric]:.2f}) of "
-                   f"{len(grid_runs)} settings",
+            f"{len(grid_runs)} settings",
         }
         path.write_text(json.dumps(chosen, indent=1))
         return best
 
-    def student_stage(self, name: str, cache: TeacherCache | None) -> None:
+    def _advance(self, name: str, student: StudentSettings, method: str) -> str:
+        """Move one (task, student, method) forward: grid on the first seed, then the best setting on the
+        other seeds. Returns 'done', 'waiting' (another process holds a run) or 'failed'."""
         seeds = self.config.seeds
-        for student in self.config.students:
-            for method in self.config.methods:
-                points, axes = self.grid(method)
-                specs = [self.student_spec(student, name, method, p, axes, seeds[0], "grid") for p in points]
-                grid_runs = [r for r in (self.student_run(s, student, cache) for s in specs) if r is not None]
-                if len(grid_runs) < len(specs):
-                    continue  # other processes are still on the grid; they will finish it
-                best = self.select_best(name, method, student.name, grid_runs) if len(grid_runs) > 1 \
-                    else grid_runs[0]
-                for seed in seeds[1:]:
-                    self.student_run(self.student_spec(student, name, method, best.params, axes, seed, "final"),
-                                     student, cache)
+        points, axes = self.grid(method)
+        cache = self._caches.get(name)
+        specs = [self.student_spec(student, name, method, p, axes, seeds[0], "grid") for p in points]
+        grid_runs = [self.student_run(s, student, cache) for s in specs]
+        if any(r is None for r in grid_runs):
+            return "waiting"
+        if any(r.status != "done" for r in grid_runs):
+            return "failed"
+        best = self.select_best(name, method, student.name, grid_runs) if len(grid_runs) > 1 else grid_runs[0]
+        finals = [
+            self.student_run(
+                self.student_spec(student, name, method, best.params, axes, seed, "final"), student, cache
+            )
+            for seed in seeds[1:]
+        ]
+        if any(r is None for r in finals):
+            return "waiting"
+        return "done" if all(r.status == "done" for r in finals) else "failed"
 
-    # -- whole study --------------------------------------------------------------------------------------
+    def sweep(self, poll_seconds: float = 5.0) -> list[str]:
+        """Every student run of the study, shared safely with other processes running the same sweep.
+        Returns the ids of failed runs."""
+        for name in self.config.tasks:
+            if name not in self._caches:
+                self._caches[name] = self.cache_stage(name)
+        while True:
+            states = [
+                self._advance(name, student, method)
+                for name in self.config.tasks
+                for student in self.config.students
+                for method in self.config.methods
+            ]
+            if "waiting" not in states:
+                break
+            time.sleep(poll_seconds)  # another process holds a run we depend on
+        return [r.id for r in self.registry.runs(status="failed")]
 
-    def run(self) -> None:
-        start = time.perf_counter()
+    def prepare(self) -> None:
+        """Data, teacher (zero-shot, adaptation, evaluation) and the students' initial weights."""
         for name in self.config.tasks:
             self.data(name)
         for name in self.config.tasks:
             self.teacher_stage(name)
         for student in self.config.students:
             self.student_path(student)
-        for name in self.config.tasks:
-            cache = self.cache_stage(name)
-            self.student_stage(name, cache)
+
+    def run(self) -> list[str]:
+        """The whole study; returns the ids of failed runs (empty when everything is done)."""
+        start = time.perf_counter()
+        self.prepare()
+        failed = self.sweep()
+        if self.config.bench.enabled:
+            from kdlab.bench import write_bench
+
+            write_bench(self)
         from kdlab.report import write_results
 
         paths = write_results(self)
-        self.echo(f"[study] finished in {time.perf_counter() - start:.0f}s; results: "
-                  + ", ".join(str(p) for p in paths))
+        self.echo(
+            f"[study] finished in {time.perf_counter() - start:.0f}s; results: "
+            + ", ".join(str(p) for p in paths)
+        )
+        if failed:
+            self.echo(
+                f"[study] {len(failed)} run(s) failed: {', '.join(failed)}; see `kdlab status` and re-run "
+                "to retry them"
+            )
+        return failed

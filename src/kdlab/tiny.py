@@ -27,8 +27,15 @@ positive negative good bad great terrible best worst love hate fun funny sad hap
 """ * 4
 
 
-def build_tiny_tokenizer(vocab_size: int = 512) -> PreTrainedTokenizerFast:
-    from tokenizers import Tokenizer, decoders, models, pre_tokenizers, trainers
+def build_tiny_tokenizer(
+    vocab_size: int = 512, *, add_bos: bool = False, add_eos: bool = False
+) -> PreTrainedTokenizerFast:
+    """A deterministic byte-level BPE tokenizer (special tokens <pad> <s> </s> <unk>).
+
+    ``add_bos`` / ``add_eos``: whether encoding with special tokens puts <s> first / </s> last, to mimic
+    Llama-style and eos-appending tokenizers. The default adds neither (what the tiny-llama alias saves).
+    """
+    from tokenizers import Tokenizer, decoders, models, pre_tokenizers, processors, trainers
 
     tok = Tokenizer(models.BPE(unk_token="<unk>"))
     tok.pre_tokenizer = pre_tokenizers.ByteLevel(add_prefix_space=False)
@@ -40,6 +47,12 @@ def build_tiny_tokenizer(vocab_size: int = 512) -> PreTrainedTokenizerFast:
         show_progress=False,
     )
     tok.train_from_iterator(_CORPUS.splitlines(), trainer=trainer)
+    if add_bos or add_eos:
+        single = " ".join([*(["<s>"] if add_bos else []), "$A", *(["</s>"] if add_eos else [])])
+        tok.post_processor = processors.TemplateProcessing(
+            single=single,
+            special_tokens=[("<s>", tok.token_to_id("<s>")), ("</s>", tok.token_to_id("</s>"))],
+        )
     return PreTrainedTokenizerFast(
         tokenizer_object=tok, bos_token="<s>", eos_token="</s>", pad_token="<pad>", unk_token="<unk>"
     )

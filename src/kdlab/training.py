@@ -6,6 +6,7 @@ from __future__ import annotations
 
 import json
 import math
+import os
 from collections import defaultdict
 from collections.abc import Mapping, Sequence
 from dataclasses import dataclass
@@ -13,6 +14,7 @@ from pathlib import Path
 from typing import Any
 
 import torch
+from safetensors.torch import load_file, save_file
 from torch import nn
 from transformers import PreTrainedModel, Trainer, TrainingArguments, set_seed
 
@@ -21,6 +23,8 @@ from kdlab.methods import LossInputs, Method, TeacherBatch
 from kdlab.scored import forward_scored
 from kdlab.tasks.base import Encoded, collate
 from kdlab.teacher_cache import TeacherCache
+
+CHECKPOINT_FILE = "trainable.safetensors"
 
 
 @dataclass
@@ -114,8 +118,9 @@ class KDTrainer(Trainer):
         teacher_layers = [t for _, t in self.layer_pairs] if self.method.needs_hidden else []
         if self.live_teacher is not None:
             with torch.no_grad():
-                out = forward_scored(self.live_teacher, batch, hidden_layers=teacher_layers,
-                                     vocab_size=self.vocab_size)
+                out = forward_scored(
+                    self.live_teacher, batch, hidden_layers=teacher_layers, vocab_size=self.vocab_size
+                )
             return TeacherBatch(logits=out.logits if self.method.needs_topk else None, hidden=out.hidden)
         return TeacherBatch(
             topk_indices=batch.pop("teacher_topk_indices", None),
@@ -124,7 +129,10 @@ class KDTrainer(Trainer):
         )
 
     def compute_loss(
-        self, model: nn.Module, inputs: dict[str, torch.Tensor], return_outputs: bool = False,
+        self,
+        model: nn.Module,
+        inputs: dict[str, torch.Tensor],
+        return_outputs: bool = False,
         num_items_in_batch: torch.Tensor | int | None = None,
     ) -> Any:
         batch = dict(inputs)
@@ -138,18 +146,50 @@ class KDTrainer(Trainer):
             kd2_tokens = int((batch["kd2_labels"] != -100).sum())
         unwrapped = self.accelerator.unwrap_model(model)
         projections = unwrapped.projections if isinstance(unwrapped, StudentModule) else None
-        loss, parts = self.method.loss(LossInputs(
-            model=model, batch=batch, student=student, teacher=teacher, num_tokens=num_tokens,
-            num_teacher_tokens=kd2_tokens if kd2_tokens is not None else 1, params=self.params,
-            layer_pairs=self.layer_pairs, projections=projections, vocab_size=self.vocab_size,
-        ))
+        loss, parts = self.method.loss(
+            LossInputs(
+                model=model,
+                batch=batch,
+                student=student,
+                teacher=teacher,
+                num_tokens=num_tokens,
+                num_teacher_tokens=kd2_tokens if kd2_tokens is not None else 1,
+                params=self.params,
+                layer_pairs=self.layer_pairs,
+                projections=projections,
+                vocab_size=self.vocab_size,
+            )
+        )
         # Losses are sums over the global batch's tokens; DDP averages gradients over processes.
-        if self.args.average_tokens_across_devices and self.args.world_size > 1 and num_items_in_batch is not None:
+        if (
+            self.args.average_tokens_across_devices
+            and self.args.world_size > 1
+            and num_items_in_batch is not None
+        ):
             loss = loss * self.accelerator.num_processes
         # Logged per micro-batch as a share of the global batch; summed back per step in `log`.
         for name, value in parts.items():
             self._parts[name].append(float(value.detach()))
         return loss
+
+    def _save(self, output_dir: str | None = None, state_dict: Any = None) -> None:
+        # Checkpoints hold the trainable tensors only (LoRA adapters, or every weight in full fine-tuning,
+        # plus KD3 projections); `named_parameters` lists tied weights once, which safetensors requires.
+        output_dir = output_dir or self.args.output_dir
+        os.makedirs(output_dir, exist_ok=True)
+        module = self.accelerator.unwrap_model(self.model)
+        tensors = {n: p.detach().contiguous().cpu() for n, p in module.named_parameters() if p.requires_grad}
+        save_file(tensors, os.path.join(output_dir, CHECKPOINT_FILE))
+
+    def _load_from_checkpoint(self, resume_from_checkpoint: str, model: nn.Module | None = None) -> None:
+        module = self.accelerator.unwrap_model(model or self.model)
+        state = load_file(os.path.join(resume_from_checkpoint, CHECKPOINT_FILE))
+        result = module.load_state_dict(state, strict=False)
+        if result.unexpected_keys:
+            raise ValueError(
+                f"{resume_from_checkpoint}: checkpoint does not fit this model "
+                f"(unexpected {result.unexpected_keys[:3]})"
+            )
 
     def log(self, logs: dict[str, float], start_time: float | None = None) -> None:
         if self._parts and "loss" in logs:
@@ -167,8 +207,9 @@ class TrainResult:
     steps: int
 
 
-def training_arguments(settings: TrainingSettings, output_dir: str | Path, seed: int, *,
-                       use_cpu: bool) -> TrainingArguments:
+def training_arguments(
+    settings: TrainingSettings, output_dir: str | Path, seed: int, *, use_cpu: bool
+) -> TrainingArguments:
     return TrainingArguments(
         output_dir=str(output_dir),
         learning_rate=settings.learning_rate,
@@ -220,11 +261,21 @@ def train(
     module = StudentModule(student, projections)
     device = next(student.parameters()).device
     args = training_arguments(settings, output_dir, seed, use_cpu=device.type == "cpu")
-    collator = TrainCollator(pad_id, method=method, cache=cache if live_teacher is None else None,
-                             teacher_layers=[t for _, t in layer_pairs])
+    collator = TrainCollator(
+        pad_id,
+        method=method,
+        cache=cache if live_teacher is None else None,
+        teacher_layers=[t for _, t in layer_pairs],
+    )
     trainer = KDTrainer(
-        model=module, args=args, train_dataset=list(items), data_collator=collator,
-        method=method, params=params, vocab_size=vocab_size, layer_pairs=layer_pairs,
+        model=module,
+        args=args,
+        train_dataset=list(items),
+        data_collator=collator,
+        method=method,
+        params=params,
+        vocab_size=vocab_size,
+        layer_pairs=layer_pairs,
         live_teacher=live_teacher,
     )
     out = trainer.train(resume_from_checkpoint=resume_from_checkpoint)
@@ -234,5 +285,8 @@ def train(
     for entry in history:
         if "loss" in entry and not math.isfinite(entry["loss"]):
             raise FloatingPointError(f"training diverged: loss {entry['loss']} at step {entry.get('step')}")
-    return TrainResult(log_history=history, train_runtime=out.metrics.get("train_runtime", 0.0),
-                       steps=trainer.state.global_step)
+    return TrainResult(
+        log_history=history,
+        train_runtime=out.metrics.get("train_runtime", 0.0),
+        steps=trainer.state.global_step,
+    )

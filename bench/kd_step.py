@@ -1,0 +1,125 @@
+"""Training step time with a cached teacher: SFT vs KD1 (top-k from a TeacherCache) vs KD3 (cached hidden
+states, uniform layer map), same student, same batch. Target: KD1 and KD3 within 1.15x of SFT.
+
+A step is what the Trainer does per batch: the collator (cache look-ups included), `KDTrainer.training_step`
+(forward through `forward_scored`, the method's loss, backward), gradient clipping and the AdamW step. The
+methods take turns step by step, so drifting background load hits all of them alike.
+
+    python bench/kd_step.py            # SmolLM2-135M teacher (30 layers), 10-layer derived student
+    python bench/kd_step.py --tiny     # tiny models, seconds
+"""
+
+from __future__ import annotations
+
+import argparse
+import statistics
+import sys
+import tempfile
+import time
+from pathlib import Path
+
+import torch
+from _common import (
+    PARAMS,
+    encode_sst2,
+    machine_line,
+    sst2_like_examples,
+    step_runner,
+    teacher_and_student,
+    verdict,
+)
+
+from kdlab import losses
+from kdlab.config import LoraSettings
+from kdlab.models import add_lora
+from kdlab.teacher import build_teacher_cache
+from kdlab.training import TrainItem
+
+METHODS = ("sft", "kd1", "kd3")
+
+
+def parse_args(argv: list[str] | None) -> argparse.Namespace:
+    p = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    p.add_argument("--tiny", action="store_true", help="tiny teacher (6 layers) and a 2-layer student")
+    p.add_argument("--student-layers", type=int, help="derived student depth (default 10, tiny 2)")
+    p.add_argument("--batch-size", type=int, default=8)
+    p.add_argument("--words", type=int, default=30, help="words per review (30: about 40 prompt tokens)")
+    p.add_argument("--top-k", type=int, default=32, help="KD1 cache k")
+    p.add_argument("--finetune", choices=["full", "lora"], default="full",
+                   help="student fine-tuning (the demo preset trains its derived student fully)")
+    p.add_argument("--warmup", type=int, default=2, help="untimed steps per method")
+    p.add_argument("--repeats", type=int, default=7, help="timed steps per method (median reported)")
+    p.add_argument("--threads", type=int, help="torch CPU threads (default: torch's choice)")
+    p.add_argument("--target", type=float, default=1.15, help="largest KD/SFT step-time ratio that passes")
+    return p.parse_args(argv)
+
+
+def main(argv: list[str] | None = None) -> int:
+    args = parse_args(argv)
+    depth = args.student_layers or (2 if args.tiny else 10)
+    if args.threads:
+        torch.set_num_threads(args.threads)
+    torch.manual_seed(0)
+    with tempfile.TemporaryDirectory(prefix="kd_step-") as tmp:
+        work = Path(tmp)
+        teacher, student, tokenizer, kept = teacher_and_student(args.tiny, depth, work)
+        examples = sst2_like_examples(args.batch_size, words=args.words)
+        task, encoded = encode_sst2(examples, tokenizer)
+        items = [TrainItem(gold=encoded[ex.id]) for ex in examples if ex.id in encoded]
+        pairs = losses.resolve_layer_map("uniform", student.config.num_hidden_layers,
+                                         teacher.config.num_hidden_layers)
+        start = time.perf_counter()
+        # One cache holding both signals, built by the study's own builder from real teacher passes.
+        cache = build_teacher_cache(
+            work / "cache", task=task, teacher=teacher, tokenizer=tokenizer, examples=examples,
+            encoded=encoded, fingerprint_inputs={"bench": "kd_step"}, top_k=args.top_k,
+            hidden_layers=sorted({t for _, t in pairs}), answers=False, batch_size=args.batch_size)
+        cache_s = time.perf_counter() - start
+        teacher_name = "tiny-llama" if args.tiny else "SmolLM2-135M-Instruct"
+        t_layers, width = teacher.config.num_hidden_layers, teacher.config.hidden_size
+        del teacher
+        if args.finetune == "lora":
+            student = add_lora(student, LoraSettings())
+        runners = {name: step_runner(name, student, pad_id=tokenizer.pad_token_id, vocab_size=len(tokenizer),
+                                     cache=cache, pairs=pairs, teacher_width=width, workdir=work,
+                                     params=dict(PARAMS[name], top_k=args.top_k) if name == "kd1" else None)
+                   for name in METHODS}
+        for _ in range(args.warmup):
+            for name in METHODS:
+                runners[name].step(items)
+        times: dict[str, list[float]] = {name: [] for name in METHODS}
+        for _ in range(args.repeats):
+            for name in METHODS:  # round-robin: drift in background load hits every method alike
+                times[name].append(runners[name].step(items))
+
+    n_params = sum(p.numel() for p in student.parameters())
+    prompt_tokens = [len(e.input_ids) for e in encoded.values()]
+    answer_tokens = sum(sum(1 for x in e.labels if x != -100) for e in encoded.values())
+    print("\nkd_step: training step time with a cached teacher (collate + forward + loss + backward + clip + "
+          "AdamW step)")
+    print(machine_line("cpu"))
+    print(f"teacher {teacher_name} ({t_layers} layers), student of teacher blocks {kept} "
+          f"({n_params / 1e6:.1f}M parameters, {args.finetune} fine-tune)")
+    print(f"batch {len(items)} x {min(prompt_tokens)}-{max(prompt_tokens)} tokens, {answer_tokens} answer "
+          f"tokens; cache: top-{args.top_k} + hidden states of teacher layers {[t for _, t in pairs]}, "
+          f"built in {cache_s:.1f}s")
+    print(f"warm-up {args.warmup}, then {args.repeats} timed steps per method, round-robin")
+    sft = statistics.median(times["sft"])
+    print(f"\n{'method':<8}{'median ms':>11}{'min ms':>9}{'max ms':>9}{'vs SFT':>9}{'paired':>9}")
+    ratios = {}
+    for name in METHODS:
+        med = statistics.median(times[name])
+        ratios[name] = med / sft
+        # Median of per-round ratios: each compares steps taken seconds apart, so slow drift cancels.
+        paired = statistics.median(t / s for t, s in zip(times[name], times["sft"], strict=True))
+        print(f"{name:<8}{med * 1e3:>11.1f}{min(times[name]) * 1e3:>9.1f}{max(times[name]) * 1e3:>9.1f}"
+              f"{ratios[name]:>8.3f}x{paired:>8.3f}x")
+    print("(vs SFT: ratio of medians; paired: median over rounds of step time / that round's SFT step)\n")
+    for name in ("kd1", "kd3"):
+        ok = ratios[name] <= args.target
+        print(f"target {name} step <= {args.target:.2f}x SFT step: {ratios[name]:.3f}x  {verdict(ok)}")
+    return 0  # a figure, not a test: the verdict is in the output
+
+
+if __name__ == "__main__":
+    sys.exit(main())

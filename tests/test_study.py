@@ -1,0 +1,209 @@
+"""The whole study recipe on tiny models and the synthetic data folder.
+
+One smoke study is shared by the tests of this module (it is the expensive part): it is started as a
+`kdlab run --preset smoke` subprocess, SIGKILLed once the first student run is done, and finished in
+process. The end-to-end checks, the kill/resume checks and the no-op re-run all read that one study.
+"""
+
+from __future__ import annotations
+
+import os
+import signal
+import subprocess
+import sys
+import time
+from dataclasses import dataclass
+from pathlib import Path
+
+import pytest
+import yaml
+from transformers import AutoModelForCausalLM
+
+import kdlab.study
+from kdlab.cli import main
+from kdlab.config import parse_config, preset_text
+from kdlab.registry import Registry, RunRecord
+from kdlab.study import Study
+
+KILL_TIMEOUT = 240  # seconds to reach the first finished student run (about 15 s on an idle 2-core CPU)
+
+
+@dataclass
+class SmokeStudy:
+    out: Path
+    data_dir: Path
+    before_kill: dict[str, RunRecord]  # registry rows at the moment of the kill
+    seconds_to_kill: float
+    seconds_to_finish: float
+
+    def registry(self) -> Registry:
+        return Registry(self.out / "registry.sqlite")
+
+
+def _tail(path: Path, n: int = 3000) -> str:
+    return path.read_text(errors="replace")[-n:] if path.exists() else "<no log>"
+
+
+@pytest.fixture(scope="module")
+def smoke(tmp_path_factory: pytest.TempPathFactory, tiny_data_dir: Path) -> SmokeStudy:
+    root = tmp_path_factory.mktemp("smoke")
+    out = root / "out"
+    log = root / "killed_run.log"
+    start = time.perf_counter()
+    with log.open("w") as fh:
+        proc = subprocess.Popen(
+            [sys.executable, "-m", "kdlab.cli", "run", "--preset", "smoke", "--out", str(out),
+             "--data-dir", str(tiny_data_dir)],
+            stdout=fh, stderr=subprocess.STDOUT, env=dict(os.environ), cwd=root,
+        )
+        try:
+            registry = None
+            while True:
+                if proc.poll() is not None:
+                    pytest.fail(f"the study exited ({proc.returncode}) before the kill:\n{_tail(log)}")
+                if time.perf_counter() - start > KILL_TIMEOUT:
+                    pytest.fail(f"no student run finished within {KILL_TIMEOUT}s:\n{_tail(log)}")
+                if registry is None and (out / "registry.sqlite").is_file():
+                    registry = Registry(out / "registry.sqlite")
+                # Kill once a student run is done and the next one has started, so that the kill lands
+                # mid-run and the resumed study must reclaim a run whose owner died.
+                if registry is not None and registry.runs(kind="student", status="done") \
+                        and registry.runs(kind="student", status="running"):
+                    break
+                time.sleep(0.05)
+            os.kill(proc.pid, signal.SIGKILL)
+        finally:
+            if proc.poll() is None:
+                proc.kill()
+            proc.wait()
+    assert proc.returncode == -signal.SIGKILL
+    killed_at = time.perf_counter()
+    before = {r.id: r for r in Registry(out / "registry.sqlite").runs()}
+    code = main(["run", "--preset", "smoke", "--out", str(out), "--data-dir", str(tiny_data_dir)])
+    assert code == 0
+    return SmokeStudy(out, tiny_data_dir, before, killed_at - start, time.perf_counter() - killed_at)
+
+
+def _expected_student_runs() -> set[str]:
+    ids = set()
+    for task in ("sst2", "squad"):
+        ids |= {f"sft-{task}-s1-seed1", f"sft-{task}-s1-seed2",
+                f"kd1-{task}-s1-lam0.5-seed1", f"kd1-{task}-s1-lam1-seed1",
+                f"kd2-{task}-s1-lam0.5-seed1", f"kd2-{task}-s1-lam0.5-seed2",
+                f"kd3-{task}-s1-lam0.5-seed1", f"kd3-{task}-s1-lam0.5-seed2"}
+    return ids
+
+
+def test_smoke_study_end_to_end(smoke: SmokeStudy) -> None:
+    print(f"smoke study: {smoke.seconds_to_kill:.1f}s to the kill (subprocess), "
+          f"{smoke.seconds_to_finish:.1f}s to finish in process")
+    runs = {r.id: r for r in smoke.registry().runs()}
+    assert all(r.status == "done" for r in runs.values()), {i: r.status for i, r in runs.items()}
+    teacher = {i for i, r in runs.items() if r.kind == "teacher"}
+    assert teacher == {"teacher-sst2-zero-shot", "teacher-sst2", "teacher-squad-zero-shot", "teacher-squad"}
+    students = {i: r for i, r in runs.items() if r.kind == "student"}
+    # kd1 has a two-point grid on seed 1; its best point is run again on seed 2 (whichever it is).
+    kd1_final = {i for i in students if i.startswith("kd1-") and i.endswith("-seed2")}
+    assert len(kd1_final) == 2
+    assert set(students) - kd1_final == _expected_student_runs()
+    assert {(r.method, r.task) for r in students.values()} == {
+        (m, t) for m in ("sft", "kd1", "kd2", "kd3") for t in ("sst2", "squad")}
+    for r in students.values():
+        assert r.metrics is not None and "eval" in r.metrics and "selection" in r.metrics
+        metric = "accuracy" if r.task == "sst2" else "f1"
+        assert 0.0 <= r.metrics["eval"][metric] <= 100.0
+
+    out = smoke.out
+    assert (out / "results.csv").is_file()
+    # The brief named results.md; the report stage writes summary.md / report.md now.
+    assert any((out / name).is_file() for name in ("results.md", "summary.md", "report.md"))
+    assert (out / "study.yaml").is_file()
+    for rid, r in students.items():
+        folder = out / "runs" / rid
+        assert Path(r.output_dir) == folder
+        model = AutoModelForCausalLM.from_pretrained(folder / "model")
+        assert model.config.num_hidden_layers == 2  # the derived student
+        assert not (folder / "model" / "adapter_config.json").exists()  # LoRA merged (save: merged)
+        assert (folder / "model" / "kd3_projections.safetensors").is_file() == (r.method == "kd3")
+        assert list(folder.glob("predictions_eval.*")) and list(folder.glob("predictions_selection.*"))
+    assert AutoModelForCausalLM.from_pretrained(out / "teacher" / "sst2").config.num_hidden_layers == 4
+    for task in ("sst2", "squad"):
+        assert (out / "teacher_cache" / task / "manifest.json").is_file()
+
+
+def test_killed_study_resumes_running_each_run_once(smoke: SmokeStudy) -> None:
+    before = smoke.before_kill
+    done_before = {i for i, r in before.items() if r.status == "done"}
+    assert any(before[i].kind == "student" for i in done_before)
+    after = {r.id: r for r in smoke.registry().runs()}
+    assert set(before) <= set(after) and set(after) - done_before  # the kill did interrupt the study
+    interrupted = [i for i, r in before.items() if r.status == "running"]
+    print(f"killed with {len(done_before)} runs done, running: {interrupted}")
+    for rid, r in after.items():
+        assert r.status == "done", rid
+        if rid in done_before:  # finished before the kill: not run again
+            assert r.attempts == 1 and r.finished_at == before[rid].finished_at, rid
+        elif rid in before and before[rid].status == "running":  # killed mid-run: redone once
+            assert r.attempts == 2, rid
+        else:
+            assert r.attempts == 1, rid
+    assert not list((smoke.out / "students" / "s1").glob("*.partial"))
+
+
+def test_rerun_does_no_training(smoke: SmokeStudy, monkeypatch: pytest.MonkeyPatch) -> None:
+    before = {r.id: (r.status, r.attempts, r.finished_at, r.metrics) for r in smoke.registry().runs()}
+
+    def forbidden(*args, **kwargs):
+        raise AssertionError("a finished study must not train, evaluate or build caches again")
+
+    for name in ("train", "evaluate", "build_teacher_cache", "derive_student"):
+        monkeypatch.setattr(kdlab.study, name, forbidden)
+    start = time.perf_counter()
+    failed = Study(parse_config(yaml.safe_load(preset_text("smoke"))), output_dir=smoke.out,
+                   data_dir=smoke.data_dir, echo=lambda _: None).run()
+    seconds = time.perf_counter() - start
+    print(f"no-op re-run: {seconds:.1f}s")
+    assert not failed
+    after = {r.id: (r.status, r.attempts, r.finished_at, r.metrics) for r in smoke.registry().runs()}
+    assert after == before
+    assert seconds < 60
+
+
+def _mini_config(out: Path):
+    """The smoke preset cut down to one task, one method, one seed and an unadapted teacher."""
+    data = yaml.safe_load(preset_text("smoke"))
+    data["teacher"]["adapt"] = False
+    data["tasks"] = {"sst2": data["tasks"]["sst2"]}
+    data["methods"] = {"sft": {}}
+    data["seeds"] = [1]
+    data["output_dir"] = str(out)
+    return data
+
+
+def test_failed_run_is_recorded_and_redone(tiny_data_dir: Path, tmp_path: Path,
+                                           monkeypatch: pytest.MonkeyPatch,
+                                           capsys: pytest.CaptureFixture[str]) -> None:
+    out = tmp_path / "out"
+    config = tmp_path / "mini.yaml"
+    config.write_text(yaml.safe_dump(_mini_config(out)))
+    real = Study._train_student
+
+    def broken(self, spec, student, cache):
+        raise RuntimeError("boom: simulated crash")
+
+    monkeypatch.setattr(Study, "_train_student", broken)
+    argv = ["run", str(config), "--data-dir", str(tiny_data_dir)]
+    assert main(argv) == 1  # the study finishes what it can and reports the failure
+    registry = Registry(out / "registry.sqlite")
+    run = registry.get("sft-sst2-s1-seed1")
+    assert run is not None and run.status == "failed" and run.attempts == 1
+    assert "boom: simulated crash" in (run.error or "")
+    assert registry.get("teacher-sst2-zero-shot").status == "done"
+    assert "sft-sst2-s1-seed1" in capsys.readouterr().out
+
+    monkeypatch.setattr(Study, "_train_student", real)
+    assert main(argv) == 0
+    run = registry.get("sft-sst2-s1-seed1")
+    assert run.status == "done" and run.attempts == 2 and run.error is None
+    assert registry.get("teacher-sst2-zero-shot").attempts == 1  # not redone
+    assert AutoModelForCausalLM.from_pretrained(out / "runs" / "sft-sst2-s1-seed1" / "model")

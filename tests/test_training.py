@@ -1,0 +1,252 @@
+"""The trainer, the methods' losses and the teacher cache wired together, on tiny models and synthetic data.
+
+Examples are synthetic `Encoded` rows (random prompt tokens, answers of chosen lengths), so token counts per
+example are controlled: uneven answer lengths are what tell a global-token mean from a mean of means.
+"""
+
+from __future__ import annotations
+
+import copy
+import random
+from pathlib import Path
+from typing import Any
+
+import pytest
+import torch
+
+from kdlab import losses
+from kdlab.config import TrainingSettings
+from kdlab.methods import METHODS
+from kdlab.models import derive_student
+from kdlab.scored import forward_scored
+from kdlab.tasks import SST2Task
+from kdlab.tasks.base import Encoded, Example, collate
+from kdlab.teacher import build_teacher_cache
+from kdlab.teacher_cache import TeacherCache, TeacherCacheWriter
+from kdlab.tiny import build_tiny_llama, build_tiny_tokenizer
+from kdlab.training import TrainCollator, TrainItem, train
+
+TEACHER_LAYERS = 4
+HIDDEN = (2, 4)  # teacher hidden_states indices cached for KD3
+PAIRS = [(1, 2), (2, 4)]  # student (2 blocks) -> teacher hidden_states indices
+
+
+def _encoded(rng: random.Random, eid: str, prompt_len: int, answer_len: int, vocab: int) -> Encoded:
+    prompt = [1] + [rng.randrange(4, vocab) for _ in range(prompt_len - 1)]
+    answer = [rng.randrange(4, vocab) for _ in range(answer_len - 1)] + [2]
+    return Encoded(eid, prompt + answer, [-100] * prompt_len + answer)
+
+
+class Setup:
+    def __init__(self, root: Path) -> None:
+        self.tokenizer = build_tiny_tokenizer()
+        self.vocab = len(self.tokenizer)
+        self.pad_id = self.tokenizer.pad_token_id
+        self.teacher = build_tiny_llama(self.tokenizer, num_layers=TEACHER_LAYERS, seed=0).eval()
+        with torch.no_grad():  # a peaked teacher, so KD terms are not all near zero
+            self.teacher.model.norm.weight.mul_(8.0)
+        self.student = derive_student(self.teacher, [0, 3])
+        rng = random.Random(0)
+        # Answer lengths with no two 4-subsets of equal total: micro-batches of 4 never hold equal
+        # token counts.
+        answer_lens = [1, 2, 3, 4, 5, 6, 7, 30]
+        self.examples = [Example(f"ex{i}", {"sentence": "x"}) for i in range(len(answer_lens))]
+        self.encoded = {ex.id: _encoded(rng, ex.id, rng.randrange(5, 20), n, self.vocab)
+                        for ex, n in zip(self.examples, answer_lens, strict=True)}
+        # KD2: the same prompts with a "teacher answer" as target.
+        self.teacher_encoded = {}
+        for i, e in self.encoded.items():
+            n = e.labels.count(-100)
+            self.teacher_encoded[i] = Encoded(i, e.input_ids[:n] + [5, 6, 2], [-100] * n + [5, 6, 2])
+        # Top-k over the whole vocabulary (k = V), so any smaller k is a prefix and KD1 can be exact.
+        self.cache = build_teacher_cache(
+            root / "cache", task=SST2Task(), teacher=self.teacher, tokenizer=self.tokenizer,
+            examples=self.examples, encoded=self.encoded, fingerprint_inputs={"test": 1}, top_k=self.vocab,
+            hidden_layers=list(HIDDEN), answers=False, batch_size=3, hidden_dtype="float16",
+        )
+
+    def items(self, kd2: bool = False) -> list[TrainItem]:
+        return [TrainItem(gold=self.encoded[ex.id], teacher=self.teacher_encoded[ex.id] if kd2 else None)
+                for ex in self.examples]
+
+
+@pytest.fixture(scope="module")
+def setup(tmp_path_factory: pytest.TempPathFactory) -> Setup:
+    return Setup(tmp_path_factory.mktemp("training"))
+
+
+def _settings(**kw: Any) -> TrainingSettings:
+    base = dict(learning_rate=5e-3, batch_size=4, max_steps=2, warmup_ratio=0.0, logging_steps=1,
+                lr_scheduler="constant")
+    return TrainingSettings(**{**base, **kw})
+
+
+def _run(setup: Setup, tmp: Path, method: str, params: dict[str, Any], *,
+         settings: TrainingSettings | None = None, online: bool = False, seed: int = 7):
+    student = copy.deepcopy(setup.student)
+    m = METHODS[method]
+    pairs = PAIRS if m.needs_hidden else []
+    projections = losses.make_projections(pairs, 64, 64) if pairs else None
+    result = train(
+        student, setup.items(kd2=m.needs_answers), method=m, params=params, settings=settings or _settings(),
+        output_dir=tmp / f"{method}-{len(list(tmp.iterdir()))}", seed=seed, pad_id=setup.pad_id,
+        vocab_size=setup.vocab, cache=None if online else setup.cache,
+        live_teacher=setup.teacher if online else None, layer_pairs=pairs, projections=projections,
+    )
+    return student, projections, result
+
+
+def _losses(result) -> list[dict[str, float]]:
+    keys = ("loss", "loss_ce", "loss_kd", "grad_norm")
+    return [{k: e[k] for k in keys if k in e} for e in result.log_history if "loss" in e]
+
+
+KD1 = {"lam": 0.0, "temperature": 2.0, "divergence": "forward_kl", "jsd_beta": 0.5, "top_k": 8}
+
+
+def test_lambda_zero_is_sft(setup: Setup, tmp_path: Path) -> None:
+    """λ = 0 must be plain SFT: same weights and losses bit for bit (catches a KD term, a teacher forward,
+    an extra RNG draw or a changed data order sneaking into the λ = 0 path)."""
+    sft, _, sft_result = _run(setup, tmp_path, "sft", {})
+    reference = _losses(sft_result)
+    assert len(reference) == 2 and all(e["loss"] > 0 for e in reference)
+    runs = {
+        "kd1": KD1,
+        "kd2": {"lam": 0.0},
+        "kd3": {"lam": 0.0, "layer_map": "uniform", "loss": "mse"},
+    }
+    for method, params in runs.items():
+        student, _, result = _run(setup, tmp_path, method, params)
+        history = _losses(result)
+        assert [{k: e[k] for k in ("loss", "grad_norm")} for e in history] == \
+            [{k: e[k] for k in ("loss", "grad_norm")} for e in reference], method
+        for (name, a), (_, b) in zip(student.state_dict().items(), sft.state_dict().items(), strict=True):
+            assert torch.equal(a, b), f"{method}: {name} differs from SFT"
+    # The runs did train: the weights moved away from the initial student.
+    assert not torch.equal(sft.model.layers[0].self_attn.q_proj.weight,
+                           setup.student.model.layers[0].self_attn.q_proj.weight)
+
+
+def test_same_seed_same_run(setup: Setup, tmp_path: Path) -> None:
+    a, _, ra = _run(setup, tmp_path, "kd1", dict(KD1, lam=0.5), settings=_settings(max_steps=1))
+    b, _, rb = _run(setup, tmp_path, "kd1", dict(KD1, lam=0.5), settings=_settings(max_steps=1))
+    assert _losses(ra) == _losses(rb)
+    for x, y in zip(a.state_dict().values(), b.state_dict().values(), strict=True):
+        assert torch.equal(x, y)
+    assert "loss_kd" in _losses(ra)[0] and _losses(ra)[0]["loss_kd"] > 0
+
+
+def test_kd3_projections_receive_gradient(setup: Setup, tmp_path: Path) -> None:
+    params = {"lam": 1.0, "layer_map": "uniform", "loss": "mse"}
+    _, projections, result = _run(setup, tmp_path, "kd3", params, settings=_settings(max_steps=1))
+    assert projections is not None and len(projections) == 2
+    for p in projections:  # identity-initialised (equal widths); a step must move them
+        assert not torch.equal(p.weight, torch.eye(64)), "KD3 projections were not trained"
+    first = _losses(result)[0]
+    assert first["loss_kd"] > 0
+    assert first["loss"] == pytest.approx(first["loss_ce"] + first["loss_kd"], rel=1e-4)
+
+
+def test_kd1_loss_normalised_over_the_global_batch(setup: Setup, tmp_path: Path) -> None:
+    """batch 4 × accumulation 2 and batch 8 × 1 see the same 8 examples in step 1 and must log the same
+    loss and gradient norm. Answer lengths differ per micro-batch, so averaging per-micro-batch means (or
+    dividing by the accumulation steps twice) gives a different number."""
+    params = dict(KD1, lam=0.5)
+    _, _, split = _run(setup, tmp_path, "kd1", params,
+                       settings=_settings(batch_size=4, gradient_accumulation_steps=2, max_steps=1))
+    _, _, whole = _run(setup, tmp_path, "kd1", params, settings=_settings(batch_size=8, max_steps=1))
+    a, b = _losses(split)[0], _losses(whole)[0]
+    assert set(a) == set(b) == {"loss", "loss_ce", "loss_kd", "grad_norm"}
+    for key in a:
+        assert a[key] == pytest.approx(b[key], rel=2e-4), (key, a, b)
+
+
+def test_collator_looks_rows_up_by_example_id(tmp_path: Path) -> None:
+    """Example i's cached rows encode i; a shuffled batch must get each example's own rows, in the row
+    order forward_scored uses (row-major over the batch, answer tokens in order)."""
+    rng = random.Random(1)
+    vocab, k, width = 100, 3, 4
+    lengths = {f"e{i}": 1 + i % 4 for i in range(10)}
+    encoded = {i: _encoded(rng, i, rng.randrange(2, 9), n, vocab) for i, n in lengths.items()}
+    with TeacherCacheWriter(tmp_path / "c", fingerprint_inputs={"t": 1}, vocab_size=vocab, top_k=k,
+                            hidden_layers=[3], shard_rows=7) as writer:  # several shards
+        for num, (i, n) in enumerate(lengths.items()):
+            rows = torch.arange(n)
+            writer.add(i, topk_indices=torch.stack([torch.full((n,), num), rows, rows], 1),
+                       topk_logprobs=-(rows[:, None].float().expand(n, k) + num / 100),
+                       hidden={3: torch.full((n, width), float(num)) + rows[:, None] / 8})
+    cache = TeacherCache.open(tmp_path / "c")
+    ids = list(lengths)
+    rng.shuffle(ids)
+    for method, key in (("kd1", "teacher_topk_indices"), ("kd3", "teacher_hidden_3")):
+        collator = TrainCollator(0, method=METHODS[method], cache=cache, teacher_layers=[3])
+        batch = collator([TrainItem(gold=encoded[i]) for i in ids])
+        counts = (batch["labels"] != -100).sum(1).tolist()
+        assert counts == [lengths[i] for i in ids]
+        parts = batch[key].split(counts)
+        for i, part in zip(ids, parts, strict=True):
+            num = list(lengths).index(i)
+            if method == "kd1":
+                assert part[:, 0].tolist() == [num] * lengths[i]
+                assert part[:, 1].tolist() == list(range(lengths[i]))
+            else:
+                expected = torch.full((lengths[i], width), float(num)) + torch.arange(lengths[i])[:, None] / 8
+                assert torch.allclose(part, expected, atol=1e-2)
+        assert "example_ids" not in batch
+
+
+def test_forward_scored_rows_on_left_padded_batch(setup: Setup) -> None:
+    model = setup.teacher
+    items = [setup.encoded[ex.id] for ex in setup.examples]
+    batch = collate(items, setup.pad_id, padding_side="left")
+    batch.pop("example_ids")
+    assert int(batch["attention_mask"].sum(1).min()) < batch["input_ids"].shape[1]  # padding present
+    with torch.no_grad():
+        scored = forward_scored(model, batch, hidden_layers=[0, 2], vocab_size=setup.vocab - 10)
+        logits, targets, hidden = [], [], {0: [], 2: []}
+        for e in items:  # one unpadded sequence at a time, full logits, shifted by hand
+            out = model(input_ids=torch.tensor([e.input_ids]), output_hidden_states=True, use_cache=False)
+            pos = [p for p in range(len(e.labels) - 1) if e.labels[p + 1] != -100]
+            logits.append(out.logits[0, pos, : setup.vocab - 10])
+            targets += [e.labels[p + 1] for p in pos]
+            for layer in hidden:
+                hidden[layer].append(out.hidden_states[layer][0, pos])
+    assert scored.counts.tolist() == [sum(1 for x in e.labels if x != -100) for e in items]
+    assert scored.targets.tolist() == targets
+    assert scored.logits.shape == (len(targets), setup.vocab - 10)
+    assert torch.allclose(scored.logits, torch.cat(logits), atol=1e-4)
+    for layer in hidden:
+        assert torch.allclose(scored.hidden[layer], torch.cat(hidden[layer]), atol=1e-4)
+
+
+def test_forward_scored_refuses_right_padding(setup: Setup) -> None:
+    # A short answer followed by padding falls outside the answer window of the batch's longest answer.
+    rng = random.Random(3)
+    items = [_encoded(rng, "short", 3, 1, setup.vocab), _encoded(rng, "long", 10, 5, setup.vocab)]
+    batch = collate(items, setup.pad_id, padding_side="right")
+    batch.pop("example_ids")
+    with pytest.raises(ValueError, match="left-padded"):
+        forward_scored(setup.teacher, batch)
+    batch["labels"][:] = -100
+    with pytest.raises(ValueError, match="no answer tokens"):
+        forward_scored(setup.teacher, batch)
+
+
+def test_online_teacher_matches_cache_with_full_vocab(setup: Setup, tmp_path: Path) -> None:
+    """At T = 1 with k = V the cached top-k divergence is exact, so a live teacher must give the same KD
+    loss (up to the cache's float16 log-probs): catches misaligned rows or a mis-tempered teacher."""
+    params = dict(KD1, lam=0.5, temperature=1.0, top_k=setup.vocab)
+    settings = _settings(batch_size=8, max_steps=1)
+    _, _, cached = _run(setup, tmp_path, "kd1", params, settings=settings)
+    _, _, online = _run(setup, tmp_path, "kd1", params, settings=settings, online=True)
+    a, b = _losses(cached)[0], _losses(online)[0]
+    assert a["loss_ce"] == b["loss_ce"]
+    assert a["loss_kd"] > 0.05
+    assert a["loss_kd"] == pytest.approx(b["loss_kd"], rel=1e-2, abs=1e-3)
+    assert a["loss"] == pytest.approx(b["loss"], rel=1e-2, abs=1e-3)
+
+
+def test_train_refuses_empty_data(setup: Setup, tmp_path: Path) -> None:
+    with pytest.raises(ValueError, match="no training examples"):
+        train(copy.deepcopy(setup.student), [], method=METHODS["sft"], params={}, settings=_settings(),
+              output_dir=tmp_path, seed=1, pad_id=setup.pad_id, vocab_size=setup.vocab)
