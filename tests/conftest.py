@@ -5,6 +5,7 @@ from __future__ import annotations
 import json
 import os
 import random
+from collections.abc import Callable
 from pathlib import Path
 
 import pytest
@@ -26,8 +27,8 @@ def kdlab_cache_dir(tmp_path_factory: pytest.TempPathFactory) -> Path:
 @pytest.fixture(scope="session", autouse=True)
 def _test_environment(kdlab_cache_dir: Path):
     """For the whole session (module- and session-scoped fixtures and subprocesses included): models are
-    cached in a temporary folder, never in ~/.cache/kdlab, and torch uses one thread (tiny models gain
-    nothing from more, and the suite should not crowd a shared CPU)."""
+    cached in a temporary folder, never in ~/.cache/kdlab, and torch uses one thread (the models are
+    small, and the suite should not crowd a shared CPU)."""
     with pytest.MonkeyPatch.context() as mp:
         mp.setenv("KDLAB_CACHE", str(kdlab_cache_dir))
         mp.setenv("OMP_NUM_THREADS", "1")
@@ -46,19 +47,19 @@ def use_user_cache(mp: pytest.MonkeyPatch) -> None:
         mp.setenv("KDLAB_CACHE", USER_KDLAB_CACHE)
 
 
+@pytest.fixture(scope="session")
+def user_model_cache() -> Callable[[pytest.MonkeyPatch], None]:
+    """`use_user_cache`, for module-scoped fixtures of `real` tests (set up before the per-test fixture)."""
+    return use_user_cache
+
+
 @pytest.fixture(autouse=True)
-def _real_tests_environment(request: pytest.FixtureRequest, monkeypatch: pytest.MonkeyPatch):
-    """`real` tests share the user's model cache and use every CPU thread."""
-    if request.node.get_closest_marker("real") is None:
-        yield
-        return
-    use_user_cache(monkeypatch)
-    monkeypatch.delenv("OMP_NUM_THREADS", raising=False)
-    torch.set_num_threads(THREADS)
-    try:
-        yield
-    finally:
-        torch.set_num_threads(1)
+def _real_tests_environment(request: pytest.FixtureRequest, monkeypatch: pytest.MonkeyPatch) -> None:
+    """`real` tests share the user's model cache. They keep the one torch thread too: on the 2-core
+    machine busy with another job, two threads made SmolLM2 generation 5-10x slower than one (the
+    threads wait for each other at every small op)."""
+    if request.node.get_closest_marker("real") is not None:
+        use_user_cache(monkeypatch)
 
 
 @pytest.fixture(scope="session")

@@ -10,7 +10,6 @@ from collections import Counter
 from pathlib import Path
 
 import pytest
-from conftest import use_user_cache
 from transformers import AutoModelForCausalLM
 
 from kdlab.cli import main
@@ -33,9 +32,9 @@ pytestmark = [
 
 
 @pytest.fixture(scope="module")
-def smollm2():
+def smollm2(user_model_cache):
     with pytest.MonkeyPatch.context() as mp:
-        use_user_cache(mp)  # module fixtures run before the per-test environment fixture
+        user_model_cache(mp)  # the GGUF is dequantized once, into the user's cache
         path = resolve_model_path(SMOLLM2_ALIAS)
     return path, load_tokenizer(path), load_model(path, dtype="bfloat16")
 
@@ -83,8 +82,11 @@ def test_squad_generation_scores_officially(smollm2) -> None:
     examples = task.load("dev", DATA)[:8]
     result = evaluate(task, model, tokenizer, examples, batch_size=8)
     assert set(result.predictions) == {ex.id for ex in examples}
-    assert all(isinstance(a, str) and a.strip() and "\n" not in a for a in result.predictions.values()), \
-        result.predictions
+    answers = list(result.predictions.values())
+    assert all(isinstance(a, str) and "\n" not in a and a == a.strip() for a in answers), answers
+    # The 8th question ("What is the AFC short for?") gets <|im_end|> as SmolLM2's first token, a genuine
+    # empty answer; the others are answered.
+    assert sum(1 for a in answers if a) >= 6, answers
     em = 100 * sum(max(float(_official_normalize(result.predictions[ex.id]) == _official_normalize(g))
                        for g in ex.answers) for ex in examples) / len(examples)
     f1 = 100 * sum(max(_official_f1(result.predictions[ex.id], g) for g in ex.answers)

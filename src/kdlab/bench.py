@@ -71,8 +71,9 @@ def percentile(values: Sequence[float], q: float) -> float:
     return xs[lo] + (xs[hi] - xs[lo]) * (pos - lo)
 
 
-def time_calls(fn: Callable[[], Any], *, warmup: int, repeats: int,
-               sync: Callable[[], None] = lambda: None) -> list[float]:
+def time_calls(
+    fn: Callable[[], Any], *, warmup: int, repeats: int, sync: Callable[[], None] = lambda: None
+) -> list[float]:
     """Seconds of each of `repeats` calls of `fn`, after `warmup` untimed calls.
 
     `sync` waits for queued device work (CUDA/MPS run asynchronously), so a call is timed to its end.
@@ -230,12 +231,19 @@ class MemoryMeter:
         if self.kind == "cuda":
             return "peak_memory_bytes: torch.cuda.max_memory_allocated after a reset (weights + activations)"
         if self.kind == "mps":
-            return ("peak_memory_bytes: torch.mps.current_allocated_memory sampled after each call, "
-                    "minus the value before loading (MPS keeps no peak counter)")
-        source = "the kernel's RSS high-water mark (VmHWM, reset per task)" if self._hwm or reset_peak_rss() \
+            return (
+                "peak_memory_bytes: torch.mps.current_allocated_memory sampled after each call, "
+                "minus the value before loading (MPS keeps no peak counter)"
+            )
+        source = (
+            "the kernel's RSS high-water mark (VmHWM, reset per task)"
+            if self._hwm or reset_peak_rss()
             else "RSS polled every 2 ms"
-        return (f"peak_memory_bytes: peak RSS from {source} minus the RSS before loading the model; RSS is "
-                "process-wide (allocator caches and other process memory move it too)")
+        )
+        return (
+            f"peak_memory_bytes: peak RSS from {source} minus the RSS before loading the model; RSS is "
+            "process-wide (allocator caches and other process memory move it too)"
+        )
 
 
 # ---------------------------------------------------------------------------------------------------------
@@ -261,8 +269,9 @@ class PreparedTask:
     label_ids: list[int] | None  # classification tasks
 
 
-def prepare_prompts(task: Task, tokenizer: PreTrainedTokenizerBase,
-                    examples: Sequence[Example]) -> PreparedTask:
+def prepare_prompts(
+    task: Task, tokenizer: PreTrainedTokenizerBase, examples: Sequence[Example]
+) -> PreparedTask:
     """Prompt ids exactly as `evaluation.predict` makes them (evaluation prompts, fitted to max_length)."""
     pairs, _ = task.build_prompts(examples, tokenizer, training=False)
     if not pairs:
@@ -271,16 +280,23 @@ def prepare_prompts(task: Task, tokenizer: PreTrainedTokenizerBase,
     return PreparedTask(task, encode_prompts([p for _, p in pairs], tokenizer), label_ids)
 
 
-def run_inference(model: nn.Module, tokenizer: PreTrainedTokenizerBase, prepared: PreparedTask,
-                  prompt_ids: Sequence[list[int]], batch_size: int) -> list[Any]:
+def run_inference(
+    model: nn.Module,
+    tokenizer: PreTrainedTokenizerBase,
+    prepared: PreparedTask,
+    prompt_ids: Sequence[list[int]],
+    batch_size: int,
+) -> list[Any]:
     """The evaluation call `predict` makes for this task, on already encoded prompts."""
     task = prepared.task
     if task.generative:
-        return evaluation.generate_answers(model, tokenizer, prompt_ids, batch_size=batch_size,
-                                           max_new_tokens=task.settings.max_new_tokens)
+        return evaluation.generate_answers(
+            model, tokenizer, prompt_ids, batch_size=batch_size, max_new_tokens=task.settings.max_new_tokens
+        )
     assert prepared.label_ids is not None
-    return evaluation.score_labels(model, prompt_ids, prepared.label_ids, pad_id=tokenizer.pad_token_id,
-                                   batch_size=batch_size)
+    return evaluation.score_labels(
+        model, prompt_ids, prepared.label_ids, pad_id=tokenizer.pad_token_id, batch_size=batch_size
+    )
 
 
 def count_tokens(prepared: PreparedTask, answers: Sequence[Any], tokenizer: PreTrainedTokenizerBase) -> int:
@@ -291,9 +307,17 @@ def count_tokens(prepared: PreparedTask, answers: Sequence[Any], tokenizer: PreT
     return total
 
 
-def measure_task(model: nn.Module, tokenizer: PreTrainedTokenizerBase, prepared: PreparedTask, *,
-                 batch_size: int, warmup: int, repeats: int, meter: MemoryMeter,
-                 sync: Callable[[], None]) -> dict[str, float | int]:
+def measure_task(
+    model: nn.Module,
+    tokenizer: PreTrainedTokenizerBase,
+    prepared: PreparedTask,
+    *,
+    batch_size: int,
+    warmup: int,
+    repeats: int,
+    meter: MemoryMeter,
+    sync: Callable[[], None],
+) -> dict[str, float | int]:
     """Latency per example (batch 1, each prompt `repeats` times), throughput at `batch_size`, peak memory."""
     prompts = prepared.prompt_ids
     with meter.section():
@@ -302,8 +326,12 @@ def measure_task(model: nn.Module, tokenizer: PreTrainedTokenizerBase, prepared:
         latencies: list[float] = []
         for _ in range(repeats):
             for p in prompts:
-                latencies += time_calls(lambda p=p: run_inference(model, tokenizer, prepared, [p], 1),
-                                        warmup=0, repeats=1, sync=sync)
+                latencies += time_calls(
+                    lambda p=p: run_inference(model, tokenizer, prepared, [p], 1),
+                    warmup=0,
+                    repeats=1,
+                    sync=sync,
+                )
                 meter.sample()
         answers: list[Any] = []
 
@@ -331,8 +359,14 @@ def disk_bytes(folder: str | Path) -> int:
     return folder_size_bytes(folder) - extra
 
 
-def _prime(entry: BenchEntry, prepared: Mapping[str, PreparedTask], tokenizer: PreTrainedTokenizerBase, *,
-           device: torch.device, dtype: str) -> None:
+def _prime(
+    entry: BenchEntry,
+    prepared: Mapping[str, PreparedTask],
+    tokenizer: PreTrainedTokenizerBase,
+    *,
+    device: torch.device,
+    dtype: str,
+) -> None:
     """Run each task once, untimed, before anything is measured: one-time process costs (thread pools,
     kernel selection, lazy imports) would otherwise land on the first model's memory and latency."""
     model = load_model(entry.path, dtype=dtype, device=device, trust_remote_code=entry.trust_remote_code)
@@ -373,8 +407,9 @@ def bench_models(
             if missing:
                 raise ValueError(f"{entry.label}: task(s) {missing} not given to bench_models")
             meter.set_baseline()
-            model = load_model(entry.path, dtype=dtype, device=device,
-                               trust_remote_code=entry.trust_remote_code)
+            model = load_model(
+                entry.path, dtype=dtype, device=device, trust_remote_code=entry.trust_remote_code
+            )
             if hasattr(model, "merge_and_unload"):
                 # Evaluation runs LoRA students merged. (A folder saved with `save: adapter` loads through
                 # transformers' peft integration with the adapter unmerged: timed as loaded.)
@@ -383,16 +418,25 @@ def bench_models(
             total, trainable = count_parameters(model)
             results = {}
             for name in names:
-                results[name] = measure_task(model, tokenizer, prepared[name], batch_size=batch_size,
-                                             warmup=warmup, repeats=repeats, meter=meter, sync=sync)
+                results[name] = measure_task(
+                    model,
+                    tokenizer,
+                    prepared[name],
+                    batch_size=batch_size,
+                    warmup=warmup,
+                    repeats=repeats,
+                    meter=meter,
+                    sync=sync,
+                )
             models[entry.label] = {
                 "role": entry.role,
                 "run": entry.run,
                 "method": entry.method,
                 "task": entry.task,
                 "parameters": int(total),
-                "trainable_parameters": int(trainable if entry.trainable_parameters is None
-                                            else entry.trainable_parameters),
+                "trainable_parameters": int(
+                    trainable if entry.trainable_parameters is None else entry.trainable_parameters
+                ),
                 "disk_bytes": disk_bytes(entry.path),
                 "tasks": results,
             }
@@ -426,16 +470,32 @@ def study_entries(study: Any) -> list[BenchEntry]:
     cfg = study.config
     trust = cfg.teacher.trust_remote_code
     # method "teacher-zero-shot": the base teacher's quality on each task is its zero-shot evaluation.
-    entries = [BenchEntry("teacher-base", study.base_teacher_path, "teacher", "teacher-zero-shot", None,
-                          trust_remote_code=trust)]
+    entries = [
+        BenchEntry(
+            "teacher-base",
+            study.base_teacher_path,
+            "teacher",
+            "teacher-zero-shot",
+            None,
+            trust_remote_code=trust,
+        )
+    ]
     if cfg.teacher.adapt:
         for task in cfg.tasks:
             path = Path(study.teacher_path(task))
             if (path / "config.json").is_file():
                 record = study.registry.get(f"teacher-{task}")
-                entries.append(BenchEntry(f"teacher-{task}", str(path), "teacher", "teacher", task,
-                                          run=record.id if record is not None else None,
-                                          trust_remote_code=trust))
+                entries.append(
+                    BenchEntry(
+                        f"teacher-{task}",
+                        str(path),
+                        "teacher",
+                        "teacher",
+                        task,
+                        run=record.id if record is not None else None,
+                        trust_remote_code=trust,
+                    )
+                )
     path = study.out / "selection.json"
     selection = json.loads(path.read_text()) if path.exists() else {}
     groups: dict[tuple[str, str, str], list[RunRecord]] = {}
@@ -445,8 +505,9 @@ def study_entries(study: Any) -> list[BenchEntry]:
     tasks = list(cfg.tasks)
     rank = {m: i for i, m in enumerate(METHOD_ORDER)}
     students = {s.name: s for s in cfg.students}
-    for student, method, task in sorted(groups, key=lambda g: (g[0], rank.get(g[1], 99), g[1],
-                                                               tasks.index(g[2]))):
+    for student, method, task in sorted(
+        groups, key=lambda g: (g[0], rank.get(g[1], 99), g[1], tasks.index(g[2]))
+    ):
         key = f"{method}-{task}-{student}"
         run = _chosen_run(study, key, groups[(student, method, task)], selection)
         folder = Path(run.output_dir) / "model"
@@ -455,33 +516,74 @@ def study_entries(study: Any) -> list[BenchEntry]:
             continue
         metrics = run.metrics or {}
         settings = students.get(student)
-        entries.append(BenchEntry(key, str(folder), "student", method, task, run=run.id,
-                                  trainable_parameters=metrics.get("trainable_parameters"),
-                                  trust_remote_code=settings.trust_remote_code if settings else False))
+        entries.append(
+            BenchEntry(
+                key,
+                str(folder),
+                "student",
+                method,
+                task,
+                run=run.id,
+                trainable_parameters=metrics.get("trainable_parameters"),
+                trust_remote_code=settings.trust_remote_code if settings else False,
+            )
+        )
     return entries
 
 
-def write_bench(study: Any, *, examples: int | None = None, warmup: int | None = None,
-                repeats: int | None = None) -> Path:
+def write_bench(
+    study: Any,
+    *,
+    examples: int | None = None,
+    warmup: int | None = None,
+    repeats: int | None = None,
+    reuse: bool = False,
+) -> Path:
     """Measure the study's teacher and final students on the first `examples` evaluation examples of each
-    task; write OUT/bench.json. Unset arguments come from the study's `bench` settings."""
+    task; write OUT/bench.json. Unset arguments come from the study's `bench` settings. With `reuse`, an
+    existing bench.json that measured the same models with the same settings is kept as it is."""
     settings = study.config.bench
     examples = settings.examples if examples is None else examples
     warmup = settings.warmup if warmup is None else warmup
     repeats = settings.repeats if repeats is None else repeats
+    path = study.out / BENCH_FILE
+    entries = study_entries(study)
+    wanted = {
+        "models": sorted([e.label, e.run] for e in entries),
+        "examples": examples,
+        "warmup": warmup,
+        "repeats": repeats,
+    }
+    if reuse and path.is_file():
+        earlier = json.loads(path.read_text())
+        if earlier.get("measured") == wanted:
+            study.echo(f"[bench] {path} is up to date ({len(entries)} models)")
+            return path
     tasks = {}
     for name in study.config.tasks:
         data = study.data(name)
         tasks[name] = (data.task, list(data.eval[:examples]))
-    entries = study_entries(study)
     batch_size = study.config.evaluation.batch_size
-    result = bench_models(entries, tasks, study.tokenizer, device=study.device,
-                          dtype=study.config.evaluation.dtype, batch_size=batch_size, warmup=warmup,
-                          repeats=repeats)
+    result = bench_models(
+        entries,
+        tasks,
+        study.tokenizer,
+        device=study.device,
+        dtype=study.config.evaluation.dtype,
+        batch_size=batch_size,
+        warmup=warmup,
+        repeats=repeats,
+    )
     # Extra top-level keys: how it was measured (readers of "models" are not affected).
-    result["settings"] = {"examples_per_task": {n: len(ex) for n, (_, ex) in tasks.items()},
-                          "latency_batch_size": 1, "throughput_batch_size": batch_size, "warmup": warmup,
-                          "repeats": repeats, "torch": torch.__version__, "cpu_count": os.cpu_count()}
+    result["settings"] = {
+        "examples_per_task": {n: len(ex) for n, (_, ex) in tasks.items()},
+        "latency_batch_size": 1,
+        "throughput_batch_size": batch_size,
+        "warmup": warmup,
+        "repeats": repeats,
+        "torch": torch.__version__,
+        "cpu_count": os.cpu_count(),
+    }
     result["notes"] = [
         "latency: per example at batch size 1 over every example `repeats` times; throughput: the median of "
         "`repeats` passes over the same examples at the evaluation batch size",
@@ -490,7 +592,7 @@ def write_bench(study: Any, *, examples: int | None = None, warmup: int | None =
         "disk_bytes: the saved model folder (weights, config, tokenizer), training-only KD3 projections "
         "excluded",
     ]
-    path = study.out / BENCH_FILE
+    result["measured"] = wanted
     tmp = path.with_name(path.name + ".tmp")
     tmp.write_text(json.dumps(result, indent=1))
     os.replace(tmp, path)  # a killed bench never leaves half a file for the report

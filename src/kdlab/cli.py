@@ -192,7 +192,7 @@ def build_parser() -> argparse.ArgumentParser:
             metavar="STUDY.yaml",
             help="study config (default: --preset, else OUT/study.yaml, else the demo)",
         )
-        p.add_argument("--preset", choices=PRESETS)
+        p.add_argument("--preset", choices=PRESETS, help="a built-in study: " + ", ".join(PRESETS))
         p.add_argument("--out", help="output folder (default: the config's output_dir)")
         p.add_argument(
             "--data-dir",
@@ -270,7 +270,11 @@ def build_parser() -> argparse.ArgumentParser:
         'validation.tsv; prints {"accuracy"}.',
     )
     score.add_argument("task", choices=["sst2", "squad"])
-    score.add_argument("predictions", type=Path)
+    score.add_argument(
+        "predictions",
+        type=Path,
+        help='SQuAD: {"question id": "answer"} JSON; SST-2: JSON lines {"id", "label"}',
+    )
     score.add_argument(
         "--data", type=Path, required=True, help="reference file (dev-v1.1.json / validation.tsv)"
     )

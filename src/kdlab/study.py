@@ -695,7 +695,7 @@ class Study:
         if self.config.bench.enabled:
             from kdlab.bench import write_bench
 
-            write_bench(self)
+            write_bench(self, reuse=True)
         from kdlab.report import write_results
 
         paths = write_results(self)
