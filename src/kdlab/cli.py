@@ -11,7 +11,7 @@ from pathlib import Path
 
 from kdlab import __version__
 from kdlab.config import PRESETS, ConfigError, StudyConfig, load_config, load_preset, preset_text
-from kdlab.errors import StudyError
+from kdlab.errors import CacheError, StudyError
 
 EPILOG = """examples:
   kdlab run                                  # the demo study (2-core CPU, under 20 minutes)
@@ -289,7 +289,7 @@ def main(argv: list[str] | None = None) -> int:
     )
     try:
         return args.func(args)
-    except (ConfigError, FileNotFoundError, ValueError, StudyError) as e:
+    except (ConfigError, FileNotFoundError, ValueError, StudyError, CacheError) as e:
         print(f"kdlab: error: {e}", file=sys.stderr)
         return 2
 

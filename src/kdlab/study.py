@@ -28,7 +28,7 @@ from transformers.trainer_utils import get_last_checkpoint
 
 from kdlab import losses
 from kdlab.config import StudentSettings, StudyConfig
-from kdlab.errors import StudyError
+from kdlab.errors import CacheMismatchError, StudyError
 from kdlab.evaluation import evaluate, predict
 from kdlab.methods import METHODS, get_method
 from kdlab.models import (
@@ -439,10 +439,15 @@ class Study:
             hidden_dtype=self.config.cache.hidden_dtype,
         )
         directory = self.cache_dir(name)
-        if (directory / "manifest.json").is_file() and not self.rebuild_cache:
-            return TeacherCache.open(
-                directory, expected_fingerprint=fingerprint(inputs), expected_inputs=inputs
-            )
+        if (directory / "manifest.json").is_file():
+            try:
+                return TeacherCache.open(
+                    directory, expected_fingerprint=fingerprint(inputs), expected_inputs=inputs
+                )
+            except CacheMismatchError:
+                if not self.rebuild_cache:
+                    raise
+                self.echo(f"[cache] {name}: fingerprint changed; rebuilding as asked (--rebuild-cache)")
         self.echo(f"[cache] {name}: building the teacher cache in {directory}")
         start = time.perf_counter()
         teacher = load_model(teacher_dir, dtype=self.config.evaluation.dtype, device=self.device)
@@ -459,7 +464,7 @@ class Study:
             answers=answers,
             batch_size=self.config.evaluation.batch_size,
             hidden_dtype=self.config.cache.hidden_dtype,
-            overwrite=self.rebuild_cache,
+            overwrite=(directory / "manifest.json").is_file(),
         )
         self.echo(
             f"[cache] {name}: {len(cache)} examples, {cache.manifest.get('num_tokens')} answer tokens, "

@@ -36,6 +36,8 @@ from typing import Any
 import numpy as np
 import torch
 
+from kdlab.errors import CacheError, CacheExistsError, CacheMismatchError
+
 __all__ = [
     "FORMAT_VERSION",
     "CacheError",
@@ -63,26 +65,6 @@ _DEFAULT_SHARD_BYTES = 512 << 20
 _HASH_CHUNK = 1 << 20
 
 ExampleId = str | int
-
-
-class CacheError(Exception):
-    """The cache is absent, incomplete, corrupt or unusable."""
-
-
-class CacheExistsError(CacheError, FileExistsError):
-    """Refusing to build over an existing cache (or a foreign non-empty directory)."""
-
-
-class CacheMismatchError(CacheError):
-    """The cache was built from different fingerprint inputs than the ones requested.
-
-    ``differences`` lists ``(key, cached_value, requested_value)``; it is empty when only a bare
-    fingerprint (no inputs) was given to compare against.
-    """
-
-    def __init__(self, message: str, differences: Sequence[tuple[str, Any, Any]] = ()) -> None:
-        super().__init__(message)
-        self.differences = list(differences)
 
 
 # --------------------------------------------------------------------------------------------------
