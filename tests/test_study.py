@@ -207,3 +207,30 @@ def test_failed_run_is_recorded_and_redone(tiny_data_dir: Path, tmp_path: Path,
     assert run.status == "done" and run.attempts == 2 and run.error is None
     assert registry.get("teacher-sst2-zero-shot").attempts == 1  # not redone
     assert AutoModelForCausalLM.from_pretrained(out / "runs" / "sft-sst2-s1-seed1" / "model")
+
+
+def test_two_sweeps_share_the_study(tiny_data_dir: Path, tmp_path: Path) -> None:
+    """Two `kdlab sweep` processes on one --out: every run (teacher, cache, students) is done exactly once.
+
+    Catches claims that are not transactional, a cache or derived student built twice at once, and a
+    grid whose best setting is chosen before the other process finished its grid runs."""
+    out = tmp_path / "out"
+    data = _mini_config(out)
+    data["teacher"]["adapt"] = True
+    data["methods"] = {"sft": {}, "kd1": {"lambda": [0.5, 1.0], "top_k": 8}, "kd3": {"lambda": 0.5}}
+    data["seeds"] = [1, 2]
+    config = tmp_path / "shared.yaml"
+    config.write_text(yaml.safe_dump(data))
+    cmd = [sys.executable, "-m", "kdlab.cli", "sweep", str(config), "--data-dir", str(tiny_data_dir)]
+    logs = [tmp_path / f"sweep{i}.log" for i in range(2)]
+    procs = [subprocess.Popen(cmd, stdout=log.open("w"), stderr=subprocess.STDOUT, env=dict(os.environ),
+                              cwd=tmp_path) for log in logs]
+    for proc, log in zip(procs, logs, strict=True):
+        assert proc.wait(timeout=600) == 0, _tail(log)
+    runs = Registry(out / "registry.sqlite").runs()
+    ids = {r.id for r in runs}
+    assert {"teacher-sst2", "cache-sst2", "sft-sst2-s1-seed2", "kd3-sst2-s1-lam0.5-seed2"} <= ids
+    # the best kd1 setting also ran on the second seed, after both grid runs had finished
+    assert any(r.id.startswith("kd1-sst2-s1-") and r.seed == 2 for r in runs)
+    assert all(r.status == "done" for r in runs), [(r.id, r.status) for r in runs]
+    assert all(r.attempts == 1 for r in runs), [(r.id, r.attempts) for r in runs]

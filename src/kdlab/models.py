@@ -15,7 +15,7 @@ import os
 import re
 import shutil
 import tempfile
-from collections.abc import Sequence
+from collections.abc import Callable, Sequence
 from pathlib import Path
 
 import torch
@@ -89,7 +89,7 @@ def resolve_model_path(spec: str) -> str:
     return spec  # a hub id: transformers resolves (and downloads) it
 
 
-def _atomic_folder(final: Path, build) -> Path:
+def atomic_folder(final: Path, build: Callable[[Path], object]) -> Path:
     """Build a folder in a temp sibling and rename it into place, so a killed build leaves no half copy."""
     if final.is_dir():
         return final
@@ -130,13 +130,13 @@ def materialize_gguf(gguf: Path) -> Path:
         plain.save_pretrained(tmp)
         tokenizer.save_pretrained(tmp)
 
-    return _atomic_folder(final, build)
+    return atomic_folder(final, build)
 
 
 def materialize_tiny() -> Path:
     from kdlab.tiny import write_tiny_llama
 
-    return _atomic_folder(cache_root() / "tiny" / TINY_ALIAS, lambda tmp: write_tiny_llama(tmp))
+    return atomic_folder(cache_root() / "tiny" / TINY_ALIAS, lambda tmp: write_tiny_llama(tmp))
 
 
 def load_tokenizer(path: str, *, trust_remote_code: bool = False) -> PreTrainedTokenizerBase:

@@ -33,6 +33,7 @@ from kdlab.evaluation import evaluate, predict
 from kdlab.methods import METHODS, get_method
 from kdlab.models import (
     add_lora,
+    atomic_folder,
     count_parameters,
     derive_student,
     evenly_spaced_layers,
@@ -201,10 +202,13 @@ class Study:
     def _hash(self, *parts: Any) -> str:
         return fingerprint({"parts": [json.loads(json.dumps(p, default=str)) for p in parts]})[:16]
 
-    def _execute(self, spec: RunSpec, body: Callable[[], dict[str, Any]]) -> RunRecord | None:
+    def _execute(
+        self, spec: RunSpec, body: Callable[[], dict[str, Any]], *, force: bool = False
+    ) -> RunRecord | None:
         """Run `body` once for `spec` unless it is done, held by another live process, or already failed
-        in this process. Returns the run's record, or None while another process holds it."""
-        record = self.registry.add(spec)
+        in this process. Returns the run's record, or None while another process holds it. `force` redoes
+        a finished run whose settings changed."""
+        record = self.registry.add(spec, force=force)
         if record.status == "done" or (record.status == "failed" and spec.id in self._tried):
             return record
         if not self.registry.claim(spec.id):
@@ -232,10 +236,15 @@ class Study:
         return self.registry.get(spec.id)
 
     def _execute_required(
-        self, spec: RunSpec, body: Callable[[], dict[str, Any]], poll_seconds: float = 5.0
+        self,
+        spec: RunSpec,
+        body: Callable[[], dict[str, Any]],
+        poll_seconds: float = 5.0,
+        force: bool = False,
     ) -> RunRecord:
         """Like `_execute` for runs later stages depend on: waits for another process, raises on failure."""
-        while (record := self._execute(spec, body)) is None:
+        while (record := self._execute(spec, body, force=force)) is None:
+            force = False  # another process took the forced run: wait for it, do not reset it again
             time.sleep(poll_seconds)
         if record.status != "done":
             raise StudyError(
@@ -380,12 +389,15 @@ class Study:
         n = teacher.config.num_hidden_layers
         layers = student.derive.layers or evenly_spaced_layers(n, student.derive.num_layers)
         model = derive_student(teacher, layers)
-        partial = folder.with_name("init.partial")
-        save_model(model, self.tokenizer, partial)
-        (partial / "derived_from.json").write_text(
-            json.dumps({"teacher": self.config.teacher.model, "teacher_layers": layers})
-        )
-        partial.rename(folder)
+
+        def build(tmp: Path) -> None:
+            save_model(model, self.tokenizer, tmp)
+            (tmp / "derived_from.json").write_text(
+                json.dumps({"teacher": self.config.teacher.model, "teacher_layers": layers})
+            )
+
+        # Built aside and renamed: a killed build or a second process never leaves a half-written student.
+        atomic_folder(folder, build)
         self.echo(
             f"[student] {student.name}: {len(layers)} of {n} teacher layers {layers}, "
             f"{count_parameters(model)[0] / 1e6:.1f}M parameters"
@@ -439,38 +451,58 @@ class Study:
             hidden_dtype=self.config.cache.hidden_dtype,
         )
         directory = self.cache_dir(name)
+        expected = fingerprint(inputs)
+        force = False
         if (directory / "manifest.json").is_file():
             try:
-                return TeacherCache.open(
-                    directory, expected_fingerprint=fingerprint(inputs), expected_inputs=inputs
-                )
+                return TeacherCache.open(directory, expected_fingerprint=expected, expected_inputs=inputs)
             except CacheMismatchError:
                 if not self.rebuild_cache:
                     raise
                 self.echo(f"[cache] {name}: fingerprint changed; rebuilding as asked (--rebuild-cache)")
-        self.echo(f"[cache] {name}: building the teacher cache in {directory}")
-        start = time.perf_counter()
-        teacher = load_model(teacher_dir, dtype=self.config.evaluation.dtype, device=self.device)
-        cache = build_teacher_cache(
-            directory,
-            task=data.task,
-            teacher=teacher,
-            tokenizer=self.tokenizer,
-            examples=data.train,
-            encoded=data.encoded,
-            fingerprint_inputs=inputs,
-            top_k=inputs["top_k"],
-            hidden_layers=layers,
-            answers=answers,
-            batch_size=self.config.evaluation.batch_size,
-            hidden_dtype=self.config.cache.hidden_dtype,
-            overwrite=(directory / "manifest.json").is_file(),
+                force = True
+
+        def build() -> dict[str, Any]:
+            self.echo(f"[cache] {name}: building the teacher cache in {directory}")
+            teacher = load_model(teacher_dir, dtype=self.config.evaluation.dtype, device=self.device)
+            cache = build_teacher_cache(
+                directory,
+                task=data.task,
+                teacher=teacher,
+                tokenizer=self.tokenizer,
+                examples=data.train,
+                encoded=data.encoded,
+                fingerprint_inputs=inputs,
+                top_k=inputs["top_k"],
+                hidden_layers=layers,
+                answers=answers,
+                batch_size=self.config.evaluation.batch_size,
+                hidden_dtype=self.config.cache.hidden_dtype,
+                overwrite=(directory / "manifest.json").is_file(),
+            )
+            stats = {"examples": len(cache), "answer_tokens": cache.num_tokens, "fields": list(cache.fields)}
+            if "topk" in cache.fields:
+                stats["topk_bytes_per_token"] = cache.bytes_per_token()
+            return {"cache": stats}
+
+        # Claimed in the registry like any run, so two processes never build the same cache at once.
+        spec = RunSpec(
+            id=f"cache-{name}",
+            kind="teacher",
+            task=name,
+            method="cache",
+            student="teacher",
+            stage="teacher",
+            params={"fingerprint": expected},
+            seed=None,
+            config_hash=expected[:16],
+            output_dir=str(directory),
         )
-        self.echo(
-            f"[cache] {name}: {len(cache)} examples, {cache.manifest.get('num_tokens')} answer tokens, "
-            f"{time.perf_counter() - start:.0f}s"
-        )
-        return cache
+        record = self.registry.get(spec.id)
+        if record is not None and record.status == "done" and not (directory / "manifest.json").is_file():
+            self.registry.reset(spec.id)  # the registry says done but the cache is gone: rebuild it
+        record = self._execute_required(spec, build, force=force)
+        return TeacherCache.open(directory, expected_fingerprint=expected, expected_inputs=inputs)
 
     # -- student runs -------------------------------------------------------------------------------------
 
