@@ -18,8 +18,8 @@ from kdlab.models import (
     SMOLLM2_ALIAS,
     TINY_ALIAS,
     ModelSpecError,
-    _atomic_folder,
     add_lora,
+    atomic_folder,
     derive_student,
     evenly_spaced_layers,
     is_peft,
@@ -182,13 +182,13 @@ def test_tiny_alias_materialises_once(tmp_path: Path, monkeypatch: pytest.Monkey
     assert model.config.vocab_size == len(tokenizer)
 
 
-def test_atomic_folder_leaves_nothing_when_the_build_fails(tmp_path: Path) -> None:
+def testatomic_folder_leaves_nothing_when_the_build_fails(tmp_path: Path) -> None:
     def broken(tmp: Path) -> None:
         (tmp / "half.bin").write_bytes(b"x")
         raise OSError("disk full")
 
     with pytest.raises(OSError, match="disk full"):
-        _atomic_folder(tmp_path / "final", broken)
+        atomic_folder(tmp_path / "final", broken)
     assert list(tmp_path.iterdir()) == []
 
 

@@ -115,7 +115,8 @@ def test_tiny_real_study(tmp_path: Path, capsys: pytest.CaptureFixture[str]) -> 
     assert main(["run", str(path), "--data-dir", str(DATA)]) == 0, capsys.readouterr().out[-3000:]
     out = tmp_path / "out"
     runs = {r.id: r for r in Registry(out / "registry.sqlite").runs()}
-    assert set(runs) == {"teacher-sst2-zero-shot", "sft-sst2-s2-seed7", "kd1-sst2-s2-lam0.5-seed7"}
+    assert set(runs) == {"teacher-sst2-zero-shot", "cache-sst2", "sft-sst2-s2-seed7",
+                         "kd1-sst2-s2-lam0.5-seed7"}
     assert all(r.status == "done" for r in runs.values())
     for rid in ("sft-sst2-s2-seed7", "kd1-sst2-s2-lam0.5-seed7"):
         assert runs[rid].metrics["steps"] == 2 and runs[rid].metrics["eval"]["n"] == 16

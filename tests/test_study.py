@@ -100,7 +100,9 @@ def test_smoke_study_end_to_end(smoke: SmokeStudy) -> None:
     runs = {r.id: r for r in smoke.registry().runs()}
     assert all(r.status == "done" for r in runs.values()), {i: r.status for i, r in runs.items()}
     teacher = {i for i, r in runs.items() if r.kind == "teacher"}
-    assert teacher == {"teacher-sst2-zero-shot", "teacher-sst2", "teacher-squad-zero-shot", "teacher-squad"}
+    assert teacher == {"teacher-sst2-zero-shot", "teacher-sst2", "teacher-squad-zero-shot", "teacher-squad",
+                       "cache-sst2", "cache-squad"}
+    assert runs["cache-sst2"].metrics["cache"]["topk_bytes_per_token"] <= 128
     students = {i: r for i, r in runs.items() if r.kind == "student"}
     # kd1 has a two-point grid on seed 1; its best point is run again on seed 2 (whichever it is).
     kd1_final = {i for i in students if i.startswith("kd1-") and i.endswith("-seed2")}
