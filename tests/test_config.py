@@ -81,7 +81,7 @@ def test_valid_base() -> None:
     kd1 = config.methods["kd1"]
     assert isinstance(kd1, KD1Settings) and kd1.lam == [0.5, 1.0] and kd1.temperature == [3.0]
     kd3 = config.methods["kd3"]
-    assert isinstance(kd3, KD3Settings) and kd3.layer_map == [(0, 1), (1, 3)]
+    assert isinstance(kd3, KD3Settings) and kd3.layer_map == [[(0, 1), (1, 3)]]  # one explicit map
     assert isinstance(config.tasks["sst2"], SST2Settings) and isinstance(config.tasks["squad"], SquadSettings)
     assert config.tasks["squad"].max_new_tokens == 7
 
@@ -241,7 +241,7 @@ def test_yaml_round_trip(source: str) -> None:
 def test_to_yaml_writes_method_settings() -> None:
     # Not only a round trip: defaults filled in on re-parse would hide settings missing from the text.
     data = yaml.safe_load(parse_config(_base()).to_yaml())
-    assert data["methods"]["kd1"]["lambda"] == [0.5, 1.0] and data["methods"]["kd1"]["top_k"] == 8
+    assert data["methods"]["kd1"]["lambda"] == [0.5, 1.0] and data["methods"]["kd1"]["top_k"] == [8]
     assert data["tasks"]["squad"]["max_new_tokens"] == 7
 
 
@@ -249,8 +249,20 @@ def test_single_values_become_grid_lists() -> None:
     config = parse_config(_base())
     assert config.methods["kd3"].lam == [0.25]
     assert config.methods["kd1"].grid_axes() == {"lam": [0.5, 1.0], "temperature": [3.0],
-                                                 "divergence": ["forward_kl"]}
-    assert "layer_map" not in config.methods["kd3"].grid_axes()
+                                                 "divergence": ["forward_kl"], "top_k": [8]}
+    assert config.methods["kd3"].grid_axes()["layer_map"] == [[(0, 1), (1, 3)]]
+
+
+def test_layer_maps_and_k_as_grid_axes() -> None:
+    data = _base()
+    data["methods"]["kd3"]["layer_map"] = ["uniform", "last", [[1, 2]]]
+    data["methods"]["kd1"]["top_k"] = [8, 16]
+    config = parse_config(data)
+    assert config.methods["kd3"].grid_axes()["layer_map"] == ["uniform", "last", [(1, 2)]]
+    assert config.methods["kd1"].grid_axes()["top_k"] == [8, 16]
+    data["methods"]["kd1"]["top_k"] = [0]
+    with pytest.raises(ConfigError, match="methods.kd1"):
+        parse_config(data)
 
 
 # ---------------------------------------------------------------------------------------------------------

@@ -443,3 +443,10 @@ def test_final_runs_keeps_the_bench_api(study: SimpleNamespace) -> None:
     groups = final_runs(Registry(study.out / "registry.sqlite"), selection)
     assert [r.id for r in groups[("s1", "kd1", "squad")]] == [f"kd1-squad-s1-lam1-seed{s}" for s in (42, 7)]
     assert _method_order("teacher") < _method_order("sft") < _method_order("kd3") < _method_order("other")
+
+
+def test_efficiency_table_gives_ratios_to_the_teacher(study: SimpleNamespace) -> None:
+    # kd1 student: 60M vs 135M parameters, p50 4.0 vs 10.0 ms on sst2, same throughput as the teacher.
+    lines = (study.out / "report.md").read_text().splitlines()
+    rows = [line for line in lines if line.startswith("| s1 kd1")]
+    assert rows and rows[0].rstrip(" |").endswith("0.44 / 0.40 / 1.00"), rows

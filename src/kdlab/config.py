@@ -124,12 +124,16 @@ class TaskSettings(Strict):
     @model_validator(mode="after")
     def _fits_splits(self) -> TaskSettings:
         if self.eval_size is not None and self.eval_size > self.eval_split_size:
-            raise ValueError(f"eval_size {self.eval_size} is larger than the evaluation split "
-                             f"({self.eval_split_size} examples)")
+            raise ValueError(
+                f"eval_size {self.eval_size} is larger than the evaluation split "
+                f"({self.eval_split_size} examples)"
+            )
         need = (self.train_size or 0) + self.selection_size
         if need > self.train_split_size:
-            raise ValueError(f"train_size + selection_size = {need} is larger than the training split "
-                             f"({self.train_split_size} examples)")
+            raise ValueError(
+                f"train_size + selection_size = {need} is larger than the training split "
+                f"({self.train_split_size} examples)"
+            )
         return self
 
 
@@ -167,11 +171,11 @@ class MethodSettings(Strict):
         return v
 
     def grid_axes(self) -> dict[str, list[Any]]:
-        return {name: getattr(self, name) for name, f in type(self).model_fields.items()
-                if isinstance(getattr(self, name), list) and name not in self.fixed_lists()}
-
-    def fixed_lists(self) -> set[str]:
-        return set()
+        return {
+            name: getattr(self, name)
+            for name in type(self).model_fields
+            if isinstance(getattr(self, name), list)
+        }
 
 
 class SFTSettings(Strict):
@@ -185,9 +189,20 @@ class KD1Settings(MethodSettings):
         default_factory=lambda: ["forward_kl"]
     )
     jsd_beta: float = Field(0.5, gt=0, lt=1)
-    top_k: int = Field(32, gt=0, description="teacher log-probs kept per token in the cache")
+    top_k: list[int] = Field(
+        default_factory=lambda: [32],
+        min_length=1,
+        description="teacher log-probs per token (the cache keeps the largest; smaller k read its head)",
+    )
 
-    _lists = field_validator("temperature", "divergence", mode="before")(_as_list)
+    _lists = field_validator("temperature", "divergence", "top_k", mode="before")(_as_list)
+
+    @field_validator("top_k")
+    @classmethod
+    def _k_pos(cls, v: list[int]) -> list[int]:
+        if any(k <= 0 for k in v):
+            raise ValueError("top_k must be > 0")
+        return v
 
     @field_validator("temperature")
     @classmethod
@@ -202,15 +217,34 @@ class KD2Settings(MethodSettings):
 
 
 class KD3Settings(MethodSettings):
-    layer_map: Literal["uniform", "last"] | list[tuple[int, int]] = "uniform"
+    # One map, or a list of maps as a grid axis: "uniform", "last", or explicit [[student, teacher], ...].
+    layer_map: list[Literal["uniform", "last"] | list[tuple[int, int]]] = Field(
+        default_factory=lambda: ["uniform"], min_length=1
+    )
     loss: Literal["mse", "cosine"] = "mse"
 
-    def fixed_lists(self) -> set[str]:
-        return {"layer_map"}
+    @field_validator("layer_map", mode="before")
+    @classmethod
+    def _one_or_many_maps(cls, v: Any) -> Any:
+        # A bare name, or one explicit list of pairs, is a single map; anything else is a list of maps.
+        if isinstance(v, str):
+            return [v]
+        if (
+            isinstance(v, list)
+            and v
+            and all(
+                isinstance(p, list | tuple) and len(p) == 2 and all(isinstance(i, int) for i in p) for p in v
+            )
+        ):
+            return [v]
+        return v
 
 
 METHOD_SETTINGS: dict[str, type[Strict]] = {
-    "sft": SFTSettings, "kd1": KD1Settings, "kd2": KD2Settings, "kd3": KD3Settings,
+    "sft": SFTSettings,
+    "kd1": KD1Settings,
+    "kd2": KD2Settings,
+    "kd3": KD3Settings,
 }
 
 

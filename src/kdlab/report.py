@@ -197,8 +197,14 @@ def chosen_groups(outputs: StudyOutputs) -> dict[tuple[str, str, str], Group]:
         done = [r for r in runs if r.done]
         grid = [r for r in done if r.stage == "grid"]
         settings = {_key(r.params): r.params for r in runs}
-        varying = sorted({k for p in settings.values() for k in p
-                          if len({_key({k: q.get(k)}) for q in settings.values()}) > 1})
+        varying = sorted(
+            {
+                k
+                for p in settings.values()
+                for k in p
+                if len({_key({k: q.get(k)}) for q in settings.values()}) > 1
+            }
+        )
         entry = outputs.selection.get(f"{method}-{task}-{student}")
         if isinstance(entry, dict) and isinstance(entry.get("chosen"), dict):
             params, source = entry["chosen"], "selection.json"
@@ -212,13 +218,15 @@ def chosen_groups(outputs: StudyOutputs) -> dict[tuple[str, str, str], Group]:
             continue
         chosen = [r for r in done if _key(r.params) == _key(params)]
         chosen.sort(key=lambda r: (r.stage != "grid", seed_order.get(r.seed, len(seed_order)), r.seed or 0))
-        groups[(student, method, task)] = Group(student, method, task, dict(params), chosen, grid, source,
-                                                varying)
+        groups[(student, method, task)] = Group(
+            student, method, task, dict(params), chosen, grid, source, varying
+        )
     return dict(sorted(groups.items(), key=lambda kv: (kv[0][2], kv[0][0], _method_rank(kv[0][1]))))
 
 
-def final_runs(registry: Registry, selection: Mapping[str, Any]
-               ) -> dict[tuple[str, str, str], list[RunRecord]]:
+def final_runs(
+    registry: Registry, selection: Mapping[str, Any]
+) -> dict[tuple[str, str, str], list[RunRecord]]:
     """Done runs of the chosen setting of each (student, method, task), all seeds (kept for `kdlab.bench`)."""
     outputs = StudyOutputs(registry.path.parent, registry.runs(), dict(selection), None, None, None, [])
     return {k: g.runs for k, g in chosen_groups(outputs).items() if g.runs}
@@ -235,8 +243,16 @@ def _method_order(method: str) -> int:
 
 _CSV_HEAD = ["run", "kind", "task", "method", "student", "stage", "seed", "status", "chosen"]
 _CSV_METRICS = [f"{split}_{m}" for split in ("eval", "selection") for m in ("accuracy", "exact_match", "f1")]
-_CSV_TAIL = ["train_runtime", "steps", "train_examples", "trainable_parameters", "parameters", "wall_time",
-             "attempts", "error"]
+_CSV_TAIL = [
+    "train_runtime",
+    "steps",
+    "train_examples",
+    "trainable_parameters",
+    "parameters",
+    "wall_time",
+    "attempts",
+    "error",
+]
 
 
 def _flatten(d: Mapping[str, Any], prefix: str = "") -> dict[str, Any]:
@@ -250,8 +266,9 @@ def _flatten(d: Mapping[str, Any], prefix: str = "") -> dict[str, Any]:
     return out
 
 
-def results_table(outputs: StudyOutputs, groups: Mapping[tuple[str, str, str], Group]
-                  ) -> tuple[list[str], list[dict[str, Any]]]:
+def results_table(
+    outputs: StudyOutputs, groups: Mapping[tuple[str, str, str], Group]
+) -> tuple[list[str], list[dict[str, Any]]]:
     """Header and one row per run: identity, status, `param_*` columns, flattened metrics, wall time."""
     chosen_ids = {r.id for g in groups.values() for r in g.runs}
     rows: list[dict[str, Any]] = []
@@ -259,8 +276,14 @@ def results_table(outputs: StudyOutputs, groups: Mapping[tuple[str, str, str], G
     metric_cols: dict[str, None] = dict.fromkeys(_CSV_METRICS)
     for r in outputs.runs:
         row: dict[str, Any] = {
-            "run": r.id, "kind": r.kind, "task": r.task, "method": r.method, "student": r.student,
-            "stage": r.stage, "seed": r.seed, "status": r.status,
+            "run": r.id,
+            "kind": r.kind,
+            "task": r.task,
+            "method": r.method,
+            "student": r.student,
+            "stage": r.stage,
+            "seed": r.seed,
+            "status": r.status,
             "chosen": "" if r.kind == "teacher" else r.id in chosen_ids,
             "wall_time": round(r.wall_time, 2) if r.wall_time is not None else None,
             "attempts": r.attempts,
@@ -293,13 +316,17 @@ def _csv_text(header: Sequence[str], rows: Sequence[Mapping[str, Any]]) -> str:
 # per-example scores and the comparison with SFT
 
 
-def per_example_scores(task: str, predictions: Mapping[str, Any], examples: Sequence[Example]
-                       ) -> dict[str, np.ndarray]:
+def per_example_scores(
+    task: str, predictions: Mapping[str, Any], examples: Sequence[Example]
+) -> dict[str, np.ndarray]:
     """Per-example scores x100 in ``examples`` order, whose means are the task's metrics (a missing prediction
     scores 0, as in `kdlab.metrics`). SST-2: correctness; SQuAD: EM and F1, max over the gold answers."""
     if task == "sst2":
-        return {"accuracy": np.array([100.0 * (ex.id in predictions and int(predictions[ex.id]) == ex.label)
-                                      for ex in examples])}
+        return {
+            "accuracy": np.array(
+                [100.0 * (ex.id in predictions and int(predictions[ex.id]) == ex.label) for ex in examples]
+            )
+        }
     if task == "squad":
         em, f = [], []
         for ex in examples:
@@ -357,8 +384,10 @@ class _Scorer:
         by_id = {ex.id: ex for ex in t.load(t.eval_split, self.data_dir)}
         missing = [i for i in ids if i not in by_id]
         if missing:
-            raise ValueError(f"{len(missing)} evaluation ids of data/{task}.json are not in the "
-                             f"{t.eval_split} split (e.g. {missing[0]!r}): another data folder?")
+            raise ValueError(
+                f"{len(missing)} evaluation ids of data/{task}.json are not in the "
+                f"{t.eval_split} split (e.g. {missing[0]!r}): another data folder?"
+            )
         return t, [by_id[i] for i in ids]
 
     def scores(self, run: RunRecord) -> dict[str, np.ndarray]:
@@ -381,14 +410,22 @@ class _Scorer:
         for metric, values in scores.items():
             recorded = _metric(run, "eval", metric)
             if recorded is not None and abs(float(values.mean()) - recorded) > CONSISTENCY_TOL:
-                self.notes.append(f"{run.id}: its eval predictions give {metric} {values.mean():.2f} but the "
-                                  f"registry records {recorded:.2f} (predictions file from another run?)")
+                self.notes.append(
+                    f"{run.id}: its eval predictions give {metric} {values.mean():.2f} but the "
+                    f"registry records {recorded:.2f} (predictions file from another run?)"
+                )
         return scores
 
 
-def compare_to_sft(outputs: StudyOutputs, groups: Mapping[tuple[str, str, str], Group],
-                   data_dir: str | Path | None = None, *, n_resamples: int = N_RESAMPLES,
-                   seed: int = BOOTSTRAP_SEED, notes: list[str] | None = None) -> list[Comparison]:
+def compare_to_sft(
+    outputs: StudyOutputs,
+    groups: Mapping[tuple[str, str, str], Group],
+    data_dir: str | Path | None = None,
+    *,
+    n_resamples: int = N_RESAMPLES,
+    seed: int = BOOTSTRAP_SEED,
+    notes: list[str] | None = None,
+) -> list[Comparison]:
     """Paired bootstrap of every non-SFT method's chosen setting against SFT of the same student and task,
     per metric, on per-example scores averaged over each system's seeds (see `kdlab.stats`)."""
     notes = notes if notes is not None else []
@@ -409,8 +446,13 @@ def compare_to_sft(outputs: StudyOutputs, groups: Mapping[tuple[str, str, str], 
             out += [Comparison(task, student, method, m, None, seeds, str(e)) for m in metrics]
             continue
         for m in metrics:
-            res = paired_bootstrap(np.stack([s[m] for s in system]), np.stack([s[m] for s in baseline]),
-                                   n_resamples=n_resamples, confidence=CONFIDENCE, seed=seed)
+            res = paired_bootstrap(
+                np.stack([s[m] for s in system]),
+                np.stack([s[m] for s in baseline]),
+                n_resamples=n_resamples,
+                confidence=CONFIDENCE,
+                seed=seed,
+            )
             out.append(Comparison(task, student, method, m, res, seeds))
     return out
 
@@ -418,11 +460,29 @@ def compare_to_sft(outputs: StudyOutputs, groups: Mapping[tuple[str, str, str], 
 # ---------------------------------------------------------------------------------------------------------
 # summary tables (markdown and LaTeX from one model)
 
-_TEX_SPECIALS = {"\\": r"\textbackslash{}", "&": r"\&", "%": r"\%", "$": r"\$", "#": r"\#", "_": r"\_",
-                 "{": r"\{", "}": r"\}", "~": r"\textasciitilde{}", "^": r"\textasciicircum{}"}
+_TEX_SPECIALS = {
+    "\\": r"\textbackslash{}",
+    "&": r"\&",
+    "%": r"\%",
+    "$": r"\$",
+    "#": r"\#",
+    "_": r"\_",
+    "{": r"\{",
+    "}": r"\}",
+    "~": r"\textasciitilde{}",
+    "^": r"\textasciicircum{}",
+}
 # "<" and ">" print as other glyphs in LaTeX's default text font encoding, hence the text commands.
-_TEX_TEXT = {"±": r"$\pm$", "Δ": r"$\Delta$", "λ": r"$\lambda$", "–": "--", "−": "$-$",
-             "²": r"\textsuperscript{2}", "<": r"\textless{}", ">": r"\textgreater{}"}
+_TEX_TEXT = {
+    "±": r"$\pm$",
+    "Δ": r"$\Delta$",
+    "λ": r"$\lambda$",
+    "–": "--",
+    "−": "$-$",
+    "²": r"\textsuperscript{2}",
+    "<": r"\textless{}",
+    ">": r"\textgreater{}",
+}
 
 
 def tex_escape(text: str) -> str:
@@ -464,13 +524,17 @@ class TaskSummary:
 
     def best(self, metric: str) -> float | None:
         """Best student mean as displayed (rounded: values that print the same are all bold)."""
-        means = [round(mean_std(r.values[metric])[0], DECIMALS) for r in self.rows
-                 if not r.teacher and r.values.get(metric)]
+        means = [
+            round(mean_std(r.values[metric])[0], DECIMALS)
+            for r in self.rows
+            if not r.teacher and r.values.get(metric)
+        ]
         return max(means) if means else None
 
 
-def build_summaries(outputs: StudyOutputs, groups: Mapping[tuple[str, str, str], Group],
-                    comparisons: Sequence[Comparison]) -> list[TaskSummary]:
+def build_summaries(
+    outputs: StudyOutputs, groups: Mapping[tuple[str, str, str], Group], comparisons: Sequence[Comparison]
+) -> list[TaskSummary]:
     out = []
     for task in outputs.tasks:
         metrics = task_metrics(task)
@@ -523,8 +587,13 @@ class _Markdown:
         return s.replace("|", "\\|")
 
     def setting(self, parts: Sequence[tuple[str, str]]) -> str:
-        return ", ".join(f"{PARAM_SYMBOLS.get(k, (k,))[0]}={v}" if PARAM_SYMBOLS.get(k, (k,))[0] else v
-                         for k, v in parts) or "–"
+        return (
+            ", ".join(
+                f"{PARAM_SYMBOLS.get(k, (k,))[0]}={v}" if PARAM_SYMBOLS.get(k, (k,))[0] else v
+                for k, v in parts
+            )
+            or "–"
+        )
 
     def table(self, head: Sequence[str], rows: Sequence[Sequence[str]], align: str) -> str:
         sep = ["---:" if a == "r" else "---" for a in align]
@@ -570,8 +639,12 @@ def _results_rows(s: TaskSummary, fmt: _Markdown) -> tuple[list[str], list[list[
         for m in s.metrics:
             text = fmt.text(_mean_cell(r.values.get(m, [])))
             values = r.values.get(m)
-            if (not r.teacher and values and best[m] is not None
-                    and round(mean_std(values)[0], DECIMALS) == best[m]):
+            if (
+                not r.teacher
+                and values
+                and best[m] is not None
+                and round(mean_std(values)[0], DECIMALS) == best[m]
+            ):
                 text = fmt.bold(text)
             cells.append(text)
         setting = fmt.text("–") if r.teacher else fmt.setting(r.setting)
@@ -600,17 +673,22 @@ def _task_title(s: TaskSummary) -> str:
 
 
 def _stats_caption(s: TaskSummary) -> str:
-    examples = "the evaluation examples" if s.n_examples is None else f"the {s.n_examples} evaluation " \
-        "examples"
-    return (f"Δ vs SFT of the same student: mean difference over {examples} (per-example scores averaged "
-            f"over seeds), 95% percentile interval of a paired bootstrap ({N_RESAMPLES} resamples, seed "
-            f"{BOOTSTRAP_SEED}) and its two-sided p-value (not corrected for multiple comparisons)")
+    examples = (
+        "the evaluation examples" if s.n_examples is None else f"the {s.n_examples} evaluation examples"
+    )
+    return (
+        f"Δ vs SFT of the same student: mean difference over {examples} (per-example scores averaged "
+        f"over seeds), 95% percentile interval of a paired bootstrap ({N_RESAMPLES} resamples, seed "
+        f"{BOOTSTRAP_SEED}) and its two-sided p-value (not corrected for multiple comparisons)"
+    )
 
 
-SUMMARY_NOTE = ("Evaluation split, percentages. Mean ± sample standard deviation (n−1) over seeds of each "
-                "method's chosen setting (a single value for one seed); the seeds column counts them. The "
-                "chosen setting is the grid point with the best selection-split metric. Bold: best student "
-                "per column. ")
+SUMMARY_NOTE = (
+    "Evaluation split, percentages. Mean ± sample standard deviation (n−1) over seeds of each "
+    "method's chosen setting (a single value for one seed); the seeds column counts them. The "
+    "chosen setting is the grid point with the best selection-split metric. Bold: best student "
+    "per column. "
+)
 
 
 def summary_markdown(summaries: Sequence[TaskSummary], *, level: int = 2) -> str:
@@ -637,15 +715,21 @@ def summary_latex(summaries: Sequence[TaskSummary], study: str) -> str:
     parts = ["% kdlab study tables; needs \\usepackage{booktabs} in the preamble.\n"]
     for s in summaries:
         head, rows, align = _results_rows(s, fmt)
-        parts.append("\\begin{table}[t]\n\\centering\n\\small\n" + fmt.table(head, rows, align)
-                     + f"\\caption{{{tex_escape(_task_title(s) + '. ' + SUMMARY_NOTE.strip())}}}\n"
-                     + f"\\label{{tab:{label}-{s.task}}}\n\\end{{table}}\n")
+        parts.append(
+            "\\begin{table}[t]\n\\centering\n\\small\n"
+            + fmt.table(head, rows, align)
+            + f"\\caption{{{tex_escape(_task_title(s) + '. ' + SUMMARY_NOTE.strip())}}}\n"
+            + f"\\label{{tab:{label}-{s.task}}}\n\\end{{table}}\n"
+        )
         if s.comparisons:
             head, rows, align = _delta_rows(s, fmt)
             caption = tex_escape(f"{TASK_LABELS.get(s.task, s.task)}: {_stats_caption(s)}.")
-            parts.append("\\begin{table}[t]\n\\centering\n\\small\n" + fmt.table(head, rows, align)
-                         + f"\\caption{{{caption}}}"
-                         + f"\n\\label{{tab:{label}-{s.task}-vs-sft}}\n\\end{{table}}\n")
+            parts.append(
+                "\\begin{table}[t]\n\\centering\n\\small\n"
+                + fmt.table(head, rows, align)
+                + f"\\caption{{{caption}}}"
+                + f"\n\\label{{tab:{label}-{s.task}-vs-sft}}\n\\end{{table}}\n"
+            )
     return "\n".join(parts)
 
 
@@ -668,8 +752,9 @@ def _metric_axis(metric: str, split: str) -> str:
     return f"{split} {METRIC_NAMES.get(metric, metric)} (%)"
 
 
-def _lambda_figures(outputs: StudyOutputs, groups: Mapping[tuple[str, str, str], Group], fig_dir: Path
-                    ) -> list[FigureEntry]:
+def _lambda_figures(
+    outputs: StudyOutputs, groups: Mapping[tuple[str, str, str], Group], fig_dir: Path
+) -> list[FigureEntry]:
     entries = []
     students = sorted({g.student for g in groups.values()})
     many = len(students) > 1
@@ -695,27 +780,49 @@ def _lambda_figures(outputs: StudyOutputs, groups: Mapping[tuple[str, str, str],
                 other = json.loads(other_key)
                 label = _student_label(student, method, many)
                 if other:
-                    label += " (" + ", ".join(f"{PARAM_SYMBOLS.get(k, (k,))[0] or k}={_num(v)}"
-                                              for k, v in other.items()) + ")"
+                    label += (
+                        " ("
+                        + ", ".join(
+                            f"{PARAM_SYMBOLS.get(k, (k,))[0] or k}={_num(v)}" for k, v in other.items()
+                        )
+                        + ")"
+                    )
                 is_chosen = all(g.params.get(k) == v for k, v in other.items())
-                series.append(LambdaSeries(
-                    label, method, [float(r.params["lam"]) for r in runs],
-                    [float(_metric(r, "selection", metric) or 0.0) for r in runs],
-                    chosen_lam=float(g.params["lam"]) if is_chosen and "lam" in g.params else None,
-                    student_index=students.index(student)))
+                series.append(
+                    LambdaSeries(
+                        label,
+                        method,
+                        [float(r.params["lam"]) for r in runs],
+                        [float(_metric(r, "selection", metric) or 0.0) for r in runs],
+                        chosen_lam=float(g.params["lam"]) if is_chosen and "lam" in g.params else None,
+                        student_index=students.index(student),
+                    )
+                )
         if not series:
             continue
         title = f"{TASK_LABELS.get(task, task)}: λ sensitivity"
-        paths = lambda_figure(fig_dir / f"lambda_{task}", title=title,
-                              ylabel=_metric_axis(metric, "selection"), series=series, baselines=baselines)
-        caption = (f"Selection-split {METRIC_NAMES.get(metric, metric)} of the first-seed grid runs against "
-                   "λ; the ring marks the chosen setting, dashed lines are SFT (no KD term).")
+        paths = lambda_figure(
+            fig_dir / f"lambda_{task}",
+            title=title,
+            ylabel=_metric_axis(metric, "selection"),
+            series=series,
+            baselines=baselines,
+        )
+        caption = (
+            f"Selection-split {METRIC_NAMES.get(metric, metric)} of the first-seed grid runs against "
+            "λ; the ring marks the chosen setting, dashed lines are SFT (no KD term)."
+        )
         entries.append(FigureEntry(title, caption, paths))
     return entries
 
 
-def _bench_value(outputs: StudyOutputs, groups: Mapping[tuple[str, str, str], Group],
-                 entry: Mapping[str, Any], task: str, metric: str) -> float | None:
+def _bench_value(
+    outputs: StudyOutputs,
+    groups: Mapping[tuple[str, str, str], Group],
+    entry: Mapping[str, Any],
+    task: str,
+    metric: str,
+) -> float | None:
     """Evaluation metric of a benchmarked model on ``task``: its student group's mean over seeds, or the
     teacher run (zero-shot or adapted) that matches it."""
     run = outputs.get(entry.get("run"))
@@ -737,8 +844,9 @@ def _bench_value(outputs: StudyOutputs, groups: Mapping[tuple[str, str, str], Gr
     return None
 
 
-def efficiency_points(outputs: StudyOutputs, groups: Mapping[tuple[str, str, str], Group], task: str
-                      ) -> list[EfficiencyPoint]:
+def efficiency_points(
+    outputs: StudyOutputs, groups: Mapping[tuple[str, str, str], Group], task: str
+) -> list[EfficiencyPoint]:
     metric = selection_metric(task)
     points = []
     for label, entry in (outputs.bench or {}).get("models", {}).items():
@@ -749,14 +857,22 @@ def efficiency_points(outputs: StudyOutputs, groups: Mapping[tuple[str, str, str
         if value is None:
             continue
         latency = perf.get("latency_ms_p50")
-        points.append(EfficiencyPoint(
-            str(label), str(entry.get("role", "student")), str(entry.get("method", "")), value,
-            float(entry["parameters"]), float(latency) if isinstance(latency, int | float) else None))
+        points.append(
+            EfficiencyPoint(
+                str(label),
+                str(entry.get("role", "student")),
+                str(entry.get("method", "")),
+                value,
+                float(entry["parameters"]),
+                float(latency) if isinstance(latency, int | float) else None,
+            )
+        )
     return points
 
 
-def _efficiency_figures(outputs: StudyOutputs, groups: Mapping[tuple[str, str, str], Group], fig_dir: Path
-                        ) -> list[FigureEntry]:
+def _efficiency_figures(
+    outputs: StudyOutputs, groups: Mapping[tuple[str, str, str], Group], fig_dir: Path
+) -> list[FigureEntry]:
     if outputs.bench is None:
         return []
     entries = []
@@ -766,11 +882,14 @@ def _efficiency_figures(outputs: StudyOutputs, groups: Mapping[tuple[str, str, s
             continue
         metric = selection_metric(task)
         title = f"{TASK_LABELS.get(task, task)}: quality vs cost"
-        paths = efficiency_figure(fig_dir / f"efficiency_{task}", title=title,
-                                  ylabel=_metric_axis(metric, "eval"), points=points)
+        paths = efficiency_figure(
+            fig_dir / f"efficiency_{task}", title=title, ylabel=_metric_axis(metric, "eval"), points=points
+        )
         device = outputs.bench.get("device", "the bench device")
-        caption = (f"Evaluation {METRIC_NAMES.get(metric, metric)} against parameters and median latency on "
-                   f"{device} (bench.json); stars are teachers, the dashed line the frontier.")
+        caption = (
+            f"Evaluation {METRIC_NAMES.get(metric, metric)} against parameters and median latency on "
+            f"{device} (bench.json); stars are teachers, the dashed line the frontier."
+        )
         entries.append(FigureEntry(title, caption, paths))
     return entries
 
@@ -792,8 +911,9 @@ def _log_losses(path: Path) -> dict[str, tuple[list[float], list[float]]]:
     return out
 
 
-def _training_figures(outputs: StudyOutputs, groups: Mapping[tuple[str, str, str], Group], fig_dir: Path,
-                      notes: list[str]) -> list[FigureEntry]:
+def _training_figures(
+    outputs: StudyOutputs, groups: Mapping[tuple[str, str, str], Group], fig_dir: Path, notes: list[str]
+) -> list[FigureEntry]:
     entries = []
     students = sorted({g.student for g in groups.values()})
     many = len(students) > 1
@@ -818,9 +938,11 @@ def _training_figures(outputs: StudyOutputs, groups: Mapping[tuple[str, str, str
             continue
         title = f"{TASK_LABELS.get(task, task)}: training losses"
         paths = training_figure(fig_dir / f"training_{task}", title=title, curves=curves)
-        caption = ("Losses logged during training of the first-seed run of each chosen setting: task "
-                   "cross-entropy on the gold answers, and the KD term (kd1: T²-scaled divergence, nats; "
-                   "kd2: cross-entropy on the teacher's answers, nats; kd3: feature distance).")
+        caption = (
+            "Losses logged during training of the first-seed run of each chosen setting: task "
+            "cross-entropy on the gold answers, and the KD term (kd1: T²-scaled divergence, nats; "
+            "kd2: cross-entropy on the teacher's answers, nats; kd3: feature distance)."
+        )
         entries.append(FigureEntry(title, caption, paths))
     return entries
 
@@ -839,8 +961,15 @@ def _version(package: str) -> str:
 def _git(args: Sequence[str], cwd: Path) -> str | None:
     try:
         # GIT_OPTIONAL_LOCKS=0: `git status` must not refresh (write) the index of the user's checkout.
-        done = subprocess.run(["git", *args], cwd=cwd, capture_output=True, text=True, timeout=10,
-                              env={**os.environ, "GIT_OPTIONAL_LOCKS": "0"}, check=False)
+        done = subprocess.run(
+            ["git", *args],
+            cwd=cwd,
+            capture_output=True,
+            text=True,
+            timeout=10,
+            env={**os.environ, "GIT_OPTIONAL_LOCKS": "0"},
+            check=False,
+        )
     except (OSError, subprocess.SubprocessError):
         return None
     return done.stdout.strip() if done.returncode == 0 else None
@@ -879,8 +1008,11 @@ def environment(bench: Mapping[str, Any] | None) -> dict[str, str]:
     env = {"python": sys.version.split()[0], "platform": platform.platform(), "kdlab": _version("kdlab")}
     env.update({p: _version(p) for p in ENV_PACKAGES})
     env["device"] = _device(bench)
-    env["git commit"] = "unknown (kdlab not run from a git checkout)" if commit is None else (
-        commit + (" (with uncommitted changes)" if dirty else ""))
+    env["git commit"] = (
+        "unknown (kdlab not run from a git checkout)"
+        if commit is None
+        else (commit + (" (with uncommitted changes)" if dirty else ""))
+    )
     return env
 
 
@@ -888,31 +1020,94 @@ def _rel(path: Path, out: Path) -> str:
     return path.relative_to(out).as_posix()
 
 
+def _bench_reference(models: Mapping[str, Any], task: str) -> Mapping[str, Any] | None:
+    """The teacher a student of `task` is compared with: the adapted teacher of that task, else the base."""
+    for e in models.values():
+        if e.get("role") == "teacher" and e.get("task") == task:
+            return e
+    return next((e for e in models.values() if e.get("role") == "teacher" and e.get("task") is None), None)
+
+
 def _bench_table(bench: Mapping[str, Any]) -> str:
     fmt = _Markdown()
-    head = ["model", "role", "method", "task", "params (M)", "disk (MB)", "latency p50 / p95 (ms)",
-            "examples/s", "tokens/s", "peak memory (MB)"]
+    head = [
+        "model",
+        "role",
+        "method",
+        "task",
+        "params (M)",
+        "disk (MB)",
+        "latency p50 / p95 (ms)",
+        "examples/s",
+        "tokens/s",
+        "peak memory (MB)",
+        "× teacher: params / latency / throughput",
+    ]
     rows = []
-    for label, e in bench.get("models", {}).items():
+    models = bench.get("models", {})
+    for label, e in models.items():
         for task, t in (e.get("tasks") or {}).items():
+
             def num(key: str, scale: float = 1.0, src: Mapping[str, Any] = t) -> str:
                 v = src.get(key)
                 return f"{v / scale:.1f}" if isinstance(v, int | float) else "–"
-            rows.append([fmt.text(str(label)), str(e.get("role", "")), str(e.get("method", "")), task,
-                         num("parameters", 1e6, e), num("disk_bytes", 1e6, e),
-                         f"{num('latency_ms_p50')} / {num('latency_ms_p95')}", num("examples_per_s"),
-                         num("tokens_per_s"), num("peak_memory_bytes", 1e6)])
-    return fmt.table(head, rows, "llllrrrrrr")
+
+            ref = _bench_reference(models, task)
+            ratio = "–"
+            if ref is not None and ref is not e and task in (ref.get("tasks") or {}):
+                rt = ref["tasks"][task]
+
+                def share(a: Any, b: Any) -> str:
+                    return (
+                        f"{a / b:.2f}"
+                        if isinstance(a, int | float) and isinstance(b, int | float) and b
+                        else "–"
+                    )
+
+                ratio = " / ".join(
+                    [
+                        share(e.get("parameters"), ref.get("parameters")),
+                        share(t.get("latency_ms_p50"), rt.get("latency_ms_p50")),
+                        share(t.get("examples_per_s"), rt.get("examples_per_s")),
+                    ]
+                )
+            rows.append(
+                [
+                    fmt.text(str(label)),
+                    str(e.get("role", "")),
+                    str(e.get("method", "")),
+                    task,
+                    num("parameters", 1e6, e),
+                    num("disk_bytes", 1e6, e),
+                    f"{num('latency_ms_p50')} / {num('latency_ms_p95')}",
+                    num("examples_per_s"),
+                    num("tokens_per_s"),
+                    num("peak_memory_bytes", 1e6),
+                    ratio,
+                ]
+            )
+    return fmt.table(head, rows, "llllrrrrrrr")
 
 
-def report_markdown(outputs: StudyOutputs, summaries: Sequence[TaskSummary], figures: Sequence[FigureEntry],
-                    tables: Mapping[str, Path], env: Mapping[str, str], notes: Sequence[str],
-                    data_dir: str | Path | None) -> str:
+def report_markdown(
+    outputs: StudyOutputs,
+    summaries: Sequence[TaskSummary],
+    figures: Sequence[FigureEntry],
+    tables: Mapping[str, Path],
+    env: Mapping[str, str],
+    notes: Sequence[str],
+    data_dir: str | Path | None,
+) -> str:
     out = outputs.out
     now = dt.datetime.now(dt.UTC).strftime("%Y-%m-%d %H:%M UTC")
-    lines = [f"# {outputs.name}: knowledge-distillation study report", "",
-             f"Written {now} by kdlab {env.get('kdlab', '?')} from the output folder `{out}`.", "",
-             "## Contents", ""]
+    lines = [
+        f"# {outputs.name}: knowledge-distillation study report",
+        "",
+        f"Written {now} by kdlab {env.get('kdlab', '?')} from the output folder `{out}`.",
+        "",
+        "## Contents",
+        "",
+    ]
     lines += [f"- [{_rel(p, out)}]({_rel(p, out)}): {what}" for what, p in tables.items()]
     for f in figures:
         links = ", ".join(f"[{p.suffix[1:].upper()}]({_rel(p, out)})" for p in f.paths)
@@ -920,61 +1115,104 @@ def report_markdown(outputs: StudyOutputs, summaries: Sequence[TaskSummary], fig
     counts: dict[str, int] = {}
     for r in outputs.runs:
         counts[r.status] = counts.get(r.status, 0) + 1
-    lines += ["", "## Runs", "",
-              f"{len(outputs.runs)} runs in registry.sqlite: "
-              + (", ".join(f"{n} {s}" for s, n in sorted(counts.items())) or "none") + "."]
+    lines += [
+        "",
+        "## Runs",
+        "",
+        f"{len(outputs.runs)} runs in registry.sqlite: "
+        + (", ".join(f"{n} {s}" for s, n in sorted(counts.items())) or "none")
+        + ".",
+    ]
     unfinished = [r for r in outputs.runs if not r.done]
     if unfinished:
-        lines += ["", "Not finished (left out of the tables): "
-                  + ", ".join(f"`{r.id}` ({r.status})" for r in unfinished[:20])
-                  + (", …" if len(unfinished) > 20 else "")]
+        lines += [
+            "",
+            "Not finished (left out of the tables): "
+            + ", ".join(f"`{r.id}` ({r.status})" for r in unfinished[:20])
+            + (", …" if len(unfinished) > 20 else ""),
+        ]
     lines += ["", "## Results", "", summary_markdown(summaries, level=3)]
     if outputs.selection:
         lines += ["## Chosen settings", ""]
         fmt = _Markdown()
-        rows = [[fmt.text(k), f"`{v.get('run', '')}`", fmt.text(str(v.get("why", "")))]
-                for k, v in outputs.selection.items() if isinstance(v, dict)]
-        lines += [fmt.table(["method-task-student", "chosen run", "why"], rows, "lll"),
-                  "Methods with a single grid point have no entry: their only setting is the chosen one.", ""]
+        rows = [
+            [fmt.text(k), f"`{v.get('run', '')}`", fmt.text(str(v.get("why", "")))]
+            for k, v in outputs.selection.items()
+            if isinstance(v, dict)
+        ]
+        lines += [
+            fmt.table(["method-task-student", "chosen run", "why"], rows, "lll"),
+            "Methods with a single grid point have no entry: their only setting is the chosen one.",
+            "",
+        ]
     if figures:
-        lines += ["## Figures", "",
-                  f"Drawn at print size, {COLUMN_WIDTH_IN} in wide (one column) with 9-10 pt text; include "
-                  "them at that width. PNG at 300 dpi, PDF with embedded fonts.", ""]
+        lines += [
+            "## Figures",
+            "",
+            f"Drawn at print size, {COLUMN_WIDTH_IN} in wide (one column) with 9-10 pt text; include "
+            "them at that width. PNG at 300 dpi, PDF with embedded fonts.",
+            "",
+        ]
         for f in figures:
             png = next((p for p in f.paths if p.suffix == ".png"), f.paths[0])
             pdf = next((p for p in f.paths if p.suffix == ".pdf"), None)
-            lines += [f"### {f.title}", "", f"![{f.title}]({_rel(png, out)})", "",
-                      f.caption + (f" [PDF]({_rel(pdf, out)})" if pdf else ""), ""]
+            lines += [
+                f"### {f.title}",
+                "",
+                f"![{f.title}]({_rel(png, out)})",
+                "",
+                f.caption + (f" [PDF]({_rel(pdf, out)})" if pdf else ""),
+                "",
+            ]
     lines += ["## Efficiency", ""]
     if outputs.bench is not None:
-        lines += [f"From bench.json, measured on {outputs.bench.get('device', 'an unnamed device')}.", "",
-                  _bench_table(outputs.bench)]
+        lines += [
+            f"From bench.json, measured on {outputs.bench.get('device', 'an unnamed device')}. The last "
+            "column divides each model's figure by its teacher's on the same task (the adapted teacher "
+            "of that task, else the base teacher).",
+            "",
+            _bench_table(outputs.bench),
+        ]
     else:
-        lines += ["No bench.json in the output folder: run `kdlab bench` on the study, then `kdlab report` "
-                  "again for latency, throughput and memory, and the efficiency figures.", ""]
-    lines += ["## Statistics", "",
-              "Δ vs SFT compares each method's chosen setting with SFT of the same student on the same "
-              "evaluation examples. Per-example scores (SST-2: correct x100; SQuAD: EM and F1 x100, max over "
-              "the gold answers) are averaged over each system's seeds first, so Δ asks whether the method, "
-              "averaged over training seeds, beats SFT on this evaluation set; seed-to-seed spread is the ± "
-              f"std of the results tables. Examples are resampled with replacement {N_RESAMPLES} times "
-              "(paired: the same resample for both systems); the interval is the 2.5-97.5 percentile "
-              "interval of the resampled Δ, and the two-sided p-value is the share of resamples of the "
-              "null-centred distribution at least as far from 0 as the observed Δ, (1 + count) / "
-              f"(1 + resamples). Deterministic (numpy seed {BOOTSTRAP_SEED}); p-values are not corrected for "
-              "multiple comparisons.", ""]
+        lines += [
+            "No bench.json in the output folder: run `kdlab bench` on the study, then `kdlab report` "
+            "again for latency, throughput and memory, and the efficiency figures.",
+            "",
+        ]
+    lines += [
+        "## Statistics",
+        "",
+        "Δ vs SFT compares each method's chosen setting with SFT of the same student on the same "
+        "evaluation examples. Per-example scores (SST-2: correct x100; SQuAD: EM and F1 x100, max over "
+        "the gold answers) are averaged over each system's seeds first, so Δ asks whether the method, "
+        "averaged over training seeds, beats SFT on this evaluation set; seed-to-seed spread is the ± "
+        f"std of the results tables. Examples are resampled with replacement {N_RESAMPLES} times "
+        "(paired: the same resample for both systems); the interval is the 2.5-97.5 percentile "
+        "interval of the resampled Δ, and the two-sided p-value is the share of resamples of the "
+        "null-centred distribution at least as far from 0 as the observed Δ, (1 + count) / "
+        f"(1 + resamples). Deterministic (numpy seed {BOOTSTRAP_SEED}); p-values are not corrected for "
+        "multiple comparisons.",
+        "",
+    ]
     if notes:
         lines += ["## Notes", ""] + [f"- {n}" for n in dict.fromkeys(notes)] + [""]
     lines += ["## Environment", "", "| | |", "| --- | --- |"]
     lines += [f"| {k} | {v} |" for k, v in env.items()]
     config_name = "study.yaml" if outputs.config_text is not None else "STUDY.yaml"
     data_flag = f" --data-dir {data_dir}" if data_dir else " --data-dir DATA"
-    lines += ["", "## Reproduce", "",
-              "With the kdlab checkout at the commit above (`pip install -e .`) and the data folder "
-              "(sst2/{train,validation}.tsv, squad/{train,dev}-v1.1.json):", "", "```bash",
-              f"kdlab run {out / config_name} --out {out}{data_flag}",
-              f"kdlab report {out}{data_flag}",
-              "```", ""]
+    lines += [
+        "",
+        "## Reproduce",
+        "",
+        "With the kdlab checkout at the commit above (`pip install -e .`) and the data folder "
+        "(sst2/{train,validation}.tsv, squad/{train,dev}-v1.1.json):",
+        "",
+        "```bash",
+        f"kdlab run {out / config_name} --out {out}{data_flag}",
+        f"kdlab report {out}{data_flag}",
+        "```",
+        "",
+    ]
     if outputs.config_text is not None:
         lines += ["## Study config (study.yaml)", "", "```yaml", outputs.config_text.rstrip(), "```", ""]
     return "\n".join(lines)
@@ -990,8 +1228,13 @@ def _write_text(path: Path, text: str) -> Path:
     return path
 
 
-def write_report(out_dir: str | Path, *, data_dir: str | Path | None = None, echo: Echo = print,
-                 n_resamples: int = N_RESAMPLES) -> list[Path]:
+def write_report(
+    out_dir: str | Path,
+    *,
+    data_dir: str | Path | None = None,
+    echo: Echo = print,
+    n_resamples: int = N_RESAMPLES,
+) -> list[Path]:
     """Write results.csv, summary.md/.tex, figures/ and report.md from the study folder ``out_dir``.
 
     ``data_dir``: the data folder with the evaluation references (for the per-example statistics); default
@@ -1012,12 +1255,15 @@ def write_report(out_dir: str | Path, *, data_dir: str | Path | None = None, ech
 
     header, rows = results_table(outputs, groups)
     tables = {
-        "every run, one row each (metrics and params flattened)": _write_text(out / "results.csv",
-                                                                              _csv_text(header, rows)),
+        "every run, one row each (metrics and params flattened)": _write_text(
+            out / "results.csv", _csv_text(header, rows)
+        ),
         "results tables with Δ vs SFT (Markdown)": _write_text(
-            out / "summary.md", f"# {outputs.name}: summary\n\n" + summary_markdown(summaries)),
-        "the same tables for LaTeX (booktabs)": _write_text(out / "summary.tex",
-                                                            summary_latex(summaries, outputs.name)),
+            out / "summary.md", f"# {outputs.name}: summary\n\n" + summary_markdown(summaries)
+        ),
+        "the same tables for LaTeX (booktabs)": _write_text(
+            out / "summary.tex", summary_latex(summaries, outputs.name)
+        ),
     }
     if (out / "selection.json").is_file():
         tables["chosen grid settings and their candidates"] = out / "selection.json"
@@ -1029,8 +1275,9 @@ def write_report(out_dir: str | Path, *, data_dir: str | Path | None = None, ech
     figures += _training_figures(outputs, groups, fig_dir, notes)
 
     env = environment(outputs.bench)
-    report = _write_text(out / "report.md", report_markdown(outputs, summaries, figures, tables, env, notes,
-                                                             data_dir))
+    report = _write_text(
+        out / "report.md", report_markdown(outputs, summaries, figures, tables, env, notes, data_dir)
+    )
     for note in dict.fromkeys(notes):
         echo(f"[report] note: {note}")
     echo(summary_markdown(summaries))

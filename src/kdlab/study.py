@@ -89,10 +89,12 @@ def run_id(
     method: str, task: str, student: str, params: dict[str, Any], axes: Sequence[str], seed: int
 ) -> str:
     """Readable, deterministic: `kd3-sst2-s1-lam0.5-seed42` (grid axes with one value are left out)."""
-    short = {"lam": "lam", "temperature": "T", "divergence": "", "top_k": "k"}
+    short = {"lam": "lam", "temperature": "T", "divergence": "", "top_k": "k", "layer_map": "map"}
     parts = [method, task, student]
     for axis in axes:
         value = params[axis]
+        if isinstance(value, list):  # an explicit layer map: a short stable tag
+            value = "pairs" + fingerprint({"map": value})[:6]
         parts.append(f"{short.get(axis, axis)}{_fmt(value) if isinstance(value, float) else value}")
     parts.append(f"seed{seed}")
     return "-".join(parts)
@@ -412,15 +414,21 @@ class Study:
                 f"({len(tok)} vs {len(self.tokenizer)} tokens); KD needs a shared vocabulary"
             )
 
-    def layer_pairs(self, student_path: str) -> list[tuple[int, int]]:
-        kd3 = self.config.methods.get("kd3")
-        if kd3 is None:
-            return []
+    def layer_pairs(self, student_path: str, layer_map: Any) -> list[tuple[int, int]]:
+        """(student, teacher) hidden-state pairs of one KD3 layer map for this student."""
         from transformers import AutoConfig
 
         s = AutoConfig.from_pretrained(student_path).num_hidden_layers
         t = AutoConfig.from_pretrained(self.base_teacher_path).num_hidden_layers
-        return losses.resolve_layer_map(kd3.layer_map, s, t)
+        return losses.resolve_layer_map(layer_map, s, t)
+
+    def cached_teacher_layers(self) -> list[int]:
+        """Teacher layers any student's KD3 layer map (every grid point) reads from the cache."""
+        kd3 = self.config.methods.get("kd3")
+        if kd3 is None:
+            return []
+        return sorted({t for st in self.config.students for spec in kd3.layer_map
+                       for _, t in self.layer_pairs(self.student_path(st), spec)})
 
     # -- teacher cache ------------------------------------------------------------------------------------
 
@@ -431,11 +439,7 @@ class Study:
         answers = any(m.needs_answers for m in needs)
         if not (topk or hidden or answers) or self.config.cache.mode == "online":
             return None
-        layers = (
-            sorted({t for st in self.config.students for _, t in self.layer_pairs(self.student_path(st))})
-            if hidden
-            else []
-        )
+        layers = self.cached_teacher_layers() if hidden else []
         data = self.data(name)
         teacher_dir = self.teacher_path(name)
         inputs = cache_fingerprint_inputs(
@@ -444,7 +448,7 @@ class Study:
             task=data.task,
             split=data.task.train_split,
             example_ids=[e.id for e in data.train],
-            top_k=self.config.methods["kd1"].top_k if topk else None,
+            top_k=max(self.config.methods["kd1"].top_k) if topk else None,
             hidden_layers=layers,
             answers=answers,
             dtype=self.config.evaluation.dtype,
@@ -570,7 +574,7 @@ class Study:
         model = load_model(path, device=self.device, trust_remote_code=student.trust_remote_code)
         if student.finetune == "lora":
             model = add_lora(model, student.lora)
-        pairs = self.layer_pairs(path) if method.needs_hidden else []
+        pairs = self.layer_pairs(path, spec.params["layer_map"]) if method.needs_hidden else []
         projections = None
         if pairs:
             from transformers import AutoConfig
