@@ -7,6 +7,7 @@ from __future__ import annotations
 
 from collections.abc import Callable, Mapping
 from dataclasses import dataclass, field
+from functools import cached_property
 from typing import Any
 
 import torch
@@ -30,7 +31,7 @@ class TeacherBatch:
 class LossInputs:
     model: nn.Module
     batch: Mapping[str, torch.Tensor]
-    student: Scored
+    forward_student: Callable[[], Scored]  # the student on the gold batch; run only if a loss reads it
     teacher: TeacherBatch | None
     num_tokens: torch.Tensor | float  # answer tokens in the global batch
     num_teacher_tokens: torch.Tensor | float  # KD2: tokens of the teacher answers in the global batch
@@ -38,6 +39,10 @@ class LossInputs:
     layer_pairs: list[tuple[int, int]]
     projections: nn.ModuleList | None
     vocab_size: int
+
+    @cached_property
+    def student(self) -> Scored:
+        return self.forward_student()
 
 
 LossFn = Callable[[LossInputs], tuple[torch.Tensor, dict[str, torch.Tensor]]]
@@ -79,11 +84,14 @@ def kd1_loss(x: LossInputs) -> tuple[torch.Tensor, dict[str, torch.Tensor]]:
 def kd2_loss(x: LossInputs) -> tuple[torch.Tensor, dict[str, torch.Tensor]]:
     """(1-λ)·CE(gold) + λ·CE(teacher's answer), prompt masked; λ=1 is Kim & Rush sequence-level KD."""
     lam = float(x.params["lam"])
-    ce = _task_ce(x)
     if lam == 0.0:
+        ce = _task_ce(x)
         return ce, {"ce": ce}
     on_teacher = forward_scored(x.model, x.batch, vocab_size=x.vocab_size, prefix="kd2_")
     kd = losses.cross_entropy_tokens(on_teacher.logits, on_teacher.targets, num_tokens=x.num_teacher_tokens)
+    if lam == 1.0:
+        return kd, {"kd": kd}  # the gold sequences are never run: one forward pass per step, like SFT
+    ce = _task_ce(x)
     return losses.mix(ce, kd, lam), {"ce": ce, "kd": kd}
 
 

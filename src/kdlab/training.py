@@ -138,9 +138,9 @@ class KDTrainer(Trainer):
         batch = dict(inputs)
         teacher = self._teacher_batch(batch)
         student_layers = [s for s, _ in self.layer_pairs] if self.method.needs_hidden else []
-        student = forward_scored(model, batch, hidden_layers=student_layers, vocab_size=self.vocab_size)
-        local = student.targets.numel()
-        num_tokens = num_items_in_batch if num_items_in_batch is not None else local
+        num_tokens = num_items_in_batch
+        if num_tokens is None:  # outside the Trainer's accumulation loop: this batch's answer tokens
+            num_tokens = int((batch["labels"][..., 1:] != -100).sum())
         kd2_tokens = self._kd2_tokens
         if kd2_tokens is None and "kd2_labels" in batch:
             kd2_tokens = int((batch["kd2_labels"] != -100).sum())
@@ -150,7 +150,9 @@ class KDTrainer(Trainer):
             LossInputs(
                 model=model,
                 batch=batch,
-                student=student,
+                forward_student=lambda: forward_scored(
+                    model, batch, hidden_layers=student_layers, vocab_size=self.vocab_size
+                ),
                 teacher=teacher,
                 num_tokens=num_tokens,
                 num_teacher_tokens=kd2_tokens if kd2_tokens is not None else 1,
@@ -193,7 +195,8 @@ class KDTrainer(Trainer):
 
     def log(self, logs: dict[str, float], start_time: float | None = None) -> None:
         if self._parts and "loss" in logs:
-            steps = max(1, len(self._parts["ce"]) // max(1, self.args.gradient_accumulation_steps))
+            micro_batches = max(len(values) for values in self._parts.values())
+            steps = max(1, micro_batches // max(1, self.args.gradient_accumulation_steps))
             for name, values in self._parts.items():
                 logs[f"loss_{name}"] = round(sum(values) / steps, 6)
             self._parts.clear()
