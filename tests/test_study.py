@@ -236,3 +236,35 @@ def test_two_sweeps_share_the_study(tiny_data_dir: Path, tmp_path: Path) -> None
     assert any(r.id.startswith("kd1-sst2-s1-") and r.seed == 2 for r in runs)
     assert all(r.status == "done" for r in runs), [(r.id, r.status) for r in runs]
     assert all(r.attempts == 1 for r in runs), [(r.id, r.attempts) for r in runs]
+
+
+def test_two_process_launch_trains_each_run_once_across_ranks(tiny_data_dir: Path, tmp_path: Path) -> None:
+    """`torchrun --nproc_per_node 2 -m kdlab.cli run`: one study, two ranks (gloo on CPU). Each run happens
+    once, with its batches sharded across the ranks (fewer optimizer steps than one process takes).
+
+    Catches ranks that claim different runs (a deadlock in the DDP collectives), a non-leader writing the
+    registry, and a rank skipping a training run the others entered."""
+    out = tmp_path / "out"
+    data = _mini_config(out)
+    data["methods"] = {"sft": {}, "kd1": {"lambda": 0.5, "top_k": 8}}
+    data["tasks"]["sst2"].update(train_size=24, selection_size=8, eval_size=8)
+    data["training"].update(batch_size=4, epochs=1)
+    config = tmp_path / "ddp.yaml"
+    config.write_text(yaml.safe_dump(data))
+    log = tmp_path / "ddp.log"
+    cmd = [sys.executable, "-m", "torch.distributed.run", "--standalone", "--nproc_per_node", "2",
+           "-m", "kdlab.cli", "run", str(config), "--data-dir", str(tiny_data_dir)]
+    with log.open("w") as fh:
+        proc = subprocess.run(cmd, stdout=fh, stderr=subprocess.STDOUT, env=dict(os.environ), cwd=tmp_path,
+                              timeout=600)
+    assert proc.returncode == 0, _tail(log)
+    runs = {r.id: r for r in Registry(out / "registry.sqlite").runs()}
+    assert set(runs) == {"teacher-sst2-zero-shot", "cache-sst2", "sft-sst2-s1-seed1",
+                         "kd1-sst2-s1-lam0.5-seed1"}
+    assert all(r.status == "done" and r.attempts == 1 for r in runs.values())
+    for rid in ("sft-sst2-s1-seed1", "kd1-sst2-s1-lam0.5-seed1"):
+        metrics = runs[rid].metrics
+        # 24 examples (fewer if some were too long), batch 4 per rank, 2 ranks: half the steps of 1 process
+        assert metrics["steps"] == -(-metrics["train_examples"] // 8), metrics
+        assert AutoModelForCausalLM.from_pretrained(out / "runs" / rid / "model")
+    assert "[done] sft-sst2-s1-seed1" in log.read_text()

@@ -12,7 +12,6 @@ import gc
 import itertools
 import json
 import logging
-import os
 import shutil
 import threading
 import time
@@ -28,6 +27,7 @@ from transformers.trainer_utils import get_last_checkpoint
 
 from kdlab import losses
 from kdlab.config import StudentSettings, StudyConfig
+from kdlab.distributed import Ranks
 from kdlab.errors import CacheMismatchError, StudyError
 from kdlab.evaluation import evaluate, predict
 from kdlab.methods import METHODS, get_method
@@ -110,22 +110,25 @@ class Study:
         rebuild_cache: bool = False,
         echo: Callable[[str], None] = print,
     ):
-        if int(os.environ.get("WORLD_SIZE", "1")) > 1:
-            # Each rank would claim different runs from the registry and deadlock in DDP collectives.
-            raise StudyError(
-                "kdlab run/sweep under a multi-process launcher is not supported yet: the study "
-                "recipe does not coordinate ranks. Run one process per GPU-free job, or several "
-                "`kdlab sweep` processes on one --out (each with its own device)."
-            )
+        # One process: a no-op; several: rank 0 leads (see distributed.py).
+        self.ranks = Ranks(cpu=resolve_device(config.device).type == "cpu")
         self.config = config
         self.out = Path(output_dir or config.output_dir)
         self.data_dir = data_dir if data_dir is not None else config.data_dir
         self.rebuild_cache = rebuild_cache
-        self.echo = echo
-        self.device = resolve_device(config.device)
-        self.out.mkdir(parents=True, exist_ok=True)
-        self._write_config()
-        self.registry = Registry(self.out / "registry.sqlite")
+        self.echo = echo if self.ranks.leader else (lambda _text: None)
+        self.device = self.ranks.device or resolve_device(config.device)
+        if self.ranks.leader:
+            self.out.mkdir(parents=True, exist_ok=True)
+            self._write_config()
+            self.registry = Registry(self.out / "registry.sqlite")
+            # Dequantized GGUF copies and built-in models are written once, by the leader (transformers'
+            # save_pretrained writes nothing on the other ranks).
+            for spec in [config.teacher.model] + [s.model for s in config.students if s.model]:
+                resolve_model_path(spec)
+        self.ranks.barrier()
+        if not self.ranks.leader:
+            self.registry = Registry(self.out / "registry.sqlite")  # read only on these ranks
         self._data: dict[str, TaskData] = {}
         self._caches: dict[str, TeacherCache | None] = {}
         self._tried: set[str] = set()
@@ -190,8 +193,9 @@ class Study:
             "selection": [e.id for e in selection],
             "eval": [e.id for e in eval_ex],
         }
-        (self.out / "data").mkdir(exist_ok=True)
-        (self.out / "data" / f"{name}.json").write_text(json.dumps(manifest))
+        if self.ranks.leader:
+            (self.out / "data").mkdir(exist_ok=True)
+            (self.out / "data" / f"{name}.json").write_text(json.dumps(manifest))
         self.echo(
             f"[data] {name}: train {len(encoded)} (truncated {counts.get('truncated', 0)}, skipped "
             f"{counts.get('skipped', 0)}), selection {len(selection)}, eval {len(eval_ex)}"
@@ -205,36 +209,59 @@ class Study:
         return fingerprint({"parts": [json.loads(json.dumps(p, default=str)) for p in parts]})[:16]
 
     def _execute(
-        self, spec: RunSpec, body: Callable[[], dict[str, Any]], *, force: bool = False
+        self,
+        spec: RunSpec,
+        body: Callable[[], dict[str, Any]],
+        *,
+        force: bool = False,
+        collective: bool = False,
     ) -> RunRecord | None:
         """Run `body` once for `spec` unless it is done, held by another live process, or already failed
         in this process. Returns the run's record, or None while another process holds it. `force` redoes
-        a finished run whose settings changed."""
-        record = self.registry.add(spec, force=force)
-        if record.status == "done" or (record.status == "failed" and spec.id in self._tried):
-            return record
-        if not self.registry.claim(spec.id):
+        a finished run whose settings changed. Under a multi-process launch the leader decides and records;
+        a `collective` body (training) runs on every rank, any other body on the leader alone."""
+        decision = None
+        if self.ranks.leader:
+            record = self.registry.add(spec, force=force)
+            if record.status == "done" or (record.status == "failed" and spec.id in self._tried):
+                decision = "skip"
+            else:
+                decision = "run" if self.registry.claim(spec.id) else "busy"
+        decision = self.ranks.share(decision)
+        if decision == "busy":
             return None
+        if decision == "skip":
+            return self.registry.get(spec.id)
         self._tried.add(spec.id)
         start = time.perf_counter()
-        beating = _Heartbeat(self.registry, spec.id)
+        beating = _Heartbeat(self.registry, spec.id) if self.ranks.leader else None
+        metrics: dict[str, Any] = {}
+        error = None
         try:
-            metrics = body()
+            if collective or self.ranks.leader:
+                metrics = body()
         except KeyboardInterrupt:
-            self.registry.release(spec.id)
+            if self.ranks.leader:
+                self.registry.release(spec.id)
             raise
         except Exception as e:
             # One broken run must not stop the study: record it, go on, and report it at the end.
-            self.registry.fail(spec.id, traceback.format_exc())
-            self.echo(f"[failed] {spec.id}: {type(e).__name__}: {e}")
+            error = (f"{type(e).__name__}: {e}", traceback.format_exc())
             log.debug("run %s failed", spec.id, exc_info=True)
-            return self.registry.get(spec.id)
         finally:
-            beating.stop()
+            if beating is not None:
+                beating.stop()
             gc.collect()
-        wall = time.perf_counter() - start
-        self.registry.finish(spec.id, metrics, wall)
-        self.echo(f"[done] {spec.id}: {self._summary(metrics)} ({wall:.0f}s)")
+        errors = [e for e in self.ranks.gather(error) if e is not None]
+        if self.ranks.leader:
+            if errors:
+                self.registry.fail(spec.id, "\n".join(tb for _, tb in errors))
+                self.echo(f"[failed] {spec.id}: {errors[0][0]}")
+            else:
+                wall = time.perf_counter() - start
+                self.registry.finish(spec.id, metrics, wall)
+                self.echo(f"[done] {spec.id}: {self._summary(metrics)} ({wall:.0f}s)")
+        self.ranks.barrier()
         return self.registry.get(spec.id)
 
     def _execute_required(
@@ -243,9 +270,10 @@ class Study:
         body: Callable[[], dict[str, Any]],
         poll_seconds: float = 5.0,
         force: bool = False,
+        collective: bool = False,
     ) -> RunRecord:
         """Like `_execute` for runs later stages depend on: waits for another process, raises on failure."""
-        while (record := self._execute(spec, body, force=force)) is None:
+        while (record := self._execute(spec, body, force=force, collective=collective)) is None:
             force = False  # another process took the forced run: wait for it, do not reset it again
             time.sleep(poll_seconds)
         if record.status != "done":
@@ -257,6 +285,13 @@ class Study:
 
     @staticmethod
     def _summary(metrics: dict[str, Any]) -> str:
+        if "cache" in metrics:
+            c = metrics["cache"]
+            fields = ", ".join(c["fields"])
+            text = f"{c['examples']} examples, {c['answer_tokens']} answer tokens, fields {fields}"
+            if "topk_bytes_per_token" in c:
+                text += f", top-k {c['topk_bytes_per_token']:.0f} bytes/token"
+            return text
         ev = metrics.get("eval", {})
         sel = metrics.get("selection", {})
         keys = [k for k in ("accuracy", "exact_match", "f1") if k in ev]
@@ -350,6 +385,8 @@ class Study:
                 pad_id=self.tokenizer.pad_token_id,
                 vocab_size=len(self.tokenizer),
             )
+            if not self.ranks.leader:
+                return {}
             model = model.merge_and_unload() if hasattr(model, "merge_and_unload") else model
             partial = folder.with_name(folder.name + ".partial")
             save_model(model, self.tokenizer, partial)
@@ -375,9 +412,9 @@ class Study:
             **common,
         )
         record = self.registry.get(spec.id)
-        if record is not None and record.status == "done" and not folder.is_dir():
+        if self.ranks.leader and record is not None and record.status == "done" and not folder.is_dir():
             self.registry.reset(spec.id)  # the registry says done but the model is gone: redo it
-        self._execute_required(spec, adapt)
+        self._execute_required(spec, adapt, collective=True)
 
     # -- students -----------------------------------------------------------------------------------------
 
@@ -385,7 +422,7 @@ class Study:
         if student.model is not None:
             return resolve_model_path(student.model)
         folder = self.out / "students" / student.name / "init"
-        if (folder / "config.json").is_file():
+        if self.ranks.share((folder / "config.json").is_file()):
             return str(folder)
         teacher = load_model(self.base_teacher_path, trust_remote_code=self.config.teacher.trust_remote_code)
         n = teacher.config.num_hidden_layers
@@ -399,7 +436,9 @@ class Study:
             )
 
         # Built aside and renamed: a killed build or a second process never leaves a half-written student.
-        atomic_folder(folder, build)
+        if self.ranks.leader:
+            atomic_folder(folder, build)
+        self.ranks.barrier()
         self.echo(
             f"[student] {student.name}: {len(layers)} of {n} teacher layers {layers}, "
             f"{count_parameters(model)[0] / 1e6:.1f}M parameters"
@@ -427,8 +466,14 @@ class Study:
         kd3 = self.config.methods.get("kd3")
         if kd3 is None:
             return []
-        return sorted({t for st in self.config.students for spec in kd3.layer_map
-                       for _, t in self.layer_pairs(self.student_path(st), spec)})
+        return sorted(
+            {
+                t
+                for st in self.config.students
+                for spec in kd3.layer_map
+                for _, t in self.layer_pairs(self.student_path(st), spec)
+            }
+        )
 
     # -- teacher cache ------------------------------------------------------------------------------------
 
@@ -457,7 +502,7 @@ class Study:
         directory = self.cache_dir(name)
         expected = fingerprint(inputs)
         force = False
-        if (directory / "manifest.json").is_file():
+        if self.ranks.share((directory / "manifest.json").is_file()):
             try:
                 return TeacherCache.open(directory, expected_fingerprint=expected, expected_inputs=inputs)
             except CacheMismatchError:
@@ -503,7 +548,12 @@ class Study:
             output_dir=str(directory),
         )
         record = self.registry.get(spec.id)
-        if record is not None and record.status == "done" and not (directory / "manifest.json").is_file():
+        if (
+            self.ranks.leader
+            and record is not None
+            and record.status == "done"
+            and not (directory / "manifest.json").is_file()
+        ):
             self.registry.reset(spec.id)  # the registry says done but the cache is gone: rebuild it
         record = self._execute_required(spec, build, force=force)
         return TeacherCache.open(directory, expected_fingerprint=expected, expected_inputs=inputs)
@@ -562,7 +612,7 @@ class Study:
         def body() -> dict[str, Any]:
             return self._train_student(spec, student, cache)
 
-        return self._execute(spec, body)
+        return self._execute(spec, body, collective=True)
 
     def _train_student(self, spec: RunSpec, student: StudentSettings, cache: TeacherCache | None) -> dict:
         data = self.data(spec.task)
@@ -639,6 +689,8 @@ class Study:
             resume_from_checkpoint=last,
         )
         del live
+        if not self.ranks.leader:
+            return {}  # the leader saves and evaluates
         (folder / "log_history.json").write_text(json.dumps(result.log_history))
         total, trainable = count_parameters(model)
         save_model(model, self.tokenizer, folder / "model", merged=student.save == "merged")
@@ -675,7 +727,8 @@ class Study:
             "why": f"highest selection-split {metric} ({best.metrics['selection'][metric]:.2f}) of "
             f"{len(grid_runs)} settings",
         }
-        path.write_text(json.dumps(chosen, indent=1))
+        if self.ranks.leader:
+            path.write_text(json.dumps(chosen, indent=1))
         return best
 
     def _advance(self, name: str, student: StudentSettings, method: str) -> str:
@@ -733,13 +786,16 @@ class Study:
         start = time.perf_counter()
         self.prepare()
         failed = self.sweep()
-        if self.config.bench.enabled:
-            from kdlab.bench import write_bench
+        paths: list[Path] = []
+        if self.ranks.leader:  # inference only: one process measures and writes
+            if self.config.bench.enabled:
+                from kdlab.bench import write_bench
 
-            write_bench(self, reuse=True)
-        from kdlab.report import write_results
+                write_bench(self, reuse=True)
+            from kdlab.report import write_results
 
-        paths = write_results(self)
+            paths = write_results(self)
+        self.ranks.barrier()
         self.echo(
             f"[study] finished in {time.perf_counter() - start:.0f}s; results: "
             + ", ".join(str(p) for p in paths)
