@@ -268,3 +268,26 @@ def test_two_process_launch_trains_each_run_once_across_ranks(tiny_data_dir: Pat
         assert metrics["steps"] == -(-metrics["train_examples"] // 8), metrics
         assert AutoModelForCausalLM.from_pretrained(out / "runs" / rid / "model")
     assert "[done] sft-sst2-s1-seed1" in log.read_text()
+
+
+def test_changed_settings_under_a_finished_run_need_force(tiny_data_dir: Path, tmp_path: Path,
+                                                          capsys: pytest.CaptureFixture[str]) -> None:
+    out = tmp_path / "out"
+    data = _mini_config(out)
+    config = tmp_path / "mini.yaml"
+    config.write_text(yaml.safe_dump(data))
+    argv = ["run", str(config), "--data-dir", str(tiny_data_dir)]
+    assert main(argv) == 0
+    data["training"]["learning_rate"] = 0.0005  # the finished SFT run no longer matches the study
+    config.write_text(yaml.safe_dump(data))
+    capsys.readouterr()
+    assert main(argv) == 2
+    err = capsys.readouterr().err
+    assert "sft-sst2-s1-seed1" in err and "--force" in err
+    registry = Registry(out / "registry.sqlite")
+    before = registry.get("sft-sst2-s1-seed1")
+    assert before.status == "done" and before.attempts == 1  # refused: the old result is untouched
+    assert main([*argv, "--force"]) == 0
+    after = registry.get("sft-sst2-s1-seed1")
+    assert after.status == "done" and after.finished_at > before.finished_at
+    assert after.config_hash != before.config_hash

@@ -11,7 +11,7 @@ from pathlib import Path
 
 from kdlab import __version__
 from kdlab.config import PRESETS, ConfigError, StudyConfig, load_config, load_preset, preset_text
-from kdlab.errors import CacheError, StudyError
+from kdlab.errors import CacheError, RegistryError, StudyError
 
 EPILOG = """examples:
   kdlab run                                  # the demo study (2-core CPU, under 20 minutes)
@@ -45,6 +45,7 @@ def _study(args: argparse.Namespace):
         output_dir=args.out,
         data_dir=args.data_dir,
         rebuild_cache=getattr(args, "rebuild_cache", False),
+        force=getattr(args, "force", False),
     )
 
 
@@ -183,6 +184,11 @@ def build_parser() -> argparse.ArgumentParser:
         action="store_true",
         help="rebuild teacher caches whose fingerprint no longer matches",
     )
+    run.add_argument(
+        "--force",
+        action="store_true",
+        help="redo finished runs whose settings changed (otherwise refused, to keep results consistent)",
+    )
     run.set_defaults(func=cmd_run)
 
     def study_args(p: argparse.ArgumentParser) -> None:
@@ -208,6 +214,11 @@ def build_parser() -> argparse.ArgumentParser:
         "processes on the same --out share the work; nothing runs twice.",
     )
     study_args(sweep)
+    sweep.add_argument(
+        "--force",
+        action="store_true",
+        help="redo finished runs whose settings changed (otherwise refused, to keep results consistent)",
+    )
     sweep.set_defaults(func=cmd_sweep)
 
     cache = sub.add_parser(
@@ -289,7 +300,7 @@ def main(argv: list[str] | None = None) -> int:
     )
     try:
         return args.func(args)
-    except (ConfigError, FileNotFoundError, ValueError, StudyError, CacheError) as e:
+    except (ConfigError, FileNotFoundError, ValueError, StudyError, CacheError, RegistryError) as e:
         print(f"kdlab: error: {e}", file=sys.stderr)
         return 2
 

@@ -9,6 +9,10 @@ class StudyError(RuntimeError):
     """A stage that later stages depend on could not finish."""
 
 
+class RegistryError(RuntimeError):
+    """A registry operation that would corrupt the study's bookkeeping was refused."""
+
+
 class CacheError(Exception):
     """The cache is absent, incomplete, corrupt or unusable."""
 

@@ -27,6 +27,8 @@ from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
 
+from kdlab.errors import RegistryError
+
 __all__ = [
     "KINDS",
     "SCHEMA_VERSION",
@@ -81,8 +83,6 @@ _COLUMNS = (
 )
 
 
-class RegistryError(RuntimeError):
-    """A registry operation that would corrupt the study's bookkeeping was refused."""
 
 
 def default_owner() -> str:

@@ -108,6 +108,7 @@ class Study:
         output_dir: str | Path | None = None,
         data_dir: str | Path | None = None,
         rebuild_cache: bool = False,
+        force: bool = False,
         echo: Callable[[str], None] = print,
     ):
         # One process: a no-op; several: rank 0 leads (see distributed.py).
@@ -116,6 +117,7 @@ class Study:
         self.out = Path(output_dir or config.output_dir)
         self.data_dir = data_dir if data_dir is not None else config.data_dir
         self.rebuild_cache = rebuild_cache
+        self.force = force  # redo finished runs whose settings changed (the registry refuses otherwise)
         self.echo = echo if self.ranks.leader else (lambda _text: None)
         self.device = self.ranks.device or resolve_device(config.device)
         if self.ranks.leader:
@@ -222,7 +224,7 @@ class Study:
         a `collective` body (training) runs on every rank, any other body on the leader alone."""
         decision = None
         if self.ranks.leader:
-            record = self.registry.add(spec, force=force)
+            record = self.registry.add(spec, force=force or self.force)
             if record.status == "done" or (record.status == "failed" and spec.id in self._tried):
                 decision = "skip"
             else:
