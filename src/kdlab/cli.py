@@ -164,34 +164,8 @@ def build_parser() -> argparse.ArgumentParser:
     parser.add_argument("-v", "--verbose", action="store_true", help="debug logging")
     sub = parser.add_subparsers(dest="command", required=True, metavar="COMMAND")
 
-    run = sub.add_parser(
-        "run",
-        help="run a whole study, resuming where it stopped",
-        description="Run every stage of a study: data → teacher adaptation and evaluation → "
-        "teacher cache → students (grid, best setting, all seeds) → results. "
-        "Finished runs are skipped, so re-running resumes.",
-    )
-    run.add_argument("config", nargs="?", metavar="STUDY.yaml", help="study config (default: --preset demo)")
-    run.add_argument("--preset", choices=PRESETS, help="a built-in study: " + ", ".join(PRESETS))
-    run.add_argument("--out", help="output folder (default: the config's output_dir)")
-    run.add_argument(
-        "--data-dir",
-        default=os.environ.get("KDLAB_DATA_DIR"),
-        help="folder with sst2/ and squad/ files (default: $KDLAB_DATA_DIR, else the hub)",
-    )
-    run.add_argument(
-        "--rebuild-cache",
-        action="store_true",
-        help="rebuild teacher caches whose fingerprint no longer matches",
-    )
-    run.add_argument(
-        "--force",
-        action="store_true",
-        help="redo finished runs whose settings changed (otherwise refused, to keep results consistent)",
-    )
-    run.set_defaults(func=cmd_run)
-
-    def study_args(p: argparse.ArgumentParser) -> None:
+    def study_args(p: argparse.ArgumentParser, *, runs: bool = False) -> None:
+        """The options every study command shares; `runs`: also those of commands that train."""
         p.add_argument(
             "config",
             nargs="?",
@@ -205,6 +179,27 @@ def build_parser() -> argparse.ArgumentParser:
             default=os.environ.get("KDLAB_DATA_DIR"),
             help="folder with sst2/ and squad/ files (default: $KDLAB_DATA_DIR, else the hub)",
         )
+        if runs:
+            p.add_argument(
+                "--rebuild-cache",
+                action="store_true",
+                help="rebuild teacher caches whose fingerprint no longer matches",
+            )
+            p.add_argument(
+                "--force",
+                action="store_true",
+                help="redo finished runs whose settings changed (otherwise refused: results stay consistent)",
+            )
+
+    run = sub.add_parser(
+        "run",
+        help="run a whole study, resuming where it stopped",
+        description="Run every stage of a study: data → teacher adaptation and evaluation → "
+        "teacher cache → students (grid, best setting, all seeds) → bench → report. "
+        "Finished runs are skipped, so re-running resumes.",
+    )
+    study_args(run, runs=True)
+    run.set_defaults(func=cmd_run)
 
     sweep = sub.add_parser(
         "sweep",
@@ -213,12 +208,7 @@ def build_parser() -> argparse.ArgumentParser:
         "the selection split, then runs it on every seed. Several `kdlab sweep` "
         "processes on the same --out share the work; nothing runs twice.",
     )
-    study_args(sweep)
-    sweep.add_argument(
-        "--force",
-        action="store_true",
-        help="redo finished runs whose settings changed (otherwise refused, to keep results consistent)",
-    )
+    study_args(sweep, runs=True)
     sweep.set_defaults(func=cmd_sweep)
 
     cache = sub.add_parser(
@@ -233,7 +223,7 @@ def build_parser() -> argparse.ArgumentParser:
         "--rebuild",
         dest="rebuild_cache",
         action="store_true",
-        help="rebuild caches whose fingerprint no longer matches",
+        help="rebuild caches whose fingerprint changed",
     )
     cache.set_defaults(func=cmd_cache)
 

@@ -55,7 +55,10 @@ MANIFEST_NAME = "manifest.json"
 INDEX_NAME = "index.json"
 ANSWERS_NAME = "answers.jsonl"
 HIDDEN_DTYPES = ("float16", "bfloat16")
-REBUILD_HINT = "run `kdlab cache --rebuild` (or build with TeacherCacheWriter(..., overwrite=True))"
+REBUILD_HINT = (
+    "run `kdlab cache --rebuild` or `kdlab run --rebuild-cache` "
+    "(or build with TeacherCacheWriter(..., overwrite=True))"
+)
 
 _FP16_MAX = 65504.0
 # A little slack above 0 for log-softmax rounding; anything larger is almost surely raw logits.
