@@ -229,10 +229,11 @@ def test_study_entries_pick_the_chosen_first_seed_runs(fake_study: FakeStudy) ->
     assert entries["teacher-base"].method == "teacher-zero-shot"
     assert entries["teacher-sst2"].method == "teacher"
     assert entries["teacher-sst2"].run == "teacher-sst2" and entries["teacher-sst2"].task == "sst2"
-    # selection.json names the chosen setting's first-seed run; without an entry: the smallest seed.
+    # The chosen setting's first-seed (grid) run, decided by report.chosen_groups as in the tables; not simply
+    # the smallest seed (here the grid ran on seed 2).
     assert entries["kd1-sst2-s1"].run == "kd1-sst2-s1-lam0.5-seed2"
-    assert entries["sft-sst2-s1"].run == "sft-sst2-s1-seed1"
-    assert entries["sft-sst2-s1"].trainable_parameters == 1001
+    assert entries["sft-sst2-s1"].run == "sft-sst2-s1-seed2"
+    assert entries["sft-sst2-s1"].trainable_parameters == 1002
     assert entries["kd1-sst2-s1"].path == str(fake_study.out / "runs" / "kd1-sst2-s1-lam0.5-seed2" / "model")
 
 
@@ -259,7 +260,7 @@ def test_write_bench_writes_the_documented_json(fake_study: FakeStudy) -> None:
 
 
 def test_write_bench_skips_a_run_whose_model_is_gone(fake_study: FakeStudy) -> None:
-    shutil.rmtree(fake_study.out / "runs" / "sft-sst2-s1-seed1" / "model")
+    shutil.rmtree(fake_study.out / "runs" / "sft-sst2-s1-seed2" / "model")
     labels = [e.label for e in study_entries(fake_study)]
     assert "sft-sst2-s1" not in labels
     assert any("sft-sst2-s1" in m and "skipped" in m for m in fake_study.messages)

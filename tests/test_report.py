@@ -436,15 +436,6 @@ def test_missing_registry_is_a_clear_error(tmp_path: Path) -> None:
         write_report(tmp_path)
 
 
-def test_final_runs_keeps_the_bench_api(study: SimpleNamespace) -> None:
-    from kdlab.report import _method_order, final_runs
-
-    selection = json.loads((study.out / "selection.json").read_text())
-    groups = final_runs(Registry(study.out / "registry.sqlite"), selection)
-    assert [r.id for r in groups[("s1", "kd1", "squad")]] == [f"kd1-squad-s1-lam1-seed{s}" for s in (42, 7)]
-    assert _method_order("teacher") < _method_order("sft") < _method_order("kd3") < _method_order("other")
-
-
 def test_efficiency_table_gives_ratios_to_the_teacher(study: SimpleNamespace) -> None:
     # kd1 student: 60M vs 135M parameters, p50 4.0 vs 10.0 ms on sst2, same throughput as the teacher.
     lines = (study.out / "report.md").read_text().splitlines()

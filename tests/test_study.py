@@ -291,3 +291,21 @@ def test_changed_settings_under_a_finished_run_need_force(tiny_data_dir: Path, t
     after = registry.get("sft-sst2-s1-seed1")
     assert after.status == "done" and after.finished_at > before.finished_at
     assert after.config_hash != before.config_hash
+
+
+def test_student_with_another_vocabulary_is_refused_at_start(tiny_data_dir: Path, tmp_path: Path,
+                                                              capsys: pytest.CaptureFixture[str]) -> None:
+    from kdlab.tiny import build_tiny_llama, build_tiny_tokenizer
+
+    other = tmp_path / "other-student"
+    tokenizer = build_tiny_tokenizer(vocab_size=300)  # not the teacher's 512-token vocabulary
+    build_tiny_llama(tokenizer, num_layers=2).save_pretrained(other)
+    tokenizer.save_pretrained(other)
+    out = tmp_path / "out"
+    data = _mini_config(out)
+    data["students"] = [{"name": "s9", "model": str(other)}]
+    config = tmp_path / "mini.yaml"
+    config.write_text(yaml.safe_dump(data))
+    assert main(["run", str(config), "--data-dir", str(tiny_data_dir)]) == 2
+    assert "students.s9" in capsys.readouterr().err
+    assert not [r for r in Registry(out / "registry.sqlite").runs() if r.kind == "student"]  # nothing trained

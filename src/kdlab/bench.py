@@ -29,8 +29,7 @@ from transformers import PreTrainedTokenizerBase
 
 from kdlab import evaluation
 from kdlab.models import count_parameters, folder_size_bytes, load_model
-from kdlab.registry import RunRecord
-from kdlab.tasks.base import Example, Task, encode_prompts
+from kdlab.tasks.base import Example, Task
 
 BENCH_FILE = "bench.json"
 # Written beside a KD3 student's weights but only used in training: not part of the model one deploys.
@@ -273,11 +272,11 @@ def prepare_prompts(
     task: Task, tokenizer: PreTrainedTokenizerBase, examples: Sequence[Example]
 ) -> PreparedTask:
     """Prompt ids exactly as `evaluation.predict` makes them (evaluation prompts, fitted to max_length)."""
-    pairs, _ = task.build_prompts(examples, tokenizer, training=False)
+    pairs, prompt_ids, _ = evaluation.prepare_prompts(task, tokenizer, examples)
     if not pairs:
         raise ValueError(f"{task.name}: no evaluation prompt fits max_length; nothing to measure")
     label_ids = None if task.generative else task.label_token_ids(tokenizer)
-    return PreparedTask(task, encode_prompts([p for _, p in pairs], tokenizer), label_ids)
+    return PreparedTask(task, prompt_ids, label_ids)
 
 
 def run_inference(
@@ -449,21 +448,6 @@ def bench_models(
 # a study's models
 
 
-METHOD_ORDER = ("sft", "kd1", "kd2", "kd3")
-
-
-def _chosen_run(study: Any, key: str, runs: Sequence[RunRecord], selection: Mapping[str, Any]) -> RunRecord:
-    """The chosen setting's first-seed run named in selection.json; without an entry (one setting), the run
-    with the smallest seed."""
-    entry = selection.get(key)
-    if entry is not None:
-        record = study.registry.get(entry.get("run", ""))
-        if record is not None and record.status == "done":
-            return record
-        runs = [r for r in runs if r.params == entry.get("chosen")] or list(runs)
-    return min(runs, key=lambda r: (r.seed is None, r.seed if r.seed is not None else 0, r.id))
-
-
 def study_entries(study: Any) -> list[BenchEntry]:
     """The base (zero-shot) teacher, the adapted teacher of each task, and each student/method/task's
     chosen run."""
@@ -496,20 +480,18 @@ def study_entries(study: Any) -> list[BenchEntry]:
                         trust_remote_code=trust,
                     )
                 )
+    # The chosen setting of each student/method/task is decided exactly as the report decides it.
+    from kdlab.report import StudyOutputs, chosen_groups
+
     path = study.out / "selection.json"
     selection = json.loads(path.read_text()) if path.exists() else {}
-    groups: dict[tuple[str, str, str], list[RunRecord]] = {}
-    for r in study.registry.runs(kind="student", status="done"):
-        if r.task in cfg.tasks:
-            groups.setdefault((r.student, r.method, r.task), []).append(r)
-    tasks = list(cfg.tasks)
-    rank = {m: i for i, m in enumerate(METHOD_ORDER)}
+    outputs = StudyOutputs(study.out, study.registry.runs(), selection, cfg, None, None, list(cfg.tasks))
     students = {s.name: s for s in cfg.students}
-    for student, method, task in sorted(
-        groups, key=lambda g: (g[0], rank.get(g[1], 99), g[1], tasks.index(g[2]))
-    ):
+    for (student, method, task), group in chosen_groups(outputs).items():
+        run = group.first
+        if run is None or task not in cfg.tasks:
+            continue
         key = f"{method}-{task}-{student}"
-        run = _chosen_run(study, key, groups[(student, method, task)], selection)
         folder = Path(run.output_dir) / "model"
         if not ((folder / "config.json").is_file() or (folder / "adapter_config.json").is_file()):
             study.echo(f"[bench] {key}: no saved model in {folder}; skipped")

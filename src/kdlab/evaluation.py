@@ -80,6 +80,14 @@ def generate_answers(
     return out
 
 
+def prepare_prompts(
+    task: Task, tokenizer: PreTrainedTokenizerBase, examples: Sequence[Example], *, training: bool = False
+) -> tuple[list[tuple[Example, str]], list[list[int]], dict[str, int]]:
+    """(example, prompt) pairs that fit max_length, their token ids, and the truncated/skipped counts."""
+    pairs, counts = task.build_prompts(examples, tokenizer, training=training)
+    return pairs, encode_prompts([p for _, p in pairs], tokenizer), counts
+
+
 def predict(
     task: Task, model: nn.Module, tokenizer: PreTrainedTokenizerBase, examples: Sequence[Example], *,
     batch_size: int, desc: str | None = None, training_prompts: bool = False,
@@ -89,8 +97,7 @@ def predict(
     `training_prompts` builds the prompts as training does (a teacher answering the prompts a student is
     trained on); evaluation prompts never look at the answer.
     """
-    pairs, counts = task.build_prompts(examples, tokenizer, training=training_prompts)
-    prompt_ids = encode_prompts([p for _, p in pairs], tokenizer)
+    pairs, prompt_ids, counts = prepare_prompts(task, tokenizer, examples, training=training_prompts)
     desc = desc or f"{task.name} inference"
     was_training = model.training
     model.eval()

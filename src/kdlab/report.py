@@ -31,7 +31,7 @@ from typing import Any
 
 import numpy as np
 
-from kdlab.config import StudyConfig, load_config
+from kdlab.config import METHODS, StudyConfig, load_config
 from kdlab.figures import (
     COLUMN_WIDTH_IN,
     Curve,
@@ -53,7 +53,6 @@ __all__ = [
     "StudyOutputs",
     "chosen_groups",
     "compare_to_sft",
-    "final_runs",
     "load_outputs",
     "per_example_scores",
     "write_report",
@@ -64,7 +63,7 @@ METRICS = {"sst2": ["accuracy"], "squad": ["exact_match", "f1"]}
 LABELS = {"accuracy": "Acc", "exact_match": "EM", "f1": "F1"}
 METRIC_NAMES = {"accuracy": "accuracy", "exact_match": "exact match", "f1": "F1"}
 TASK_LABELS = {"sst2": "SST-2", "squad": "SQuAD"}
-METHOD_ORDER = ("sft", "kd1", "kd2", "kd3")
+METHOD_ORDER = METHODS  # table order
 PARAM_SYMBOLS = {"lam": ("λ", r"$\lambda$"), "temperature": ("T", "$T$"), "divergence": ("", "")}
 DECIMALS = 1
 N_RESAMPLES = 10_000
@@ -222,20 +221,6 @@ def chosen_groups(outputs: StudyOutputs) -> dict[tuple[str, str, str], Group]:
             student, method, task, dict(params), chosen, grid, source, varying
         )
     return dict(sorted(groups.items(), key=lambda kv: (kv[0][2], kv[0][0], _method_rank(kv[0][1]))))
-
-
-def final_runs(
-    registry: Registry, selection: Mapping[str, Any]
-) -> dict[tuple[str, str, str], list[RunRecord]]:
-    """Done runs of the chosen setting of each (student, method, task), all seeds (kept for `kdlab.bench`)."""
-    outputs = StudyOutputs(registry.path.parent, registry.runs(), dict(selection), None, None, None, [])
-    return {k: g.runs for k, g in chosen_groups(outputs).items() if g.runs}
-
-
-def _method_order(method: str) -> int:
-    """Position of a method in tables: teacher, sft, kd1, kd2, kd3, then the rest (kept for `kdlab.bench`)."""
-    order = ("teacher", *METHOD_ORDER)
-    return order.index(method) if method in order else 9
 
 
 # ---------------------------------------------------------------------------------------------------------

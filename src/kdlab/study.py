@@ -620,7 +620,6 @@ class Study:
         data = self.data(spec.task)
         method = get_method(spec.method)
         path = self.student_path(student)
-        self._check_vocab(student, path)
         folder = Path(spec.output_dir)
         torch.manual_seed(spec.seed)
         model = load_model(path, device=self.device, trust_remote_code=student.trust_remote_code)
@@ -781,7 +780,8 @@ class Study:
         for name in self.config.tasks:
             self.teacher_stage(name)
         for student in self.config.students:
-            self.student_path(student)
+            # Every example is tokenized once with the teacher's tokenizer: a student must share it.
+            self._check_vocab(student, self.student_path(student))
 
     def run(self) -> list[str]:
         """The whole study; returns the ids of failed runs (empty when everything is done)."""
