@@ -114,6 +114,13 @@ class TaskSettings(Strict):
         100, gt=0, description="examples held out from train to choose the best grid setting"
     )
     eval_size: int | None = Field(None, gt=0, description="evaluation examples (None: the whole split)")
+    transfer_size: int = Field(
+        0,
+        ge=0,
+        description="transfer set: more training inputs, without their gold labels, that only the KD losses "
+        "use (the teacher labels them: answers, soft targets, hidden states); drawn from the training split, "
+        "disjoint from the train and selection examples",
+    )
     max_length: int = Field(256, gt=8, description="tokens of prompt + answer")
     template: str | None = Field(None, description="prompt template; None: the task's default")
 
@@ -128,10 +135,13 @@ class TaskSettings(Strict):
                 f"eval_size {self.eval_size} is larger than the evaluation split "
                 f"({self.eval_split_size} examples)"
             )
-        need = (self.train_size or 0) + self.selection_size
+        need = (self.train_size or 0) + self.selection_size + self.transfer_size
+        if self.transfer_size and self.train_size is None:
+            raise ValueError("transfer_size needs a train_size: the transfer set is drawn from the rest of "
+                             "the training split")
         if need > self.train_split_size:
             raise ValueError(
-                f"train_size + selection_size = {need} is larger than the training split "
+                f"train_size + selection_size + transfer_size = {need} is larger than the training split "
                 f"({self.train_split_size} examples)"
             )
         return self
@@ -184,11 +194,24 @@ class SFTSettings(Strict):
 
 
 class KD1Settings(MethodSettings):
-    temperature: list[float] = Field(default_factory=lambda: [2.0], min_length=1)
-    divergence: list[Literal["forward_kl", "reverse_kl", "jsd"]] = Field(
-        default_factory=lambda: ["forward_kl"]
+    temperature: list[float] = Field(
+        default_factory=lambda: [2.0],
+        min_length=1,
+        description="softmax temperature T of teacher and student; every divergence is multiplied by T^2. "
+        "The cache stores an exact top-k tail for each temperature listed",
     )
-    jsd_beta: float = Field(0.5, gt=0, lt=1)
+    divergence: list[Literal["forward_kl", "reverse_kl", "jsd"]] = Field(
+        default_factory=lambda: ["forward_kl"],
+        description="forward_kl KL(teacher||student), reverse_kl KL(student||teacher), or jsd (generalized, "
+        "weighted by jsd_beta)",
+    )
+    jsd_beta: float = Field(
+        0.5,
+        gt=0,
+        lt=1,
+        description="jsd: the teacher's weight in the mixture m = beta*teacher + (1-beta)*student, as in "
+        "TRL's GKD (0.5: the standard JSD)",
+    )
     top_k: list[int] = Field(
         default_factory=lambda: [32],
         min_length=1,
@@ -217,11 +240,22 @@ class KD2Settings(MethodSettings):
 
 
 class KD3Settings(MethodSettings):
-    # One map, or a list of maps as a grid axis: "uniform", "last", or explicit [[student, teacher], ...].
-    layer_map: list[Literal["uniform", "last"] | list[tuple[int, int]]] = Field(
-        default_factory=lambda: ["uniform"], min_length=1
+    # One map, or a list of maps as a grid axis: "auto", "derived", "uniform", "last", or explicit
+    # [[student, teacher], ...] pairs of hidden-state indices.
+    layer_map: list[Literal["auto", "derived", "uniform", "last"] | list[tuple[int, int]]] = Field(
+        default_factory=lambda: ["auto"],
+        min_length=1,
+        description="'derived': each block of a derived student paired with the teacher block it was copied "
+        "from; 'uniform': evenly spaced pairs (students unrelated to the teacher); 'auto' (default): derived "
+        "for derived students, else uniform; 'last': the last blocks only; or explicit [[student, teacher]] "
+        "hidden-state indices",
     )
-    loss: Literal["mse", "cosine"] = "mse"
+    loss: Literal["mse", "cosine"] = Field(
+        "mse",
+        description="the feature loss compares layer-normed hidden states (mse; cosine: 1 - cosine "
+        "similarity), averaged over layer pairs, so it is of order 1 per token and lambda weighs it against "
+        "the task CE",
+    )
 
     @field_validator("layer_map", mode="before")
     @classmethod
@@ -268,6 +302,11 @@ class CacheSettings(Strict):
     mode: Literal["cached", "online"] = Field("cached", description="teacher signals from disk or live")
     hidden_dtype: Literal["float16", "bfloat16"] = "float16"
     dir: str | None = Field(None, description="default: <output_dir>/teacher_cache")
+    empty_answers: Literal["gold", "drop"] = Field(
+        "gold",
+        description="a teacher answer that is empty or has no letter or digit (KD2 target): replace it by "
+        "the gold answer, or drop the example from KD2; counted in the cache manifest and the report",
+    )
 
 
 class StudyConfig(Strict):
@@ -288,7 +327,15 @@ class StudyConfig(Strict):
     cache: CacheSettings = Field(default_factory=CacheSettings)
     bench: BenchSettings = Field(default_factory=BenchSettings)
     seeds: list[int] = Field(default_factory=lambda: [42], min_length=1)
-    data_seed: int = Field(1234, description="picks the train/selection/eval subsets; shared by every run")
+    data_seed: int = Field(
+        1234, description="picks the train/selection/transfer/eval subsets; shared by every run"
+    )
+    deterministic: bool = Field(
+        False,
+        description="deterministic kernels on GPUs (torch.use_deterministic_algorithms, the cuBLAS "
+        "workspace setting, math attention): bit-identical reruns at some speed cost. "
+        "CPU runs are deterministic anyway",
+    )
 
     @field_validator("tasks", mode="before")
     @classmethod

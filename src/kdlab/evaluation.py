@@ -13,7 +13,7 @@ from typing import Any
 import torch
 from torch import nn
 from tqdm.auto import tqdm
-from transformers import PreTrainedTokenizerBase
+from transformers import PreTrainedTokenizerBase, StoppingCriteria, StoppingCriteriaList
 
 from kdlab.scored import position_ids_for
 from kdlab.tasks.base import Example, Task, collate_prompts, encode_prompts
@@ -56,12 +56,37 @@ def score_labels(
     return out
 
 
+def first_answer_line(text: str) -> str:
+    """The answer in a generated continuation: its first line that holds non-space text, stripped.
+
+    Models often open an answer with a newline (``"Answer:\\n Paris"``); taking the literal first line would
+    turn such an answer into "" and score (or teach, for KD2) an empty answer by accident.
+    """
+    for line in text.split("\n"):
+        if line.strip():
+            return line.strip()
+    return ""
+
+
+class _AnswerLineEnded(StoppingCriteria):
+    """Stops a row once its continuation holds non-space text followed by a newline (not at a leading one)."""
+
+    def __init__(self, tokenizer: PreTrainedTokenizerBase, prompt_width: int):
+        self.tokenizer = tokenizer
+        self.prompt_width = prompt_width
+
+    def __call__(self, input_ids: torch.Tensor, scores: torch.Tensor, **kwargs: Any) -> torch.Tensor:
+        texts = self.tokenizer.batch_decode(input_ids[:, self.prompt_width:], skip_special_tokens=True)
+        done = ["\n" in text.lstrip() for text in texts]
+        return torch.tensor(done, dtype=torch.bool, device=input_ids.device)
+
+
 @torch.no_grad()
 def generate_answers(
     model: nn.Module, tokenizer: PreTrainedTokenizerBase, prompt_ids: Sequence[list[int]], *,
     max_new_tokens: int, batch_size: int, desc: str = "generating",
 ) -> list[str]:
-    """Greedy answers, stopping at a newline or EOS; the text after the prompt, first line, stripped."""
+    """Greedy answers, stopping at EOS or at a newline after the answer's text (see `first_answer_line`)."""
     device = _device(model)
     pad_id = tokenizer.pad_token_id
     out: list[str] = [""] * len(prompt_ids)
@@ -71,12 +96,13 @@ def generate_answers(
         generated = model.generate(
             input_ids=batch["input_ids"].to(device), attention_mask=batch["attention_mask"].to(device),
             max_new_tokens=max_new_tokens, do_sample=False, num_beams=1, pad_token_id=pad_id,
-            eos_token_id=tokenizer.eos_token_id, stop_strings=["\n"], tokenizer=tokenizer,
+            eos_token_id=tokenizer.eos_token_id,
+            stopping_criteria=StoppingCriteriaList([_AnswerLineEnded(tokenizer, width)]),
             temperature=None, top_p=None, top_k=None,
         )
         texts = tokenizer.batch_decode(generated[:, width:], skip_special_tokens=True)
         for i, text in zip(rows, texts, strict=True):
-            out[i] = text.split("\n", 1)[0].strip()
+            out[i] = first_answer_line(text)
     return out
 
 

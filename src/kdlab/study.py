@@ -44,10 +44,22 @@ from kdlab.models import (
     save_model,
 )
 from kdlab.registry import Registry, RunRecord, RunSpec, default_owner
+from kdlab.seeding import configure_determinism, seed_everything, stage_seed
 from kdlab.tasks import get_task
-from kdlab.tasks.base import Encoded, Example, Task, encode, split_train_selection, subset
+from kdlab.tasks.base import (
+    DATA_LAYOUT,
+    Encoded,
+    Example,
+    Task,
+    atomic_write_text,
+    encode,
+    resolve_data_dir,
+    split_train_selection,
+    subset,
+    transfer_subset,
+)
 from kdlab.teacher import build_teacher_cache, cache_fingerprint_inputs
-from kdlab.teacher_cache import TeacherCache, fingerprint, hash_directory
+from kdlab.teacher_cache import TeacherCache, fingerprint, hash_directory, hash_file
 from kdlab.training import TrainItem, train
 
 log = logging.getLogger("kdlab")
@@ -59,6 +71,7 @@ class TaskData:
     train: list[Example]
     selection: list[Example]
     eval: list[Example]
+    transfer: list[Example]  # training inputs without gold labels: only the KD losses use them
     prompts: dict[str, str]  # training prompts by example id
     encoded: dict[str, Encoded]  # gold training encodings by example id
     counts: dict[str, int]
@@ -83,6 +96,16 @@ class _Heartbeat:
 
 def _fmt(x: float) -> str:
     return f"{x:g}"
+
+
+def _model_provenance(spec: str) -> dict[str, Any]:
+    path = resolve_model_path(spec)
+    entry: dict[str, Any] = {"spec": spec, "path": path}
+    if Path(path).is_dir():
+        entry["fingerprint"] = hash_directory(path, patterns=("*.safetensors", "*.bin", "config.json"))
+    else:
+        entry["fingerprint"] = None  # a hub id that transformers resolves itself
+    return entry
 
 
 def run_id(
@@ -120,6 +143,7 @@ class Study:
         self.force = force  # redo finished runs whose settings changed (the registry refuses otherwise)
         self.echo = echo if self.ranks.leader else (lambda _text: None)
         self.device = self.ranks.device or resolve_device(config.device)
+        configure_determinism(config.deterministic)
         if self.ranks.leader:
             self.out.mkdir(parents=True, exist_ok=True)
             self._write_config()
@@ -176,17 +200,24 @@ class Study:
         seed = self.config.data_seed
         pool = task.load(task.train_split, self.data_dir)
         train_ex, selection = split_train_selection(pool, settings.train_size, settings.selection_size, seed)
+        transfer = transfer_subset(pool, settings.train_size, settings.selection_size, settings.transfer_size,
+                                   seed)
         eval_ex = subset(task.load(task.eval_split, self.data_dir), settings.eval_size, seed)
-        pairs, counts = task.build_prompts(train_ex, self.tokenizer, training=True)
+        # Transfer prompts are training prompts too (a teacher answers them); their targets come later.
+        pairs, counts = task.build_prompts(train_ex + transfer, self.tokenizer, training=True)
+        transfer_ids = {e.id for e in transfer}
         prompts = {ex.id: p for ex, p in pairs}
         encoded = {}
         for ex, p in pairs:
+            if ex.id in transfer_ids:
+                continue  # no gold target: the teacher labels it in the cache stage
             enc = encode(task, ex, p, self.tokenizer)
             if enc is None:
                 counts["skipped"] = counts.get("skipped", 0) + 1
             else:
                 encoded[ex.id] = enc
-        data = TaskData(task, train_ex, selection, eval_ex, prompts, encoded, counts)
+        transfer = [e for e in transfer if e.id in prompts]  # a prompt that cannot fit is skipped
+        data = TaskData(task, train_ex, selection, eval_ex, transfer, prompts, encoded, counts)
         manifest = {
             "task": name,
             "data_seed": seed,
@@ -194,6 +225,7 @@ class Study:
             "train": [e.id for e in train_ex],
             "selection": [e.id for e in selection],
             "eval": [e.id for e in eval_ex],
+            "transfer": [e.id for e in transfer],
         }
         if self.ranks.leader:
             (self.out / "data").mkdir(exist_ok=True)
@@ -201,6 +233,7 @@ class Study:
         self.echo(
             f"[data] {name}: train {len(encoded)} (truncated {counts.get('truncated', 0)}, skipped "
             f"{counts.get('skipped', 0)}), selection {len(selection)}, eval {len(eval_ex)}"
+            + (f", transfer {len(transfer)}" if transfer else "")
         )
         self._data[name] = data
         return data
@@ -365,8 +398,10 @@ class Study:
         if not cfg.adapt:
             return
         folder = Path(self.teacher_path(name))
+        seed = self.seed("teacher")
 
         def adapt() -> dict[str, Any]:
+            seed_everything(seed)  # LoRA adapters are initialised from the global generator
             model = load_model(
                 self.base_teacher_path, device=self.device, trust_remote_code=cfg.trust_remote_code
             )
@@ -383,7 +418,7 @@ class Study:
                 params={},
                 settings=cfg.training,
                 output_dir=folder.with_name(folder.name + "-trainer"),
-                seed=self.config.seeds[0],
+                seed=seed,
                 pad_id=self.tokenizer.pad_token_id,
                 vocab_size=len(self.tokenizer),
             )
@@ -404,14 +439,10 @@ class Study:
             stage="teacher",
             params={"adapted": True},
             config_hash=self._hash(
-                cfg.model_dump(mode="json"),
-                settings,
-                self.config.evaluation,
-                self.config.data_seed,
-                self.config.seeds[0],
+                cfg.model_dump(mode="json"), settings, self.config.evaluation, self.config.data_seed, seed
             ),
             output_dir=str(folder),
-            **common,
+            **dict(common, seed=seed),
         )
         record = self.registry.get(spec.id)
         if self.ranks.leader and record is not None and record.status == "done" and not folder.is_dir():
@@ -429,6 +460,7 @@ class Study:
         teacher = load_model(self.base_teacher_path, trust_remote_code=self.config.teacher.trust_remote_code)
         n = teacher.config.num_hidden_layers
         layers = student.derive.layers or evenly_spaced_layers(n, student.derive.num_layers)
+        seed_everything(self.seed("student-init"))
         model = derive_student(teacher, layers)
 
         def build(tmp: Path) -> None:
@@ -456,12 +488,29 @@ class Study:
             )
 
     def layer_pairs(self, student_path: str, layer_map: Any) -> list[tuple[int, int]]:
-        """(student, teacher) hidden-state pairs of one KD3 layer map for this student."""
+        """(student, teacher) hidden-state pairs of one KD3 layer map for this student.
+
+        "derived" pairs each block of a derived student with the teacher block it was copied from (read from
+        the `derived_from.json` its folder keeps); "auto" is "derived" for derived students, else "uniform".
+        """
         from transformers import AutoConfig
 
         s = AutoConfig.from_pretrained(student_path).num_hidden_layers
         t = AutoConfig.from_pretrained(self.base_teacher_path).num_hidden_layers
+        origin = Path(student_path) / "derived_from.json"
+        if layer_map in ("auto", "derived"):
+            if origin.is_file():
+                return losses.derived_layer_map(json.loads(origin.read_text())["teacher_layers"], t)
+            if layer_map == "derived":
+                raise ValueError(
+                    "methods.kd3.layer_map: 'derived' needs a student derived from the teacher "
+                    f"(students.derive); {student_path} was not"
+                )
+            layer_map = "uniform"
         return losses.resolve_layer_map(layer_map, s, t)
+
+    def seed(self, stage: str, run_seed: int | None = None) -> int:
+        return stage_seed(self.config.seeds, self.config.data_seed, stage, run_seed)
 
     def cached_teacher_layers(self) -> list[int]:
         """Teacher layers any student's KD3 layer map (every grid point) reads from the cache."""
@@ -487,6 +536,9 @@ class Study:
         if not (topk or hidden or answers) or self.config.cache.mode == "online":
             return None
         layers = self.cached_teacher_layers() if hidden else []
+        # The exact top-k tail is stored per KD1 temperature of the grid.
+        temperatures = sorted(set(self.config.methods["kd1"].temperature)) if topk else None
+        empty_answers = "gold"  # KD2: an empty/degenerate teacher answer is replaced by the gold target
         data = self.data(name)
         teacher_dir = self.teacher_path(name)
         inputs = cache_fingerprint_inputs(
@@ -500,6 +552,8 @@ class Study:
             answers=answers,
             dtype=self.config.evaluation.dtype,
             hidden_dtype=self.config.cache.hidden_dtype,
+            temperatures=temperatures,
+            empty_answers=empty_answers,
         )
         directory = self.cache_dir(name)
         expected = fingerprint(inputs)
@@ -530,10 +584,16 @@ class Study:
                 batch_size=self.config.evaluation.batch_size,
                 hidden_dtype=self.config.cache.hidden_dtype,
                 overwrite=(directory / "manifest.json").is_file(),
+                temperatures=temperatures or (),
+                empty_answers=empty_answers,
             )
             stats = {"examples": len(cache), "answer_tokens": cache.num_tokens, "fields": list(cache.fields)}
             if "topk" in cache.fields:
+                # Top-k arrays plus the fp32 tail of every temperature; the parts are kept too.
                 stats["topk_bytes_per_token"] = cache.bytes_per_token()
+                stats["kd1_bytes_per_token_parts"] = cache.bytes_per_token_parts()
+            if cache.manifest.get("answers"):
+                stats["answers"] = cache.manifest["answers"]
             return {"cache": stats}
 
         # Claimed in the registry like any run, so two processes never build the same cache at once.
@@ -584,6 +644,9 @@ class Study:
         seed: int,
         stage: str,
     ) -> RunSpec:
+        if METHODS[method].needs_hidden:  # the exact pairs a map resolves to, recorded with the run
+            pairs = self.layer_pairs(self.student_path(student), params["layer_map"])
+            params = dict(params, layer_pairs=[list(p) for p in pairs])
         rid = run_id(method, task, student.name, params, axes, seed)
         return RunSpec(
             id=rid,
@@ -621,7 +684,7 @@ class Study:
         method = get_method(spec.method)
         path = self.student_path(student)
         folder = Path(spec.output_dir)
-        torch.manual_seed(spec.seed)
+        seed_everything(self.seed("student", spec.seed))  # LoRA init, KD3 projections, data order
         model = load_model(path, device=self.device, trust_remote_code=student.trust_remote_code)
         if student.finetune == "lora":
             model = add_lora(model, student.lora)
@@ -783,6 +846,35 @@ class Study:
             # Every example is tokenized once with the teacher's tokenizer: a student must share it.
             self._check_vocab(student, self.student_path(student))
 
+    def provenance(self) -> dict[str, Any]:
+        """What reproducing the study needs besides its config: the seed of every stage and run, and the
+        fingerprints of the models and data files it read."""
+        seeds: dict[str, Any] = {"data": self.seed("data")}
+        for name in self.config.tasks:
+            if self.config.teacher.adapt:
+                seeds[f"teacher-{name}"] = self.seed("teacher")
+        for student in self.config.students:
+            if student.derive is not None:
+                seeds[f"student-init-{student.name}"] = self.seed("student-init")
+        for record in self.registry.runs():
+            if record.kind == "student":
+                seeds[record.id] = record.seed
+        seeds["bootstrap"] = self.seed("bootstrap")
+        models = {"teacher": _model_provenance(self.config.teacher.model)}
+        for student in self.config.students:
+            if student.model is not None:
+                models[f"students.{student.name}"] = _model_provenance(student.model)
+        data_dir = resolve_data_dir(self.data_dir)
+        data: dict[str, Any] = {}
+        for name in self.config.tasks:
+            files = [f for f in DATA_LAYOUT if f.startswith(name + "/")]
+            if data_dir is None:
+                data[name] = {"source": "hub"}
+            else:
+                present = [f for f in files if (data_dir / f).is_file()]
+                data[name] = {"files": {f: hash_file(data_dir / f) for f in present}}
+        return {"deterministic": self.config.deterministic, "seeds": seeds, "models": models, "data": data}
+
     def run(self) -> list[str]:
         """The whole study; returns the ids of failed runs (empty when everything is done)."""
         start = time.perf_counter()
@@ -790,6 +882,7 @@ class Study:
         failed = self.sweep()
         paths: list[Path] = []
         if self.ranks.leader:  # inference only: one process measures and writes
+            atomic_write_text(self.out / "provenance.json", json.dumps(self.provenance(), indent=1))
             if self.config.bench.enabled:
                 from kdlab.bench import write_bench
 

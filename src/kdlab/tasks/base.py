@@ -41,6 +41,7 @@ __all__ = [
     "resolve_data_dir",
     "split_train_selection",
     "subset",
+    "transfer_subset",
 ]
 
 DATA_ENV = "KDLAB_DATA_DIR"
@@ -261,6 +262,28 @@ def split_train_selection(
     rest = perm[selection_size:]
     train = sorted(rest if train_size is None else rest[:train_size])
     return [examples[i] for i in train], [examples[i] for i in sel]
+
+
+def transfer_subset(
+    examples: Sequence[Example],
+    train_size: int | None,
+    selection_size: int,
+    transfer_size: int,
+    seed: int,
+) -> list[Example]:
+    """The transfer set: ``transfer_size`` examples after the selection and training sets in the same seeded
+    permutation as `split_train_selection`, so it is disjoint from both and does not move when only its own
+    size changes. Its gold labels are never read (the teacher labels it)."""
+    if transfer_size == 0:
+        return []
+    if train_size is None:
+        raise ValueError("a transfer set needs a train_size: it is drawn from the rest of the training split")
+    start = selection_size + train_size
+    if start + transfer_size > len(examples):
+        raise ValueError(f"train_size + selection_size + transfer_size = {start + transfer_size} is not "
+                         f"possible: only {len(examples)} examples are available")
+    perm = _permutation(len(examples), seed)
+    return [examples[i] for i in sorted(perm[start:start + transfer_size])]
 
 
 # ---------------------------------------------------------------------------------------------------------
