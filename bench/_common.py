@@ -124,10 +124,12 @@ def step_runner(method_name: str, student: nn.Module, *, pad_id: int, vocab_size
     projections = (losses.make_projections(use_pairs, student.config.hidden_size, teacher_width)
                    if use_pairs else None)
     module = StudentModule(student, projections)
-    collator = TrainCollator(pad_id, method=method, cache=cache, teacher_layers=[t for _, t in use_pairs])
+    params = params if params is not None else PARAMS[method_name]
+    collator = TrainCollator(pad_id, method=method, cache=cache, teacher_layers=[t for _, t in use_pairs],
+                             temperature=params.get("temperature"))
     settings = TrainingSettings()  # study defaults: AdamW, lr 2e-4, max_grad_norm 1.0
     args = training_arguments(settings, workdir / method_name, 0, use_cpu=True)
     trainer = KDTrainer(model=module, args=args, train_dataset=[], data_collator=collator, method=method,
-                        params=params if params is not None else PARAMS[method_name], vocab_size=vocab_size,
+                        params=params, vocab_size=vocab_size,
                         layer_pairs=use_pairs)
     return StepRunner(trainer, module, trainer.create_optimizer(module), settings.max_grad_norm)

@@ -73,7 +73,8 @@ def main(argv: list[str] | None = None) -> int:
         cache = build_teacher_cache(
             work / "cache", task=task, teacher=teacher, tokenizer=tokenizer, examples=examples,
             encoded=encoded, fingerprint_inputs={"bench": "kd_step"}, top_k=args.top_k,
-            hidden_layers=sorted({t for _, t in pairs}), answers=False, batch_size=args.batch_size)
+            hidden_layers=sorted({t for _, t in pairs}), answers=False, batch_size=args.batch_size,
+            temperatures=[PARAMS["kd1"]["temperature"]])
         cache_s = time.perf_counter() - start
         teacher_name = "tiny-llama" if args.tiny else "SmolLM2-135M-Instruct"
         t_layers, width = teacher.config.num_hidden_layers, teacher.config.hidden_size

@@ -17,7 +17,7 @@ from kdlab.losses import (
     make_projections,
     mix,
     resolve_layer_map,
-    teacher_tail_mass,
+    topk_head,
     uniform_layer_map,
 )
 
@@ -56,6 +56,12 @@ def hand(div: str, p: list[float], q: list[float], beta: float = 0.5) -> float:
 
 def t(x: list) -> torch.Tensor:
     return torch.tensor(x, dtype=torch.float64).float()
+
+
+def tail_of(teacher_logits: torch.Tensor, idx: torch.Tensor, temp: float) -> torch.Tensor:
+    """What the cache stores: fp32 logsumexp over the non-listed tokens of log_softmax(teacher) / T."""
+    logp = torch.log_softmax(teacher_logits.float(), dim=-1)
+    return (logp / temp).scatter(1, idx.long(), float("-inf")).logsumexp(dim=-1)
 
 
 # --------------------------------------------------------------------------- full-vocabulary KD
@@ -121,10 +127,12 @@ def test_identical_distributions_give_zero(div: str, temp: float) -> None:
     x = torch.randn(4, 6, generator=torch.Generator().manual_seed(1))
     got = kd_divergence_full(x, x.clone(), temperature=temp, divergence=div, num_tokens=4)
     assert abs(got.item()) < 1e-6
-    # Top-k with a tail bucket is exact at T = 1.
+    # Top-k with the stored tail bucket is exact at every T.
     logp = torch.log_softmax(x, dim=-1)
     vals, idx = logp.topk(3, dim=-1)
-    got_k = kd_divergence_topk(x, idx, vals, temperature=1.0, divergence=div, num_tokens=4)
+    got_k = kd_divergence_topk(
+        x, idx, vals, tail_lse=tail_of(x, idx, temp), temperature=temp, divergence=div, num_tokens=4
+    )
     assert abs(got_k.item()) < 1e-6
 
 
@@ -140,9 +148,12 @@ def test_gradient_accumulation_invariance(div: str) -> None:
     )
     assert halves.item() == pytest.approx(whole.item(), rel=1e-5)
     vals, idx = torch.log_softmax(te, -1).topk(2, dim=-1)
-    whole_k = kd_divergence_topk(s, idx, vals, temperature=2.0, divergence=div, num_tokens=6)
+    tail = tail_of(te, idx, 2.0)
+    whole_k = kd_divergence_topk(s, idx, vals, tail_lse=tail, temperature=2.0, divergence=div, num_tokens=6)
     halves_k = sum(
-        kd_divergence_topk(s[sl], idx[sl], vals[sl], temperature=2.0, divergence=div, num_tokens=6)
+        kd_divergence_topk(
+            s[sl], idx[sl], vals[sl], tail_lse=tail[sl], temperature=2.0, divergence=div, num_tokens=6
+        )
         for sl in (slice(0, 3), slice(3, 6))
     )
     assert halves_k.item() == pytest.approx(whole_k.item(), rel=1e-5)
@@ -192,7 +203,10 @@ def test_topk_with_k_equal_vocab_matches_full(div: str, temp: float, idx_dtype: 
     full = kd_divergence_full(s, te, temperature=temp, divergence=div, num_tokens=4)
     # Shuffled order: buckets must follow the indices, not the position.
     vals, idx = torch.log_softmax(te, -1).sort(dim=-1)
-    topk = kd_divergence_topk(s, idx.to(idx_dtype), vals, temperature=temp, divergence=div, num_tokens=4)
+    no_tail = torch.full((4,), float("-inf"))
+    topk = kd_divergence_topk(
+        s, idx.to(idx_dtype), vals, tail_lse=no_tail, temperature=temp, divergence=div, num_tokens=4
+    )
     assert topk.item() == pytest.approx(full.item(), rel=1e-5, abs=1e-7)
 
 
@@ -201,11 +215,12 @@ def test_topk_with_k_equal_vocab_matches_full(div: str, temp: float, idx_dtype: 
 def test_topk_masked_teacher_entries_are_finite(div: str, k: int) -> None:
     teacher = torch.tensor([[1.0, 2.0, 0.0, float("-inf")], [0.5, -1.0, 0.0, float("-inf")]])
     vals, idx = torch.log_softmax(teacher, -1).sort(dim=-1, descending=True)
+    tail = tail_of(teacher, idx[:, :k], 2.0)  # -inf at k = 4: only the impossible token is left
     vals, idx = vals[:, :k].clone(), idx[:, :k]
     if k == 2:
         vals[:, 1] = float("-inf")  # a listed token the teacher rules out
     student = torch.randn(2, 4, generator=torch.Generator().manual_seed(5), requires_grad=True)
-    got = kd_divergence_topk(student, idx, vals, temperature=2.0, divergence=div, num_tokens=2)
+    got = kd_divergence_topk(student, idx, vals, tail_lse=tail, temperature=2.0, divergence=div, num_tokens=2)
     got.backward()
     assert torch.isfinite(got) and torch.isfinite(student.grad).all()
     if k == 4:
@@ -213,16 +228,17 @@ def test_topk_masked_teacher_entries_are_finite(div: str, k: int) -> None:
         assert got.item() == pytest.approx(full.item(), rel=1e-5)
 
 
-# Teacher [0.5, 0.3, 0.15, 0.05] stored as top-2 -> tail 0.2; student logits below.
+# Teacher [0.5, 0.3, 0.15, 0.05] stored as top-2 -> tail tokens 0.15 and 0.05; student logits below.
 TOPK_P = [0.5, 0.3]
+TAIL_P = [0.15, 0.05]
 TOPK_STUDENT = [1.0, 0.0, 0.5, -1.0]
 
 
 @pytest.mark.parametrize("div", DIVS)
-@pytest.mark.parametrize("temp", [1.0, 2.0])
+@pytest.mark.parametrize("temp", [0.5, 1.0, 2.0])
 def test_topk_with_tail_matches_hand_computation(div: str, temp: float) -> None:
-    tail = 1 - sum(TOPK_P)
-    w = [x ** (1 / temp) for x in [*TOPK_P, tail]]  # tail treated as one token
+    # Tempered teacher: p_i^(1/T) per token, the tail bucket sums its tokens' tempered weights.
+    w = [x ** (1 / temp) for x in TOPK_P] + [sum(x ** (1 / temp) for x in TAIL_P)]
     p = [x / sum(w) for x in w]
     q_full = softmax(TOPK_STUDENT, temp)
     q = [q_full[0], q_full[1], q_full[2] + q_full[3]]
@@ -231,6 +247,7 @@ def test_topk_with_tail_matches_hand_computation(div: str, temp: float) -> None:
         torch.tensor([TOPK_STUDENT]),
         torch.tensor([[0, 1]]),
         torch.tensor([[math.log(x) for x in TOPK_P]]),
+        tail_lse=torch.tensor([math.log(sum(x ** (1 / temp) for x in TAIL_P))]),
         temperature=temp,
         divergence=div,
         num_tokens=1,
@@ -248,6 +265,7 @@ def test_topk_index_order_is_respected() -> None:
         torch.tensor([TOPK_STUDENT]),
         torch.tensor([[2, 0]], dtype=torch.int32),
         torch.tensor([[math.log(0.5), math.log(0.3)]]),
+        tail_lse=torch.tensor([math.log(0.2)]),
         temperature=1.0,
         divergence="forward_kl",
         num_tokens=1,
@@ -255,27 +273,127 @@ def test_topk_index_order_is_respected() -> None:
     assert got.item() == pytest.approx(expected, rel=1e-5)
 
 
-def test_tail_mass_from_fp16_confident_teacher() -> None:
-    logp = torch.tensor([[math.log(0.999)], [math.log(0.9)]], dtype=torch.float16)
-    tail = teacher_tail_mass(logp)
-    assert tail.dtype == torch.float32
-    assert tail[0].item() == pytest.approx(0.001, abs=1e-4)
-    assert tail[1].item() == pytest.approx(0.1, abs=1e-4)
-    two = torch.tensor([[math.log(0.999), math.log(0.0006)]], dtype=torch.float16)
-    assert teacher_tail_mass(two).item() == pytest.approx(0.0004, abs=1e-4)
-
-
 @pytest.mark.parametrize("div", DIVS)
-def test_topk_tail_rounding_to_zero_stays_finite(div: str) -> None:
-    # fp16 rounding can make the listed mass reach 1; the tail floor keeps reverse KL finite.
+@pytest.mark.parametrize("tail", [-60.0, float("-inf")])
+def test_topk_tiny_or_empty_teacher_tail_stays_finite(div: str, tail: float) -> None:
+    # A confident teacher's tail (exp(-60)) or none at all (-inf: every other token impossible, so the
+    # student's tail bucket leaves the support too): reverse KL and JSD stay finite.
     logp = torch.tensor([[0.0, -30.0]], dtype=torch.float16)
     student = torch.tensor([[3.0, 0.0, 1.0, 0.5]], requires_grad=True)
     got = kd_divergence_topk(
-        student, torch.tensor([[0, 1]]), logp, temperature=2.0, divergence=div, num_tokens=1
+        student, torch.tensor([[0, 1]]), logp, tail_lse=torch.tensor([tail]), temperature=2.0,
+        divergence=div, num_tokens=1,
     )
     got.backward()
     assert torch.isfinite(got) and torch.isfinite(student.grad).all()
     assert student.grad.abs().sum() > 0
+    if tail == float("-inf"):  # the student's tail logits get no gradient
+        assert torch.all(student.grad[0, 2:] == 0)
+
+
+# --------------------------------------------------------------------------- top-k KD is exact at every T
+# A realistic vocabulary and teachers of three shapes: spread (randn * 3), Zipf-like and confident.
+
+VOCAB = 32_000
+CACHED_K = 32
+EXACT_CASES = [("forward_kl", 0.5), ("reverse_kl", 0.5), ("jsd", 0.1), ("jsd", 0.5), ("jsd", 0.9)]
+
+
+@pytest.fixture(scope="module")
+def realistic() -> dict[str, torch.Tensor]:
+    gen = torch.Generator().manual_seed(11)
+    spread = torch.randn(VOCAB, generator=gen) * 3
+    ranks = torch.randperm(VOCAB, generator=gen).double() + 1
+    zipf = (-1.1 * ranks.log()).float()
+    confident = torch.randn(VOCAB, generator=gen) * 2
+    confident[123] += 25.0
+    teacher = torch.stack([spread, zipf, confident])
+    student = torch.randn(3, VOCAB, generator=gen) * 3
+    return {"teacher": teacher, "student": student, "logp": torch.log_softmax(teacher, dim=-1)}
+
+
+def bucket_reference(
+    teacher: torch.Tensor, student: torch.Tensor, idx: torch.Tensor, temp: float, div: str, beta: float
+) -> float:
+    """Independent float64 reference: full tempered distributions, probabilities summed onto the k listed
+    tokens + one tail bucket, then the divergence per row, times T^2, averaged over rows."""
+    total = 0.0
+    for row in range(teacher.shape[0]):
+        buckets = []
+        for logits in (teacher[row], student[row]):
+            prob = torch.softmax(logits.double() / temp, dim=-1)
+            listed = prob[idx[row]]
+            outside = torch.ones_like(prob, dtype=torch.bool)
+            outside[idx[row]] = False
+            buckets.append(torch.cat([listed, prob[outside].sum().reshape(1)]))
+        p, q = buckets
+
+        def kl64(a: torch.Tensor, b: torch.Tensor) -> float:
+            keep = a > 0
+            return float((a[keep] * (a[keep].log() - b[keep].log())).sum())
+
+        if div == "forward_kl":
+            d = kl64(p, q)
+        elif div == "reverse_kl":
+            d = kl64(q, p)
+        else:
+            m = beta * p + (1 - beta) * q
+            d = beta * kl64(p, m) + (1 - beta) * kl64(q, m)
+        total += temp**2 * d
+    return total / teacher.shape[0]
+
+
+@pytest.mark.parametrize(("div", "beta"), EXACT_CASES)
+@pytest.mark.parametrize("temp", [0.5, 1.0, 2.0, 4.0])
+def test_topk_is_exact_at_every_temperature(
+    realistic: dict[str, torch.Tensor], temp: float, div: str, beta: float
+) -> None:
+    teacher, logp = realistic["teacher"], realistic["logp"]
+    vals32, idx32 = logp.topk(CACHED_K, dim=-1)
+    tail32 = tail_of(teacher, idx32, temp)
+    for k in (1, 8, CACHED_K):
+        vals, idx = vals32[:, :k], idx32[:, :k]
+        tail = tail_of(teacher, idx, temp)  # a cache built with this k
+        common = dict(temperature=temp, divergence=div, beta=beta, num_tokens=3)
+
+        # (a) student == teacher: zero loss and zero gradient.
+        same = teacher.clone().requires_grad_(True)
+        zero = kd_divergence_topk(same, idx, vals, tail_lse=tail, **common)
+        zero.backward()
+        assert abs(zero.item()) < 1e-5, (k, zero.item())
+        assert same.grad.abs().max().item() < 1e-5, k
+
+        # (b) equals the float64 bucket reference for an unrelated student.
+        student = realistic["student"]
+        got = kd_divergence_topk(student, idx, vals, tail_lse=tail, **common)
+        want = bucket_reference(teacher, student, idx, temp, div, beta)
+        assert got.item() == pytest.approx(want, rel=1e-4, abs=1e-6), (k, got.item(), want)
+
+        # (c) the first k entries of a k = 32 cache, folded by topk_head, equal a k cache.
+        h_idx, h_vals, h_tail = topk_head(idx32, vals32, tail32, k=k, temperature=temp)
+        assert torch.equal(h_idx, idx) and torch.equal(h_vals, vals)
+        torch.testing.assert_close(h_tail, tail, rtol=1e-5, atol=1e-5)
+        sliced = kd_divergence_topk(student, h_idx, h_vals, tail_lse=h_tail, **common)
+        assert sliced.item() == pytest.approx(got.item(), rel=1e-5, abs=1e-7)
+
+
+def test_topk_exact_with_fp16_cached_logprobs(realistic: dict[str, torch.Tensor]) -> None:
+    """The cache keeps fp16 top-k log-probs but an fp32 tail: student == teacher stays ~0 at T = 2
+    (the single-token tail approximation gave 5.46 here)."""
+    teacher, logp = realistic["teacher"], realistic["logp"]
+    vals, idx = logp.topk(CACHED_K, dim=-1)
+    for temp in (0.5, 2.0):
+        got = kd_divergence_topk(teacher, idx, vals.half(), tail_lse=tail_of(teacher, idx, temp),
+                                 temperature=temp, divergence="forward_kl", num_tokens=3)
+        assert abs(got.item()) < 1e-4, (temp, got.item())
+
+
+def test_topk_head_checks_k() -> None:
+    vals, idx = torch.log_softmax(torch.randn(2, 10), -1).topk(4, dim=-1)
+    with pytest.raises(ValueError, match="k must be in"):
+        topk_head(idx, vals, torch.zeros(2), k=5, temperature=1.0)
+    same = topk_head(idx, vals, torch.zeros(2), k=4, temperature=1.0)
+    assert same[0] is idx and same[1] is vals
 
 
 def test_topk_bad_shapes_raise() -> None:
@@ -285,6 +403,7 @@ def test_topk_bad_shapes_raise() -> None:
             s,
             torch.zeros(2, 5, dtype=torch.long),
             torch.zeros(2, 5),
+            tail_lse=torch.zeros(2),
             temperature=1.0,
             divergence="jsd",
             num_tokens=2,
@@ -294,6 +413,17 @@ def test_topk_bad_shapes_raise() -> None:
             s,
             torch.zeros(2, 2, dtype=torch.long),
             torch.zeros(2, 3),
+            tail_lse=torch.zeros(2),
+            temperature=1.0,
+            divergence="jsd",
+            num_tokens=2,
+        )
+    with pytest.raises(ValueError, match="tail_lse"):
+        kd_divergence_topk(
+            s,
+            torch.zeros(2, 2, dtype=torch.long),
+            torch.zeros(2, 2),
+            tail_lse=torch.zeros(2, 1),
             temperature=1.0,
             divergence="jsd",
             num_tokens=2,
@@ -332,9 +462,35 @@ def test_mix_and_add_weighted() -> None:
 def test_feature_mse_hand_case() -> None:
     s = torch.tensor([[1.0, 2.0], [0.0, 0.0]])
     te = torch.tensor([[0.0, 0.0], [1.0, 1.0]], dtype=torch.float16)
-    # token 1: (1 + 4) / 2 = 2.5; token 2: (1 + 1) / 2 = 1; two layer pairs -> 2 * 3.5.
-    got = feature_loss([s, s], [te, te], None, kind="mse", num_tokens=2)
-    assert got.item() == pytest.approx(2 * 3.5 / 2)
+    # Raw states: token 1: (1 + 4) / 2 = 2.5; token 2: (1 + 1) / 2 = 1; the two equal pairs are averaged.
+    raw = feature_loss([s, s], [te, te], None, kind="mse", normalize="none", num_tokens=2)
+    assert raw.item() == pytest.approx(3.5 / 2)
+    # Layer-normed: [1, 2] -> [-1, 1], constant rows -> [0, 0]; token 1: (1 + 1) / 2 = 1, token 2: 0.
+    normed = feature_loss([s, s], [te, te], None, kind="mse", num_tokens=2)
+    assert normed.item() == pytest.approx(1 / 2, rel=1e-4)  # layer norm's eps shifts it slightly
+    one_pair = feature_loss([s], [te], None, kind="mse", num_tokens=2)
+    assert one_pair.item() == pytest.approx(normed.item())
+
+
+@pytest.mark.parametrize("kind", ["mse", "cosine"])
+def test_feature_loss_is_scale_free_and_zero_on_match(kind: str) -> None:
+    gen = torch.Generator().manual_seed(6)
+    pairs = [(1, 2), (2, 4), (3, 6)]
+    projections = make_projections(pairs, student_width=8, teacher_width=16)
+    s = [torch.randn(5, 8, generator=gen) for _ in pairs]
+    te = [torch.randn(5, 16, generator=gen) * 3 + 1 for _ in pairs]
+    base = feature_loss(s, te, projections, kind=kind, num_tokens=5)
+    scaled = feature_loss(s, [100 * x for x in te], projections, kind=kind, num_tokens=5)
+    assert scaled.item() == pytest.approx(base.item(), rel=1e-4)
+    assert 0.1 < base.item() < 10  # of order 1 per token, whatever the number of pairs
+    with torch.no_grad():
+        matched = [proj(x) for proj, x in zip(projections, s, strict=True)]
+    assert abs(feature_loss(s, matched, projections, kind=kind, num_tokens=5).item()) < 1e-5
+    if kind == "mse":  # an affine change of the teacher state leaves the normed states equal
+        same = feature_loss(s, [100 * x - 7 for x in matched], projections, kind=kind, num_tokens=5)
+        assert abs(same.item()) < 1e-5
+        with pytest.raises(ValueError, match="normalize"):
+            feature_loss(s, te, projections, kind=kind, normalize="batchnorm", num_tokens=5)
 
 
 def test_feature_cosine_of_same_direction_is_zero() -> None:

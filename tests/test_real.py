@@ -124,3 +124,39 @@ def test_tiny_real_study(tmp_path: Path, capsys: pytest.CaptureFixture[str]) -> 
         assert model.config.num_hidden_layers == 2 and model.config.hidden_size == 576
     assert (out / "results.csv").is_file()
     assert (out / "teacher_cache" / "sst2" / "manifest.json").is_file()
+
+
+def test_kd3_term_is_of_the_order_of_ce_at_init(smollm2) -> None:
+    """The layer-normed feature loss of a derived student starts of the order of the task CE, so λ weighs two
+    comparable terms. For this 10-block student the raw hidden-state MSE summed over the 10 pairs (the former
+    loss) was ~100x the CE, outside the bound."""
+    import torch
+
+    from kdlab import losses
+    from kdlab.models import derive_student, evenly_spaced_layers
+    from kdlab.scored import forward_scored
+    from kdlab.tasks.base import collate, encode
+
+    _, tokenizer, teacher = smollm2
+    task = SST2Task()
+    examples = task.load("train", DATA)[:8]
+    pairs_, _ = task.build_prompts(examples, tokenizer, training=True)
+    encoded = [enc for ex, p in pairs_ if (enc := encode(task, ex, p, tokenizer)) is not None]
+    batch = collate(encoded, tokenizer.pad_token_id, padding_side="left")
+    batch.pop("example_ids")
+    student = derive_student(teacher, evenly_spaced_layers(teacher.config.num_hidden_layers, 10))
+    pairs = losses.resolve_layer_map("uniform", 10, teacher.config.num_hidden_layers)
+    width = teacher.config.hidden_size
+    with torch.no_grad():
+        t_out = forward_scored(teacher, batch, hidden_layers=[t for _, t in pairs], vocab_size=len(tokenizer))
+        s_out = forward_scored(student, batch, hidden_layers=[s for s, _ in pairs], vocab_size=len(tokenizer))
+        n = int(s_out.targets.numel())
+        ce = losses.cross_entropy_tokens(s_out.logits, s_out.targets, num_tokens=n).item()
+        args = ([s_out.hidden[s] for s, _ in pairs], [t_out.hidden[t] for _, t in pairs],
+                losses.make_projections(pairs, width, width))
+        kd = losses.feature_loss(*args, num_tokens=n).item()
+        raw = losses.feature_loss(*args, normalize="none", num_tokens=n).item()
+    print(f"KD3 at init on {len(encoded)} SST-2 examples ({n} answer tokens): CE {ce:.3f}, layer-normed "
+          f"feature loss {kd:.3f} (ratio {kd / ce:.3f}), raw MSE {raw:.1f} per pair, {raw * len(pairs):.1f} "
+          f"summed over {len(pairs)} pairs")
+    assert 0.05 <= kd / ce <= 20

@@ -1,4 +1,4 @@
-"""A study's numbers follow from its config alone: two fresh processes give bit-identical weights and metrics."""
+"""A study's numbers follow from its config alone: two fresh processes give bit-identical weights, metrics."""
 
 from __future__ import annotations
 
@@ -20,7 +20,7 @@ TIMING_KEYS = {"seconds", "train_runtime"}
 
 
 def _tiny_study(path: Path, *, transfer: bool) -> Path:
-    """The smoke study with a LoRA teacher (adapters and dropout draw random numbers), every method, one seed."""
+    """The smoke study with a LoRA teacher (its adapters and dropout draw random numbers), one seed."""
     data = yaml.safe_load(preset_text("smoke"))
     data["teacher"]["finetune"] = "lora"
     data["teacher"]["lora"] = {"r": 4, "alpha": 8, "dropout": 0.1, "target_modules": ["q_proj", "v_proj"]}
@@ -35,9 +35,10 @@ def _tiny_study(path: Path, *, transfer: bool) -> Path:
 
 def _run(config: Path, out: Path, data_dir: Path) -> None:
     env = dict(os.environ, PYTHONHASHSEED="random")  # nothing may depend on the process's hash seed
+    cmd = [sys.executable, "-m", "kdlab.cli", "run", str(config), "--out", str(out),
+           "--data-dir", str(data_dir)]
     proc = subprocess.run(
-        [sys.executable, "-m", "kdlab.cli", "run", str(config), "--out", str(out), "--data-dir", str(data_dir)],
-        capture_output=True, text=True, env=env, cwd=out.parent, timeout=900,
+        cmd, capture_output=True, text=True, env=env, cwd=out.parent, timeout=900,
     )
     assert proc.returncode == 0, proc.stdout[-3000:] + proc.stderr[-3000:]
 
@@ -74,6 +75,9 @@ def test_same_config_gives_bit_identical_study_in_two_processes(
             for out in outs]
     assert runs[0] == runs[1]
     assert {r.split("-")[0] for r in runs[0]} >= {"teacher", "cache", "sft", "kd1", "kd2", "kd3"}
+    # KD3's default map pairs the derived student's blocks (teacher blocks 0 and 3) with their sources.
+    kd3 = next(r for r in Registry(outs[0] / "registry.sqlite").runs() if r.method == "kd3")
+    assert kd3.params["layer_map"] == "auto" and kd3.params["layer_pairs"] == [[1, 1], [2, 4]]
     # The seeds of every stage are recorded for the report.
     provenance = json.loads((outs[0] / "provenance.json").read_text())
     assert provenance["seeds"]["teacher-sst2"] == 7 and provenance["seeds"]["bootstrap"] == 7

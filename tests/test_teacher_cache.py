@@ -385,3 +385,180 @@ def test_hash_helpers(tmp_path):
     assert hash_directory(weights, patterns=("*.json",)) != hash_directory(weights)
     with pytest.raises(ValueError, match="no file"):
         hash_directory(weights, patterns=("*.gguf",))
+
+
+# --------------------------------------------------------------------------------------------------
+# Exact top-k tails per temperature (KD1) and the empty-answer policy (KD2)
+
+
+def _tails(lp_full: np.ndarray, order: np.ndarray, temps) -> dict[float, np.ndarray]:
+    """float64 log(sum over the non-listed tokens of p_j^(1/T)), written independently of the cache code."""
+    out = {}
+    for temp in temps:
+        w = np.exp(lp_full.astype(np.float64) / temp)
+        np.put_along_axis(w, order, 0.0, axis=-1)
+        with np.errstate(divide="ignore"):
+            out[temp] = np.log(w.sum(-1)).astype(np.float32)
+    return out
+
+
+def test_tail_round_trip_and_missing_temperature(tmp_path):
+    rng = np.random.default_rng(3)
+    vocab, k, temps = 300, 8, (2.0, 0.5, 1.0)
+    path = tmp_path / "cache"
+    want = {}
+    with TeacherCacheWriter(path, fingerprint_inputs={"t": 1}, vocab_size=vocab, top_k=k, temperatures=temps,
+                            shard_rows=20) as w:
+        for i in range(12):
+            n = int(rng.integers(0, 7))
+            logits = rng.normal(scale=3.0, size=(n, vocab)).astype(np.float32)
+            lp_full = logits - np.log(np.exp(logits).sum(-1, keepdims=True))
+            order = np.argsort(-lp_full, axis=-1)[:, :k]
+            tails = _tails(lp_full, order, temps)
+            want[f"e{i}"] = tails
+            # Tails may come keyed by int or float temperatures, as torch tensors or numpy arrays.
+            given = {1 if t == 1.0 else t: (torch.from_numpy(v) if i % 2 else v) for t, v in tails.items()}
+            w.add(f"e{i}", topk_indices=order, topk_logprobs=np.take_along_axis(lp_full, order, -1),
+                  topk_tail=given)
+    cache = TeacherCache.open(path)
+    assert cache.temperatures == (0.5, 1.0, 2.0)
+    assert len(cache.manifest["shards"]) >= 2
+    assert sorted(p.name for p in path.glob("shard-00000.tail-*.npy")) == [
+        "shard-00000.tail-T0.5.npy", "shard-00000.tail-T1.npy", "shard-00000.tail-T2.npy"]
+    ids = [f"e{i}" for i in (7, 0, 11, 3, 5)]
+    for temp in temps:
+        idx, lp, tail = cache.batch_topk_tail(ids, temp)
+        b_idx, b_lp = cache.batch_topk(ids)
+        assert torch.equal(idx, b_idx) and torch.equal(lp, b_lp)
+        assert tail.dtype == torch.float32 and tail.shape == (idx.shape[0],)
+        np.testing.assert_array_equal(tail.numpy(), np.concatenate([want[i][temp] for i in ids]))
+    assert cache.batch_topk_tail([], 2.0)[2].shape == (0,)
+
+    with pytest.raises(CacheError) as err:
+        cache.batch_topk_tail(ids, 4.0)
+    msg = str(err.value)
+    assert "T=4.0" in msg and "[0.5, 1.0, 2.0]" in msg and "kdlab cache --rebuild" in msg
+
+    parts = cache.bytes_per_token_parts()
+    assert parts == {"topk": pytest.approx(2 * k + 2 * k), "tail-T0.5": 4.0, "tail-T1": 4.0, "tail-T2": 4.0}
+    assert cache.bytes_per_token() == pytest.approx(4 * k + 12)
+
+    # A cache built without temperatures holds no tail at all.
+    plain = tmp_path / "plain"
+    with TeacherCacheWriter(plain, fingerprint_inputs={"t": 2}, vocab_size=vocab, top_k=k) as w:
+        w.add("a", topk_indices=np.arange(k)[None], topk_logprobs=-np.ones((1, k)))
+    with pytest.raises(CacheError, match=r"T=2\.0 \(it holds T in \[\]\)"):
+        TeacherCache.open(plain).batch_topk_tail(["a"], 2)
+
+
+def test_tail_writer_checks(tmp_path):
+    idx, lp = np.arange(4)[None].repeat(2, 0), -np.ones((2, 4))
+    w = TeacherCacheWriter(tmp_path / "c", fingerprint_inputs={}, vocab_size=10, top_k=4, temperatures=[2.0])
+    with pytest.raises(ValueError, match="topk_tail must be a dict"):
+        w.add("a", topk_indices=idx, topk_logprobs=lp)
+    with pytest.raises(ValueError, match="temperatures"):
+        w.add("a", topk_indices=idx, topk_logprobs=lp, topk_tail={1.0: np.zeros(2)})
+    with pytest.raises(ValueError, match=r"shape \[n=2\]"):
+        w.add("a", topk_indices=idx, topk_logprobs=lp, topk_tail={2.0: np.zeros(3)})
+    with pytest.raises(ValueError, match="NaN"):
+        w.add("a", topk_indices=idx, topk_logprobs=lp, topk_tail={2.0: np.array([0.0, np.nan])})
+    # -inf is a legal tail: no possible token outside the top-k.
+    w.add("a", topk_indices=idx, topk_logprobs=lp, topk_tail={2.0: np.array([-1.0, -np.inf])})
+    w.close()
+    assert TeacherCache.open(tmp_path / "c").batch_topk_tail(["a"], 2.0)[2].tolist() == [-1.0, float("-inf")]
+    with pytest.raises(ValueError, match="duplicates"):
+        TeacherCacheWriter(tmp_path / "d", fingerprint_inputs={}, vocab_size=10, top_k=4,
+                           temperatures=[2, 2.0])
+    with pytest.raises(ValueError, match="top_k is None"):
+        TeacherCacheWriter(tmp_path / "e", fingerprint_inputs={}, vocab_size=10, top_k=None,
+                           store_answers=True, temperatures=[2.0])
+    with pytest.raises(ValueError, match="> 0"):
+        TeacherCacheWriter(tmp_path / "f", fingerprint_inputs={}, vocab_size=10, top_k=4, temperatures=[0.0])
+
+
+def test_build_teacher_cache_stores_exact_fp32_tails(tmp_path, tiny_tokenizer):
+    from kdlab.scored import forward_scored
+    from kdlab.tasks import SST2Task
+    from kdlab.tasks.base import Encoded, Example, collate
+    from kdlab.teacher import build_teacher_cache
+    from kdlab.tiny import build_tiny_llama
+
+    vocab = len(tiny_tokenizer)
+    teacher = build_tiny_llama(tiny_tokenizer, num_layers=2, seed=0).eval()
+    rng = random.Random(0)
+    examples = [Example(f"x{i}", {"sentence": "s"}, label=i % 2) for i in range(5)]
+    encoded = {}
+    for i, ex in enumerate(examples):
+        prompt = [rng.randrange(4, vocab) for _ in range(3 + i)]
+        answer = [rng.randrange(4, vocab) for _ in range(1 + i % 3)] + [2]
+        encoded[ex.id] = Encoded(ex.id, prompt + answer, [-100] * len(prompt) + answer)
+    cache = build_teacher_cache(
+        tmp_path / "cache", task=SST2Task(), teacher=teacher, tokenizer=tiny_tokenizer, examples=examples,
+        encoded=encoded, fingerprint_inputs={"t": 1}, top_k=8, hidden_layers=[], answers=False, batch_size=2,
+        temperatures=[2.0, 0.5, 1.0],
+    )
+    assert cache.temperatures == (0.5, 1.0, 2.0)
+    ids = [ex.id for ex in examples]
+    batch = collate([encoded[i] for i in ids], tiny_tokenizer.pad_token_id, padding_side="left")
+    batch.pop("example_ids")
+    with torch.no_grad():
+        logp = forward_scored(teacher, batch, vocab_size=vocab).logits.double().log_softmax(-1)
+    for temp in (0.5, 1.0, 2.0):
+        idx, lp, tail = cache.batch_topk_tail(ids, temp)
+        assert torch.equal(idx, logp.topk(8, dim=-1).indices)
+        outside = torch.ones_like(logp, dtype=torch.bool).scatter(1, idx, False)
+        want = torch.log((logp / temp).exp().where(outside, 0.0).sum(-1))
+        torch.testing.assert_close(tail.double(), want, rtol=1e-6, atol=1e-5)
+
+
+def test_fingerprint_changes_with_temperatures_and_answer_policy(tiny_tokenizer):
+    from kdlab.tasks import SST2Task
+    from kdlab.teacher import cache_fingerprint_inputs
+
+    def fp(**kw):
+        base = dict(teacher_weights="w", tokenizer=tiny_tokenizer, task=SST2Task(), split="train",
+                    example_ids=["a", "b"], top_k=8, hidden_layers=[], answers=True, dtype="bfloat16",
+                    hidden_dtype="float16", temperatures=[2.0])
+        return fingerprint(cache_fingerprint_inputs(**{**base, **kw}))
+
+    assert fp() == fp(temperatures=[2]) == fp(temperatures=(2.0, 2.0))
+    assert fp(temperatures=[1.0, 2.0]) == fp(temperatures=[2.0, 1.0])
+    assert len({fp(), fp(temperatures=[1.0, 2.0]), fp(temperatures=[4.0]), fp(temperatures=None)}) == 4
+    assert fp(empty_answers="drop") != fp()
+    with pytest.raises(ValueError, match="empty_answers"):
+        fp(empty_answers="skip")
+
+
+@pytest.mark.parametrize("policy", ["gold", "drop"])
+def test_empty_teacher_answers_policy(tmp_path, monkeypatch, tiny_tokenizer, policy):
+    import kdlab.teacher as teacher_mod
+    from kdlab.tasks import SquadTask
+    from kdlab.tasks.base import Encoded, Example
+
+    task = SquadTask()
+    generated = {"q1": "Paris", "q2": "", "q3": "  ... ", "q4": "1984", "q5": "\u00e9t\u00e9"}
+    examples = [Example(i, {"context": "c", "question": "q"}, answers=(f"gold {i}",)) for i in generated]
+    monkeypatch.setattr(teacher_mod, "predict", lambda *a, **kw: (dict(generated), {}))
+    encoded = {ex.id: Encoded(ex.id, [1, 5, 6, 2], [-100, -100, 6, 2]) for ex in examples}
+    cache = teacher_mod.build_teacher_cache(
+        tmp_path / policy, task=task, teacher=torch.nn.Linear(1, 1), tokenizer=tiny_tokenizer,
+        examples=examples, encoded=encoded, fingerprint_inputs={"p": policy}, top_k=None, hidden_layers=[],
+        answers=True, batch_size=2, empty_answers=policy,
+    )
+    kept = {"q1": "Paris", "q4": "1984", "q5": "\u00e9t\u00e9"}
+    for i, text in kept.items():
+        assert cache.answer(i) == text
+    for i in ("q2", "q3"):  # empty, and no letter or digit
+        assert cache.answer(i) == (task.gold_answer(examples[int(i[1]) - 1]) if policy == "gold" else None)
+    replaced, dropped = (2, 0) if policy == "gold" else (0, 2)
+    assert cache.manifest["answers"] == {"total": 5, "empty": 2, "policy": policy, "replaced": replaced,
+                                         "dropped": dropped}
+    # Reopened from disk (as another process would), None survives the round trip.
+    again = TeacherCache.open(tmp_path / policy)
+    assert [again.answer(i) for i in generated] == [cache.answer(i) for i in generated]
+    with pytest.raises(ValueError, match="empty_answers"):
+        teacher_mod.build_teacher_cache(
+            tmp_path / "bad", task=task, teacher=torch.nn.Linear(1, 1), tokenizer=tiny_tokenizer,
+            examples=examples, encoded=encoded, fingerprint_inputs={}, top_k=None, hidden_layers=[],
+            answers=True, batch_size=2, empty_answers="skip",
+        )

@@ -63,6 +63,7 @@ class Setup:
             root / "cache", task=SST2Task(), teacher=self.teacher, tokenizer=self.tokenizer,
             examples=self.examples, encoded=self.encoded, fingerprint_inputs={"test": 1}, top_k=self.vocab,
             hidden_layers=list(HIDDEN), answers=False, batch_size=3, hidden_dtype="float16",
+            temperatures=[1.0, 2.0],
         )
 
     def items(self, kd2: bool = False) -> list[TrainItem]:
@@ -169,26 +170,33 @@ def test_collator_looks_rows_up_by_example_id(tmp_path: Path) -> None:
     lengths = {f"e{i}": 1 + i % 4 for i in range(10)}
     encoded = {i: _encoded(rng, i, rng.randrange(2, 9), n, vocab) for i, n in lengths.items()}
     with TeacherCacheWriter(tmp_path / "c", fingerprint_inputs={"t": 1}, vocab_size=vocab, top_k=k,
-                            hidden_layers=[3], shard_rows=7) as writer:  # several shards
+                            hidden_layers=[3], temperatures=[1.0, 2.0],
+                            shard_rows=7) as writer:  # several shards
         for num, (i, n) in enumerate(lengths.items()):
             rows = torch.arange(n)
             writer.add(i, topk_indices=torch.stack([torch.full((n,), num), rows, rows], 1),
                        topk_logprobs=-(rows[:, None].float().expand(n, k) + num / 100),
+                       topk_tail={t: -(rows.float() + num / 100) * t for t in (1.0, 2.0)},
                        hidden={3: torch.full((n, width), float(num)) + rows[:, None] / 8})
     cache = TeacherCache.open(tmp_path / "c")
     ids = list(lengths)
     rng.shuffle(ids)
+    with pytest.raises(ValueError, match="temperature"):
+        TrainCollator(0, method=METHODS["kd1"], cache=cache)
     for method, key in (("kd1", "teacher_topk_indices"), ("kd3", "teacher_hidden_3")):
-        collator = TrainCollator(0, method=METHODS[method], cache=cache, teacher_layers=[3])
+        collator = TrainCollator(0, method=METHODS[method], cache=cache, teacher_layers=[3], temperature=2.0)
         batch = collator([TrainItem(gold=encoded[i]) for i in ids])
         counts = (batch["labels"] != -100).sum(1).tolist()
         assert counts == [lengths[i] for i in ids]
         parts = batch[key].split(counts)
-        for i, part in zip(ids, parts, strict=True):
+        tails = batch["teacher_topk_tail_lse"].split(counts) if method == "kd1" else parts
+        assert method == "kd1" or "teacher_topk_tail_lse" not in batch
+        for i, part, tail in zip(ids, parts, tails, strict=True):
             num = list(lengths).index(i)
             if method == "kd1":
                 assert part[:, 0].tolist() == [num] * lengths[i]
                 assert part[:, 1].tolist() == list(range(lengths[i]))
+                assert torch.equal(tail, -(torch.arange(lengths[i]).float() + num / 100) * 2.0)  # T = 2's
             else:
                 expected = torch.full((lengths[i], width), float(num)) + torch.arange(lengths[i])[:, None] / 8
                 assert torch.allclose(part, expected, atol=1e-2)
@@ -232,10 +240,13 @@ def test_forward_scored_refuses_right_padding(setup: Setup) -> None:
         forward_scored(setup.teacher, batch)
 
 
-def test_online_teacher_matches_cache_with_full_vocab(setup: Setup, tmp_path: Path) -> None:
-    """At T = 1 with k = V the cached top-k divergence is exact, so a live teacher must give the same KD
-    loss (up to the cache's float16 log-probs): catches misaligned rows or a mis-tempered teacher."""
-    params = dict(KD1, lam=0.5, temperature=1.0, top_k=setup.vocab)
+@pytest.mark.parametrize("temperature", [1.0, 2.0])
+def test_online_teacher_matches_cache_with_full_vocab(
+    setup: Setup, tmp_path: Path, temperature: float
+) -> None:
+    """With k = V the cached top-k divergence is exact, so a live teacher must give the same KD loss (up to
+    the cache's float16 log-probs): catches misaligned rows or a mis-tempered teacher."""
+    params = dict(KD1, lam=0.5, temperature=temperature, top_k=setup.vocab)
     settings = _settings(batch_size=8, max_steps=1)
     _, _, cached = _run(setup, tmp_path, "kd1", params, settings=settings)
     _, _, online = _run(setup, tmp_path, "kd1", params, settings=settings, online=True)

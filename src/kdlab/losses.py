@@ -10,13 +10,19 @@ Conventions shared by every function here
   micro-batches of one step then gives exactly the whole-batch mean, whatever the split or the
   padding. ``num_tokens`` may be a Python number or a 0-d tensor (e.g. after an all-reduce).
 * Divergences are computed in float32 whatever the input dtype and returned as a float32 scalar.
-* Distillation divergences are multiplied by ``T**2`` (Hinton et al., 2015) so that gradient
-  magnitudes do not shrink as the temperature grows.
+* Every distillation divergence (forward KL, reverse KL and JSD alike) is computed between the
+  tempered distributions ``softmax(logits / T)`` and multiplied by ``T**2`` (Hinton et al., 2015),
+  so that gradient magnitudes do not shrink as the temperature grows.
 * ``p`` always denotes the teacher, ``q`` the student:
   ``forward_kl = KL(p || q)``, ``reverse_kl = KL(q || p)``,
-  ``jsd = beta * KL(p || m) + (1 - beta) * KL(q || m)`` with ``m = beta * p + (1 - beta) * q``
-  (generalized JSD of Agarwal et al., 2024, "GKD"); ``beta = 0.5`` is the standard JSD, bounded by
+  ``jsd = beta * KL(p || m) + (1 - beta) * KL(q || m)`` with ``m = beta * p + (1 - beta) * q``:
+  ``beta`` is the *teacher's* weight in the mixture (generalized JSD of Agarwal et al., 2024, "GKD",
+  with the same convention as TRL's ``GKDTrainer``); ``beta = 0.5`` is the standard JSD, bounded by
   ``ln 2``.
+* Top-k KD (:func:`kd_divergence_topk`) is exact at every temperature: the cache stores, besides
+  the teacher's top-k log-probs, the fp32 log-sum-exp of its tempered non-top-k log-probs.
+* Feature KD (:func:`feature_loss`) compares layer-normed hidden states by default, so its scale
+  (order 1 per token) does not depend on the teacher's hidden-state magnitudes.
 """
 
 from __future__ import annotations
@@ -30,10 +36,7 @@ from torch import Tensor, nn
 
 DIVERGENCES = ("forward_kl", "reverse_kl", "jsd")
 FEATURE_KINDS = ("mse", "cosine")
-
-# Floor on the teacher's tail mass when tail tokens exist (k < V). fp16 log-probs cannot resolve
-# tail masses much below ~1e-4, and an exact zero would make reverse KL infinite.
-DEFAULT_MIN_TAIL_MASS = 1e-6
+FEATURE_NORMS = ("layernorm", "none")
 
 _NumTokens = int | float | Tensor
 
@@ -133,46 +136,64 @@ def kd_divergence_full(
     return _normalise(per_row.sum() * temperature**2, num_tokens)
 
 
-def teacher_tail_mass(topk_logprobs: Tensor) -> Tensor:
-    """Teacher probability mass outside its top-k: ``1 - sum_i exp(logp_i)``, clamped to [0, 1].
+def topk_head(
+    topk_indices: Tensor,
+    topk_logprobs: Tensor,
+    tail_lse: Tensor,
+    *,
+    k: int,
+    temperature: float,
+) -> tuple[Tensor, Tensor, Tensor]:
+    """The first ``k`` of ``K`` cached entries, with the dropped ones folded into the tempered tail.
 
-    [N, k] log-probs (any float dtype) -> [N] float32. Computed as ``-expm1(logsumexp(logp))``,
-    which stays accurate for confident teachers where the naive ``1 - sum`` would cancel.
+    ``tail_lse`` is the cached ``logsumexp_{j not in top-K}(logp_j / T)`` ([N], fp32); the tail of
+    the top-k' head is ``logsumexp([tail_lse, logp[k:K] / T])``, so one cache serves every
+    ``k <= K``. Returns ``(indices [N, k], logprobs [N, k], tail_lse [N] float32)``; ``k == K``
+    returns the inputs unchanged (the tail as float32).
     """
-    log_listed = torch.logsumexp(topk_logprobs.detach().float(), dim=-1)
-    return (-torch.expm1(log_listed)).clamp(min=0.0, max=1.0)
+    if not temperature > 0:
+        raise ValueError(f"temperature must be > 0, got {temperature}")
+    cached = topk_indices.shape[-1]
+    if not 1 <= k <= cached:
+        raise ValueError(f"k must be in [1, {cached}] (the cached top-k), got {k}")
+    tail = tail_lse.detach().float()
+    if k == cached:
+        return topk_indices, topk_logprobs, tail
+    dropped = topk_logprobs[:, k:].detach().float() / temperature
+    tail = torch.logsumexp(torch.cat([tail.unsqueeze(-1), dropped], dim=-1), dim=-1)
+    return topk_indices[:, :k], topk_logprobs[:, :k], tail
 
 
 def _topk_buckets(
     student_logits: Tensor,
     topk_indices: Tensor,
     topk_logprobs: Tensor,
+    tail_lse: Tensor,
     temperature: float,
-    min_tail_mass: float,
 ) -> tuple[Tensor, Tensor]:
-    """Return teacher and student log-probabilities over k (+1 tail) buckets, both [N, k(+1)]."""
+    """Teacher and student log-probabilities over the k listed tokens (+1 tail bucket), both [N, k(+1)]."""
     vocab = student_logits.shape[-1]
     k = topk_indices.shape[-1]
     idx = topk_indices.to(torch.int64)
     t_logp = topk_logprobs.detach().float()
     valid = ~torch.isneginf(t_logp)
-    has_tail = k < vocab  # static: no tail bucket when every token is listed
 
     # Student: top-k entries the teacher marks impossible (-inf) are dropped from the support,
-    # consistent with kd_divergence_full; everything not listed forms the tail bucket.
+    # consistent with kd_divergence_full; every token not listed forms the tail bucket.
     s = student_logits.float() / temperature
-    s_top = s.gather(1, idx).masked_fill(~valid, float("-inf"))
-    log_norm = torch.logsumexp(s.scatter(1, idx, s_top), dim=-1, keepdim=True)
-    s_log = s_top - log_norm
-    # Teacher: tempered weights exp(logp_i / T); the tail counts as one token of mass tail^(1/T).
-    t_w = t_logp / temperature
-    if has_tail:
+    s_buckets = s.gather(1, idx).masked_fill(~valid, float("-inf"))
+    # Teacher: exp(logp_i / T) for the listed tokens; the tail bucket is the exact tempered mass of the
+    # others, exp(tail_lse). The teacher's own normaliser (LSE / T) shifts every bucket equally and
+    # cancels in the log-softmax below.
+    t_buckets = t_logp / temperature
+    if k < vocab:  # static: no tail bucket when every token is listed
         s_tail = torch.logsumexp(s.scatter(1, idx, float("-inf")), dim=-1, keepdim=True)
-        s_log = torch.cat([s_log, s_tail - log_norm], dim=-1)
-        tail = teacher_tail_mass(t_logp).unsqueeze(-1).clamp(min=min_tail_mass)
-        t_w = torch.cat([t_w, tail.log() / temperature], dim=-1)
-    t_log = F.log_softmax(t_w, dim=-1)
-    return t_log, s_log
+        t_tail = tail_lse.detach().float().unsqueeze(-1)
+        # An empty teacher tail (all other tokens impossible) leaves the student's support too.
+        s_tail = s_tail.masked_fill(torch.isneginf(t_tail), float("-inf"))
+        s_buckets = torch.cat([s_buckets, s_tail], dim=-1)
+        t_buckets = torch.cat([t_buckets, t_tail], dim=-1)
+    return F.log_softmax(t_buckets, dim=-1), F.log_softmax(s_buckets, dim=-1)
 
 
 def kd_divergence_topk(
@@ -180,33 +201,31 @@ def kd_divergence_topk(
     topk_indices: Tensor,
     topk_logprobs: Tensor,
     *,
+    tail_lse: Tensor,
     temperature: float,
     divergence: str,
     beta: float = 0.5,
     num_tokens: _NumTokens,
-    min_tail_mass: float = DEFAULT_MIN_TAIL_MASS,
 ) -> Tensor:
-    """Distillation divergence against a teacher stored as its top-k log-probabilities.
+    """Distillation divergence against a teacher stored as its top-k log-probabilities plus its tail.
 
-    Both distributions are collapsed onto ``k + 1`` buckets: the ``k`` listed tokens and one tail
-    bucket holding every other token. The divergence over the buckets is multiplied by ``T**2``,
-    summed over rows and divided by ``num_tokens``.
+    Both tempered distributions are collapsed onto ``k + 1`` buckets (the ``k`` listed tokens and
+    one tail bucket holding every other token) by summing probabilities, and the divergence over
+    the buckets is multiplied by ``T**2``, summed over rows and divided by ``num_tokens``. The
+    result is exact (no approximation of the teacher's tail) at every temperature.
 
-    Teacher buckets. ``topk_logprobs`` are teacher log-probs at temperature 1. The tail mass
-    ``t = 1 - sum_i exp(logp_i)`` is derived (clamped to ``[min_tail_mass, 1]``; the floor avoids
-    an infinite reverse KL when fp16 rounding makes the listed mass reach 1). Tempered buckets:
-    ``p_i = exp(logp_i / T) / Z`` and ``p_tail = t**(1/T) / Z``, with ``Z`` normalising the k + 1
-    buckets. Treating the tail as a single token is an **approximation** for ``T != 1``: the true
-    tempered tail mass is ``sum_j p_j**(1/T)`` over the unknown tail tokens, which for ``T > 1``
-    lies between this value (all tail mass on one token) and ``(V-k)**(1-1/T) * t**(1/T)`` (tail
-    spread uniformly). It is exact at ``T = 1``.
+    Teacher buckets: ``p = log_softmax([logp_1 / T, ..., logp_k / T, tail_lse])`` where ``logp``
+    are the teacher's log-probs at T = 1 and ``tail_lse = logsumexp_{j not listed}(logp_j / T)``
+    was computed in fp32 from the full logits (see ``TeacherCache``; :func:`topk_head` folds the
+    dropped entries into it when fewer than the cached k are used). The teacher's normaliser at
+    temperature T is a common shift of every bucket and cancels.
 
-    Student buckets. ``q = softmax(student / T)``; ``q_i`` is read at the listed indices and
-    ``q_tail`` is the mass of the other tokens, computed as a logsumexp over the non-listed logits
-    (no ``1 - sum`` cancellation).
+    Student buckets: ``q = softmax(student / T)`` read at the listed indices, and ``q_tail`` the mass
+    of the other tokens, computed as a logsumexp over the non-listed logits (no ``1 - sum``
+    cancellation).
 
-    When ``k == V`` there is no tail bucket, the teacher is renormalised over the listed tokens,
-    and the result equals :func:`kd_divergence_full` (up to fp rounding) for any ``T``.
+    When ``k == V`` there is no tail bucket (``tail_lse`` is ``-inf`` and ignored) and the result
+    equals :func:`kd_divergence_full` up to fp rounding.
 
     Args:
         student_logits: [N, V] student logits of the scored positions.
@@ -214,8 +233,10 @@ def kd_divergence_topk(
             within a row.
         topk_logprobs: [N, k] teacher log-probabilities at T = 1 (fp16 allowed; computed in
             fp32). ``-inf`` entries mark impossible tokens and are removed from both supports.
+        tail_lse: [N] ``logsumexp`` over the non-listed tokens of ``logp / T``, at this
+            ``temperature``. ``-inf`` (no possible tail token) removes the tail bucket from both
+            supports.
         temperature, divergence, beta, num_tokens: as in :func:`kd_divergence_full`.
-        min_tail_mass: floor on the derived teacher tail mass (only used when k < V).
     """
     _check_common(temperature, divergence, beta)
     if student_logits.ndim != 2:
@@ -231,9 +252,9 @@ def kd_divergence_topk(
             f"top-k tensors of shape {tuple(topk_indices.shape)} do not fit student logits "
             f"[{n}, {vocab}] (need N rows and 1 <= k <= V)"
         )
-    if not 0.0 < min_tail_mass < 1.0:
-        raise ValueError(f"min_tail_mass must be in (0, 1), got {min_tail_mass}")
-    log_p, log_q = _topk_buckets(student_logits, topk_indices, topk_logprobs, temperature, min_tail_mass)
+    if tail_lse.shape != (n,):
+        raise ValueError(f"tail_lse must be [N] = [{n}], got {tuple(tail_lse.shape)}")
+    log_p, log_q = _topk_buckets(student_logits, topk_indices, topk_logprobs, tail_lse, temperature)
     per_row = _divergence_rows(log_p, log_q, divergence, beta)
     return _normalise(per_row.sum() * temperature**2, num_tokens)
 
@@ -292,23 +313,32 @@ def feature_loss(
     projections: Sequence[nn.Module] | None,
     *,
     kind: str = "mse",
+    normalize: str = "layernorm",
     num_tokens: _NumTokens,
 ) -> Tensor:
-    """Hidden-state matching loss summed over mapped layer pairs.
+    """Hidden-state matching loss, averaged over the mapped layer pairs.
 
     Element ``l`` of the lists is one layer pair: student ``[N, d_s]`` and teacher ``[N, d_t]``,
     rows already restricted to the real scored tokens (same rows, same order). The student is
     mapped by ``projections[l]`` (``None``: identity, needs ``d_s == d_t``). The teacher is
     detached and cast to the student's dtype; the reduction runs in fp32.
 
-    * ``kind="mse"``: squared error averaged over the feature dim, summed over tokens.
-    * ``kind="cosine"``: ``1 - cos(proj(h_s), h_t)`` summed over tokens.
+    * ``kind="mse"``: squared error averaged over the feature dim, summed over tokens. With
+      ``normalize="layernorm"`` (the default) both the projected student state and the teacher
+      state first go through a parameter-free layer norm (zero mean, unit variance over the
+      feature dim), so a token contributes a term of order 1 (0 when the states agree up to an
+      affine shift/scale, about 2 for unrelated states) whatever the teacher's hidden-state
+      magnitudes; ``normalize="none"`` compares raw states.
+    * ``kind="cosine"``: ``1 - cos(proj(h_s), h_t)`` summed over tokens (already scale-free;
+      ``normalize`` does not apply).
 
-    Each layer's sum is divided by ``num_tokens`` and the layers are summed (not averaged), so
-    the scale grows with the number of pairs; pick the weight ``lam`` accordingly.
+    Each pair's sum is divided by ``num_tokens`` and the pairs are **averaged**, so the weight
+    ``lam`` of :func:`add_weighted` means the same whatever the number of pairs.
     """
     if kind not in FEATURE_KINDS:
         raise ValueError(f"kind must be one of {FEATURE_KINDS}, got {kind!r}")
+    if normalize not in FEATURE_NORMS:
+        raise ValueError(f"normalize must be one of {FEATURE_NORMS}, got {normalize!r}")
     if len(student_hidden) != len(teacher_hidden) or not student_hidden:
         raise ValueError(
             "need the same, non-zero number of student and teacher hidden states, got "
@@ -330,13 +360,17 @@ def feature_loss(
         h_t = h_t.detach().to(h_s.dtype)
         s32, t32 = h_s.float(), h_t.float()
         if kind == "mse":
+            if normalize == "layernorm":
+                # No affine parameters: the target is the teacher's direction pattern, not its scale.
+                s32 = F.layer_norm(s32, s32.shape[-1:])
+                t32 = F.layer_norm(t32, t32.shape[-1:])
             per_token = (s32 - t32).pow(2).mean(dim=-1)
         else:
             per_token = 1.0 - F.cosine_similarity(s32, t32, dim=-1, eps=1e-8)
         layer_sum = per_token.sum()
         total = layer_sum if total is None else total + layer_sum
     assert total is not None
-    return _normalise(total, num_tokens)
+    return _normalise(total / len(student_hidden), num_tokens)
 
 
 def _round_half_up(num: int, den: int) -> int:
@@ -428,3 +462,26 @@ def make_projections(
                 linear.weight.copy_(torch.eye(student_width))
         projections.append(linear)
     return projections
+
+
+def derived_layer_map(teacher_layers: Sequence[int], num_teacher_layers: int) -> list[tuple[int, int]]:
+    """(student, teacher) ``hidden_states`` pairs for a student derived from the teacher's blocks.
+
+    Student block ``j`` (0-based) is a copy of teacher block ``teacher_layers[j]``, so the student's output
+    of block ``j`` (index ``j + 1``) is paired with that teacher block's output (index
+    ``teacher_layers[j] + 1``).
+    HF Llama-style models return the *final-norm* output as their last hidden state; when the student's last
+    block was not the teacher's last, that pair would compare a normed with an un-normed state, so it is left
+    out.
+    """
+    layers = list(teacher_layers)
+    if not layers or any(not 0 <= t < num_teacher_layers for t in layers):
+        raise ValueError(
+            f"derived student layers {layers} must be teacher blocks 0..{num_teacher_layers - 1}"
+        )
+    pairs = [(j + 1, t + 1) for j, t in enumerate(layers)]
+    if layers[-1] != num_teacher_layers - 1:
+        pairs.pop()
+    if not pairs:
+        raise ValueError(f"derived student layers {layers}: no layer pair left to match")
+    return pairs

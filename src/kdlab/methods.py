@@ -23,6 +23,7 @@ class TeacherBatch:
 
     topk_indices: torch.Tensor | None = None  # [N, k] (cached)
     topk_logprobs: torch.Tensor | None = None  # [N, k] (cached)
+    tail_lse: torch.Tensor | None = None  # [N] fp32 logsumexp of the non-top-k logp / T (cached, at KD1's T)
     logits: torch.Tensor | None = None  # [N, V] (online)
     hidden: dict[int, torch.Tensor] = field(default_factory=dict)  # teacher layer -> [N, d_t]
 
@@ -58,15 +59,20 @@ def sft_loss(x: LossInputs) -> tuple[torch.Tensor, dict[str, torch.Tensor]]:
 
 
 def kd1_loss(x: LossInputs) -> tuple[torch.Tensor, dict[str, torch.Tensor]]:
-    """(1-λ)·CE(gold) + λ·T²·D(teacher_T ‖ student_T) over the answer tokens."""
+    """(1-λ)·CE(gold) + λ·T²·D(teacher_T ‖ student_T) over the answer tokens.
+
+    Cached teachers are compared over the top-k tokens plus one exact tail bucket; a run using fewer
+    than the cached k folds the dropped entries into the tail (`losses.topk_head`).
+    """
     ce = _task_ce(x)
     lam = float(x.params["lam"])
     if lam == 0.0:
         return ce, {"ce": ce}
     t = x.teacher
     assert t is not None
+    temperature = float(x.params["temperature"])
     common = dict(
-        temperature=float(x.params["temperature"]),
+        temperature=temperature,
         divergence=x.params["divergence"],
         beta=float(x.params.get("jsd_beta", 0.5)),
         num_tokens=x.num_tokens,
@@ -74,10 +80,13 @@ def kd1_loss(x: LossInputs) -> tuple[torch.Tensor, dict[str, torch.Tensor]]:
     if t.logits is not None:
         kd = losses.kd_divergence_full(x.student.logits, t.logits, **common)
     else:
+        if t.topk_indices is None or t.topk_logprobs is None or t.tail_lse is None:
+            raise ValueError("kd1 with a cached teacher needs its top-k indices, log-probs and tail_lse")
         k = int(x.params["top_k"])
-        kd = losses.kd_divergence_topk(
-            x.student.logits, t.topk_indices[:, :k], t.topk_logprobs[:, :k], **common
+        idx, lp, tail = losses.topk_head(
+            t.topk_indices, t.topk_logprobs, t.tail_lse, k=k, temperature=temperature
         )
+        kd = losses.kd_divergence_topk(x.student.logits, idx, lp, tail_lse=tail, **common)
     return losses.mix(ce, kd, lam), {"ce": ce, "kd": kd}
 
 
@@ -96,7 +105,11 @@ def kd2_loss(x: LossInputs) -> tuple[torch.Tensor, dict[str, torch.Tensor]]:
 
 
 def kd3_loss(x: LossInputs) -> tuple[torch.Tensor, dict[str, torch.Tensor]]:
-    """CE(gold) + λ·Σ_l D(P_l·h_student[m(l)], h_teacher[l]) over the answer positions."""
+    """CE(gold) + λ·mean_l D(P_l·h_student[m(l)], h_teacher[l]) over the answer positions.
+
+    D is the MSE of layer-normed states (or 1 - cosine), so the term is of order 1 per token whatever the
+    teacher's hidden-state scale, and λ weighs it against the task CE directly.
+    """
     ce = _task_ce(x)
     lam = float(x.params["lam"])
     if lam == 0.0:

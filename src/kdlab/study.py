@@ -538,7 +538,7 @@ class Study:
         layers = self.cached_teacher_layers() if hidden else []
         # The exact top-k tail is stored per KD1 temperature of the grid.
         temperatures = sorted(set(self.config.methods["kd1"].temperature)) if topk else None
-        empty_answers = "gold"  # KD2: an empty/degenerate teacher answer is replaced by the gold target
+        empty_answers = self.config.cache.empty_answers  # KD2: empty/degenerate teacher answers
         data = self.data(name)
         teacher_dir = self.teacher_path(name)
         inputs = cache_fingerprint_inputs(

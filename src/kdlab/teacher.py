@@ -16,7 +16,14 @@ from kdlab.scored import forward_scored
 from kdlab.tasks.base import Encoded, Example, Task, collate
 from kdlab.teacher_cache import TeacherCache, TeacherCacheWriter, fingerprint
 
-CACHE_FORMAT = 1
+# 2: exact top-k tails per KD1 temperature (fp32) and the empty-answer policy of KD2 targets.
+CACHE_FORMAT = 2
+EMPTY_ANSWER_POLICIES = ("gold", "drop")
+
+
+def degenerate_answer(text: str) -> bool:
+    """True when a generated answer is no usable KD2 target: empty after strip, or no letter or digit."""
+    return not any(ch.isalnum() for ch in text)
 
 
 def cache_fingerprint_inputs(
@@ -31,8 +38,16 @@ def cache_fingerprint_inputs(
     answers: bool,
     dtype: str,
     hidden_dtype: str,
+    temperatures: Sequence[float] | None,
+    empty_answers: str = "gold",
 ) -> dict[str, Any]:
-    """Everything that changes what the cache holds; a cache built from other inputs is refused."""
+    """Everything that changes what the cache holds; a cache built from other inputs is refused.
+
+    `temperatures` are the KD1 temperatures whose exact top-k tails the cache stores (None: no KD1);
+    `empty_answers` is the policy for empty or degenerate teacher answers (see `build_teacher_cache`).
+    """
+    if empty_answers not in EMPTY_ANSWER_POLICIES:
+        raise ValueError(f"empty_answers must be one of {EMPTY_ANSWER_POLICIES}, got {empty_answers!r}")
     return {
         "format": CACHE_FORMAT,
         "teacher_weights": teacher_weights,
@@ -46,7 +61,8 @@ def cache_fingerprint_inputs(
         "top_k": top_k,
         "hidden_layers": sorted(hidden_layers),
         "hidden_dtype": hidden_dtype,
-        "answers": {"decoding": "greedy", "stop": "\\n"} if answers else None,
+        "temperatures": None if temperatures is None else sorted({float(t) for t in temperatures}),
+        "answers": {"decoding": "greedy", "stop": "\\n", "empty": empty_answers} if answers else None,
         "dtype": dtype,
     }
 
@@ -67,24 +83,39 @@ def build_teacher_cache(
     batch_size: int,
     hidden_dtype: str = "float16",
     overwrite: bool = False,
+    temperatures: Sequence[float] = (),
+    empty_answers: str = "gold",
 ) -> TeacherCache:
     """Run the teacher once over the training examples and store answers / top-k / hidden states.
 
     Top-k and hidden states are taken at the answer tokens of the gold encodings (`encoded`), gathered by
     `forward_scored` exactly as the student's outputs are, so rows line up token for token.
+
+    For every temperature T in `temperatures` the cache also stores, per answer token, the fp32
+    `logsumexp` over the tokens outside the top-k of `logp / T` (`logp` = log_softmax of the fp32 logits),
+    which makes the cached KD1 divergence at T exact (`losses.kd_divergence_topk`).
+
+    KD2 answers that are empty or degenerate (`degenerate_answer`) follow `empty_answers`: "gold" stores
+    the example's gold target (`task.target_text`) instead, "drop" stores none (`TeacherCache.answer`
+    returns None). The counts go to the manifest's "answers" entry.
     """
+    if empty_answers not in EMPTY_ANSWER_POLICIES:
+        raise ValueError(f"empty_answers must be one of {EMPTY_ANSWER_POLICIES}, got {empty_answers!r}")
+    temps = sorted({float(t) for t in temperatures})
     vocab = len(tokenizer)
     teacher_answers: dict[str, Any] = {}
     if answers:
         teacher_answers, _ = predict(task, teacher, tokenizer, examples, batch_size=batch_size,
                                      desc=f"{task.name} teacher answers", training_prompts=True)
+    by_id = {ex.id: ex for ex in examples}
     ids = [ex.id for ex in examples if ex.id in encoded]
     needs_forward = top_k is not None or bool(hidden_layers)
+    stats: dict[str, Any] = {"total": 0, "empty": 0, "policy": empty_answers, "replaced": 0, "dropped": 0}
     teacher.eval()
     with TeacherCacheWriter(
         directory, fingerprint_inputs=fingerprint_inputs, vocab_size=vocab, top_k=top_k,
         hidden_layers=list(hidden_layers), hidden_dtype=hidden_dtype, store_answers=answers,
-        overwrite=overwrite,
+        temperatures=temps, overwrite=overwrite,
     ) as writer:
         order = sorted(ids, key=lambda i: len(encoded[i].input_ids))
         for start in tqdm(range(0, len(order), batch_size), desc=f"{task.name} teacher cache", leave=False):
@@ -97,14 +128,44 @@ def build_teacher_cache(
                 out = forward_scored(teacher, tensors, hidden_layers=hidden_layers, vocab_size=vocab)
                 counts = out.counts.tolist()
                 if top_k is not None:
-                    values, indices = out.logits.float().log_softmax(-1).topk(top_k, dim=-1)
-                    for i, v, x in zip(chunk, values.split(counts), indices.split(counts), strict=True):
+                    logp = out.logits.float().log_softmax(-1)
+                    values, indices = logp.topk(top_k, dim=-1)
+                    tails = {temp: _tail_lse(logp, indices, temp).split(counts) for temp in temps}
+                    parts = zip(chunk, values.split(counts), indices.split(counts), strict=True)
+                    for n, (i, v, x) in enumerate(parts):
                         rows[i]["topk_indices"], rows[i]["topk_logprobs"] = x, v
+                        if temps:
+                            rows[i]["topk_tail"] = {temp: tail[n] for temp, tail in tails.items()}
                 for layer in hidden_layers:
                     for i, h in zip(chunk, out.hidden[layer].split(counts), strict=True):
                         rows[i].setdefault("hidden", {})[layer] = h
             for i in chunk:
                 if answers:
-                    rows[i]["answer"] = str(teacher_answers.get(i, ""))
+                    rows[i]["answer"] = _answer_target(task, by_id[i], teacher_answers.get(i, ""),
+                                                       empty_answers, stats)
                 writer.add(i, **rows[i])
+        if answers:
+            writer.answer_stats = stats
     return TeacherCache.open(directory, expected_fingerprint=fingerprint(fingerprint_inputs))
+
+
+def _tail_lse(logp: torch.Tensor, topk_indices: torch.Tensor, temperature: float) -> torch.Tensor:
+    """[N] fp32 logsumexp over the tokens outside the top-k of `logp / T` (-inf when there are none)."""
+    tempered = (logp / temperature).scatter(1, topk_indices, float("-inf"))
+    return torch.logsumexp(tempered, dim=-1)
+
+
+def _answer_target(
+    task: Task, example: Example, answer: Any, policy: str, stats: dict[str, Any]
+) -> str | None:
+    """The stored KD2 answer of one example, applying the empty-answer policy and counting in `stats`."""
+    text = str(answer)
+    stats["total"] += 1
+    if not degenerate_answer(text):
+        return text
+    stats["empty"] += 1
+    if policy == "drop":
+        stats["dropped"] += 1
+        return None
+    stats["replaced"] += 1
+    return task.gold_answer(example)

@@ -2,16 +2,20 @@
 
 A teacher LLM is run once per task+split and, for each example id, we keep what the distillation
 methods need: the generated answer text (sequence-level KD), the top-k token indices/log-probs at
-each answer position (logit KD) and hidden states at selected layers (feature KD).  This module
-only stores arrays that the caller computed; it contains no model code.
+each answer position plus, per temperature, the log-sum-exp of the tempered log-probs of every other
+token (logit KD, exact at that temperature) and hidden states at selected layers (feature KD).  This
+module only stores arrays that the caller computed; it contains no model code.
 
 Layout of a cache directory::
 
     manifest.json                  written LAST, atomically: its presence marks a complete cache
     index.json                     example id -> (shard, row offset, n rows) per field, columnar
-    answers.jsonl                  {"id": ..., "answer": ...} per line (if answers are stored)
+    answers.jsonl                  {"id": ..., "answer": ...} per line (if answers are stored; null
+                                   when the example has no answer target)
     shard-00000.topk_idx.npy       [rows, k] uint16 (vocab <= 65536) or uint32
-    shard-00000.topk_lp.npy        [rows, k] float16 log-probs (tail mass is derived, not stored)
+    shard-00000.topk_lp.npy        [rows, k] float16 log-probs at T = 1
+    shard-00000.tail-T2.npy        [rows] float32 logsumexp over the non-top-k tokens of logp / T, one
+                                   file per temperature T the cache was built for (here T = 2)
     shard-00000.hidden-L12.npy     [rows, d] float16, or bfloat16 bits stored as uint16
     ...
 
@@ -48,6 +52,7 @@ __all__ = [
     "fingerprint",
     "hash_directory",
     "hash_file",
+    "temperature_tag",
 ]
 
 FORMAT_VERSION = 1
@@ -218,10 +223,12 @@ def _diff_inputs(cached: Mapping[str, Any], requested: Mapping[str, Any]) -> lis
     return diffs
 
 
-def _write_npy(path: Path, chunks: Sequence[np.ndarray], dtype: np.dtype, cols: int) -> None:
-    """Stream ``chunks`` (all [*, cols] of ``dtype``) into one .npy without concatenating in RAM."""
+def _write_npy(path: Path, chunks: Sequence[np.ndarray], dtype: np.dtype, cols: int | None) -> None:
+    """Stream ``chunks`` (all [*, cols], or [*] when cols is None, of ``dtype``) into one .npy without
+    concatenating in RAM."""
     rows = sum(c.shape[0] for c in chunks)
-    header = {"descr": np.lib.format.dtype_to_descr(dtype), "fortran_order": False, "shape": (rows, cols)}
+    shape = (rows,) if cols is None else (rows, cols)
+    header = {"descr": np.lib.format.dtype_to_descr(dtype), "fortran_order": False, "shape": shape}
     with open(path, "wb") as f:
         np.lib.format.write_array_header_1_0(f, header)
         for c in chunks:
@@ -266,6 +273,26 @@ def _hidden_file(shard: str, layer: int) -> str:
     return f"{shard}.hidden-L{layer}.npy"
 
 
+def _tail_file(shard: str, tag: str) -> str:
+    return f"{shard}.tail-T{tag}.npy"
+
+
+def temperature_tag(temperature: float) -> str:
+    """Text form of a temperature in file names and manifests: 2.0 -> "2", 0.5 -> "0.5"."""
+    text = repr(float(temperature))
+    return text[:-2] if text.endswith(".0") else text
+
+
+def _check_temperatures(temperatures: Sequence[float]) -> list[float]:
+    temps = sorted(float(t) for t in temperatures)
+    if any(not (np.isfinite(t) and t > 0) for t in temps):
+        raise ValueError(f"temperatures must be finite and > 0, got {list(temperatures)}")
+    tags = [temperature_tag(t) for t in temps]
+    if len(set(tags)) != len(tags):
+        raise ValueError(f"temperatures has duplicates: {list(temperatures)}")
+    return temps
+
+
 # --------------------------------------------------------------------------------------------------
 # Writer
 # --------------------------------------------------------------------------------------------------
@@ -292,6 +319,7 @@ class TeacherCacheWriter:
         hidden_size: int | None = None,
         hidden_dtype: str = "float16",
         store_answers: bool = False,
+        temperatures: Sequence[float] = (),
         shard_rows: int = _DEFAULT_SHARD_ROWS,
         shard_bytes: int = _DEFAULT_SHARD_BYTES,
         overwrite: bool = False,
@@ -313,6 +341,9 @@ class TeacherCacheWriter:
             raise ValueError("shard_rows and shard_bytes must be positive")
         if top_k is None and not layers and not store_answers:
             raise ValueError("nothing to store: set top_k, hidden_layers and/or store_answers=True")
+        temps = _check_temperatures(temperatures)
+        if temps and top_k is None:
+            raise ValueError("temperatures given but top_k is None: the tails belong to the top-k field")
 
         self.fingerprint_inputs: dict[str, Any] = _jsonable(fingerprint_inputs)
         self.fingerprint = fingerprint(fingerprint_inputs)
@@ -322,6 +353,10 @@ class TeacherCacheWriter:
         self.hidden_size = None if hidden_size is None else int(hidden_size)
         self.hidden_dtype = hidden_dtype
         self.store_answers = bool(store_answers)
+        self.temperatures: tuple[float, ...] = tuple(temps)
+        self._tail_tags = [temperature_tag(t) for t in temps]
+        # Filled in by the builder (counts of empty/replaced/dropped answers); written to the manifest.
+        self.answer_stats: dict[str, Any] | None = None
         self.shard_rows = int(shard_rows)
         self.shard_bytes = int(shard_bytes)
         self.directory = Path(directory)
@@ -404,6 +439,7 @@ class TeacherCacheWriter:
     def _reset_buffers(self) -> None:
         self._buf_idx: list[np.ndarray] = []
         self._buf_lp: list[np.ndarray] = []
+        self._buf_tail: dict[str, list[np.ndarray]] = {tag: [] for tag in self._tail_tags}
         self._buf_hidden: dict[int, list[np.ndarray]] = {layer: [] for layer in self.hidden_layers}
         self._buf_examples = 0
         self._buf_topk_rows = 0
@@ -417,12 +453,16 @@ class TeacherCacheWriter:
         answer: str | None = None,
         topk_indices: Any = None,
         topk_logprobs: Any = None,
+        topk_tail: Mapping[float, Any] | None = None,
         hidden: Mapping[int, Any] | None = None,
     ) -> None:
         """Append one example.  Every field the cache declares must be given; others must not.
 
-        Arrays may be numpy arrays or torch tensors (any device/dtype).  Everything is validated
-        before any state changes, so a rejected call leaves the writer usable.
+        Arrays may be numpy arrays or torch tensors (any device/dtype).  ``topk_tail`` maps each
+        declared temperature T to the [n] log-sum-exp over the non-top-k tokens of ``logp / T``
+        (stored as float32).  ``answer=None`` in a cache that stores answers marks an example with
+        no answer target.  Everything is validated before any state changes, so a rejected call
+        leaves the writer usable.
         """
         if self._closed:
             raise RuntimeError(f"writer for {self.directory} is closed")
@@ -432,20 +472,23 @@ class TeacherCacheWriter:
                 f"duplicate example id {key!r}: already added to the cache being built at {self.directory}"
             )
         if self.store_answers:
-            if not isinstance(answer, str):
+            if answer is not None and not isinstance(answer, str):
                 raise ValueError(
-                    f"example {key!r}: this cache stores answers; answer must be a str, got {answer!r}"
+                    f"example {key!r}: this cache stores answers; answer must be a str (or None: no "
+                    f"answer target), got {answer!r}"
                 )
         elif answer is not None:
             raise ValueError(
                 f"example {key!r}: answer given but the writer was created with store_answers=False"
             )
         idx, lp = self._prepare_topk(key, topk_indices, topk_logprobs)
+        tails = self._prepare_tail(key, topk_tail, None if idx is None else idx.shape[0])
         hid, width = self._prepare_hidden(key, hidden)
 
         n = 0 if idx is None else idx.shape[0]
         m = 0 if hid is None else next(iter(hid.values())).shape[0]
         nbytes = 0 if idx is None else idx.nbytes + lp.nbytes
+        nbytes += sum(a.nbytes for a in tails.values())
         nbytes += 0 if hid is None else sum(a.nbytes for a in hid.values())
         too_many_rows = max(self._buf_topk_rows + n, self._buf_hid_rows + m) > self.shard_rows
         if self._buf_examples and (too_many_rows or self._buf_bytes + nbytes > self.shard_bytes):
@@ -464,6 +507,8 @@ class TeacherCacheWriter:
         if idx is not None:
             self._buf_idx.append(idx)
             self._buf_lp.append(lp)
+        for tag, arr in tails.items():
+            self._buf_tail[tag].append(arr)
         if hid is not None:
             for layer, arr in hid.items():
                 self._buf_hidden[layer].append(arr)
@@ -521,6 +566,42 @@ class TeacherCacheWriter:
                     "raw logits passed by mistake?"
                 )
         return idx.astype(self._idx_dtype), lp.astype(np.float16)
+
+    def _prepare_tail(
+        self, key: ExampleId, topk_tail: Mapping[float, Any] | None, rows: int | None
+    ) -> dict[str, np.ndarray]:
+        if not self.temperatures or rows is None:
+            if topk_tail is not None:
+                raise ValueError(
+                    f"example {key!r}: topk_tail given but the writer declared no temperatures "
+                    "(or no top-k for this example)"
+                )
+            return {}
+        if not isinstance(topk_tail, Mapping):
+            raise ValueError(
+                f"example {key!r}: this cache stores top-k tails for temperatures "
+                f"{list(self.temperatures)}; topk_tail must be a dict {{T: array [n]}}"
+            )
+        given = {temperature_tag(t): v for t, v in topk_tail.items()}
+        if set(given) != set(self._tail_tags):
+            raise ValueError(
+                f"example {key!r}: topk_tail has temperatures {sorted(given)}, the writer declared "
+                f"{self._tail_tags}"
+            )
+        out: dict[str, np.ndarray] = {}
+        for tag in self._tail_tags:
+            arr = _to_numpy(given[tag])
+            if arr.shape != (rows,):
+                raise ValueError(
+                    f"example {key!r}: topk_tail[{tag}] must have shape [n={rows}], got {tuple(arr.shape)}"
+                )
+            if arr.dtype.kind != "f":
+                raise ValueError(f"example {key!r}: topk_tail[{tag}] must be floating point, got {arr.dtype}")
+            # -inf is legal (no possible token outside the top-k); NaN and +inf are not.
+            if np.isnan(arr).any() or np.isposinf(arr).any():
+                raise ValueError(f"example {key!r}: topk_tail[{tag}] contains NaN or +inf")
+            out[tag] = arr.astype(np.float32)
+        return out
 
     def _prepare_hidden(
         self, key: ExampleId, hidden: Mapping[int, Any] | None
@@ -604,6 +685,12 @@ class TeacherCacheWriter:
             files["topk_lp"] = f"{name}.topk_lp.npy"
             _write_npy(self._build_dir / files["topk_idx"], self._buf_idx, self._idx_dtype, self.top_k)
             _write_npy(self._build_dir / files["topk_lp"], self._buf_lp, np.dtype(np.float16), self.top_k)
+            if self._tail_tags:
+                files["tail"] = {}
+                for tag in self._tail_tags:
+                    fname = _tail_file(name, tag)
+                    files["tail"][tag] = fname
+                    _write_npy(self._build_dir / fname, self._buf_tail[tag], np.dtype(np.float32), None)
         if self.hidden_layers:
             files["hidden"] = {}
             for layer in self.hidden_layers:
@@ -652,6 +739,8 @@ class TeacherCacheWriter:
             "vocab_size": self.vocab_size,
             "index_dtype": self._idx_dtype.name,
             "logprob_dtype": "float16",
+            "temperatures": list(self.temperatures),
+            "tail_dtype": "float32",
             "hidden_layers": list(self.hidden_layers),
             "hidden_size": self.hidden_size,
             "hidden_dtype": self.hidden_dtype if self.hidden_layers else None,
@@ -661,6 +750,7 @@ class TeacherCacheWriter:
             "index_file": INDEX_NAME,
             "answers_file": ANSWERS_NAME if self.store_answers else None,
             "shards": self._shards,
+            "answers": self.answer_stats,
             "created_at": _dt.datetime.now(_dt.UTC).isoformat(timespec="seconds"),
         }
         _fsync_dir(self._build_dir)
@@ -737,8 +827,10 @@ class TeacherCache:
         self._col_hid_n = np.asarray(index["hidden_rows"], dtype=np.int64)
         self._idx_dtype = np.dtype(manifest["index_dtype"])
         self._hidden_layers: tuple[int, ...] = tuple(int(x) for x in manifest["hidden_layers"])
+        # Older manifests have no tails: they hold no temperature.
+        self._temperatures: tuple[float, ...] = tuple(float(t) for t in manifest.get("temperatures", []))
         self._mmaps: dict[tuple[int, str], np.memmap] = {}
-        self._answers: dict[ExampleId, str] | None = None
+        self._answers: dict[ExampleId, str | None] | None = None
         self._pid = os.getpid()
 
     # ---- opening ---------------------------------------------------------------------------------
@@ -801,6 +893,7 @@ class TeacherCache:
         for shard in manifest["shards"]:
             files = shard["files"]
             names = [files[k] for k in ("topk_idx", "topk_lp") if k in files]
+            names += list(files.get("tail", {}).values())
             names += list(files.get("hidden", {}).values())
             for fname in names:
                 if not (d / fname).is_file():
@@ -834,7 +927,7 @@ class TeacherCache:
         return (_reopen, (str(self._dir), self._manifest["fingerprint"]))
 
     def _array(self, shard: int, name: str) -> np.memmap:
-        """Memory-mapped array ``name`` ('topk_idx', 'topk_lp', 'hidden-L<layer>') of one shard."""
+        """Memory-mapped array of a shard: 'topk_idx', 'topk_lp', 'tail-T<tag>' or 'hidden-L<layer>'."""
         if os.getpid() != self._pid:  # forked: do not share mappings/handles with the parent
             self._mmaps = {}
             self._pid = os.getpid()
@@ -843,19 +936,23 @@ class TeacherCache:
             return arr
         info = self._manifest["shards"][shard]
         files = info["files"]
+        shape: tuple[int, ...]
         if name.startswith("hidden-L"):
             fname = files["hidden"][name[len("hidden-L") :]]
-            rows, cols = info["hidden_rows"], self._manifest["hidden_size"]
+            shape = (info["hidden_rows"], self._manifest["hidden_size"])
             dtype = np.dtype(np.float16 if self._manifest["hidden_dtype"] == "float16" else np.uint16)
+        elif name.startswith("tail-T"):
+            fname = files["tail"][name[len("tail-T") :]]
+            shape, dtype = (info["topk_rows"],), np.dtype(np.float32)
         else:
             fname = files[name]
-            rows, cols = info["topk_rows"], self._manifest["top_k"]
+            shape = (info["topk_rows"], self._manifest["top_k"])
             dtype = self._idx_dtype if name == "topk_idx" else np.dtype(np.float16)
         arr = np.load(self._dir / fname, mmap_mode="r", allow_pickle=False)
-        if arr.shape != (rows, cols) or arr.dtype != dtype:
+        if arr.shape != shape or arr.dtype != dtype:
             raise CacheError(
                 f"teacher cache at {self._dir}: {fname} has shape {arr.shape} dtype {arr.dtype}, "
-                f"expected {(rows, cols)} {dtype}; {REBUILD_HINT}"
+                f"expected {shape} {dtype}; {REBUILD_HINT}"
             )
         self._mmaps[(shard, name)] = arr
         return arr
@@ -885,6 +982,11 @@ class TeacherCache:
     @property
     def vocab_size(self) -> int:
         return self._manifest["vocab_size"]
+
+    @property
+    def temperatures(self) -> tuple[float, ...]:
+        """Temperatures whose top-k tails the cache holds (sorted)."""
+        return self._temperatures
 
     @property
     def hidden_layers(self) -> tuple[int, ...]:
@@ -938,11 +1040,12 @@ class TeacherCache:
 
     # ---- data access -----------------------------------------------------------------------------
 
-    def answer(self, example_id: ExampleId) -> str:
+    def answer(self, example_id: ExampleId) -> str | None:
+        """The teacher's answer (KD2 target text); None when the build dropped it (empty answer)."""
         self._require("answer")
         i = self._locate(example_id)
         if self._answers is None:
-            answers: dict[ExampleId, str] = {}
+            answers: dict[ExampleId, str | None] = {}
             with open(self._dir / ANSWERS_NAME, encoding="utf-8") as f:
                 for line in f:
                     rec = json.loads(line)
@@ -977,6 +1080,38 @@ class TeacherCache:
             row += n
         return torch.from_numpy(out_idx), torch.from_numpy(out_lp)
 
+    def _tail_name(self, temperature: float) -> str:
+        tag = temperature_tag(temperature)
+        if tag not in {temperature_tag(t) for t in self._temperatures}:
+            held = [float(t) for t in self._temperatures]
+            raise CacheError(
+                f"teacher cache at {self._dir} has no top-k tail for temperature T={float(temperature)} "
+                f"(it holds T in {held}); KD1 at a temperature needs the cache built for it: "
+                f"{REBUILD_HINT}"
+            )
+        return f"tail-T{tag}"
+
+    def batch_topk_tail(
+        self, example_ids: Sequence[ExampleId], temperature: float
+    ) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
+        """:meth:`batch_topk` plus the [sum n] float32 tail at ``temperature``.
+
+        The tail is ``logsumexp`` over the tokens outside the top-k of ``logp / T`` (fp32, from the full
+        teacher logits), what ``losses.kd_divergence_topk`` needs to be exact at that temperature.
+        Raises CacheError naming the temperatures the cache holds when it lacks ``temperature``.
+        """
+        self._require("topk")
+        name = self._tail_name(temperature)
+        idx, lp = self.batch_topk(example_ids)
+        out = np.empty(idx.shape[0], dtype=np.float32)
+        row = 0
+        for p in (self._locate(e) for e in example_ids):
+            s, off, n = int(self._col_shard[p]), int(self._col_topk_off[p]), int(self._col_topk_n[p])
+            if n:
+                out[row : row + n] = self._array(s, name)[off : off + n]
+            row += n
+        return idx, lp, torch.from_numpy(out)
+
     def hidden(self, example_id: ExampleId) -> dict[int, torch.Tensor]:
         """{layer: float32 [m, d]} for one example."""
         return self.batch_hidden([example_id])
@@ -1004,11 +1139,21 @@ class TeacherCache:
             out[layer] = torch.from_numpy(buf)
         return out
 
-    def bytes_per_token(self) -> float:
-        """Measured bytes of stored top-k data (indices + log-probs, npy headers excluded) per token."""
+    def bytes_per_token_parts(self) -> dict[str, float]:
+        """Measured bytes per answer token of the KD1 data (npy headers excluded), by part:
+        ``{"topk": indices + log-probs, "tail-T<tag>": one tail per temperature, ...}``."""
         self._require("topk")
-        total_bytes = 0
-        for s in range(len(self._manifest["shards"])):
-            total_bytes += self._array(s, "topk_idx").nbytes + self._array(s, "topk_lp").nbytes
+        names = {"topk": ["topk_idx", "topk_lp"]}
+        for t in self._temperatures:
+            names[f"tail-T{temperature_tag(t)}"] = [f"tail-T{temperature_tag(t)}"]
         tokens = self._manifest["num_tokens"]
-        return total_bytes / tokens if tokens else 0.0
+        shards = range(len(self._manifest["shards"]))
+        parts: dict[str, float] = {}
+        for part, arrays in names.items():
+            nbytes = sum(self._array(s, a).nbytes for s in shards for a in arrays)
+            parts[part] = nbytes / tokens if tokens else 0.0
+        return parts
+
+    def bytes_per_token(self) -> float:
+        """Measured bytes of stored KD1 data per answer token: top-k indices + log-probs + every tail."""
+        return sum(self.bytes_per_token_parts().values())

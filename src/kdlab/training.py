@@ -47,7 +47,10 @@ class StudentModule(nn.Module):
 
 
 class TrainCollator:
-    """Left-pads gold (and KD2 teacher-answer) sequences; looks cached teacher signals up by example id."""
+    """Left-pads gold (and KD2 teacher-answer) sequences; looks cached teacher signals up by example id.
+
+    KD1 reads the top-k rows and their exact tail at `temperature` (the run's KD1 temperature).
+    """
 
     def __init__(
         self,
@@ -56,11 +59,15 @@ class TrainCollator:
         method: Method,
         cache: TeacherCache | None = None,
         teacher_layers: Sequence[int] = (),
+        temperature: float | None = None,
     ):
+        if cache is not None and method.needs_topk and temperature is None:
+            raise ValueError(f"{method.name}: a cached top-k teacher needs the KD1 temperature of the run")
         self.pad_id = pad_id
         self.method = method
         self.cache = cache
         self.teacher_layers = list(teacher_layers)
+        self.temperature = temperature
 
     def __call__(self, items: Sequence[TrainItem]) -> dict[str, torch.Tensor]:
         gold = collate([it.gold for it in items], self.pad_id, padding_side="left")
@@ -71,7 +78,10 @@ class TrainCollator:
                 if key != "example_ids":
                     batch["kd2_" + key] = value
         if self.cache is not None and self.method.needs_topk:
-            batch["teacher_topk_indices"], batch["teacher_topk_logprobs"] = self.cache.batch_topk(ids)
+            assert self.temperature is not None  # checked in __init__
+            idx, lp, tail = self.cache.batch_topk_tail(ids, self.temperature)
+            batch["teacher_topk_indices"], batch["teacher_topk_logprobs"] = idx, lp
+            batch["teacher_topk_tail_lse"] = tail
         if self.cache is not None and self.method.needs_hidden:
             hidden = self.cache.batch_hidden(ids)
             for layer in self.teacher_layers:
@@ -125,6 +135,7 @@ class KDTrainer(Trainer):
         return TeacherBatch(
             topk_indices=batch.pop("teacher_topk_indices", None),
             topk_logprobs=batch.pop("teacher_topk_logprobs", None),
+            tail_lse=batch.pop("teacher_topk_tail_lse", None),
             hidden={t: batch.pop(f"teacher_hidden_{t}") for t in teacher_layers},
         )
 
@@ -269,6 +280,7 @@ def train(
         method=method,
         cache=cache if live_teacher is None else None,
         teacher_layers=[t for _, t in layer_pairs],
+        temperature=float(params["temperature"]) if method.needs_topk else None,
     )
     trainer = KDTrainer(
         model=module,

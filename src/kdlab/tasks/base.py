@@ -340,13 +340,17 @@ class Task(ABC):
 
     # -- targets ----------------------------------------------------------------------------------------
 
-    @abstractmethod
     def target_text(self, ex: Example) -> str:
         """The gold target appended after the prompt (without eos)."""
+        return self.answer_target(self.gold_answer(ex))
 
     @abstractmethod
     def answer_target(self, answer: str | int) -> str:
         """A predicted answer (e.g. a teacher's) as target text."""
+
+    @abstractmethod
+    def gold_answer(self, ex: Example) -> str:
+        """The gold answer in the form predictions take (what `answer_target` accepts)."""
 
     # -- prompts ----------------------------------------------------------------------------------------
 

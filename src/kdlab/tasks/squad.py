@@ -88,10 +88,10 @@ class SquadTask(Task):
 
     # -- targets ----------------------------------------------------------------------------------------
 
-    def target_text(self, ex: Example) -> str:
+    def gold_answer(self, ex: Example) -> str:
         if not ex.answers:
             raise ValueError(f"squad question {ex.id!r} has no gold answer")
-        return self.answer_target(ex.answers[0])
+        return ex.answers[0]
 
     def answer_target(self, answer: str | int) -> str:
         # One space after "Answer:", as a decoder would produce it; stray spaces in the data are dropped.

@@ -70,10 +70,10 @@ class SST2Task(Task):
 
     # -- targets ----------------------------------------------------------------------------------------
 
-    def target_text(self, ex: Example) -> str:
+    def gold_answer(self, ex: Example) -> str:
         if ex.label is None:
             raise ValueError(f"sst2 example {ex.id!r} has no label")
-        return self.answer_target(ex.label)
+        return str(ex.label)
 
     def answer_target(self, answer: str | int) -> str:
         label = int(answer)
