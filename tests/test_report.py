@@ -19,14 +19,27 @@ from kdlab.config import parse_config
 from kdlab.figures import style_font_sizes
 from kdlab.registry import Registry, RunSpec
 from kdlab.report import (
+    Comparison,
+    Finding,
+    TaskSummary,
     chosen_groups,
+    compare_to_sft,
+    finding_sentence,
     load_outputs,
     per_example_scores,
+    summary_markdown,
     tex_escape,
     write_report,
     write_results,
 )
-from kdlab.stats import mean_std, paired_bootstrap, pareto_front
+from kdlab.stats import (
+    BootstrapResult,
+    holm,
+    interval_rank,
+    mean_std,
+    paired_bootstrap,
+    pareto_front,
+)
 from kdlab.tasks import get_task
 
 OWNER = "test-host:1"
@@ -257,7 +270,9 @@ def test_summary_tex_booktabs_and_escaping(study: SimpleNamespace) -> None:
     tex = (study.out / "summary.tex").read_text()
     for rule in (r"\toprule", r"\midrule", r"\bottomrule"):
         assert rule in tex
-    assert tex.count(r"\begin{tabular}") == tex.count(r"\end{tabular}") == 4  # results + Δ, per task
+    # findings (one table for the study) + results and Δ per task
+    assert tex.count(r"\begin{tabular}") == tex.count(r"\end{tabular}") == 5
+    assert r"\begin{table*}" in tex and "tab:tiny-study-findings" in tex
     assert r"forward\_kl" in tex
     assert re.search(r"(?<!\\)_", tex.replace(r"\_", "")) is None  # no unescaped underscore anywhere
     assert r"$\pm$" in tex and r"\textbf{" in tex and r"$\lambda$=1" in tex
@@ -314,6 +329,120 @@ def test_bootstrap_averages_seeds_first() -> None:
     assert r.delta == pytest.approx(np.mean([100.0, 50.0, 50.0]))
     with pytest.raises(ValueError, match="same examples"):
         paired_bootstrap(np.zeros(3), np.zeros(4))
+
+
+def _random_paired_scores(rng: np.random.Generator) -> tuple[np.ndarray, np.ndarray]:
+    """Paired per-example scores of many shapes: 0/100 correctness, few-valued F1-like, continuous; one seed
+    or several; systems from identical to clearly apart, so ties at 0 and both outcomes occur."""
+    n = int(rng.integers(1, 60))
+    kind = rng.integers(0, 3)
+    shift = rng.choice([0.0, 0.1, 0.3, 0.6])
+
+    def draw(p: float) -> np.ndarray:
+        if kind == 0:
+            return (rng.random(n) < p) * 100.0
+        if kind == 1:
+            return rng.choice([0.0, 100 / 3, 50.0, 200 / 3, 100.0], size=n, p=[0.4 - p / 4, 0.15, 0.15, 0.15,
+                                                                                0.15 + p / 4])
+        return np.clip(rng.normal(100 * p, 20, n), 0, 100)
+
+    base = draw(0.5)
+    if rng.random() < 0.1:
+        return base.copy(), base  # identical systems
+    system = np.where(rng.random(n) < shift, draw(0.95), base)  # changes some examples only: paired
+    if rng.random() < 0.3:  # (seeds, examples)
+        system = np.stack([system, np.where(rng.random(n) < 0.2, draw(0.5), system)])
+    return system, base
+
+
+def test_bootstrap_interval_excludes_zero_iff_p_below_alpha() -> None:
+    # The property the report relies on: the printed interval and p never disagree (they once showed
+    # "[-2.4, -0.2], p=0.052"), over 600 random paired score vectors and B values.
+    rng = np.random.default_rng(20)
+    outcomes = {True: 0, False: 0}
+    for case in range(600):
+        confidence = [0.95, 0.9, 0.99][case % 3]
+        resamples = int(rng.choice([40, 41, 79, 199, 200, 999, 1000, 1999]))
+        if confidence == 0.99:
+            resamples = max(resamples, 199) + 1
+        system, base = _random_paired_scores(rng)
+        r = paired_bootstrap(system, base, n_resamples=resamples, confidence=confidence, seed=case)
+        excludes = r.low > 0.0 or r.high < 0.0
+        below = r.p_value < round(1.0 - confidence, 12)  # alpha, not the float 0.05000000000000004
+        assert excludes == below == r.significant, (case, r)
+        assert r.low <= r.high and 0.0 < r.p_value <= 1.0
+        outcomes[excludes] += 1
+    assert min(outcomes.values()) > 100, outcomes  # both outcomes well exercised
+
+
+@pytest.mark.parametrize("far", [0, 22, 23, 24, 25, 500])
+@pytest.mark.parametrize("sign", [1.0, -1.0])
+def test_bootstrap_agreement_at_the_boundary(far: int, sign: float, monkeypatch: pytest.MonkeyPatch) -> None:
+    # B = 999: p = 2 (far + 1) / 1000 equals alpha = 0.05 at far = 24 (not significant), is below it at 23.
+    # Resampled Δ* are faked to put exactly ``far`` of them at or beyond 0 (half of them exactly 0).
+    from kdlab import stats
+
+    fake = np.concatenate([np.linspace(-3.0, -1.0, far - far // 2), np.zeros(far // 2),
+                           np.linspace(1.0, 5.0, 999 - far)]) * sign
+    monkeypatch.setattr(stats, "bootstrap_mean_differences", lambda *a, **k: fake.copy())
+    r = paired_bootstrap(np.ones(10) * sign, np.zeros(10), n_resamples=999)
+    at_or_below, at_or_above = far, 999 - far + far // 2
+    assert r.p_value == pytest.approx(min(1.0, 2 * (min(at_or_below, at_or_above) + 1) / 1000))
+    assert r.significant == (far <= 23) == (r.p_value < 0.05)
+
+
+def test_bootstrap_interval_rank() -> None:
+    # j-th order statistic from each end: p = 2 (m + 1) / (B + 1) < alpha exactly for m < j.
+    assert interval_rank(10_000, 0.95) == 250  # 2 * 250 / 10001 < 0.05 <= 2 * 251 / 10001
+    assert interval_rank(999, 0.95) == 24  # 2 * 25 / 1000 == 0.05 is not below 0.05
+    assert interval_rank(40, 0.95) == 1
+    with pytest.raises(ValueError, match="use >= 40"):
+        interval_rank(39, 0.95)
+    with pytest.raises(ValueError, match="confidence"):
+        interval_rank(1000, 1.0)
+
+
+def test_bootstrap_p_is_the_share_beyond_zero() -> None:
+    # Every resample of [+100, 0 x 19] that misses the one +100 example has Δ* = 0: a tie on both sides.
+    system, base = np.zeros(20), np.zeros(20)
+    system[0] = 100.0
+    r = paired_bootstrap(system, base, n_resamples=999, seed=1)
+    assert r.delta == pytest.approx(5.0)
+    # No resample is below 0, so #(Δ* <= 0) = #(Δ* == 0), about (19/20)^20 = 36% of them, decides p.
+    assert 0.55 < r.p_value < 0.9 and r.low == 0.0 and not r.significant
+
+
+def test_holm_hand_computed() -> None:
+    # m = 4, sorted 0.005, 0.01, 0.03, 0.04 -> x4, x3, x2, x1 = 0.02, 0.03, 0.06, 0.04 -> running max.
+    assert holm([0.01, 0.04, 0.03, 0.005]) == pytest.approx([0.03, 0.06, 0.06, 0.02])
+    assert holm([0.2, 0.5, 0.9]) == pytest.approx([0.6, 1.0, 1.0])  # capped at 1
+    assert holm([0.02, 0.02]) == pytest.approx([0.04, 0.04])  # ties
+    assert holm([0.3]) == pytest.approx([0.3]) and holm([]).size == 0
+    for bad in ([0.1, float("nan")], [1.5], [-0.1]):
+        with pytest.raises(ValueError):
+            holm(bad)
+
+
+def test_holm_matches_the_step_down_procedure() -> None:
+    # Independent check: adjusted p < alpha exactly for the hypotheses Holm's step-down test rejects at alpha
+    # (reject the i-th smallest while p_(i) < alpha / (m - i + 1)); adjusted p >= p, <= 1, order kept.
+    rng = np.random.default_rng(3)
+    for _ in range(300):
+        m = int(rng.integers(1, 12))
+        p = rng.random(m) ** rng.choice([1, 3, 6])  # many small p-values too
+        adjusted = holm(p)
+        assert np.all(adjusted >= p - 1e-12) and np.all(adjusted <= 1.0)
+        for i in range(m):
+            for j in range(m):
+                if p[i] <= p[j]:
+                    assert adjusted[i] <= adjusted[j] + 1e-12
+        for alpha in (0.01, 0.05, 0.1, 0.3):
+            rejected = np.zeros(m, dtype=bool)
+            for step, idx in enumerate(np.argsort(p, kind="stable")):
+                if p[idx] * (m - step) >= alpha:
+                    break
+                rejected[idx] = True
+            assert np.array_equal(adjusted < alpha, rejected), (p, alpha)
 
 
 def test_mean_std_and_pareto() -> None:
@@ -441,3 +570,190 @@ def test_efficiency_table_gives_ratios_to_the_teacher(study: SimpleNamespace) ->
     lines = (study.out / "report.md").read_text().splitlines()
     rows = [line for line in lines if line.startswith("| s1 kd1")]
     assert rows and rows[0].rstrip(" |").endswith("0.44 / 0.40 / 1.00"), rows
+
+
+# ---------------------------------------------------------------------------------------------------------
+# findings, Holm, gap recovered, per-example scores, provenance
+
+
+def _finding(delta: float, low: float, high: float, p: float, holm_p: float | None, *, method: str = "kd1",
+             task: str = "sst2", metric: str = "accuracy", setting: list[tuple[str, str]] | None = None,
+             teacher: float | None = 80.0, sft: float | None = 70.0) -> Finding:
+    result = BootstrapResult(delta, low, high, p, 500, 10_000, 0.95)
+    c = Comparison(task, "s1", method, metric, result, (2, 2), holm_p=holm_p)
+    setting = [("lam", "0.5"), ("temperature", "2")] if setting is None else setting
+    method_mean = None if sft is None else sft + delta
+    return Finding(c, setting, method_mean, sft, teacher)
+
+
+def test_finding_sentences() -> None:
+    better = finding_sentence(_finding(2.1, 0.4, 3.8, 0.02, 0.04))
+    assert better == ("kd1 (λ=0.5, T=2) beats SFT on SST-2 accuracy by +2.1 points [+0.4, +3.8], p=0.020 "
+                      "(Holm 0.040).")
+    worse = finding_sentence(_finding(-1.3, -2.4, -0.2, 0.004, 0.012, method="kd3", task="squad", metric="f1",
+                                      setting=[("lam", "0.5")]))
+    assert worse == ("kd3 (λ=0.5) is worse than SFT on SQuAD F1 by -1.3 points [-2.4, -0.2], p=0.004 "
+                     "(Holm 0.012).")
+    same = finding_sentence(_finding(0.4, -1.2, 2.0, 0.61, 1.0))
+    assert same == ("kd1 (λ=0.5, T=2): no significant difference from SFT on SST-2 accuracy "
+                    "(Δ +0.4 [-1.2, +2.0], p=0.610, Holm 1.000).")
+    # Significant alone, not after the correction: the sentence says why the interval excludes 0.
+    corrected = finding_sentence(_finding(1.5, 0.2, 2.8, 0.03, 0.09))
+    assert "no significant difference from SFT on SST-2 accuracy after Holm correction" in corrected
+    assert "p=0.030, Holm 0.090" in corrected
+    # Holm p just under 0.05 must not print as 0.050 beside "beats".
+    assert "(Holm 0.0496)" in finding_sentence(_finding(2.0, 0.5, 3.0, 0.01, 0.0496))
+    assert "s1 kd1" in finding_sentence(_finding(2.1, 0.4, 3.8, 0.02, 0.04), many_students=True)
+    missing = Finding(Comparison("sst2", "s1", "kd2", "accuracy", None, note="no references"), [], None, None,
+                      None)
+    assert finding_sentence(missing) == (
+        "kd2 vs SFT on SST-2 accuracy: not computed (see the n/a notes under the SST-2 Δ table).")
+
+
+def test_gap_recovered() -> None:
+    f = _finding(5.0, 1.0, 9.0, 0.001, 0.002, teacher=80.0, sft=70.0)
+    assert f.gap == pytest.approx(10.0) and f.recovered == pytest.approx(50.0)
+    behind = _finding(5.0, 1.0, 9.0, 0.001, 0.002, teacher=69.0, sft=70.0)
+    level = _finding(5.0, 1.0, 9.0, 0.001, 0.002, teacher=70.01, sft=70.0)  # prints as +0.0: not ahead
+    assert behind.recovered is None and level.recovered is None
+    assert _finding(5.0, 1.0, 9.0, 0.001, 0.002, teacher=None).recovered is None
+    summary = TaskSummary("sst2", ["accuracy"], [], [behind.comparison], 500, [behind])
+    rows = _table_rows(summary_markdown([summary]), "## Findings")
+    assert rows[0][8] == "-1.0" and rows[0][9] == "n/a"
+
+
+def test_findings_section_of_the_study(study: SimpleNamespace) -> None:
+    text = (study.out / "summary.md").read_text()
+    assert text.index("## Findings") < text.index("## SST-2")  # at the top
+    findings = text.split("## Findings", 1)[1].split("\n## ", 1)[0]
+    # kd1 (18-19 of 20 right vs SFT's 10-12) is clearly better; kd2 (13 vs 10-12) is not, after Holm.
+    assert "- kd1 (λ=1, T=2, forward_kl) beats SFT on SST-2 accuracy by +37.5 points [" in findings
+    assert "- kd1 (λ=1, T=2, forward_kl) beats SFT on SQuAD F1 by +37.5 points [" in findings
+    assert "- kd2 (λ=0.5): no significant difference from SFT on SST-2 accuracy (Δ +10.0 [" in findings
+    rows = {(r[0], r[2], r[4]): r for r in _table_rows(text, "## Findings")}
+    assert len(rows) == 6  # (kd1, kd2) x (SST-2 accuracy, SQuAD EM, SQuAD F1)
+    # Teacher 17/20 = 85, SFT (10 + 12) / 2 = 55, kd1 (18 + 19) / 2 = 92.5, kd2 13 = 65.
+    kd1, kd2 = rows[("SST-2", "kd1", "accuracy")], rows[("SST-2", "kd2", "accuracy")]
+    assert kd1[3] == "λ=1, T=2, forward_kl" and kd1[8] == "+30.0" and kd1[9] == "125%"
+    assert kd2[8] == "+30.0" and kd2[9] == "33%"
+    assert rows[("SQuAD", "kd1", "F1")][9] == "125%"
+    assert "6 comparisons" in findings and "Holm" in findings
+
+
+def test_holm_over_all_comparisons_of_a_student(study: SimpleNamespace) -> None:
+    outputs = load_outputs(study.out)
+    comparisons = compare_to_sft(outputs, chosen_groups(outputs), study.data_dir, n_resamples=2000)
+    assert len(comparisons) == 6 and all(c.result is not None for c in comparisons)
+    p = [c.result.p_value for c in comparisons]
+    assert [c.holm_p for c in comparisons] == pytest.approx(list(holm(p)))
+    # The family is every task, method and metric (6): kd2's three equal p-values are the 4th-6th smallest,
+    # so each is multiplied by 6 - 4 + 1 = 3 (the running maximum carries the 4th to the 5th and 6th).
+    kd2 = [c for c in comparisons if c.method == "kd2"]
+    assert len({c.result.p_value for c in kd2}) == 1
+    assert all(c.holm_p == pytest.approx(min(1.0, 3 * c.result.p_value)) for c in kd2)
+    # The study's summary shows the same numbers (10000 resamples there).
+    text = (study.out / "summary.md").read_text()
+    full = compare_to_sft(outputs, chosen_groups(outputs), study.data_dir)
+    rows = {(r[0], r[2], r[4]): r for r in _table_rows(text, "## Findings")}
+    c = next(c for c in full if c.method == "kd2" and c.task == "sst2")
+    assert rows[("SST-2", "kd2", "accuracy")][6:8] == [f"{c.result.p_value:.3f}", f"{c.holm_p:.3f}"]
+
+
+def test_per_example_scores_are_written_and_recheck_the_statistics(study: SimpleNamespace) -> None:
+    path = study.out / "per_example_scores.csv"
+    assert path in study.paths and "[per_example_scores.csv](per_example_scores.csv)" in (
+        study.out / "report.md").read_text()
+    with path.open() as fh:
+        rows = list(csv.DictReader(fh))
+    assert list(rows[0]) == ["run", "task", "split", "example", "accuracy", "exact_match", "f1"]
+    runs = {r["run"] for r in rows}
+    # Every chosen run (SFT and KD, every seed) and the two teachers, per task: 20 examples each.
+    assert {"teacher-sst2", "teacher-sst2-zero-shot", "sft-sst2-s1-seed7", "kd1-squad-s1-lam1-seed7",
+            "kd2-sst2-s1-lam0.5-seed42"} <= runs
+    assert "kd1-sst2-s1-lam0.5-seed42" not in runs  # a grid run that was not chosen
+    assert len(rows) == 20 * len(runs) and all(r["split"] == "eval" for r in rows)
+
+    def scores(run: str, metric: str) -> np.ndarray:
+        return np.array([float(r[metric]) for r in rows if r["run"] == run])
+
+    m = study.expected["metrics"]
+    assert scores("teacher-sst2", "accuracy").mean() == pytest.approx(m["teacher-sst2"]["eval"]["accuracy"])
+    # Recompute kd1 vs SFT on SQuAD F1 from the file alone: the same Δ, interval and p as the summary.
+    system = np.stack([scores(f"kd1-squad-s1-lam1-seed{s}", "f1") for s in (42, 7)])
+    base = np.stack([scores(f"sft-squad-s1-seed{s}", "f1") for s in (42, 7)])
+    r = paired_bootstrap(system, base, seed=0)
+    delta = {(row[0], row[1]): row for row in _table_rows((study.out / "summary.md").read_text(),
+                                                          "### SQuAD: Δ vs SFT")}
+    p_text = "p<0.001" if r.p_value < 0.001 else f"p={r.p_value:.3f}"
+    assert delta[("s1", "kd1")][4] == f"{r.delta:+.1f} [{r.low:+.1f}, {r.high:+.1f}], {p_text}"
+
+
+def _fast_report(out: Path, monkeypatch: pytest.MonkeyPatch) -> str:
+    """write_report without figures (they are tested above), small bootstrap; report.md's text."""
+    for name in ("_lambda_figures", "_efficiency_figures", "_training_figures"):
+        monkeypatch.setattr(report_mod, name, lambda *a, **k: [])
+    write_report(out, echo=lambda _: None, n_resamples=200)
+    return (out / "report.md").read_text()
+
+
+PROVENANCE = {
+    "deterministic": False,
+    "seeds": {"data": 1234, "teacher-sst2": 42, "student-init-s1": 42, "kd1-sst2-s1-lam1-seed42": 42,
+              "bootstrap": 5},
+    "models": {"teacher": {"spec": "smollm2-135m-instruct", "path": "/models/t", "revision": None,
+                           "fingerprint": "ab12cd34"},
+               "students.s1": {"spec": "derived", "path": "students/s1/init", "revision": "r1",
+                               "fingerprint": "ef56"}},
+    "data": {"sst2": {"files": {"sst2/train.tsv": "sha256-train", "sst2/validation.tsv": "sha256-val"}}},
+    "cuda": "12.4",
+}
+
+
+def test_provenance_answers_and_transfer_are_reported(study: SimpleNamespace, tmp_path: Path,
+                                                      monkeypatch: pytest.MonkeyPatch) -> None:
+    out = tmp_path / "copy"
+    shutil.copytree(study.out, out)
+    (out / "provenance.json").write_text(json.dumps(PROVENANCE))
+    cache = out / "teacher_cache" / "sst2"
+    cache.mkdir(parents=True)
+    (cache / "manifest.json").write_text(json.dumps({
+        "fingerprint": "cafe01", "hidden_dtype": "float16",
+        "answers": {"total": 64, "empty": 14, "policy": "gold", "replaced": 14, "dropped": 0}}))
+    manifest = json.loads((out / "data" / "sst2.json").read_text())
+    (out / "data" / "sst2.json").write_text(json.dumps({**manifest, "transfer": [f"t{i}" for i in range(7)]}))
+    text = _fast_report(out, monkeypatch)
+    for line in ("| deterministic | false |", "| evaluation dtype | bfloat16 |",
+                 "| training bf16 autocast (students) | False |", "| teacher cache hidden dtype | float16 |",
+                 "| bootstrap seed (report) | 5 (provenance.json) |", "| teacher-sst2 | 42 |",
+                 "| kd1-sst2-s1-lam1-seed42 | 42 |", "| bootstrap | 5 |",
+                 "| teacher | smollm2-135m-instruct | /models/t | – | ab12cd34 |",
+                 "| students.s1 | derived | students/s1/init | r1 | ef56 |",
+                 "| sst2 | sst2/train.tsv | sha256-train |", "| SST-2 | cafe01 | float16 |",
+                 "| cuda | 12.4 |",
+                 "- SST-2: 14 of 64 teacher answers were empty; policy `gold`: 14 replaced, 0 dropped.",
+                 "| task | train | selection | eval | transfer |", "| SST-2 | 0 | 0 | 20 | 7 |",
+                 "| SQuAD | 0 | 0 | 20 | – |"):
+        assert line in text, line
+    assert "not recorded" not in text.split("## Environment", 1)[1].split("## Reproduce", 1)[0]
+    # The bootstrap ran with provenance's seed, and the captions say so.
+    assert "resamples, seed 5)" in (out / "summary.md").read_text()
+    assert "numpy seed 5, provenance.json)" in text
+
+
+def test_absent_or_malformed_provenance_is_not_recorded(study: SimpleNamespace, tmp_path: Path,
+                                                        monkeypatch: pytest.MonkeyPatch) -> None:
+    text = (study.out / "report.md").read_text()
+    assert "| deterministic | not recorded (no provenance.json) |" in text
+    assert "| bootstrap seed (report) | 0 (default) |" in text
+    assert "study.yaml: training seeds 42, 7; data seed 1234." in text
+    assert text.count("- not recorded (no provenance.json).") == 3  # seeds, models, data
+    report = text.split("## Study config", 1)[0]
+    assert "teacher answers" not in report and "transfer" not in report  # optional parts absent
+    assert "resamples, seed 0)" in (study.out / "summary.md").read_text()
+    out = tmp_path / "copy"
+    shutil.copytree(study.out, out)
+    for bad in ({"seeds": "oops", "models": [1], "data": {"sst2": 3}, "deterministic": None}, [1, 2], "{"):
+        (out / "provenance.json").write_text(bad if isinstance(bad, str) else json.dumps(bad))
+        text = _fast_report(out, monkeypatch)
+        assert "## Environment" in text and "| bootstrap seed (report) | 0 (default) |" in text
+    assert "provenance.json is not valid JSON" in text

@@ -1,11 +1,17 @@
 """The study report, written from the output folder alone (so `kdlab report OUT` works in a fresh process).
 
     results.csv   every run, one row each (flattened metrics and params)
-    summary.md    per task: teacher rows, each (student, method)'s chosen setting with mean ± std over seeds,
-                  and Δ vs SFT with a paired-bootstrap 95% interval and p-value
+    summary.md    findings first (per task and KD method: Δ vs SFT with its 95% interval, p and Holm-adjusted
+                  p, the teacher-SFT gap and the share of it recovered, and a sentence saying what KD did);
+                  then per task: teacher rows, each (student, method)'s chosen setting with mean ± std over
+                  seeds, and Δ vs SFT with a paired-bootstrap 95% interval and p-value
     summary.tex   the same tables for LaTeX (booktabs)
+    per_example_scores.csv  the per-example evaluation scores the statistics use (run, example, score), so
+                  every Δ and p can be recomputed
     figures/      λ sensitivity, efficiency frontier (with bench.json), training curves; PNG and PDF
-    report.md     links to all of it, the environment, the study config and how to reproduce it
+    report.md     links to all of it, the data sizes, the environment and what reproducing the study needs
+                  (versions, device, dtypes, determinism, seeds, fingerprints: provenance.json when the study
+                  wrote one), the study config and how to reproduce it
 
 Every file is written to a temporary name and moved into place, and report.md last, so a crash leaves either
 the previous report or the new one, never half a file nor a report linking to missing figures.
@@ -44,15 +50,19 @@ from kdlab.figures import (
 )
 from kdlab.metrics import exact_match, f1
 from kdlab.registry import Registry, RunRecord
-from kdlab.stats import BootstrapResult, mean_std, paired_bootstrap
+from kdlab.stats import BootstrapResult, holm, mean_std, paired_bootstrap, significance_level
 from kdlab.tasks import TASKS, Example, Task, get_task
 
 __all__ = [
     "Comparison",
+    "Finding",
     "Group",
     "StudyOutputs",
+    "bootstrap_seed",
+    "build_findings",
     "chosen_groups",
     "compare_to_sft",
+    "finding_sentence",
     "load_outputs",
     "per_example_scores",
     "write_report",
@@ -69,6 +79,8 @@ DECIMALS = 1
 N_RESAMPLES = 10_000
 BOOTSTRAP_SEED = 0
 CONFIDENCE = 0.95
+ALPHA = significance_level(CONFIDENCE)  # findings call a difference significant when Holm-adjusted p < ALPHA
+SCORES_FILE = "per_example_scores.csv"
 ENV_PACKAGES = ("torch", "transformers", "peft", "accelerate", "datasets", "numpy", "scipy", "matplotlib")
 # The registry's eval metric and the mean of the per-example scores must agree to this many points (%).
 CONSISTENCY_TOL = 0.01
@@ -92,6 +104,7 @@ class StudyOutputs:
     bench: dict[str, Any] | None
     tasks: list[str]
     notes: list[str] = field(default_factory=list)  # problems met while reading, shown in report.md
+    provenance: dict[str, Any] | None = None  # provenance.json: seeds, determinism, fingerprints
 
     def get(self, run_id: str | None) -> RunRecord | None:
         return next((r for r in self.runs if r.id == run_id), None) if run_id else None
@@ -140,7 +153,28 @@ def load_outputs(out: str | Path) -> StudyOutputs:
     if unknown:  # runs of a task this kdlab does not know: listed in results.csv, left out of the tables
         notes.append(f"unknown task(s) {', '.join(unknown)}: only in results.csv")
     tasks = [t for t in tasks if t in TASKS]
-    return StudyOutputs(out, runs, selection, config, config_text, bench, tasks, notes)
+    provenance = _read_json(out / "provenance.json", notes)
+    if provenance is not None and not isinstance(provenance, dict):
+        notes.append("provenance.json is not a JSON object; ignored")
+        provenance = None
+    return StudyOutputs(out, runs, selection, config, config_text, bench, tasks, notes, provenance)
+
+
+def _mapping(value: Any) -> dict[str, Any]:
+    """``value`` if it is a JSON object, else empty: provenance.json and manifests are read defensively."""
+    return value if isinstance(value, dict) else {}
+
+
+def bootstrap_seed(outputs: StudyOutputs) -> int:
+    """The bootstrap's seed: provenance.json's ``seeds.bootstrap`` when the study recorded one, else the
+    default `BOOTSTRAP_SEED` (the study config has no bootstrap seed)."""
+    seed = _mapping(_mapping(outputs.provenance).get("seeds")).get("bootstrap")
+    return seed if isinstance(seed, int) and not isinstance(seed, bool) else BOOTSTRAP_SEED
+
+
+def _seed_source(outputs: StudyOutputs, seed: int) -> str:
+    recorded = _mapping(_mapping(outputs.provenance).get("seeds")).get("bootstrap")
+    return "provenance.json" if recorded is not None and recorded == seed else "default"
 
 
 def task_metrics(task: str) -> list[str]:
@@ -338,6 +372,8 @@ class Comparison:
     result: BootstrapResult | None
     seeds: tuple[int, int] = (0, 0)  # (method, SFT) seeds averaged per example
     note: str = ""
+    # Holm-adjusted p over every comparison with SFT of the same student (all tasks, methods, metrics).
+    holm_p: float | None = None
 
 
 class _Scorer:
@@ -347,6 +383,7 @@ class _Scorer:
         self.outputs, self.data_dir, self.notes = outputs, data_dir, notes
         self._refs: dict[str, tuple[Task, list[Example]] | str] = {}
         self._scores: dict[str, dict[str, np.ndarray] | str] = {}
+        self.scored: dict[str, RunRecord] = {}  # runs scored so far, in order: rows of per_example_scores.csv
 
     def references(self, task: str) -> tuple[Task, list[Example]]:
         if task not in self._refs:
@@ -384,11 +421,23 @@ class _Scorer:
         got = self._scores[run.id]
         if isinstance(got, str):
             raise ValueError(got)
+        self.scored.setdefault(run.id, run)
         return got
+
+    def predictions_dir(self, run: RunRecord) -> Path:
+        """Where a run's evaluation predictions are: a student's run folder; a teacher's evaluation folder,
+        teacher/<task>-zero-shot or teacher/<task>-eval (the adapted teacher's own folder holds the model)."""
+        if run.kind != "teacher":
+            return self.outputs.run_dir(run)
+        name = f"{run.task}-zero-shot" if run.id.endswith("-zero-shot") else f"{run.task}-eval"
+        local = self.outputs.out / "teacher" / name
+        if local.is_dir() or not run.output_dir:
+            return local
+        return Path(run.output_dir).with_name(name)
 
     def _score(self, run: RunRecord) -> dict[str, np.ndarray]:
         task, examples = self.references(run.task)
-        path = self.outputs.run_dir(run) / f"predictions_eval.{'json' if task.generative else 'jsonl'}"
+        path = self.predictions_dir(run) / f"predictions_eval.{'json' if task.generative else 'jsonl'}"
         if not path.is_file():
             raise FileNotFoundError(f"{path} not found")
         scores = per_example_scores(run.task, task.read_predictions(path), examples)
@@ -408,13 +457,17 @@ def compare_to_sft(
     data_dir: str | Path | None = None,
     *,
     n_resamples: int = N_RESAMPLES,
-    seed: int = BOOTSTRAP_SEED,
+    seed: int | None = None,
     notes: list[str] | None = None,
+    scorer: _Scorer | None = None,
 ) -> list[Comparison]:
     """Paired bootstrap of every non-SFT method's chosen setting against SFT of the same student and task,
-    per metric, on per-example scores averaged over each system's seeds (see `kdlab.stats`)."""
+    per metric, on per-example scores averaged over each system's seeds (see `kdlab.stats`), with p-values
+    Holm-adjusted per student over all its comparisons. ``seed``: default `bootstrap_seed` (provenance.json,
+    else the default); ``scorer``: to keep the per-example scores it computes (write_report writes them)."""
     notes = notes if notes is not None else []
-    scorer = _Scorer(outputs, data_dir, notes)
+    seed = bootstrap_seed(outputs) if seed is None else seed
+    scorer = scorer if scorer is not None else _Scorer(outputs, data_dir, notes)
     out: list[Comparison] = []
     for (student, method, task), group in groups.items():
         base = groups.get((student, "sft", task))
@@ -439,7 +492,51 @@ def compare_to_sft(
                 seed=seed,
             )
             out.append(Comparison(task, student, method, m, res, seeds))
+    # One family per student: every method x task x metric compared with SFT (a study's "did KD help?").
+    for student in dict.fromkeys(c.student for c in out):
+        family = [c for c in out if c.student == student and c.result is not None]
+        for c, adjusted in zip(family, holm([c.result.p_value for c in family]), strict=True):
+            c.holm_p = float(adjusted)
     return out
+
+
+def _score_all(outputs: StudyOutputs, groups: Mapping[tuple[str, str, str], Group], scorer: _Scorer) -> None:
+    """Score what `compare_to_sft` did not need but a re-check does: every chosen run and the teachers."""
+    for g in groups.values():
+        for r in g.runs:
+            with contextlib.suppress(ValueError):  # the comparison's note already says why
+                scorer.scores(r)
+    for task in outputs.tasks:
+        try:
+            scorer.references(task)
+        except ValueError:
+            continue  # no references: the Δ tables say so
+        for rid in (f"teacher-{task}-zero-shot", f"teacher-{task}"):
+            run = outputs.get(rid)
+            if run is not None and run.done:
+                try:
+                    scorer.scores(run)
+                except ValueError as e:
+                    scorer.notes.append(f"{rid}: no per-example scores ({e})")
+
+
+def per_example_rows(outputs: StudyOutputs, scorer: _Scorer) -> tuple[list[str], list[dict[str, Any]]]:
+    """Header and rows of per_example_scores.csv: one row per (scored run, evaluation example), in the
+    order of data/<task>.json's eval ids; a column per metric (x100, full precision)."""
+    metrics = [m for t in outputs.tasks for m in task_metrics(t)]
+    header = ["run", "task", "split", "example", *dict.fromkeys(metrics)]
+    rows: list[dict[str, Any]] = []
+    task_order = {t: i for i, t in enumerate(outputs.tasks)}
+    runs = sorted(scorer.scored.values(), key=lambda r: (task_order.get(r.task, len(task_order)),
+                                                          r.kind != "teacher"))
+    for run in runs:  # per task, teachers first, then students in table order
+        _, examples = scorer.references(run.task)
+        scores = scorer.scores(run)
+        for i, ex in enumerate(examples):
+            row: dict[str, Any] = {"run": run.id, "task": run.task, "split": "eval", "example": ex.id}
+            row.update({m: repr(float(v[i])) for m, v in scores.items()})
+            rows.append(row)
+    return header, rows
 
 
 # ---------------------------------------------------------------------------------------------------------
@@ -506,6 +603,7 @@ class TaskSummary:
     rows: list[SummaryRow]
     comparisons: list[Comparison]
     n_examples: int | None
+    findings: list[Finding] = field(default_factory=list)
 
     def best(self, metric: str) -> float | None:
         """Best student mean as displayed (rounded: values that print the same are all bold)."""
@@ -538,8 +636,142 @@ def build_summaries(
         if manifest.is_file():
             with contextlib.suppress(ValueError, KeyError, TypeError):
                 n_examples = len(json.loads(manifest.read_text())["eval"])
-        out.append(TaskSummary(task, metrics, rows, [c for c in comparisons if c.task == task], n_examples))
+        task_comparisons = [c for c in comparisons if c.task == task]
+        findings = build_findings(outputs, groups, task_comparisons)
+        out.append(TaskSummary(task, metrics, rows, task_comparisons, n_examples, findings))
     return out
+
+
+@dataclass
+class Finding:
+    """One KD method against SFT (same student) on one task and metric, with the teacher's lead over SFT."""
+
+    comparison: Comparison
+    setting: list[tuple[str, str]]
+    method_mean: float | None  # eval metric, mean over seeds (the results table's value)
+    sft_mean: float | None
+    teacher: float | None  # the teacher's eval metric, on the same evaluation examples
+    teacher_label: str = "adapted"  # "zero-shot" when the study did not adapt the teacher
+
+    @property
+    def delta(self) -> float | None:
+        """Δ vs SFT: the bootstrap's (the number printed beside the interval), else from the table means."""
+        if self.comparison.result is not None:
+            return self.comparison.result.delta
+        if self.method_mean is None or self.sft_mean is None:
+            return None
+        return self.method_mean - self.sft_mean
+
+    @property
+    def gap(self) -> float | None:
+        """Teacher minus SFT, in points."""
+        return None if self.teacher is None or self.sft_mean is None else self.teacher - self.sft_mean
+
+    @property
+    def recovered(self) -> float | None:
+        """Share of the teacher-SFT gap the method closes, in percent; None unless the teacher is ahead of
+        SFT (as printed: a gap that rounds to 0 would turn noise into huge percentages)."""
+        gap, delta = self.gap, self.delta
+        if gap is None or delta is None or round(gap, DECIMALS) <= 0:
+            return None
+        return 100.0 * delta / gap
+
+    @property
+    def p_adjusted(self) -> float | None:
+        """The p that decides significance: Holm-adjusted, else (no family computed) the raw p."""
+        c = self.comparison
+        if c.result is None:
+            return None
+        return c.holm_p if c.holm_p is not None else c.result.p_value
+
+    @property
+    def direction(self) -> int:
+        """+1: significantly better than SFT, -1: significantly worse, 0: no significant difference (or
+        not computed). The interval's side gives the sign: p < α means it excludes 0 (`kdlab.stats`)."""
+        r, p = self.comparison.result, self.p_adjusted
+        if r is None or p is None or p >= ALPHA:
+            return 0
+        return 1 if r.low > 0 else -1 if r.high < 0 else 0
+
+
+def _teacher_reference(outputs: StudyOutputs, task: str) -> tuple[RunRecord | None, str]:
+    """The teacher the students learned from: the adapted one of ``task``, else (no adaptation) the base."""
+    for rid, label in ((f"teacher-{task}", "adapted"), (f"teacher-{task}-zero-shot", "zero-shot")):
+        run = outputs.get(rid)
+        if run is not None and run.done:
+            return run, label
+    return None, ""
+
+
+def _seed_mean(runs: Sequence[RunRecord], metric: str) -> float | None:
+    values = [v for r in runs if (v := _metric(r, "eval", metric)) is not None]
+    return float(np.mean(values)) if values else None
+
+
+def build_findings(
+    outputs: StudyOutputs, groups: Mapping[tuple[str, str, str], Group], comparisons: Sequence[Comparison]
+) -> list[Finding]:
+    """A `Finding` per comparison with SFT: the chosen setting, the means behind Δ and the teacher's score.
+    The teacher's registry metric is on the same examples as the students' (data/<task>.json's eval ids)."""
+    out = []
+    for c in comparisons:
+        group, base = groups.get((c.student, c.method, c.task)), groups.get((c.student, "sft", c.task))
+        teacher, label = _teacher_reference(outputs, c.task)
+        out.append(
+            Finding(
+                c,
+                setting_parts(group) if group is not None else [],
+                _seed_mean(group.runs, c.metric) if group is not None else None,
+                _seed_mean(base.runs, c.metric) if base is not None else None,
+                _metric(teacher, "eval", c.metric) if teacher is not None else None,
+                label,
+            )
+        )
+    return out
+
+
+def _p_num(p: float) -> str:
+    """p with 3 decimals, more when 3 would round it across α (0.0496 must not print as 0.050)."""
+    if p < 0.001:
+        return "<0.001"
+    digits = 3
+    text = f"{p:.{digits}f}"
+    while digits < 6 and (float(text) < ALPHA) != (p < ALPHA):
+        digits += 1
+        text = f"{p:.{digits}f}"
+    return text
+
+
+def _where(task: str, metric: str) -> str:
+    return f"{TASK_LABELS.get(task, task)} {METRIC_NAMES.get(metric, metric)}"
+
+
+def finding_sentence(finding: Finding, *, many_students: bool = False) -> str:
+    """What the method did, in one sentence from the numbers: beats SFT / is worse than SFT (Holm-adjusted
+    p < 0.05) or no significant difference, with Δ, its 95% interval, p and the Holm-adjusted p."""
+    c = finding.comparison
+    who = _student_label(c.student, c.method, many_students)
+    setting = _Markdown().setting(finding.setting)
+    who += "" if setting == "–" else f" ({setting})"
+    where = _where(c.task, c.metric)
+    r = c.result
+    if r is None:
+        # The reason (often a long error) is listed once under the task's Δ table, not in every sentence.
+        task = TASK_LABELS.get(c.task, c.task)
+        return f"{who} vs SFT on {where}: not computed (see the n/a notes under the {task} Δ table)."
+    interval = f"[{_signed(r.low)}, {_signed(r.high)}]"
+    holm_text = "" if c.holm_p is None else f"Holm {_p_num(c.holm_p)}"
+    if finding.direction:
+        verb = "beats SFT" if finding.direction > 0 else "is worse than SFT"
+        stats = _p_text(r.p_value) + (f" ({holm_text})" if holm_text else "")
+        return f"{who} {verb} on {where} by {_signed(r.delta)} points {interval}, {stats}."
+    # Significant before the correction but not after: say so, the interval alone would suggest otherwise.
+    after = " after Holm correction" if r.p_value < ALPHA and c.holm_p is not None else ""
+    stats = ", ".join(x for x in (_p_text(r.p_value), holm_text) if x)
+    return (
+        f"{who}: no significant difference from SFT on {where}{after} "
+        f"(Δ {_signed(r.delta)} {interval}, {stats})."
+    )
 
 
 def _mean_cell(values: Sequence[float]) -> str:
@@ -554,7 +786,7 @@ def _signed(x: float) -> str:
 
 
 def _p_text(p: float) -> str:
-    return "p<0.001" if p < 0.001 else f"p={p:.3f}"
+    return "p<0.001" if p < 0.001 else f"p={_p_num(p)}"
 
 
 def _delta_cell(c: Comparison) -> str:
@@ -657,15 +889,101 @@ def _task_title(s: TaskSummary) -> str:
     return f"{TASK_LABELS.get(s.task, s.task)} ({metrics} %{n})"
 
 
+def _bootstrap_setup(comparisons: Sequence[Comparison], seed: int = BOOTSTRAP_SEED) -> tuple[int, int]:
+    """(resamples, seed) of the comparisons' bootstrap (the defaults when none was computed)."""
+    r = next((c.result for c in comparisons if c.result is not None), None)
+    return (r.n_resamples, r.seed) if r is not None else (N_RESAMPLES, seed)
+
+
 def _stats_caption(s: TaskSummary) -> str:
     examples = (
         "the evaluation examples" if s.n_examples is None else f"the {s.n_examples} evaluation examples"
     )
+    resamples, seed = _bootstrap_setup(s.comparisons)
     return (
         f"Δ vs SFT of the same student: mean difference over {examples} (per-example scores averaged "
-        f"over seeds), 95% percentile interval of a paired bootstrap ({N_RESAMPLES} resamples, seed "
-        f"{BOOTSTRAP_SEED}) and its two-sided p-value (not corrected for multiple comparisons)"
+        f"over seeds), 95% percentile interval of a paired bootstrap ({resamples} resamples, seed "
+        f"{seed}) and the two-sided p-value of the same bootstrap (the interval excludes 0 exactly when "
+        f"p < {ALPHA:g}); p is not adjusted here, the findings give the Holm-adjusted p"
     )
+
+
+def _findings_rows(findings: Sequence[Finding], fmt: _Markdown) -> tuple[list[str], list[list[str]], str]:
+    head = [
+        fmt.text(h)
+        for h in (
+            "task",
+            "student",
+            "method",
+            "chosen setting",
+            "metric",
+            "Δ vs SFT [95% CI]",
+            "p",
+            "Holm p",
+            "teacher − SFT",
+            "gap recovered",
+        )
+    ]
+    rows = []
+    for f in findings:
+        c, r = f.comparison, f.comparison.result
+        delta = "n/a" if r is None else f"{_signed(r.delta)} [{_signed(r.low)}, {_signed(r.high)}]"
+        gap = "–" if f.gap is None else _signed(f.gap)
+        gap += "" if f.gap is None or f.teacher_label == "adapted" else f" ({f.teacher_label})"
+        rows.append(
+            [
+                fmt.text(TASK_LABELS.get(c.task, c.task)),
+                fmt.text(c.student),
+                fmt.text(c.method),
+                fmt.setting(f.setting),
+                fmt.text(METRIC_NAMES.get(c.metric, c.metric)),
+                fmt.text(delta),
+                fmt.text("–" if r is None else _p_num(r.p_value)),
+                fmt.text("–" if c.holm_p is None else _p_num(c.holm_p)),
+                fmt.text(gap),
+                fmt.text("n/a" if f.recovered is None else f"{f.recovered:.0f}%"),
+            ]
+        )
+    return head, rows, "lllll" + "l" + "rr" + "rr"
+
+
+def _findings_note(findings: Sequence[Finding]) -> str:
+    family: dict[str, int] = {}
+    for f in findings:
+        if f.comparison.result is not None:
+            family[f.comparison.student] = family.get(f.comparison.student, 0) + 1
+    if len(family) > 1:
+        sizes = ", ".join(f"{n} for {student}" for student, n in family.items())
+    else:
+        sizes = f"{next(iter(family.values()), 0)} comparisons"
+    resamples, seed = _bootstrap_setup([f.comparison for f in findings])
+    return (
+        "Each KD method's chosen setting against SFT of the same student on the evaluation split, in "
+        "percentage points. Δ, 95% interval and p come from one paired bootstrap of the per-example scores "
+        f"({resamples} resamples, seed {seed}; {SCORES_FILE}). Significant: Holm-adjusted p < {ALPHA:g}, "
+        f"adjusted over all comparisons with SFT of a student, every task, method and metric ({sizes}). "
+        "Teacher − SFT: the teacher's evaluation score (the adapted teacher, on the same evaluation "
+        "examples) minus SFT's mean over seeds; gap recovered: Δ / (teacher − SFT), n/a when the teacher "
+        "is not ahead of SFT."
+    )
+
+
+def _all_findings(summaries: Sequence[TaskSummary]) -> list[Finding]:
+    return [f for s in summaries for f in s.findings]
+
+
+def findings_markdown(summaries: Sequence[TaskSummary], *, level: int = 2) -> str:
+    """The findings section: one sentence per KD method, task and metric, then the table of its numbers."""
+    findings = _all_findings(summaries)
+    if not findings:
+        return ""
+    many = len({f.comparison.student for f in findings}) > 1
+    fmt = _Markdown()
+    head, rows, align = _findings_rows(findings, fmt)
+    lines = [f"{'#' * level} Findings", ""]
+    lines += [f"- {finding_sentence(f, many_students=many)}" for f in findings]
+    lines += ["", fmt.table(head, rows, align), _findings_note(findings), ""]
+    return "\n".join(lines)
 
 
 SUMMARY_NOTE = (
@@ -679,7 +997,8 @@ SUMMARY_NOTE = (
 def summary_markdown(summaries: Sequence[TaskSummary], *, level: int = 2) -> str:
     fmt = _Markdown()
     h = "#" * level
-    parts = [SUMMARY_NOTE + "\n"]
+    findings = findings_markdown(summaries, level=level)
+    parts = ([findings] if findings else []) + [SUMMARY_NOTE + "\n"]
     for s in summaries:
         parts.append(f"{h} {_task_title(s)}\n")
         head, rows, align = _results_rows(s, fmt)
@@ -698,6 +1017,15 @@ def summary_latex(summaries: Sequence[TaskSummary], study: str) -> str:
     fmt = _Latex()
     label = "".join(ch if ch.isalnum() else "-" for ch in study)
     parts = ["% kdlab study tables; needs \\usepackage{booktabs} in the preamble.\n"]
+    findings = _all_findings(summaries)
+    if findings:
+        head, rows, align = _findings_rows(findings, fmt)
+        caption = tex_escape("Findings. " + _findings_note(findings))
+        parts.append(
+            "\\begin{table*}[t]\n\\centering\n\\small\n"
+            + fmt.table(head, rows, align)
+            + f"\\caption{{{caption}}}\n\\label{{tab:{label}-findings}}\n\\end{{table*}}\n"
+        )
     for s in summaries:
         head, rows, align = _results_rows(s, fmt)
         parts.append(
@@ -1001,6 +1329,178 @@ def environment(bench: Mapping[str, Any] | None) -> dict[str, str]:
     return env
 
 
+NOT_RECORDED = "not recorded"
+
+
+def _cell(value: Any) -> str:
+    """A provenance value as one Markdown table cell."""
+    if value is None:
+        return "–"
+    text = value if isinstance(value, str) else json.dumps(value, sort_keys=True, default=str)
+    return _Markdown().text(text.replace("\n", " ")) or "–"
+
+
+def _read_manifest(path: Path) -> dict[str, Any]:
+    try:
+        return _mapping(json.loads(path.read_text(encoding="utf-8")))
+    except (OSError, ValueError):
+        return {}
+
+
+def _data_manifest(outputs: StudyOutputs, task: str) -> dict[str, Any]:
+    return _read_manifest(outputs.out / "data" / f"{task}.json")
+
+
+def _cache_manifest(outputs: StudyOutputs, task: str) -> dict[str, Any]:
+    config = outputs.config
+    custom = config.cache.dir if config is not None else None
+    root = Path(custom) if custom else outputs.out / "teacher_cache"
+    return _read_manifest(root / task / "manifest.json")
+
+
+def _answers_line(task: str, answers: Any) -> str | None:
+    """One line on the teacher's empty answers in a cache manifest's ``answers`` entry, or None."""
+    a = _mapping(answers)
+    if not a:
+        return None
+
+    def count(key: str) -> int | None:
+        v = a.get(key)
+        return v if isinstance(v, int) and not isinstance(v, bool) else None
+
+    total, empty = count("total"), count("empty")
+    if empty is None:
+        head = "teacher answers" + (f": {total}" if total is not None else "")
+    else:
+        head = f"{empty} of {total}" if total is not None else str(empty)
+        head += " teacher answers were empty"
+    done = [f"{n} {what}" for what in ("replaced", "dropped") if (n := count(what)) is not None]
+    policy = f"policy `{a['policy']}`" if a.get("policy") is not None else ""
+    tail = ": ".join(x for x in (policy, ", ".join(done)) if x)
+    return f"- {TASK_LABELS.get(task, task)}: {head}" + (f"; {tail}" if tail else "") + "."
+
+
+def data_markdown(outputs: StudyOutputs) -> str:
+    """## Data: train / selection / eval (and KD transfer-set) sizes per task from data/<task>.json, and what
+    happened to empty teacher answers (teacher_cache/<task>/manifest.json); empty when neither exists."""
+    fmt = _Markdown()
+    sizes = [(t, m) for t in outputs.tasks if (m := _data_manifest(outputs, t))]
+    transfer = any(isinstance(m.get("transfer"), list) for _, m in sizes)
+    answers = [
+        line
+        for t in outputs.tasks
+        if (line := _answers_line(t, _cache_manifest(outputs, t).get("answers"))) is not None
+    ]
+    if not sizes and not answers:
+        return ""
+    lines = ["## Data", ""]
+    if sizes:
+        splits = ["train", "selection", "eval"] + (["transfer"] if transfer else [])
+        rows = []
+        for task, m in sizes:
+            cells = [str(len(m[k])) if isinstance(m.get(k), list) else "–" for k in splits]
+            rows.append([fmt.text(TASK_LABELS.get(task, task)), *cells])
+        lines.append(
+            "Examples per split (data/<task>.json; selection is held out of the training data"
+            + ("; transfer: unlabelled training inputs used only by the KD losses" if transfer else "")
+            + "):"
+        )
+        lines += ["", fmt.table(["task", *splits], rows, "l" + "r" * len(splits))]
+    if answers:
+        lines += ["Empty teacher answers in the teacher cache (teacher_cache/<task>/manifest.json):", ""]
+        lines += answers + [""]
+    return "\n".join(lines)
+
+
+def reproducibility_markdown(outputs: StudyOutputs) -> str:
+    """What reproducing the study needs beyond the package versions: device, dtypes, determinism, the seed of
+    every stage, model and data fingerprints. From study.yaml, provenance.json (when the study wrote one:
+    otherwise "not recorded") and the teacher caches' manifests."""
+    fmt = _Markdown()
+    prov = outputs.provenance
+    config = outputs.config
+    no_prov = f"{NOT_RECORDED} (no provenance.json)"
+    no_config = f"{NOT_RECORDED} (no valid study.yaml)"
+    settings: list[tuple[str, str]] = []
+    settings.append(("device (study.yaml)", config.device if config is not None else no_config))
+    if prov is not None and "device" in prov:
+        settings.append(("device (provenance.json)", _cell(prov["device"])))
+    if config is not None:
+        settings += [
+            ("evaluation dtype", config.evaluation.dtype),
+            ("training bf16 autocast (students)", str(config.training.bf16)),
+            ("teacher adaptation bf16 autocast", str(config.teacher.training.bf16)),
+            ("teacher cache hidden dtype", config.cache.hidden_dtype),
+        ]
+    else:
+        settings += [("dtypes", no_config)]
+    if prov is None:
+        deterministic = no_prov
+    else:
+        deterministic = _cell(prov["deterministic"]) if "deterministic" in prov else NOT_RECORDED
+    settings.append(("deterministic", deterministic))
+    seeds = _mapping(_mapping(prov).get("seeds"))
+    seed = bootstrap_seed(outputs)
+    settings.append(("bootstrap seed (report)", f"{seed} ({_seed_source(outputs, seed)})"))
+    lines = ["### Reproducibility", "", "| | |", "| --- | --- |"]
+    lines += [f"| {fmt.text(k)} | {fmt.text(v)} |" for k, v in settings]
+
+    lines += ["", "Seeds of every stage:", ""]
+    if seeds:
+        rows = [[fmt.text(str(k)), _cell(v)] for k, v in seeds.items()]
+        lines.append(fmt.table(["stage", "seed"], rows, "lr"))
+    else:
+        lines.append(f"- {no_prov if prov is None else NOT_RECORDED}.")
+        if config is not None:
+            lines.append(
+                f"- study.yaml: training seeds {', '.join(str(s) for s in config.seeds)}; data seed "
+                f"{config.data_seed}."
+            )
+        lines.append("")
+
+    lines += ["Models:", ""]
+    models = _mapping(_mapping(prov).get("models"))
+    if models:
+        keys = ["spec", "path", "revision", "fingerprint"]
+        rows = []
+        for name, entry in models.items():
+            e = _mapping(entry)
+            cells = [_cell(e.get(k)) for k in keys] if e else [_cell(entry), "", "", ""]
+            rows.append([fmt.text(str(name)), *cells])
+        lines.append(fmt.table(["model", *keys], rows, "lllll"))
+    else:
+        lines += [f"- {no_prov if prov is None else NOT_RECORDED}.", ""]
+
+    lines += ["Data:", ""]
+    data = _mapping(_mapping(prov).get("data"))
+    if data:
+        rows = []
+        for task, entry in data.items():
+            files = _mapping(_mapping(entry).get("files"))
+            if files:
+                rows += [[fmt.text(str(task)), _cell(path), _cell(digest)] for path, digest in files.items()]
+            else:
+                rows.append([fmt.text(str(task)), "–", _cell(entry)])
+        lines.append(fmt.table(["task", "file", "sha256"], rows, "lll"))
+    else:
+        lines += [f"- {no_prov if prov is None else NOT_RECORDED}.", ""]
+
+    caches = [(t, m) for t in outputs.tasks if (m := _cache_manifest(outputs, t)).get("fingerprint")]
+    if caches:
+        lines += ["Teacher caches (teacher_cache/<task>/manifest.json):", ""]
+        rows = [
+            [fmt.text(TASK_LABELS.get(t, t)), *(_cell(m.get(k)) for k in ("fingerprint", "hidden_dtype"))]
+            for t, m in caches
+        ]
+        lines.append(fmt.table(["task", "fingerprint", "hidden dtype"], rows, "lll"))
+
+    shown = {"deterministic", "seeds", "models", "data", "device"}
+    other = [[fmt.text(str(k)), _cell(v)] for k, v in _mapping(prov).items() if k not in shown]
+    if other:
+        lines += ["Other provenance.json entries:", "", fmt.table(["entry", "value"], other, "ll")]
+    return "\n".join(lines)
+
+
 def _rel(path: Path, out: Path) -> str:
     return path.relative_to(out).as_posix()
 
@@ -1116,6 +1616,9 @@ def report_markdown(
             + ", ".join(f"`{r.id}` ({r.status})" for r in unfinished[:20])
             + (", …" if len(unfinished) > 20 else ""),
         ]
+    data = data_markdown(outputs)
+    if data:
+        lines += ["", data]
     lines += ["", "## Results", "", summary_markdown(summaries, level=3)]
     if outputs.selection:
         lines += ["## Chosen settings", ""]
@@ -1164,25 +1667,30 @@ def report_markdown(
             "again for latency, throughput and memory, and the efficiency figures.",
             "",
         ]
+    compared = [c for su in summaries for c in su.comparisons]
+    resamples, seed = _bootstrap_setup(compared, bootstrap_seed(outputs))
     lines += [
         "## Statistics",
         "",
         "Δ vs SFT compares each method's chosen setting with SFT of the same student on the same "
         "evaluation examples. Per-example scores (SST-2: correct x100; SQuAD: EM and F1 x100, max over "
-        "the gold answers) are averaged over each system's seeds first, so Δ asks whether the method, "
-        "averaged over training seeds, beats SFT on this evaluation set; seed-to-seed spread is the ± "
-        f"std of the results tables. Examples are resampled with replacement {N_RESAMPLES} times "
-        "(paired: the same resample for both systems); the interval is the 2.5-97.5 percentile "
-        "interval of the resampled Δ, and the two-sided p-value is the share of resamples of the "
-        "null-centred distribution at least as far from 0 as the observed Δ, (1 + count) / "
-        f"(1 + resamples). Deterministic (numpy seed {BOOTSTRAP_SEED}); p-values are not corrected for "
-        "multiple comparisons.",
+        f"the gold answers; all in {SCORES_FILE}) are averaged over each system's seeds first, so Δ asks "
+        "whether the method, averaged over training seeds, beats SFT on this evaluation set; seed-to-seed "
+        f"spread is the ± std of the results tables. Examples are resampled with replacement {resamples} "
+        "times (paired: the same resample for both systems). The interval is the percentile interval of "
+        "the resampled Δ (order statistics, no interpolation), and the two-sided p-value inverts it: "
+        "p = 2 (1 + the number of resamples on the far side of 0) / (1 + resamples), so the interval "
+        f"excludes 0 exactly when p < {ALPHA:g}. Deterministic (numpy seed {seed}, "
+        f"{_seed_source(outputs, seed)}). The findings adjust p for multiple comparisons with Holm's "
+        "method, per student over all its comparisons with SFT (every task, method and metric), and call "
+        f"a difference significant when the adjusted p < {ALPHA:g}.",
         "",
     ]
     if notes:
         lines += ["## Notes", ""] + [f"- {n}" for n in dict.fromkeys(notes)] + [""]
     lines += ["## Environment", "", "| | |", "| --- | --- |"]
     lines += [f"| {k} | {v} |" for k, v in env.items()]
+    lines += ["", reproducibility_markdown(outputs)]
     config_name = "study.yaml" if outputs.config_text is not None else "STUDY.yaml"
     data_flag = f" --data-dir {data_dir}" if data_dir else " --data-dir DATA"
     lines += [
@@ -1235,21 +1743,30 @@ def write_report(
     for g in groups.values():
         if g.source.startswith("best selection"):
             notes.append(f"{g.method}-{g.task}-{g.student}: not in selection.json; {g.source}")
-    comparisons = compare_to_sft(outputs, groups, data_dir, n_resamples=n_resamples, notes=notes)
+    scorer = _Scorer(outputs, data_dir, notes)
+    comparisons = compare_to_sft(
+        outputs, groups, data_dir, n_resamples=n_resamples, notes=notes, scorer=scorer
+    )
     summaries = build_summaries(outputs, groups, comparisons)
+    _score_all(outputs, groups, scorer)
 
     header, rows = results_table(outputs, groups)
     tables = {
         "every run, one row each (metrics and params flattened)": _write_text(
             out / "results.csv", _csv_text(header, rows)
         ),
-        "results tables with Δ vs SFT (Markdown)": _write_text(
+        "findings and results tables with Δ vs SFT (Markdown)": _write_text(
             out / "summary.md", f"# {outputs.name}: summary\n\n" + summary_markdown(summaries)
         ),
         "the same tables for LaTeX (booktabs)": _write_text(
             out / "summary.tex", summary_latex(summaries, outputs.name)
         ),
     }
+    if scorer.scored:  # without references nothing was scored: no file rather than an empty one
+        header, rows = per_example_rows(outputs, scorer)
+        tables["per-example evaluation scores (x100) behind Δ, p and the interval"] = _write_text(
+            out / SCORES_FILE, _csv_text(header, rows)
+        )
     if (out / "selection.json").is_file():
         tables["chosen grid settings and their candidates"] = out / "selection.json"
 
