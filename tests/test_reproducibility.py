@@ -57,11 +57,8 @@ def _weight_files(out: Path) -> dict[str, bytes]:
     return files
 
 
-@pytest.mark.parametrize("transfer", [False])
-def test_same_config_gives_bit_identical_study_in_two_processes(
-    tiny_data_dir: Path, tmp_path: Path, transfer: bool
-) -> None:
-    config = _tiny_study(tmp_path / "study.yaml", transfer=transfer)
+def test_same_config_gives_bit_identical_study_in_two_processes(tiny_data_dir: Path, tmp_path: Path) -> None:
+    config = _tiny_study(tmp_path / "study.yaml", transfer=True)
     outs = [tmp_path / "a", tmp_path / "b"]
     for out in outs:
         _run(config, out, tiny_data_dir)
@@ -78,6 +75,14 @@ def test_same_config_gives_bit_identical_study_in_two_processes(
     # KD3's default map pairs the derived student's blocks (teacher blocks 0 and 3) with their sources.
     kd3 = next(r for r in Registry(outs[0] / "registry.sqlite").runs() if r.method == "kd3")
     assert kd3.params["layer_map"] == "auto" and kd3.params["layer_pairs"] == [[1, 1], [2, 4]]
+    # The SST-2 transfer set (8 inputs, teacher-labelled) trains the KD runs, never SFT.
+    transfer = json.loads((outs[0] / "data" / "sst2.json").read_text())["transfer"]
+    manifest = json.loads((outs[0] / "teacher_cache" / "sst2" / "manifest.json").read_text())
+    kept = manifest["answers"]["transfer"]
+    assert len(transfer) == 8 and kept["total"] == 8 and kept["kept"] == 8
+    examples = {r.method: r.metrics["train_examples"] for r in Registry(outs[0] / "registry.sqlite").runs()
+                if r.kind == "student" and r.task == "sst2"}
+    assert examples["sft"] == 24 and examples["kd1"] == examples["kd2"] == examples["kd3"] == 24 + 8
     # The seeds of every stage are recorded for the report.
     provenance = json.loads((outs[0] / "provenance.json").read_text())
     assert provenance["seeds"]["teacher-sst2"] == 7 and provenance["seeds"]["bootstrap"] == 7

@@ -7,6 +7,7 @@ example are controlled: uneven answer lengths are what tell a global-token mean 
 from __future__ import annotations
 
 import copy
+import dataclasses
 import random
 from pathlib import Path
 from typing import Any
@@ -261,3 +262,25 @@ def test_train_refuses_empty_data(setup: Setup, tmp_path: Path) -> None:
     with pytest.raises(ValueError, match="no training examples"):
         train(copy.deepcopy(setup.student), [], method=METHODS["sft"], params={}, settings=_settings(),
               output_dir=tmp_path, seed=1, pad_id=setup.pad_id, vocab_size=setup.vocab)
+
+
+def test_task_loss_leaves_transfer_rows_out() -> None:
+    """Transfer-set rows carry the teacher's answer as target: the task CE must not read them, and it is
+    normalised by the gold rows' tokens only, while KD terms see every row."""
+    from kdlab.methods import LossInputs, get_method
+    from kdlab.scored import Scored
+
+    torch.manual_seed(0)
+    logits, targets = torch.randn(5, 11), torch.randint(0, 11, (5,))
+    scored = Scored(logits=logits, targets=targets, hidden={}, counts=torch.tensor([2, 3]))
+    x = LossInputs(
+        model=torch.nn.Identity(), batch={"gold_rows": torch.tensor([True, False])},
+        forward_student=lambda: scored, teacher=None, num_tokens=5, num_gold_tokens=2, num_teacher_tokens=1,
+        params={}, layer_pairs=[], projections=None, vocab_size=11,
+    )
+    loss, _ = get_method("sft").loss(x)
+    expected = torch.nn.functional.cross_entropy(logits[:2], targets[:2], reduction="sum") / 2
+    torch.testing.assert_close(loss, expected)
+    # A global batch of transfer rows only: no gold token, a task loss of 0 rather than 0/0.
+    only = dataclasses.replace(x, batch={"gold_rows": torch.tensor([False, False])}, num_gold_tokens=0)
+    assert float(get_method("sft").loss(only)[0]) == 0.0

@@ -34,7 +34,8 @@ class LossInputs:
     batch: Mapping[str, torch.Tensor]
     forward_student: Callable[[], Scored]  # the student on the gold batch; run only if a loss reads it
     teacher: TeacherBatch | None
-    num_tokens: torch.Tensor | float  # answer tokens in the global batch
+    num_tokens: torch.Tensor | float  # answer tokens in the global batch (transfer rows included)
+    num_gold_tokens: torch.Tensor | float  # answer tokens of the gold rows (not transfer) in the global batch
     num_teacher_tokens: torch.Tensor | float  # KD2: tokens of the teacher answers in the global batch
     params: Mapping[str, Any]
     layer_pairs: list[tuple[int, int]]
@@ -50,7 +51,17 @@ LossFn = Callable[[LossInputs], tuple[torch.Tensor, dict[str, torch.Tensor]]]
 
 
 def _task_ce(x: LossInputs) -> torch.Tensor:
-    return losses.cross_entropy_tokens(x.student.logits, x.student.targets, num_tokens=x.num_tokens)
+    """CE against the gold answers; transfer-set rows (targets are the teacher's answers) are left out."""
+    s = x.student
+    rows = x.batch.get("gold_rows")
+    logits, targets = s.logits, s.targets
+    if rows is not None and not bool(rows.all()):
+        keep = rows.to(s.counts.device).repeat_interleave(s.counts)
+        logits, targets = logits[keep], targets[keep]
+    # A global batch drawn from the transfer set alone has no gold token: its task loss is 0, not 0/0.
+    n = x.num_gold_tokens
+    n = n.clamp(min=1) if isinstance(n, torch.Tensor) else max(n, 1)
+    return losses.cross_entropy_tokens(logits, targets, num_tokens=n)
 
 
 def sft_loss(x: LossInputs) -> tuple[torch.Tensor, dict[str, torch.Tensor]]:

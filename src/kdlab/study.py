@@ -30,7 +30,7 @@ from kdlab.config import StudentSettings, StudyConfig
 from kdlab.distributed import Ranks
 from kdlab.errors import CacheMismatchError, StudyError
 from kdlab.evaluation import evaluate, predict
-from kdlab.methods import METHODS, get_method
+from kdlab.methods import METHODS, Method, get_method
 from kdlab.models import (
     add_lora,
     atomic_folder,
@@ -58,7 +58,7 @@ from kdlab.tasks.base import (
     subset,
     transfer_subset,
 )
-from kdlab.teacher import build_teacher_cache, cache_fingerprint_inputs
+from kdlab.teacher import build_teacher_cache, cache_fingerprint_inputs, kd2_answer, transfer_item
 from kdlab.teacher_cache import TeacherCache, fingerprint, hash_directory, hash_file
 from kdlab.training import TrainItem, train
 
@@ -203,20 +203,15 @@ class Study:
         transfer = transfer_subset(pool, settings.train_size, settings.selection_size, settings.transfer_size,
                                    seed)
         eval_ex = subset(task.load(task.eval_split, self.data_dir), settings.eval_size, seed)
-        # Transfer prompts are training prompts too (a teacher answers them); their targets come later.
-        pairs, counts = task.build_prompts(train_ex + transfer, self.tokenizer, training=True)
-        transfer_ids = {e.id for e in transfer}
+        pairs, counts = task.build_prompts(train_ex, self.tokenizer, training=True)
         prompts = {ex.id: p for ex, p in pairs}
         encoded = {}
         for ex, p in pairs:
-            if ex.id in transfer_ids:
-                continue  # no gold target: the teacher labels it in the cache stage
             enc = encode(task, ex, p, self.tokenizer)
             if enc is None:
                 counts["skipped"] = counts.get("skipped", 0) + 1
             else:
                 encoded[ex.id] = enc
-        transfer = [e for e in transfer if e.id in prompts]  # a prompt that cannot fit is skipped
         data = TaskData(task, train_ex, selection, eval_ex, transfer, prompts, encoded, counts)
         manifest = {
             "task": name,
@@ -554,6 +549,7 @@ class Study:
             hidden_dtype=self.config.cache.hidden_dtype,
             temperatures=temperatures,
             empty_answers=empty_answers,
+            transfer_ids=[e.id for e in data.transfer],
         )
         directory = self.cache_dir(name)
         expected = fingerprint(inputs)
@@ -586,6 +582,7 @@ class Study:
                 overwrite=(directory / "manifest.json").is_file(),
                 temperatures=temperatures or (),
                 empty_answers=empty_answers,
+                transfer=data.transfer,
             )
             stats = {"examples": len(cache), "answer_tokens": cache.num_tokens, "fields": list(cache.fields)}
             if "topk" in cache.fields:
@@ -701,36 +698,7 @@ class Study:
         ):
             live = load_model(self.teacher_path(spec.task), device=self.device)
             live.requires_grad_(False)
-        items = []
-        answers: dict[str, Any] = {}
-        if method.needs_answers:
-            if live is not None:
-                answers, _ = predict(
-                    data.task,
-                    live,
-                    self.tokenizer,
-                    data.train,
-                    batch_size=self.config.evaluation.batch_size,
-                    training_prompts=True,
-                )
-            else:
-                answers = {i: cache.answer(i) for i in data.encoded}
-        for ex in data.train:
-            gold = data.encoded.get(ex.id)
-            if gold is None:
-                continue
-            teacher_item = None
-            if method.needs_answers:
-                teacher_item = encode(
-                    data.task,
-                    ex,
-                    data.prompts[ex.id],
-                    self.tokenizer,
-                    target=data.task.answer_target(answers[ex.id]),
-                )
-                if teacher_item is None:
-                    continue
-            items.append(TrainItem(gold=gold, teacher=teacher_item))
+        items = self._train_items(data, method, cache, live)
         # An interrupted run continues from its last checkpoint (training.save_steps > 0).
         trainer_dir = folder / "trainer"
         last = get_last_checkpoint(str(trainer_dir)) if trainer_dir.is_dir() else None
@@ -774,6 +742,51 @@ class Study:
             parameters=total,
         )
         return metrics
+
+    def _train_items(
+        self, data: TaskData, method: Method, cache: TeacherCache | None, live: Any
+    ) -> list[TrainItem]:
+        """The gold examples (with the teacher's answer as KD2 target), then, for methods that learn from the
+        teacher, the transfer set labelled by the teacher's answers (no task loss on those)."""
+        task, tokenizer = data.task, self.tokenizer
+        uses_teacher = method.needs_topk or method.needs_hidden or method.needs_answers
+        batch_size = self.config.evaluation.batch_size
+        answers: dict[str, Any] = {}
+        transfer_answers: dict[str, Any] = {}
+        if live is not None:
+            if method.needs_answers:
+                raw, _ = predict(
+                    task, live, tokenizer, data.train, batch_size=batch_size, training_prompts=True
+                )
+                policy = self.config.cache.empty_answers
+                answers = {ex.id: kd2_answer(task, ex, raw.get(ex.id, ""), policy) for ex in data.train}
+            if uses_teacher and data.transfer:
+                transfer_answers, _ = predict(task, live, tokenizer, data.transfer, batch_size=batch_size)
+        elif cache is not None:
+            if method.needs_answers:
+                answers = {i: cache.answer(i) for i in data.encoded}
+            transfer_answers = {e.id: cache.answer(e.id) for e in data.transfer if e.id in cache}
+        items = []
+        for ex in data.train:
+            gold = data.encoded.get(ex.id)
+            if gold is None:
+                continue
+            teacher_item = None
+            if method.needs_answers:
+                if answers.get(ex.id) is None:
+                    continue  # an empty teacher answer dropped by `cache.empty_answers: drop`
+                target = task.answer_target(answers[ex.id])
+                teacher_item = encode(task, ex, data.prompts[ex.id], tokenizer, target=target)
+                if teacher_item is None:
+                    continue
+            items.append(TrainItem(gold=gold, teacher=teacher_item))
+        if uses_teacher:
+            for ex in data.transfer:
+                item = transfer_item(task, tokenizer, ex, transfer_answers.get(ex.id))
+                if item is not None:
+                    teacher_item = item if method.needs_answers else None
+                    items.append(TrainItem(gold=item, teacher=teacher_item, transfer=True))
+        return items
 
     # -- selection ----------------------------------------------------------------------------------------
 

@@ -13,7 +13,7 @@ from transformers import PreTrainedTokenizerBase
 
 from kdlab.evaluation import predict
 from kdlab.scored import forward_scored
-from kdlab.tasks.base import Encoded, Example, Task, collate
+from kdlab.tasks.base import Encoded, Example, Task, collate, encode
 from kdlab.teacher_cache import TeacherCache, TeacherCacheWriter, fingerprint
 
 # 2: exact top-k tails per KD1 temperature (fp32) and the empty-answer policy of KD2 targets.
@@ -40,6 +40,7 @@ def cache_fingerprint_inputs(
     hidden_dtype: str,
     temperatures: Sequence[float] | None,
     empty_answers: str = "gold",
+    transfer_ids: Sequence[str] = (),
 ) -> dict[str, Any]:
     """Everything that changes what the cache holds; a cache built from other inputs is refused.
 
@@ -62,7 +63,10 @@ def cache_fingerprint_inputs(
         "hidden_layers": sorted(hidden_layers),
         "hidden_dtype": hidden_dtype,
         "temperatures": None if temperatures is None else sorted({float(t) for t in temperatures}),
-        "answers": {"decoding": "greedy", "stop": "\\n", "empty": empty_answers} if answers else None,
+        "answers": {"decoding": "greedy", "stop": "newline after text", "empty": empty_answers}
+        if answers else None,
+        # Transfer examples are labelled by the teacher's own answers (see `build_teacher_cache`).
+        "transfer": fingerprint({"ids": list(transfer_ids)}) if transfer_ids else None,
         "dtype": dtype,
     }
 
@@ -85,6 +89,7 @@ def build_teacher_cache(
     overwrite: bool = False,
     temperatures: Sequence[float] = (),
     empty_answers: str = "gold",
+    transfer: Sequence[Example] = (),
 ) -> TeacherCache:
     """Run the teacher once over the training examples and store answers / top-k / hidden states.
 
@@ -98,6 +103,11 @@ def build_teacher_cache(
     KD2 answers that are empty or degenerate (`degenerate_answer`) follow `empty_answers`: "gold" stores
     the example's gold target (`task.target_text`) instead, "drop" stores none (`TeacherCache.answer`
     returns None). The counts go to the manifest's "answers" entry.
+
+    `transfer` examples (a transfer set: inputs whose gold labels are never read) are answered by the
+    teacher first; each non-degenerate answer becomes the example's target, and top-k / hidden states are
+    taken at its tokens. Their answers are always stored (students rebuild the same encodings from them);
+    degenerate ones are dropped, counted under "answers" → "transfer".
     """
     if empty_answers not in EMPTY_ANSWER_POLICIES:
         raise ValueError(f"empty_answers must be one of {EMPTY_ANSWER_POLICIES}, got {empty_answers!r}")
@@ -107,14 +117,18 @@ def build_teacher_cache(
     if answers:
         teacher_answers, _ = predict(task, teacher, tokenizer, examples, batch_size=batch_size,
                                      desc=f"{task.name} teacher answers", training_prompts=True)
-    by_id = {ex.id: ex for ex in examples}
-    ids = [ex.id for ex in examples if ex.id in encoded]
+    encoded = dict(encoded)
+    transfer_answers, transfer_stats = _label_transfer(task, teacher, tokenizer, transfer, batch_size,
+                                                       encoded)
+    by_id = {ex.id: ex for ex in list(examples) + list(transfer)}
+    ids = [ex.id for ex in examples if ex.id in encoded] + list(transfer_answers)
     needs_forward = top_k is not None or bool(hidden_layers)
     stats: dict[str, Any] = {"total": 0, "empty": 0, "policy": empty_answers, "replaced": 0, "dropped": 0}
     teacher.eval()
     with TeacherCacheWriter(
         directory, fingerprint_inputs=fingerprint_inputs, vocab_size=vocab, top_k=top_k,
-        hidden_layers=list(hidden_layers), hidden_dtype=hidden_dtype, store_answers=answers,
+        hidden_layers=list(hidden_layers), hidden_dtype=hidden_dtype,
+        store_answers=answers or bool(transfer_answers),
         temperatures=temps, overwrite=overwrite,
     ) as writer:
         order = sorted(ids, key=lambda i: len(encoded[i].input_ids))
@@ -140,13 +154,55 @@ def build_teacher_cache(
                     for i, h in zip(chunk, out.hidden[layer].split(counts), strict=True):
                         rows[i].setdefault("hidden", {})[layer] = h
             for i in chunk:
-                if answers:
-                    rows[i]["answer"] = _answer_target(task, by_id[i], teacher_answers.get(i, ""),
-                                                       empty_answers, stats)
+                if i in transfer_answers:
+                    rows[i]["answer"] = transfer_answers[i]
+                elif answers:
+                    rows[i]["answer"] = kd2_answer(task, by_id[i], teacher_answers.get(i, ""),
+                                                   empty_answers, stats)
                 writer.add(i, **rows[i])
-        if answers:
-            writer.answer_stats = stats
+        if answers or transfer:
+            writer.answer_stats = dict(stats, transfer=transfer_stats) if transfer else stats
     return TeacherCache.open(directory, expected_fingerprint=fingerprint(fingerprint_inputs))
+
+
+def _label_transfer(
+    task: Task,
+    teacher: nn.Module,
+    tokenizer: PreTrainedTokenizerBase,
+    transfer: Sequence[Example],
+    batch_size: int,
+    encoded: dict[str, Encoded],
+) -> tuple[dict[str, str], dict[str, int]]:
+    """The teacher's answers to the transfer examples, and their encodings added to `encoded` in place."""
+    if not transfer:
+        return {}, {}
+    raw, _ = predict(task, teacher, tokenizer, transfer, batch_size=batch_size,
+                     desc=f"{task.name} teacher labels the transfer set")
+    labelled: dict[str, str] = {}
+    stats = {"total": len(transfer), "kept": 0, "degenerate": 0, "too_long": 0}
+    for ex in transfer:
+        item = transfer_item(task, tokenizer, ex, raw.get(ex.id))
+        if item is None:
+            stats["degenerate" if ex.id in raw and degenerate_answer(str(raw[ex.id])) else "too_long"] += 1
+            continue
+        labelled[ex.id], encoded[ex.id] = str(raw[ex.id]), item
+        stats["kept"] += 1
+    return labelled, stats
+
+
+def transfer_item(
+    task: Task, tokenizer: PreTrainedTokenizerBase, example: Example, answer: Any
+) -> Encoded | None:
+    """A transfer example encoded with the teacher's answer as its target (None: no usable answer, or the
+    prompt with that answer does not fit). The cache builder and the student runs both build it here, so the
+    cached rows and the student's rows are the same tokens. Its prompt is built as for evaluation, which
+    never looks at the gold answer (training prompts may choose a SQuAD window around it)."""
+    if answer is None or degenerate_answer(str(answer)):
+        return None
+    pairs, _ = task.build_prompts([example], tokenizer, training=False)
+    if not pairs:
+        return None
+    return encode(task, example, pairs[0][1], tokenizer, target=task.answer_target(str(answer)))
 
 
 def _tail_lse(logp: torch.Tensor, topk_indices: torch.Tensor, temperature: float) -> torch.Tensor:
@@ -155,11 +211,12 @@ def _tail_lse(logp: torch.Tensor, topk_indices: torch.Tensor, temperature: float
     return torch.logsumexp(tempered, dim=-1)
 
 
-def _answer_target(
-    task: Task, example: Example, answer: Any, policy: str, stats: dict[str, Any]
+def kd2_answer(
+    task: Task, example: Example, answer: Any, policy: str, stats: dict[str, Any] | None = None
 ) -> str | None:
-    """The stored KD2 answer of one example, applying the empty-answer policy and counting in `stats`."""
+    """The KD2 answer of one example, applying the empty-answer policy (and counting in `stats`)."""
     text = str(answer)
+    stats = stats if stats is not None else {"total": 0, "empty": 0, "replaced": 0, "dropped": 0}
     stats["total"] += 1
     if not degenerate_answer(text):
         return text

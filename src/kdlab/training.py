@@ -31,6 +31,8 @@ CHECKPOINT_FILE = "trainable.safetensors"
 class TrainItem:
     gold: Encoded
     teacher: Encoded | None = None  # KD2: the same prompt with the teacher's answer as target
+    # A transfer-set example: `gold` holds the teacher's answer, so only the KD losses may read it.
+    transfer: bool = False
 
 
 class StudentModule(nn.Module):
@@ -73,6 +75,7 @@ class TrainCollator:
         gold = collate([it.gold for it in items], self.pad_id, padding_side="left")
         ids = gold.pop("example_ids")
         batch = dict(gold)
+        batch["gold_rows"] = torch.tensor([not it.transfer for it in items])
         if self.method.needs_answers:
             for key, value in collate([it.teacher for it in items], self.pad_id, padding_side="left").items():
                 if key != "example_ids":
@@ -111,16 +114,26 @@ class KDTrainer(Trainer):
         self.model_accepts_loss_kwargs = True
         self.loss_is_scaled_for_ga = True
         self._kd2_tokens: torch.Tensor | None = None
+        self._gold_tokens: torch.Tensor | None = None
         self._parts: dict[str, list[float]] = defaultdict(list)
 
     def get_batch_samples(self, epoch_iterator: Any, num_batches: int, device: Any) -> Any:
         batch_samples, num_items = super().get_batch_samples(epoch_iterator, num_batches, device)
         if self.method.needs_answers and batch_samples:
-            n = sum((b["kd2_labels"][..., 1:] != -100).sum() for b in batch_samples).to(device)
-            if self.args.world_size > 1:
-                n = self.accelerator.gather(n).sum()
-            self._kd2_tokens = n
+            self._kd2_tokens = self._global_count(
+                sum((b["kd2_labels"][..., 1:] != -100).sum() for b in batch_samples), device
+            )
+        if batch_samples:
+            # The task loss is normalised by the gold answer tokens only (transfer rows have no gold).
+            self._gold_tokens = self._global_count(
+                sum(((b["labels"][..., 1:] != -100) & b["gold_rows"][:, None]).sum() for b in batch_samples),
+                device,
+            )
         return batch_samples, num_items
+
+    def _global_count(self, n: torch.Tensor, device: Any) -> torch.Tensor:
+        n = n.to(device)
+        return self.accelerator.gather(n).sum() if self.args.world_size > 1 else n
 
     def _teacher_batch(self, batch: dict[str, torch.Tensor]) -> TeacherBatch | None:
         if not (self.method.needs_topk or self.method.needs_hidden):
@@ -155,6 +168,10 @@ class KDTrainer(Trainer):
         kd2_tokens = self._kd2_tokens
         if kd2_tokens is None and "kd2_labels" in batch:
             kd2_tokens = int((batch["kd2_labels"] != -100).sum())
+        gold_tokens = self._gold_tokens if num_items_in_batch is not None else None
+        if gold_tokens is None:
+            gold = batch["gold_rows"][:, None] if "gold_rows" in batch else True
+            gold_tokens = int(((batch["labels"][..., 1:] != -100) & gold).sum())
         unwrapped = self.accelerator.unwrap_model(model)
         projections = unwrapped.projections if isinstance(unwrapped, StudentModule) else None
         loss, parts = self.method.loss(
@@ -166,6 +183,7 @@ class KDTrainer(Trainer):
                 ),
                 teacher=teacher,
                 num_tokens=num_tokens,
+                num_gold_tokens=gold_tokens,
                 num_teacher_tokens=kd2_tokens if kd2_tokens is not None else 1,
                 params=self.params,
                 layer_pairs=self.layer_pairs,
