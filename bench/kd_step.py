@@ -32,6 +32,7 @@ from _common import (
 from kdlab import losses
 from kdlab.config import LoraSettings
 from kdlab.models import add_lora
+from kdlab.seeding import configure_determinism
 from kdlab.teacher import build_teacher_cache
 from kdlab.training import TrainItem
 
@@ -50,6 +51,8 @@ def parse_args(argv: list[str] | None) -> argparse.Namespace:
     p.add_argument("--warmup", type=int, default=2, help="untimed steps per method")
     p.add_argument("--repeats", type=int, default=7, help="timed steps per method (median reported)")
     p.add_argument("--threads", type=int, help="torch CPU threads (default: torch's choice)")
+    p.add_argument("--deterministic", action="store_true",
+                   help="deterministic kernels, as the study's `deterministic: true` (to measure its cost)")
     p.add_argument("--target", type=float, default=1.15, help="largest KD/SFT step-time ratio that passes")
     return p.parse_args(argv)
 
@@ -59,6 +62,7 @@ def main(argv: list[str] | None = None) -> int:
     depth = args.student_layers or (2 if args.tiny else 10)
     if args.threads:
         torch.set_num_threads(args.threads)
+    configure_determinism(args.deterministic)
     torch.manual_seed(0)
     with tempfile.TemporaryDirectory(prefix="kd_step-") as tmp:
         work = Path(tmp)
@@ -104,6 +108,7 @@ def main(argv: list[str] | None = None) -> int:
     print(f"batch {len(items)} x {min(prompt_tokens)}-{max(prompt_tokens)} tokens, {answer_tokens} answer "
           f"tokens; cache: top-{args.top_k} + hidden states of teacher layers {[t for _, t in pairs]}, "
           f"built in {cache_s:.1f}s")
+    print(f"deterministic kernels: {'on' if args.deterministic else 'off'}")
     print(f"warm-up {args.warmup}, then {args.repeats} timed steps per method, round-robin")
     sft = statistics.median(times["sft"])
     print(f"\n{'method':<8}{'median ms':>11}{'min ms':>9}{'max ms':>9}{'vs SFT':>9}{'paired':>9}")
