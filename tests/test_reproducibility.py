@@ -96,3 +96,21 @@ def test_stage_seeds_come_from_the_config() -> None:
     assert stage_seed([5, 6], 99, "student", run_seed=6) == 6
     with pytest.raises(ValueError, match="unknown stage"):
         stage_seed([5], 99, "nonsense")
+
+
+def test_deterministic_option_turns_on_deterministic_kernels() -> None:
+    # In a fresh process: the setting is global to torch and must not leak into other tests.
+    code = (
+        "import os, torch\n"
+        "from kdlab.config import parse_config, preset_text\n"
+        "import yaml\n"
+        "data = yaml.safe_load(preset_text('smoke')); data['deterministic'] = True\n"
+        "config = parse_config(data)\n"
+        "from kdlab.seeding import configure_determinism\n"
+        "assert not torch.are_deterministic_algorithms_enabled()\n"
+        "configure_determinism(config.deterministic)\n"
+        "print(torch.are_deterministic_algorithms_enabled(), os.environ['CUBLAS_WORKSPACE_CONFIG'])\n"
+    )
+    proc = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, timeout=120)
+    assert proc.returncode == 0, proc.stderr[-2000:]
+    assert proc.stdout.split() == ["True", ":4096:8"]
