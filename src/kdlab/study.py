@@ -26,24 +26,40 @@ from safetensors.torch import save_file
 from transformers.trainer_utils import get_last_checkpoint
 
 from kdlab import losses
-from kdlab.config import StudentSettings, StudyConfig
+from kdlab.config import ConfigError, StudentSettings, StudyConfig
 from kdlab.distributed import Ranks
-from kdlab.errors import CacheMismatchError, StudyError
+from kdlab.errors import CacheError, RegistryError, StudyError
 from kdlab.evaluation import evaluate, predict
 from kdlab.methods import METHODS, Method, get_method
 from kdlab.models import (
     add_lora,
     atomic_folder,
+    check_derivable,
     count_parameters,
+    derive_layers,
     derive_student,
-    evenly_spaced_layers,
+    hash_model_files,
+    hub_snapshot_info,
     load_model,
     load_tokenizer,
+    model_config,
+    model_provenance,
+    num_layers,
     resolve_device,
     resolve_model_path,
     save_model,
 )
-from kdlab.registry import Registry, RunRecord, RunSpec, default_owner
+from kdlab.registry import (
+    REGISTRY_NAME,
+    RUN_RECORD,
+    Registry,
+    RunRecord,
+    RunSpec,
+    default_owner,
+    find_run_records,
+    rebuild_registry,
+    write_run_record,
+)
 from kdlab.seeding import configure_determinism, seed_everything, stage_seed
 from kdlab.tasks import get_task
 from kdlab.tasks.base import (
@@ -59,7 +75,7 @@ from kdlab.tasks.base import (
     transfer_subset,
 )
 from kdlab.teacher import build_teacher_cache, cache_fingerprint_inputs, kd2_answer, transfer_item
-from kdlab.teacher_cache import TeacherCache, fingerprint, hash_directory, hash_file
+from kdlab.teacher_cache import REBUILD_HINT, TeacherCache, fingerprint, hash_file
 from kdlab.training import TrainItem, train
 
 log = logging.getLogger("kdlab")
@@ -98,14 +114,32 @@ def _fmt(x: float) -> str:
     return f"{x:g}"
 
 
-def _model_provenance(spec: str) -> dict[str, Any]:
-    path = resolve_model_path(spec)
-    entry: dict[str, Any] = {"spec": spec, "path": path}
-    if Path(path).is_dir():
-        entry["fingerprint"] = hash_directory(path, patterns=("*.safetensors", "*.bin", "config.json"))
-    else:
-        entry["fingerprint"] = None  # a hub id that transformers resolves itself
-    return entry
+def _model_provenance(spec: str, revision: str | None = None) -> dict[str, Any]:
+    # spec, resolved folder, hub repo and commit (hub ids), revision asked for, fingerprint of the weights
+    return model_provenance(spec, revision)
+
+
+def _field_error(where: str, error: Exception) -> str:
+    """One line naming the config field a check failed for (messages that name it already are kept)."""
+    text = (str(error).strip().splitlines() or [type(error).__name__])[0]
+    return text if text.startswith(where) else f"{where}: {text}"
+
+
+def _check_layer_map(layer_map: Any, kept: Sequence[int] | None, s_layers: int, t_layers: int) -> None:
+    """A KD3 layer map must resolve for this student before any run needs it (`Study.layer_pairs` rules):
+    `kept` are a derived student's teacher blocks, None for a separate student model."""
+    if layer_map in ("auto", "derived"):
+        if kept is not None:
+            losses.derived_layer_map(kept, t_layers)
+            return
+        if layer_map == "derived":
+            raise ValueError("methods.kd3.layer_map: 'derived' needs a student derived from the teacher "
+                             "(students.derive)")
+        layer_map = "uniform"
+    try:
+        losses.resolve_layer_map(layer_map, s_layers, t_layers)
+    except ValueError as e:
+        raise ValueError(f"methods.kd3.layer_map: {e}") from None
 
 
 def run_id(
@@ -133,7 +167,10 @@ class Study:
         rebuild_cache: bool = False,
         force: bool = False,
         echo: Callable[[str], None] = print,
+        inspect_only: bool = False,
     ):
+        """`inspect_only`: for commands that only look (`kdlab cache --verify`): no checks, nothing written,
+        the registry (if any) opened read-only."""
         # One process: a no-op; several: rank 0 leads (see distributed.py).
         self.ranks = Ranks(cpu=resolve_device(config.device).type == "cpu")
         self.config = config
@@ -144,32 +181,195 @@ class Study:
         self.echo = echo if self.ranks.leader else (lambda _text: None)
         self.device = self.ranks.device or resolve_device(config.device)
         configure_determinism(config.deterministic)
-        if self.ranks.leader:
-            self.out.mkdir(parents=True, exist_ok=True)
-            self._write_config()
-            self.registry = Registry(self.out / "registry.sqlite")
-            # Dequantized GGUF copies and built-in models are written once, by the leader (transformers'
-            # save_pretrained writes nothing on the other ranks).
-            for spec in [config.teacher.model] + [s.model for s in config.students if s.model]:
-                resolve_model_path(spec)
-        self.ranks.barrier()
-        if not self.ranks.leader:
-            self.registry = Registry(self.out / "registry.sqlite")  # read only on these ranks
         self._data: dict[str, TaskData] = {}
         self._caches: dict[str, TeacherCache | None] = {}
         self._tried: set[str] = set()
         self._tokenizer = None
+        if inspect_only:
+            path = self.out / REGISTRY_NAME
+            self.registry = Registry(path, readonly=True) if path.exists() else None
+            return
+        # The leader accepts or refuses the command before anything is written (`_open_study`); its error,
+        # if any, is raised on every rank, so no rank waits for a leader that has given up.
+        error = None
+        if self.ranks.leader:
+            try:
+                self._open_study()
+            except Exception as e:
+                error = e
+        error = self.ranks.share(error)
+        if error is not None:
+            raise error
+        if not self.ranks.leader:
+            self.registry = Registry(self.out / REGISTRY_NAME)  # read only on these ranks
+
+    def _open_study(self) -> None:
+        """Check everything that needs no training (`preflight`) and that the config agrees with the runs
+        the study already finished, and only then create the folder, the registry and study.yaml: a refused
+        command leaves `--out` exactly as it was. A registry file that went missing is rebuilt from the
+        finished run folders first, so they are not redone."""
+        self.preflight()
+        finished = self._finished_runs()
+        self._check_finished_runs(finished)
+        self.out.mkdir(parents=True, exist_ok=True)
+        path = self.out / REGISTRY_NAME
+        if not path.exists() and finished:
+            rebuilt = rebuild_registry(self.out, only_if_missing=True)
+            if rebuilt is not None:
+                self.echo(f"[registry] {path} was missing: rebuilt from {len(rebuilt.restored)} finished run "
+                          "folder(s)")
+        self.registry = Registry(path)  # refuses a read-only or broken registry before study.yaml changes
+        self._write_config()
 
     # -- artifacts ----------------------------------------------------------------------------------------
 
     def _write_config(self) -> None:
+        """study.yaml is the accepted config (`kdlab sweep --out` and the report read it). A changed one is
+        written only once accepted (`_check_finished_runs`); the earlier one is kept beside it, so the user
+        sees what moved. The copy comes first and the swap is atomic: study.yaml is never missing."""
         path = self.out / "study.yaml"
         text = self.config.to_yaml()
-        if path.exists() and path.read_text() != text:
-            # Keep the earlier config beside the new one: the registry refuses finished runs whose
-            # settings changed, and the user needs both to see what moved.
-            path.rename(self.out / f"study.{int(time.time())}.yaml")
-        path.write_text(text)
+        if path.exists():
+            old = path.read_text()
+            if old == text:
+                return
+            atomic_write_text(self.out / f"study.{int(time.time())}.yaml", old)
+        atomic_write_text(path, text)
+
+    # -- checks before any work ---------------------------------------------------------------------------
+
+    def preflight(self) -> None:
+        """Every check that needs no training, so a study that cannot run fails before its first run and
+        before anything is written: model paths, tokenizers (students share the teacher's vocabulary),
+        derivable students and KD3 layer maps, data files with their fields, subset sizes, label words.
+        Raises ConfigError / DataError naming the field or file."""
+        cfg = self.config
+        try:
+            teacher_path = resolve_model_path(cfg.teacher.model, cfg.teacher.revision)
+            teacher_config = model_config(teacher_path, trust_remote_code=cfg.teacher.trust_remote_code)
+            vocab = len(self.tokenizer)
+        except (OSError, ValueError) as e:
+            raise ConfigError(_field_error("teacher.model", e)) from None
+        t_layers = num_layers(teacher_config)
+        kd1, kd3 = cfg.methods.get("kd1"), cfg.methods.get("kd3")
+        if kd1 is not None and max(kd1.top_k) > vocab:
+            raise ConfigError(
+                f"methods.kd1.top_k: {max(kd1.top_k)} is more than the vocabulary ({vocab} tokens)"
+            )
+        for student in cfg.students:
+            where = f"students.{student.name}"
+            try:
+                if student.model is not None:
+                    path = resolve_model_path(student.model, student.revision)
+                    self._check_vocab(student, path)
+                    kept = None
+                    s_layers = num_layers(model_config(path, trust_remote_code=student.trust_remote_code))
+                else:
+                    kept = derive_layers(teacher_config, student.derive)
+                    check_derivable(teacher_config, kept, trust_remote_code=cfg.teacher.trust_remote_code)
+                    s_layers = len(kept)
+                for layer_map in kd3.layer_map if kd3 is not None else []:
+                    _check_layer_map(layer_map, kept, s_layers, t_layers)
+            except (OSError, ValueError) as e:
+                raise ConfigError(_field_error(where, e)) from None
+        for name, settings in cfg.tasks.items():
+            self._preflight_task(name, settings)
+
+    def _preflight_task(self, name: str, settings: Any) -> None:
+        """A task's template and label words, and its data: every file loaded (and so checked: encoding,
+        columns, fields, not empty) and large enough for the subsets the config asks for."""
+        try:
+            task = get_task(name, settings)
+            if hasattr(task, "label_token_ids"):
+                task.label_token_ids(self.tokenizer)
+        except ValueError as e:
+            raise ConfigError(_field_error(f"tasks.{name}", e)) from None
+        folder = resolve_data_dir(self.data_dir)
+        source = f"in {folder}" if folder is not None else "on the hub"
+        pool = task.load(task.train_split, self.data_dir)
+        need = (settings.train_size or 0) + settings.selection_size + settings.transfer_size
+        if need > len(pool):
+            raise ConfigError(
+                f"tasks.{name}: train_size + selection_size + transfer_size = {need}, but the "
+                f"{task.train_split} split {source} has {len(pool)} examples"
+            )
+        evals = task.load(task.eval_split, self.data_dir)
+        if settings.eval_size is not None and settings.eval_size > len(evals):
+            raise ConfigError(
+                f"tasks.{name}: eval_size {settings.eval_size}, but the {task.eval_split} split {source} has "
+                f"{len(evals)} examples"
+            )
+
+    def _finished_runs(self) -> list[RunRecord]:
+        """The study's finished runs, read without writing: from the registry, or from the run folders'
+        records when the registry file is gone."""
+        path = self.out / REGISTRY_NAME
+        if path.exists():
+            return Registry(path, readonly=True).runs(status="done")
+        return find_run_records(self.out)[0] if self.out.is_dir() else []
+
+    def _check_finished_runs(self, finished: Sequence[RunRecord]) -> None:
+        """Refuse a config under which a run the study finished would now be a different run (same id, other
+        settings), unless --force: its result would no longer match the study. Checked up front, so the
+        refused config is never written to study.yaml."""
+        if self.force or not finished:
+            return
+        planned: dict[str, str] = {}
+        for name in self.config.tasks:
+            planned.update(self._teacher_run_hashes(name))
+        combos = {(r.task, r.student, r.method) for r in finished if r.kind == "student"}
+        students = {st.name: st for st in self.config.students}
+        for task, name, method in sorted(combos):
+            student = students.get(name)
+            if task not in self.config.tasks or method not in self.config.methods or student is None:
+                continue  # not part of this study any more: nothing to compare
+            if METHODS[method].needs_hidden and student.model is None and not (
+                self.out / "students" / name / "init" / "config.json"
+            ).is_file():
+                continue  # its layer pairs need the derived student, which is not built yet (no write here)
+            points, axes = self.grid(method)
+            seeds = self.config.seeds
+            for seed, stage in [(seeds[0], "grid")] + [(x, "final") for x in seeds[1:]]:
+                for point in points:
+                    spec = self.student_spec(student, task, method, point, axes, seed, stage)
+                    planned[spec.id] = spec.config_hash
+        changed = [r.id for r in finished if r.id in planned and planned[r.id] != r.config_hash]
+        if changed:
+            shown = ", ".join(changed[:3]) + (f" and {len(changed) - 3} more" if len(changed) > 3 else "")
+            raise RegistryError(
+                f"{len(changed)} finished run(s) of {self.out} were made with other settings than this "
+                f"config gives them ({shown}): the study changed under finished runs. Use a new output "
+                "folder, or --force to redo them; the study folder was left as it was"
+            )
+
+    def _teacher_run_hashes(self, name: str) -> dict[str, str]:
+        """Config hashes of task `name`'s teacher runs, as `teacher_stage` computes them (keep in step)."""
+        cfg, settings = self.config.teacher, self.config.tasks[name].model_dump(mode="json")
+        hashes = {
+            f"teacher-{name}-zero-shot": self._hash(
+                cfg.model, settings, self.config.evaluation, self.config.data_seed
+            )
+        }
+        if cfg.adapt:
+            hashes[f"teacher-{name}"] = self._hash(
+                cfg.model_dump(mode="json"), settings, self.config.evaluation, self.config.data_seed,
+                self.seed("teacher"),
+            )
+        return hashes
+
+    def _command(self, name: str, *flags: str) -> str:
+        """A `kdlab` command line for this study folder (error messages name commands that work)."""
+        parts = ["kdlab", name, "--out", str(self.out)]
+        if self.data_dir is not None:
+            parts += ["--data-dir", str(self.data_dir)]
+        return " ".join(parts + list(flags))
+
+    def _cache_hint(self, message: str) -> str:
+        return message.replace(
+            REBUILD_HINT,
+            f"rebuild it with `{self._command('cache', '--rebuild')}` (or add --rebuild-cache to this "
+            "command)",
+        )
 
     @property
     def base_teacher_path(self) -> str:
@@ -263,6 +463,10 @@ class Study:
         if decision == "skip":
             return self.registry.get(spec.id)
         self._tried.add(spec.id)
+        folder = self._record_folder(spec)
+        if self.ranks.leader and folder is not None:
+            # The run is being redone: its old record must not restore an old result after a rebuild.
+            (folder / RUN_RECORD).unlink(missing_ok=True)
         start = time.perf_counter()
         beating = _Heartbeat(self.registry, spec.id) if self.ranks.leader else None
         metrics: dict[str, Any] = {}
@@ -286,10 +490,13 @@ class Study:
         if self.ranks.leader:
             if errors:
                 self.registry.fail(spec.id, "\n".join(tb for _, tb in errors))
-                self.echo(f"[failed] {spec.id}: {errors[0][0]}")
+                self.echo(f"[failed] {spec.id}: {errors[0][0].strip().splitlines()[0]}")
             else:
                 wall = time.perf_counter() - start
                 self.registry.finish(spec.id, metrics, wall)
+                if folder is not None and folder.is_dir():
+                    # The registry row, kept with the run: `kdlab registry rebuild` restores it from here.
+                    write_run_record(folder, self.registry.get(spec.id))
                 self.echo(f"[done] {spec.id}: {self._summary(metrics)} ({wall:.0f}s)")
         self.ranks.barrier()
         return self.registry.get(spec.id)
@@ -307,11 +514,20 @@ class Study:
             force = False  # another process took the forced run: wait for it, do not reset it again
             time.sleep(poll_seconds)
         if record.status != "done":
+            last = ((record.error or "").strip().splitlines() or ["no error recorded"])[-1]
             raise StudyError(
-                f"{spec.id} failed; later stages need it (traceback: `kdlab status "
-                f"{self.out} --run {spec.id}`)\n{(record.error or '').strip().splitlines()[-1:]}"
+                f"{spec.id} failed ({last}); later stages need it. Traceback: `kdlab status {self.out} "
+                f"--run {spec.id}`; re-run the command to retry it"
             )
         return record
+
+    def _record_folder(self, spec: RunSpec) -> Path | None:
+        """Where a run keeps its `run.json`: its own folder, when that lies inside the study folder (a
+        shared cache folder elsewhere keeps none)."""
+        if not spec.output_dir:
+            return None
+        folder = Path(spec.output_dir)
+        return folder if folder.resolve().is_relative_to(self.out.resolve()) else None
 
     @staticmethod
     def _summary(metrics: dict[str, Any]) -> str:
@@ -448,21 +664,27 @@ class Study:
 
     def student_path(self, student: StudentSettings) -> str:
         if student.model is not None:
-            return resolve_model_path(student.model)
+            return resolve_model_path(student.model, student.revision)
         folder = self.out / "students" / student.name / "init"
         if self.ranks.share((folder / "config.json").is_file()):
             return str(folder)
-        teacher = load_model(self.base_teacher_path, trust_remote_code=self.config.teacher.trust_remote_code)
-        n = teacher.config.num_hidden_layers
-        layers = student.derive.layers or evenly_spaced_layers(n, student.derive.num_layers)
+        cfg = self.config.teacher
+        teacher_path = resolve_model_path(cfg.model, cfg.revision)
+        # Checked on the config alone (meta device), so an unsupported family fails before the teacher loads.
+        config = model_config(teacher_path, trust_remote_code=cfg.trust_remote_code)
+        layers = derive_layers(config, student.derive)
+        check_derivable(config, layers, trust_remote_code=cfg.trust_remote_code)
+        teacher = load_model(teacher_path, trust_remote_code=cfg.trust_remote_code)
+        n = num_layers(teacher.config)
         seed_everything(self.seed("student-init"))
-        model = derive_student(teacher, layers)
+        model = derive_student(teacher, layers)  # checks its logits against the teacher's blocks
 
         def build(tmp: Path) -> None:
             save_model(model, self.tokenizer, tmp)
-            (tmp / "derived_from.json").write_text(
-                json.dumps({"teacher": self.config.teacher.model, "teacher_layers": layers})
-            )
+            origin = {"teacher": cfg.model, "revision": cfg.revision, "teacher_layers": layers}
+            if (hub := hub_snapshot_info(teacher_path)) is not None:
+                origin["commit"] = hub[1]
+            (tmp / "derived_from.json").write_text(json.dumps(origin))
 
         # Built aside and renamed: a killed build or a second process never leaves a half-written student.
         if self.ranks.leader:
@@ -488,10 +710,12 @@ class Study:
         "derived" pairs each block of a derived student with the teacher block it was copied from (read from
         the `derived_from.json` its folder keeps); "auto" is "derived" for derived students, else "uniform".
         """
-        from transformers import AutoConfig
-
-        s = AutoConfig.from_pretrained(student_path).num_hidden_layers
-        t = AutoConfig.from_pretrained(self.base_teacher_path).num_hidden_layers
+        # Layer counts from each family's config (num_hidden_layers, n_layer, ...; the text part of multimodal
+        # configs), so any decoder family works; hidden states come from output_hidden_states (scored.py).
+        trust_teacher = self.config.teacher.trust_remote_code
+        trust = trust_teacher or any(st.trust_remote_code for st in self.config.students)
+        s = num_layers(model_config(student_path, trust_remote_code=trust))
+        t = num_layers(model_config(self.base_teacher_path, trust_remote_code=trust_teacher))
         origin = Path(student_path) / "derived_from.json"
         if layer_map in ("auto", "derived"):
             if origin.is_file():
@@ -523,13 +747,37 @@ class Study:
 
     # -- teacher cache ------------------------------------------------------------------------------------
 
-    def cache_stage(self, name: str) -> TeacherCache | None:
+    def _cache_fields(self) -> tuple[bool, bool, bool] | None:
+        """(top-k, hidden states, answers) the study's methods read from a teacher cache; None: no cache."""
         needs = [METHODS[m] for m in self.config.methods]
         topk = any(m.needs_topk for m in needs)
         hidden = any(m.needs_hidden for m in needs)
         answers = any(m.needs_answers for m in needs)
         if not (topk or hidden or answers) or self.config.cache.mode == "online":
             return None
+        return topk, hidden, answers
+
+    def verify_caches(self) -> list[tuple[str, Path, str | None]]:
+        """`kdlab cache --verify`: hash every file of each task's teacher cache against its manifest.
+        (task, folder, None when intact, else the error naming the file and the repair command). Integrity
+        only: whether a cache still fits the config is checked when a run uses it."""
+        if self._cache_fields() is None:
+            return []
+        results: list[tuple[str, Path, str | None]] = []
+        for name in self.config.tasks:
+            directory = self.cache_dir(name)
+            try:
+                TeacherCache.open(directory, verify="hash")
+                results.append((name, directory, None))
+            except CacheError as e:
+                results.append((name, directory, self._cache_hint(str(e))))
+        return results
+
+    def cache_stage(self, name: str) -> TeacherCache | None:
+        fields = self._cache_fields()
+        if fields is None:
+            return None
+        topk, hidden, answers = fields
         layers = self.cached_teacher_layers() if hidden else []
         # The exact top-k tail is stored per KD1 temperature of the grid.
         temperatures = sorted(set(self.config.methods["kd1"].temperature)) if topk else None
@@ -537,7 +785,7 @@ class Study:
         data = self.data(name)
         teacher_dir = self.teacher_path(name)
         inputs = cache_fingerprint_inputs(
-            teacher_weights=hash_directory(teacher_dir, patterns=("*.safetensors", "*.bin", "config.json")),
+            teacher_weights=hash_model_files(teacher_dir),  # == hash_directory, large files read once
             tokenizer=self.tokenizer,
             task=data.task,
             split=data.task.train_split,
@@ -553,15 +801,20 @@ class Study:
         )
         directory = self.cache_dir(name)
         expected = fingerprint(inputs)
-        force = False
+        # A cache that fails verification (another fingerprint, a missing, truncated or corrupt file) is
+        # rebuilt when asked, else refused with the command that rebuilds it; one that never finished (no
+        # manifest) is simply built again.
+        failed_verification = False
         if self.ranks.share((directory / "manifest.json").is_file()):
             try:
                 return TeacherCache.open(directory, expected_fingerprint=expected, expected_inputs=inputs)
-            except CacheMismatchError:
+            except CacheError as e:
                 if not self.rebuild_cache:
+                    e.args = (self._cache_hint(str(e)),)
                     raise
-                self.echo(f"[cache] {name}: fingerprint changed; rebuilding as asked (--rebuild-cache)")
-                force = True
+                reason = str(e).splitlines()[0].split("; rebuild it")[0]
+                self.echo(f"[cache] {name}: {reason}; rebuilding it as asked")
+                failed_verification = True
 
         def build() -> dict[str, Any]:
             self.echo(f"[cache] {name}: building the teacher cache in {directory}")
@@ -579,7 +832,7 @@ class Study:
                 answers=answers,
                 batch_size=self.config.evaluation.batch_size,
                 hidden_dtype=self.config.cache.hidden_dtype,
-                overwrite=(directory / "manifest.json").is_file(),
+                overwrite=True,  # whatever is there failed verification: built beside, then swapped in
                 temperatures=temperatures or (),
                 empty_answers=empty_answers,
                 transfer=data.transfer,
@@ -611,10 +864,10 @@ class Study:
             self.ranks.leader
             and record is not None
             and record.status == "done"
-            and not (directory / "manifest.json").is_file()
+            and (failed_verification or not (directory / "manifest.json").is_file())
         ):
-            self.registry.reset(spec.id)  # the registry says done but the cache is gone: rebuild it
-        record = self._execute_required(spec, build, force=force)
+            self.registry.reset(spec.id)  # the registry says done but the cache is gone or broken: rebuild
+        self._execute_required(spec, build)
         return TeacherCache.open(directory, expected_fingerprint=expected, expected_inputs=inputs)
 
     # -- student runs -------------------------------------------------------------------------------------
@@ -733,7 +986,10 @@ class Study:
             )
         if hasattr(model, "merge_and_unload"):
             model = model.merge_and_unload()
-        metrics = self._evaluate_model(model, data, folder, spec.id)
+        # The selection split only serves to choose among grid settings: a method with one setting skips it.
+        choosing = len(self.grid(spec.method)[0]) > 1
+        splits = ("selection", "eval") if choosing else ("eval",)
+        metrics = self._evaluate_model(model, data, folder, spec.id, splits=splits)
         metrics.update(
             train_runtime=round(result.train_runtime, 1),
             steps=result.steps,
@@ -856,8 +1112,7 @@ class Study:
         for name in self.config.tasks:
             self.teacher_stage(name)
         for student in self.config.students:
-            # Every example is tokenized once with the teacher's tokenizer: a student must share it.
-            self._check_vocab(student, self.student_path(student))
+            self.student_path(student)  # derived students are built here (vocabularies: `preflight`)
 
     def provenance(self) -> dict[str, Any]:
         """What reproducing the study needs besides its config: the seed of every stage and run, and the
