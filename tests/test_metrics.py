@@ -7,6 +7,7 @@ import pytest
 
 from kdlab.metrics import (
     MissingPredictionsWarning,
+    UnknownPredictionsWarning,
     accuracy,
     exact_match,
     f1,
@@ -59,7 +60,8 @@ def test_f1_empty_and_punctuation_predictions() -> None:
 def test_squad_scores_max_over_golds_and_mean() -> None:
     refs = {"q1": ["Denver Broncos", "the Broncos"], "q2": ["Paris"], "q3": ["1858", "in 1858"]}
     preds = {"q1": "Broncos", "q2": "Paris", "q3": "the year 1858", "extra": "ignored"}
-    scores = squad_scores(preds, refs)
+    with pytest.warns(UnknownPredictionsWarning, match=r"1 of 4 predictions .* \('extra'\)"):
+        scores = squad_scores(preds, refs)  # the extra id is ignored, as in the official script
     # q1: EM 1 (matches "the Broncos"); q2: EM 1; q3: EM 0, F1 max(2/3 vs "1858", 1/2 vs "in 1858") = 2/3.
     assert scores["exact_match"] == pytest.approx(100 * 2 / 3)
     assert scores["f1"] == pytest.approx(100 * (1 + 1 + 2 / 3) / 3)
@@ -87,6 +89,10 @@ def test_accuracy_percentage() -> None:
         assert accuracy({"a": 1, "b": 0, "c": 1}, labels) == {"accuracy": 75.0}
     with pytest.raises(ValueError):
         accuracy({}, {})
+    with pytest.warns(UnknownPredictionsWarning, match="2 of 6 predictions"):
+        assert accuracy({"a": 1, "b": 0, "c": 1, "d": 0, "x": 1, "y": 0}, labels) == {"accuracy": 100.0}
+    with pytest.raises(ValueError, match="'x'"):
+        accuracy({"a": 1, "b": 0, "c": 1, "d": 0, "x": 1}, labels, strict=True)
 
 
 def test_real_dev_gold_answers_score_100(real_data_dir) -> None:

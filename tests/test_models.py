@@ -152,7 +152,16 @@ def test_resolve_model_path_errors(tmp_path: Path, monkeypatch: pytest.MonkeyPat
         resolve_model_path(str(tmp_path / "weights.bin"))
     (empty / "config.json").write_text("{}")
     assert resolve_model_path(str(empty)) == str(empty)
-    assert resolve_model_path("HuggingFaceTB/SmolLM2-135M-Instruct") == "HuggingFaceTB/SmolLM2-135M-Instruct"
+    with pytest.raises(ModelSpecError, match="applies to hub ids, and this is a built-in alias"):
+        resolve_model_path(TINY_ALIAS, revision="main")
+    # A hub id resolves to its snapshot in the Hugging Face cache (tests/test_hub.py); offline, one that is
+    # not there is an error naming what is missing.
+    from huggingface_hub import constants
+
+    monkeypatch.setattr(constants, "HF_HUB_CACHE", str(tmp_path / "hub"))
+    monkeypatch.setattr(constants, "HF_HUB_OFFLINE", True)
+    with pytest.raises(ModelSpecError, match=r"SmolLM2-135M-Instruct \(revision main\): not in the Hugging"):
+        resolve_model_path("HuggingFaceTB/SmolLM2-135M-Instruct")
 
 
 def test_tiny_alias_materialises_once(tmp_path: Path, monkeypatch: pytest.MonkeyPatch, tokenizer) -> None:
@@ -218,7 +227,8 @@ def _trained_lora(base: LlamaForCausalLM) -> nn.Module:
 
 
 def test_add_lora_rejects_unknown_modules(tokenizer) -> None:
-    with pytest.raises(ValueError, match="query_key_value"):
+    # Every entry must name a module (a typo is not silently skipped); the error lists the linear layers.
+    with pytest.raises(ValueError, match=r"\['query_key_value'\].*\['down_proj', 'gate_proj', 'k_proj'"):
         add_lora(build_tiny_llama(tokenizer, num_layers=1),
                  LoraSettings(target_modules=["q_proj", "query_key_value"]))
 

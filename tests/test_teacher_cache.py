@@ -255,7 +255,7 @@ def test_fingerprint_mismatch_and_restart(tmp_path, examples):
     assert "max_length" in msg and "512" in msg and "1024" in msg
     assert "teacher.revision" in msg and '"abc"' in msg and '"def"' in msg
     assert "task" not in {d[0] for d in err.value.differences}
-    assert "kdlab cache --rebuild" in msg
+    assert "kdlab cache --out" in msg and "--rebuild" in msg
     assert isinstance(err.value, CacheError)
 
     with pytest.raises(CacheMismatchError, match="fingerprint"):
@@ -437,7 +437,7 @@ def test_tail_round_trip_and_missing_temperature(tmp_path):
     with pytest.raises(CacheError) as err:
         cache.batch_topk_tail(ids, 4.0)
     msg = str(err.value)
-    assert "T=4.0" in msg and "[0.5, 1.0, 2.0]" in msg and "kdlab cache --rebuild" in msg
+    assert "T=4.0" in msg and "[0.5, 1.0, 2.0]" in msg and "kdlab cache --out" in msg
 
     parts = cache.bytes_per_token_parts()
     assert parts == {"topk": pytest.approx(2 * k + 2 * k), "tail-T0.5": 4.0, "tail-T1": 4.0, "tail-T2": 4.0}

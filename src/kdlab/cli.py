@@ -7,11 +7,20 @@ import json
 import logging
 import os
 import sys
+import warnings
 from pathlib import Path
 
 from kdlab import __version__
 from kdlab.config import PRESETS, ConfigError, StudyConfig, load_config, load_preset, preset_text
-from kdlab.errors import CacheError, RegistryError, StudyError
+from kdlab.errors import (
+    EXIT_FAILED,
+    EXIT_OK,
+    EXIT_USAGE,
+    CacheError,
+    DataError,
+    RegistryError,
+    StudyError,
+)
 
 EPILOG = """examples:
   kdlab run                                  # the demo study (2-core CPU, under 20 minutes)
@@ -21,7 +30,19 @@ EPILOG = """examples:
   kdlab score sst2 predictions.jsonl --data ../shared/data/sst2/validation.tsv
 
 Data: --data-dir DIR (or KDLAB_DATA_DIR) holds sst2/{train,validation}.tsv and squad/{train,dev}-v1.1.json;
-without it the Hugging Face hub is used (stanfordnlp/sst2, rajpurkar/squad)."""
+without it the Hugging Face hub is used (stanfordnlp/sst2, rajpurkar/squad).
+
+exit codes:
+  0  done
+  1  the command ran but a run or stage failed (details: kdlab status OUT --run RUN_ID); re-run to retry
+  2  refused before any work, with one line naming the file or field: bad command or config, missing or
+     malformed data, model path, a teacher cache that fails verification (kdlab cache --out OUT --rebuild),
+     a registry that cannot be used (kdlab registry rebuild --out OUT); the output folder is left as it was
+
+repairs:
+  kdlab cache --out OUT --verify     hash every teacher-cache file against its manifest
+  kdlab cache --out OUT --rebuild    rebuild caches that fail verification (built beside, then swapped in)
+  kdlab registry rebuild --out OUT   rebuild registry.sqlite from the finished runs' folders (run.json)"""
 
 
 def _study_config(args: argparse.Namespace) -> StudyConfig:
@@ -37,7 +58,7 @@ def _study_config(args: argparse.Namespace) -> StudyConfig:
     return load_preset("demo")
 
 
-def _study(args: argparse.Namespace):
+def _study(args: argparse.Namespace, *, inspect_only: bool = False):
     from kdlab.study import Study
 
     return Study(
@@ -46,11 +67,12 @@ def _study(args: argparse.Namespace):
         data_dir=args.data_dir,
         rebuild_cache=getattr(args, "rebuild_cache", False),
         force=getattr(args, "force", False),
+        inspect_only=inspect_only,
     )
 
 
 def cmd_run(args: argparse.Namespace) -> int:
-    return 1 if _study(args).run() else 0
+    return EXIT_FAILED if _study(args).run() else EXIT_OK
 
 
 def cmd_sweep(args: argparse.Namespace) -> int:
@@ -59,10 +81,18 @@ def cmd_sweep(args: argparse.Namespace) -> int:
     failed = study.sweep()
     if failed:
         print(f"kdlab: {len(failed)} run(s) failed: {', '.join(failed)}", file=sys.stderr)
-    return 1 if failed else 0
+    return EXIT_FAILED if failed else EXIT_OK
 
 
 def cmd_cache(args: argparse.Namespace) -> int:
+    if args.verify and not args.rebuild_cache:
+        results = _study(args, inspect_only=True).verify_caches()
+        if not results:
+            print("no method of this study needs a teacher cache (or cache.mode is online)")
+        for name, directory, problem in results:
+            print(f"{name}: {directory}: " + ("intact (every file matches its size and sha256)"
+                                              if problem is None else f"FAILED: {problem}"))
+        return EXIT_USAGE if any(problem for _, _, problem in results) else EXIT_OK
     study = _study(args)
     study.prepare()
     for name in study.config.tasks:
@@ -74,14 +104,14 @@ def cmd_cache(args: argparse.Namespace) -> int:
                 f"{name}: {cache.directory} ({len(cache)} examples, fields {', '.join(cache.fields)}, "
                 f"fingerprint {cache.fingerprint[:12]})"
             )
-    return 0
+    return EXIT_OK
 
 
 def cmd_bench(args: argparse.Namespace) -> int:
     from kdlab.bench import write_bench
 
     print(write_bench(_study(args), examples=args.examples, warmup=args.warmup, repeats=args.repeats))
-    return 0
+    return EXIT_OK
 
 
 def cmd_report(args: argparse.Namespace) -> int:
@@ -89,22 +119,21 @@ def cmd_report(args: argparse.Namespace) -> int:
 
     for path in write_report(Path(args.out), data_dir=args.data_dir):
         print(path)
-    return 0
+    return EXIT_OK
 
 
 def cmd_status(args: argparse.Namespace) -> int:
-    from kdlab.registry import Registry
+    from kdlab.registry import REGISTRY_NAME, Registry
 
-    path = Path(args.out) / "registry.sqlite"
-    if not path.is_file():
-        raise FileNotFoundError(f"{path}: no study registry here (expected the --out folder of a study)")
-    registry = Registry(path)
+    if not Path(args.out).is_dir():
+        raise FileNotFoundError(f"{args.out}: no such study folder")
+    registry = Registry(Path(args.out) / REGISTRY_NAME, readonly=True)  # status never writes
     if args.run:
         record = registry.get(args.run)
         if record is None:
-            raise ValueError(f"--run {args.run}: no such run in {path}")
+            raise ValueError(f"--run {args.run}: no such run in {registry.path}")
         print(json.dumps({k: v for k, v in record.__dict__.items()}, indent=1, default=str))
-        return 0
+        return EXIT_OK
     counts = registry.counts()
     print(
         f"{args.out}: " + ", ".join(f"{counts.get(k, 0)} {k}" for k in ("done", "running", "failed", "todo"))
@@ -124,12 +153,26 @@ def cmd_status(args: argparse.Namespace) -> int:
         print("best so far (eval split):")
         for (task, method), (value, rid) in sorted(best.items()):
             print(f"  {task:6s} {method:4s} {value:6.1f}  {rid}")
-    return 0
+    return EXIT_OK
+
+
+def cmd_registry_rebuild(args: argparse.Namespace) -> int:
+    from kdlab.registry import rebuild_registry
+
+    result = rebuild_registry(Path(args.out))
+    assert result is not None  # only_if_missing is off: it always rebuilds
+    if result.backup is not None:
+        print(f"old registry kept as {result.backup}")
+    for line in result.skipped:
+        print(f"skipped {line}", file=sys.stderr)
+    print(f"{Path(args.out) / 'registry.sqlite'}: {len(result.restored)} finished run(s) restored; the next "
+          "`kdlab run` or `kdlab sweep` adds and runs the rest")
+    return EXIT_OK
 
 
 def cmd_config_show(args: argparse.Namespace) -> int:
     sys.stdout.write(preset_text(args.preset))
-    return 0
+    return EXIT_OK
 
 
 def cmd_config_check(args: argparse.Namespace) -> int:
@@ -138,7 +181,7 @@ def cmd_config_check(args: argparse.Namespace) -> int:
         f"{args.config}: valid study config ({len(config.students)} student(s), tasks "
         f"{', '.join(config.tasks)}, methods {', '.join(config.methods)}, {len(config.seeds)} seed(s))"
     )
-    return 0
+    return EXIT_OK
 
 
 def cmd_score(args: argparse.Namespace) -> int:
@@ -148,7 +191,7 @@ def cmd_score(args: argparse.Namespace) -> int:
     references = task.read_references(args.data)
     predictions = task.read_predictions(args.predictions)
     print(json.dumps(task.score(predictions, references)))
-    return 0
+    return EXIT_OK
 
 
 def build_parser() -> argparse.ArgumentParser:
@@ -183,7 +226,8 @@ def build_parser() -> argparse.ArgumentParser:
             p.add_argument(
                 "--rebuild-cache",
                 action="store_true",
-                help="rebuild teacher caches whose fingerprint no longer matches",
+                help="rebuild teacher caches that fail verification (fingerprint changed, a file missing, "
+                "truncated or corrupt); an intact cache is kept",
             )
             p.add_argument(
                 "--force",
@@ -213,17 +257,25 @@ def build_parser() -> argparse.ArgumentParser:
 
     cache = sub.add_parser(
         "cache",
-        help="build (or check) the teacher caches of a study",
+        help="build, verify or repair the teacher caches of a study",
         description="Runs the teacher once over each task's training examples and stores "
         "answers (KD2), top-k log-probs (KD1) and hidden states (KD3), "
-        "fingerprinted; a cache whose fingerprint differs is refused.",
+        "fingerprinted, with the size and sha256 of every file in its manifest. A cache whose "
+        "fingerprint differs, or with a missing, truncated or corrupt file, is refused; --rebuild "
+        "replaces it (built beside, then swapped in).",
     )
     study_args(cache)
     cache.add_argument(
         "--rebuild",
         dest="rebuild_cache",
         action="store_true",
-        help="rebuild caches whose fingerprint changed",
+        help="rebuild caches that fail verification (fingerprint changed, a file missing, truncated or "
+        "corrupt); an intact cache is kept",
+    )
+    cache.add_argument(
+        "--verify",
+        action="store_true",
+        help="only check: hash every cache file against the manifest and report (exit 2 if one fails)",
     )
     cache.set_defaults(func=cmd_cache)
 
@@ -252,6 +304,19 @@ def build_parser() -> argparse.ArgumentParser:
     status.add_argument("out", metavar="OUT", help="the study's output folder")
     status.add_argument("--run", help="show one run in full (params, metrics, error)")
     status.set_defaults(func=cmd_status)
+
+    registry = sub.add_parser("registry", help="repair the run registry of a study folder")
+    rsub = registry.add_subparsers(dest="registry_command", required=True, metavar="ACTION")
+    rebuild = rsub.add_parser(
+        "rebuild",
+        help="rebuild registry.sqlite from the finished runs' folders",
+        description="Rebuilds OUT/registry.sqlite from the run.json every finished run keeps in its "
+        "folder, so a deleted, unreadable or damaged registry loses no finished run (an existing file is "
+        "moved aside first). Runs that had not finished are added again by the next run or sweep. Stop "
+        "the study's workers first.",
+    )
+    rebuild.add_argument("--out", required=True, help="the study's output folder")
+    rebuild.set_defaults(func=cmd_registry_rebuild)
 
     config = sub.add_parser("config", help="show or check study configs")
     csub = config.add_subparsers(dest="config_command", required=True, metavar="ACTION")
@@ -283,16 +348,38 @@ def build_parser() -> argparse.ArgumentParser:
     return parser
 
 
+# Refused before any work (exit 2): the command, config, data, model, cache or registry cannot be used as
+# given. DataError and ConfigError are ValueErrors; OSError covers missing files and folders.
+USAGE_ERRORS = (ConfigError, DataError, ValueError, CacheError, RegistryError, OSError)
+
+
+_PYTHON_SHOWWARNING = warnings.showwarning
+
+
+def _show_warning(message: Warning | str, category: type[Warning], *args: object, **kwargs: object) -> None:
+    # kdlab's own warnings (e.g. predictions for unknown ids) as one line; others as Python shows them.
+    if category.__module__.startswith("kdlab"):
+        print(f"kdlab: warning: {message}", file=sys.stderr)
+    else:
+        _PYTHON_SHOWWARNING(message, category, *args, **kwargs)
+
+
 def main(argv: list[str] | None = None) -> int:
+    """Exit codes: 0 done, 1 a run or stage failed, 2 refused before any work (see `kdlab --help`)."""
     args = build_parser().parse_args(argv)
     logging.basicConfig(
         level=logging.DEBUG if args.verbose else logging.INFO, format="%(levelname)s %(name)s: %(message)s"
     )
-    try:
-        return args.func(args)
-    except (ConfigError, FileNotFoundError, ValueError, StudyError, CacheError, RegistryError) as e:
-        print(f"kdlab: error: {e}", file=sys.stderr)
-        return 2
+    with warnings.catch_warnings():
+        warnings.showwarning = _show_warning
+        try:
+            return args.func(args)
+        except StudyError as e:
+            print(f"kdlab: error: {e}", file=sys.stderr)
+            return EXIT_FAILED
+        except USAGE_ERRORS as e:
+            print(f"kdlab: error: {e}", file=sys.stderr)
+            return EXIT_USAGE
 
 
 if __name__ == "__main__":

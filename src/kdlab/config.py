@@ -8,6 +8,7 @@ from __future__ import annotations
 
 import hashlib
 import json
+import re
 from importlib import resources
 from pathlib import Path
 from typing import Any, ClassVar, Literal
@@ -20,6 +21,7 @@ from pydantic import (
     SerializeAsAny,
     ValidationError,
     field_validator,
+    model_serializer,
     model_validator,
 )
 
@@ -44,7 +46,20 @@ class LoraSettings(Strict):
     r: int = Field(16, gt=0)
     alpha: int = Field(32, gt=0)
     dropout: float = Field(0.05, ge=0.0, lt=1.0)
-    target_modules: list[str] = Field(default_factory=lambda: ["q_proj", "k_proj", "v_proj", "o_proj"])
+    target_modules: list[str] | Literal["all-linear"] | None = Field(
+        None,
+        description="modules LoRA adapts (names or dotted suffixes, each naming a module of the model), or "
+        "'all-linear' (every linear layer but the output head). Left out: the family's usual attention "
+        "projections from peft's table (q_proj+v_proj for Llama, Mistral, Qwen2/3, Gemma; c_attn for GPT-2; "
+        "query_key_value for GPT-NeoX, Falcon, Bloom; q_proj+v_proj+fc1+fc2 for Phi), else 'all-linear'",
+    )
+
+    @field_validator("target_modules")
+    @classmethod
+    def _some_targets(cls, v: list[str] | str | None) -> list[str] | str | None:
+        if isinstance(v, list) and not v:
+            raise ValueError("name a module, give 'all-linear', or leave it out for the family's default")
+        return v
 
 
 class TrainingSettings(Strict):
@@ -65,8 +80,27 @@ class TrainingSettings(Strict):
     save_steps: int = Field(0, ge=0, description="checkpoint every N steps for resume; 0: only at the end")
 
 
-class TeacherSettings(Strict):
+_REVISION = Field(
+    None,
+    description="hub ids only: the branch, tag or commit to use (default: main); the commit used is recorded "
+    "in provenance.json",
+)
+
+
+class _HasRevision(Strict):
+    """An unset `revision` is left out of dumps, so configs written before it existed keep their hashes."""
+
+    @model_serializer(mode="wrap")
+    def _drop_unset_revision(self, handler: Any) -> dict[str, Any]:
+        data = handler(self)
+        if data.get("revision") is None:
+            data.pop("revision", None)
+        return data
+
+
+class TeacherSettings(_HasRevision):
     model: str = Field(..., description="hub id, local folder, .gguf file or built-in alias")
+    revision: str | None = _REVISION
     adapt: bool = Field(True, description="fine-tune the teacher on each task before distilling")
     finetune: Literal["lora", "full"] = "lora"
     lora: LoraSettings = Field(default_factory=LoraSettings)
@@ -90,19 +124,36 @@ class DeriveSettings(Strict):
         return self
 
 
-class StudentSettings(Strict):
-    name: str = Field(..., pattern=r"^[A-Za-z0-9_.]+$", description="short name used in run ids (s1, s2)")
+# Letters, digits and _, with single dots inside: a name is one folder (students/<name>) and part of run ids.
+_STUDENT_NAME = re.compile(r"^[A-Za-z0-9_]+(\.[A-Za-z0-9_]+)*$")
+
+
+class StudentSettings(_HasRevision):
+    name: str = Field(..., max_length=64, description="short name used in run ids and folders (s1, s2)")
     model: str | None = Field(None, description="hub id, local folder, .gguf or alias; omit with derive")
+    revision: str | None = _REVISION
     derive: DeriveSettings | None = None
     finetune: Literal["lora", "full"] = "lora"
     lora: LoraSettings = Field(default_factory=LoraSettings)
     save: Literal["merged", "adapter"] = "merged"
     trust_remote_code: bool = False
 
+    @field_validator("name")
+    @classmethod
+    def _safe_name(cls, v: str) -> str:
+        if not _STUDENT_NAME.match(v):
+            raise ValueError(
+                f"student name {v!r} must be letters, digits and _ with single dots inside (no '..', no path "
+                "separators, no leading dot): it names the folder students/<name> and is part of run ids"
+            )
+        return v
+
     @model_validator(mode="after")
     def _source(self) -> StudentSettings:
         if (self.model is None) == (self.derive is None):
             raise ValueError("give exactly one of `model` (a model spec) or `derive` (layers of the teacher)")
+        if self.revision is not None and self.model is None:
+            raise ValueError("revision applies to `model` (a hub id); a derived student takes the teacher's")
         return self
 
 

@@ -1,8 +1,13 @@
-"""Errors the command line reports as one clear line (no traceback). Kept free of heavy imports so
-`kdlab --help` stays fast."""
+"""Errors the command line reports as one clear line (no traceback), and its exit codes. Kept free of heavy
+imports so `kdlab --help` stays fast."""
 
 from collections.abc import Sequence
 from typing import Any
+
+# Exit codes of `kdlab` (documented in `kdlab --help`).
+EXIT_OK = 0
+EXIT_FAILED = 1  # the command ran but a run or stage failed (see `kdlab status`)
+EXIT_USAGE = 2  # refused before any work: bad command, config, data, model path, cache or registry
 
 
 class StudyError(RuntimeError):
@@ -10,7 +15,12 @@ class StudyError(RuntimeError):
 
 
 class RegistryError(RuntimeError):
-    """A registry operation that would corrupt the study's bookkeeping was refused."""
+    """A registry operation that would corrupt the study's bookkeeping was refused, or the registry file
+    cannot be used (unreadable, read-only, not a registry)."""
+
+
+class DataError(ValueError):
+    """A data file (or the data source) cannot be used; the message names the file and what is wrong."""
 
 
 class CacheError(Exception):

@@ -11,6 +11,8 @@ its corner cases:
   match is 1, since the two normalized strings are equal).
 - A question without a prediction scores 0 for both metrics; the official script prints a message, here a
   ``MissingPredictionsWarning`` names the count (or ``strict=True`` raises).
+- Predictions for ids that are not in the references are ignored, as in the official script, but an
+  ``UnknownPredictionsWarning`` names their count and a few of them (usually the wrong reference file).
 """
 
 from __future__ import annotations
@@ -23,6 +25,7 @@ from collections.abc import Mapping, Sequence
 
 __all__ = [
     "MissingPredictionsWarning",
+    "UnknownPredictionsWarning",
     "accuracy",
     "exact_match",
     "f1",
@@ -36,6 +39,10 @@ _ARTICLES = re.compile(r"\b(a|an|the)\b")
 
 class MissingPredictionsWarning(UserWarning):
     """Some reference examples had no prediction; they were scored as wrong."""
+
+
+class UnknownPredictionsWarning(UserWarning):
+    """Some predictions name ids that are not in the references; they were ignored."""
 
 
 def normalize_answer(s: str) -> str:
@@ -64,16 +71,27 @@ def f1(prediction: str, gold: str) -> float:
     return 2 * precision * recall / (precision + recall)
 
 
-def _check_missing(predictions: Mapping[str, object], ids: Sequence[str], strict: bool, what: str) -> None:
+def _examples(ids: Sequence[object]) -> str:
+    return ", ".join(repr(i) for i in ids[:5]) + (", ..." if len(ids) > 5 else "")
+
+
+def _check_ids(predictions: Mapping[str, object], ids: Sequence[str], strict: bool, what: str) -> None:
+    """Warn (or, strict, raise) about references without a prediction and predictions without a reference."""
     missing = [i for i in ids if i not in predictions]
-    if not missing:
-        return
-    shown = ", ".join(repr(m) for m in missing[:5]) + (", ..." if len(missing) > 5 else "")
-    msg = f"{len(missing)} of {len(ids)} {what} have no prediction and score 0 ({shown})"
-    if strict:
-        raise ValueError(msg)
-    # stacklevel 3: point at the caller of squad_scores/accuracy, not at this helper.
-    warnings.warn(msg, MissingPredictionsWarning, stacklevel=3)
+    if missing:
+        msg = f"{len(missing)} of {len(ids)} {what} have no prediction and score 0 ({_examples(missing)})"
+        if strict:
+            raise ValueError(msg)
+        # stacklevel 3: point at the caller of squad_scores/accuracy, not at this helper.
+        warnings.warn(msg, MissingPredictionsWarning, stacklevel=3)
+    known = set(ids)
+    unknown = [i for i in predictions if i not in known]
+    if unknown:
+        msg = (f"{len(unknown)} of {len(predictions)} predictions are for ids not among the {len(ids)} "
+               f"reference {what} and were ignored ({_examples(unknown)}); wrong reference file?")
+        if strict:
+            raise ValueError(msg)
+        warnings.warn(msg, UnknownPredictionsWarning, stacklevel=3)
 
 
 def squad_scores(
@@ -86,13 +104,13 @@ def squad_scores(
 
     Each question takes the max over its gold answers; the mean over questions is returned x100 as
     ``{"exact_match": ..., "f1": ...}``. Predictions for ids not in ``references`` are ignored (as in the
-    official script). A missing prediction scores 0 and triggers a ``MissingPredictionsWarning``, or a
-    ``ValueError`` with ``strict=True``.
+    official script) with an ``UnknownPredictionsWarning``. A missing prediction scores 0 and triggers a
+    ``MissingPredictionsWarning``. With ``strict=True`` either raises a ``ValueError``.
     """
     if not references:
         raise ValueError("squad_scores: no reference questions to score")
     ids = list(references)
-    _check_missing(predictions, ids, strict, "questions")
+    _check_ids(predictions, ids, strict, "questions")
     em_total = f1_total = 0.0
     for qid in ids:
         golds = list(references[qid])
@@ -114,12 +132,13 @@ def accuracy(
 ) -> dict[str, float]:
     """Accuracy over the ids of ``labels``, as a percentage (x100, the same scale as the SQuAD scores).
 
-    A missing prediction counts as wrong (``MissingPredictionsWarning``; ``ValueError`` with ``strict=True``);
-    predictions for ids not in ``labels`` are ignored.
+    A missing prediction counts as wrong (``MissingPredictionsWarning``); predictions for ids not in
+    ``labels`` are ignored (``UnknownPredictionsWarning``). With ``strict=True`` either raises a
+    ``ValueError``.
     """
     if not labels:
         raise ValueError("accuracy: no labelled examples to score")
     ids = list(labels)
-    _check_missing(predictions, ids, strict, "examples")
+    _check_ids(predictions, ids, strict, "examples")
     correct = sum(1 for i in ids if i in predictions and int(predictions[i]) == int(labels[i]))
     return {"accuracy": 100.0 * correct / len(ids)}

@@ -12,25 +12,35 @@ Design notes:
   any moment leaves either the old row or the new one, never half of it.
 - WAL journal so readers never block the writer; a busy timeout so concurrent writers wait for the
   lock instead of failing with "database is locked".
+- Any SQLite failure (read-only file, not a database, corrupt) becomes a RegistryError saying what to do.
+- The registry is rebuildable: every finished run also leaves its row as ``run.json`` in its folder
+  (``write_run_record``), and ``rebuild_registry`` puts those rows back into a fresh registry, so deleting
+  ``registry.sqlite`` loses no finished run.
 """
 
 from __future__ import annotations
 
+import dataclasses
+import fcntl
 import json
 import os
+import re
 import socket
 import sqlite3
 import time
 from collections.abc import Iterable, Iterator, Sequence
-from contextlib import contextmanager
+from contextlib import contextmanager, suppress
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
 
 from kdlab.errors import RegistryError
+from kdlab.tasks.base import atomic_write_text
 
 __all__ = [
     "KINDS",
+    "REGISTRY_NAME",
+    "RUN_RECORD",
     "SCHEMA_VERSION",
     "STAGES",
     "STATUSES",
@@ -39,6 +49,11 @@ __all__ = [
     "RunRecord",
     "RunSpec",
     "default_owner",
+    "find_run_records",
+    "pid_alive",
+    "read_run_record",
+    "rebuild_registry",
+    "write_run_record",
 ]
 
 SCHEMA_VERSION = 1
@@ -46,6 +61,10 @@ KINDS = ("teacher", "student")
 STAGES = ("grid", "final", "teacher")
 STATUSES = ("todo", "running", "done", "failed")
 MAX_ERROR_CHARS = 4000
+REGISTRY_NAME = "registry.sqlite"
+RUN_RECORD = "run.json"  # a finished run's registry row, kept in its folder
+# Run ids are folder names: letters, digits and - _ . + (as run_id builds them), never '..'.
+_RUN_ID = re.compile(r"^[A-Za-z0-9][A-Za-z0-9_.+=-]*$")
 
 _SCHEMA = """
 CREATE TABLE IF NOT EXISTS meta (
@@ -211,7 +230,8 @@ def _dumps(obj: Any) -> str:
     return json.dumps(obj, sort_keys=True)
 
 
-def _pid_alive(pid: int) -> bool:
+def pid_alive(pid: int) -> bool:
+    """Whether a process with this id runs on this host (unknown counts as alive: never steal)."""
     if pid <= 0:  # os.kill(0 or negative) would target process groups, not a process
         return False
     try:
@@ -236,14 +256,39 @@ def _split_owner(owner: str) -> tuple[str, int | None]:
 
 
 class Registry:
-    """The ``runs`` table of one study (``registry.sqlite`` in the study's output folder)."""
+    """The ``runs`` table of one study (``registry.sqlite`` in the study's output folder).
 
-    def __init__(self, path: str | Path, *, stale_after: float = 600.0, timeout: float = 60.0) -> None:
+    ``readonly=True`` opens an existing registry without writing anything (``kdlab status``, checks made
+    before a command is accepted); it works on a read-only file too.
+    """
+
+    def __init__(
+        self, path: str | Path, *, stale_after: float = 600.0, timeout: float = 60.0, readonly: bool = False
+    ) -> None:
         self.path = Path(path)
         self.stale_after = float(stale_after)
         self.timeout = float(timeout)
+        self.readonly = readonly
         self.hostname = socket.gethostname()
-        self.path.parent.mkdir(parents=True, exist_ok=True)
+        if readonly:
+            if not self.path.is_file():
+                raise RegistryError(
+                    f"{self.path}: no registry file; if this is a study folder whose registry was lost, "
+                    f"restore it from the finished run folders with `kdlab registry rebuild --out "
+                    f"{self.path.parent}`"
+                )
+            with self._read() as conn:
+                found = self._schema_version(conn)
+        else:
+            self.path.parent.mkdir(parents=True, exist_ok=True)
+            found = self._create()
+        if str(found) != str(SCHEMA_VERSION):
+            raise RegistryError(
+                f"{self.path}: registry schema version {found}, this kdlab expects {SCHEMA_VERSION}"
+            )
+
+    def _create(self) -> str:
+        """Create the schema if needed (idempotent); returns the file's schema version."""
         conn = self._connect()
         try:
             # WAL is persistent in the file; only switch when needed (the switch needs an exclusive lock).
@@ -257,30 +302,70 @@ class Registry:
             conn.execute(
                 "INSERT OR IGNORE INTO meta (key, value) VALUES ('schema_version', ?)", (str(SCHEMA_VERSION),)
             )
-            found = conn.execute("SELECT value FROM meta WHERE key = 'schema_version'").fetchone()[0]
+            found = self._schema_version(conn)
             conn.execute("COMMIT")
-        except BaseException:
-            if conn.in_transaction:
-                conn.execute("ROLLBACK")
-            raise
+            return found
+        except sqlite3.Error as e:
+            raise self._translate(e) from None
         finally:
+            if conn.in_transaction:
+                with suppress(sqlite3.Error):
+                    conn.execute("ROLLBACK")
             conn.close()
-        if str(found) != str(SCHEMA_VERSION):
+
+    def _schema_version(self, conn: sqlite3.Connection) -> str:
+        try:
+            row = conn.execute("SELECT value FROM meta WHERE key = 'schema_version'").fetchone()
+        except sqlite3.OperationalError as e:  # no meta table: some other SQLite file
+            raise RegistryError(f"{self.path} is not a kdlab run registry ({e}); {self._repair()}") from None
+        if row is None:
             raise RegistryError(
-                f"{self.path}: registry schema version {found}, this kdlab expects {SCHEMA_VERSION}"
+                f"{self.path} is not a kdlab run registry (no schema version); {self._repair()}"
             )
+        return str(row[0])
 
     # ------------------------------------------------------------------ plumbing
 
+    def _repair(self) -> str:
+        return (f"rebuild it from the finished run folders with `kdlab registry rebuild --out "
+                f"{self.path.parent}` (the old file is kept beside it)")
+
+    def _translate(self, e: sqlite3.Error) -> RegistryError:
+        """One clear line for a SQLite failure, saying what to do about it."""
+        text = str(e)
+        if "readonly" in text or "read-only" in text:
+            return RegistryError(
+                f"{self.path}: the registry is read-only ({text}); make the file and its folder writable "
+                f"(chmod u+w) to run or change the study (`kdlab status {self.path.parent}` still reads it)"
+            )
+        if "locked" in text or "busy" in text:
+            return RegistryError(f"{self.path}: the registry stayed locked for {self.timeout:.0f}s ({text}); "
+                                 "another process holds it, try again")
+        if "unable to open" in text:
+            return RegistryError(f"{self.path}: cannot open the registry ({text}); check that the folder "
+                                 "exists and is readable and writable")
+        return RegistryError(f"{self.path} is not a usable run registry ({text}); {self._repair()}")
+
     def _connect(self) -> sqlite3.Connection:
-        # isolation_level=None: we issue BEGIN IMMEDIATE / COMMIT ourselves.
-        conn = sqlite3.connect(str(self.path), timeout=self.timeout, isolation_level=None)
-        conn.execute(f"PRAGMA busy_timeout = {int(self.timeout * 1000)}")
+        try:
+            if self.readonly and not (os.access(self.path, os.W_OK) and os.access(self.path.parent, os.W_OK)):
+                # A read-only file: SQLite's read-only mode. Otherwise a normal connection that only reads,
+                # so the WAL side files are removed at close and the folder is left as it was.
+                uri = f"{self.path.resolve().as_uri()}?mode=ro"
+                conn = sqlite3.connect(uri, uri=True, timeout=self.timeout, isolation_level=None)
+            else:
+                # isolation_level=None: we issue BEGIN IMMEDIATE / COMMIT ourselves.
+                conn = sqlite3.connect(str(self.path), timeout=self.timeout, isolation_level=None)
+            conn.execute(f"PRAGMA busy_timeout = {int(self.timeout * 1000)}")
+        except sqlite3.Error as e:
+            raise self._translate(e) from None
         return conn
 
     @contextmanager
     def _tx(self) -> Iterator[sqlite3.Connection]:
         """One write transaction; the write lock is taken at BEGIN so read-then-write is atomic."""
+        if self.readonly:
+            raise RegistryError(f"{self.path}: opened read-only; this command cannot change runs")
         conn = self._connect()
         try:
             conn.execute("BEGIN IMMEDIATE")
@@ -290,6 +375,8 @@ class Registry:
                 conn.execute("ROLLBACK")
                 raise
             conn.execute("COMMIT")
+        except sqlite3.Error as e:
+            raise self._translate(e) from None
         finally:
             conn.close()
 
@@ -298,6 +385,8 @@ class Registry:
         conn = self._connect()
         try:
             yield conn
+        except sqlite3.Error as e:
+            raise self._translate(e) from None
         finally:
             conn.close()
 
@@ -323,7 +412,7 @@ class Registry:
         if rec.owner:
             host, pid = _split_owner(rec.owner)
             if host == self.hostname and pid is not None:
-                return not _pid_alive(pid)
+                return not pid_alive(pid)
         beat = rec.heartbeat if rec.heartbeat is not None else rec.started_at
         if beat is None:
             return True
@@ -530,6 +619,24 @@ class Registry:
                 (run_id,),
             )
 
+    def restore(self, records: Iterable[RunRecord]) -> list[str]:
+        """Insert finished runs exactly as recorded (``rebuild_registry``), in one transaction; ids already
+        present are left alone. Returns the ids inserted."""
+        inserted = []
+        with self._tx() as conn:
+            for r in records:
+                if self._fetch(conn, r.id) is not None:
+                    continue
+                conn.execute(
+                    f"INSERT INTO runs ({_COLUMNS}) VALUES ({', '.join('?' * len(_COLUMNS.split(',')))})",
+                    (r.id, r.kind, r.task, r.method, r.student, r.stage, _dumps(r.params), r.seed,
+                     r.config_hash, r.status, None if r.metrics is None else _dumps(r.metrics), r.wall_time,
+                     None, None, r.attempts, r.error, r.output_dir, r.created_at, r.started_at,
+                     r.finished_at),
+                )
+                inserted.append(r.id)
+        return inserted
+
     # ------------------------------------------------------------------ queries
 
     def get(self, run_id: str) -> RunRecord | None:
@@ -575,3 +682,156 @@ class Registry:
 
     def __repr__(self) -> str:
         return f"Registry({str(self.path)!r}, stale_after={self.stale_after})"
+
+
+# ---------------------------------------------------------------------- run records and rebuilding
+
+
+def write_run_record(folder: str | Path, record: RunRecord) -> None:
+    """Keep a finished run's row in its folder as ``run.json``, so the registry can be rebuilt from it."""
+    data = {k: v for k, v in dataclasses.asdict(record).items() if k not in ("owner", "heartbeat")}
+    atomic_write_text(Path(folder) / RUN_RECORD, json.dumps(data, indent=1, sort_keys=True) + "\n")
+
+
+def read_run_record(path: str | Path) -> RunRecord:
+    """The finished run a ``run.json`` describes; RegistryError (naming the file) if it is not one."""
+    path = Path(path)
+    try:
+        data = json.loads(path.read_text(encoding="utf-8"))
+        if not isinstance(data, dict):
+            raise ValueError("not a JSON object")
+        names = {f.name for f in dataclasses.fields(RunRecord)} - {"owner", "heartbeat"}
+        missing = sorted(names - set(data))
+        if missing:
+            raise ValueError(f"missing {missing}")
+        record = RunRecord(**{k: data[k] for k in names}, owner=None, heartbeat=None)
+        if record.status != "done" or not isinstance(record.params, dict):
+            raise ValueError(f"status {record.status!r} (only finished runs are recorded)")
+        if not _RUN_ID.match(record.id) or ".." in record.id:
+            raise ValueError(f"run id {record.id!r} is not a plain folder name")
+        record.spec()  # validates kind and stage
+    except (OSError, ValueError, TypeError) as e:
+        raise RegistryError(f"{path}: not a finished-run record ({e})") from None
+    return record
+
+
+def find_run_records(study_dir: str | Path) -> tuple[list[RunRecord], list[str]]:
+    """The finished runs recorded under a study folder (``*/*/run.json``: runs/<id>/, teacher/<task>/, ...),
+    each with ``output_dir`` set to the folder it was found in; and the files skipped, with why. A record
+    outside the study folder (through a link) or a second record of the same run is skipped."""
+    study = Path(study_dir)
+    root = study.resolve()
+    records: dict[str, RunRecord] = {}
+    skipped: list[str] = []
+    for path in sorted(study.glob(f"*/*/{RUN_RECORD}")):
+        if not path.resolve().is_relative_to(root):
+            skipped.append(f"{path}: outside the study folder")
+            continue
+        try:
+            record = read_run_record(path)
+        except RegistryError as e:
+            skipped.append(str(e))
+            continue
+        if record.id in records:
+            kept = records[record.id].output_dir
+            skipped.append(f"{path}: a second record of run {record.id!r} (kept {kept})")
+            continue
+        records[record.id] = dataclasses.replace(record, output_dir=str(path.parent))
+    return list(records.values()), skipped
+
+
+@dataclass
+class RebuildResult:
+    restored: list[str]  # run ids put back as done
+    skipped: list[str]  # run.json files not used, with why
+    backup: Path | None  # where the old registry file was moved (None: there was none)
+
+
+@contextmanager
+def _study_lock(study_dir: Path) -> Iterator[None]:
+    """One process at a time rebuilds a study's registry (two workers may find it missing together)."""
+    with open(study_dir / ".registry.lock", "a") as fh:
+        fcntl.flock(fh, fcntl.LOCK_EX)
+        try:
+            yield
+        finally:
+            fcntl.flock(fh, fcntl.LOCK_UN)
+
+
+def _sidecars(path: Path) -> list[Path]:
+    return [path, path.with_name(path.name + "-wal"), path.with_name(path.name + "-shm")]
+
+
+def _local_folder(study: Path, output_dir: str) -> Path | None:
+    """A row's folder inside this study folder: its output_dir, or (a study folder that was moved) the same
+    last two parts (runs/<id>, teacher/<task>, ...) under the study folder; None if neither exists."""
+    root = study.resolve()
+    if not output_dir:
+        return None
+    folder = Path(output_dir)
+    if not folder.resolve().is_relative_to(root):
+        folder = study.joinpath(*folder.parts[-2:])
+    return folder if folder.is_dir() and folder.resolve().is_relative_to(root) else None
+
+
+def _backfill(registry: Registry, study: Path) -> None:
+    """Write ``run.json`` for finished runs of a readable registry that have none (runs finished before
+    kdlab kept them), so rebuilding from the folders keeps them."""
+    for record in registry.runs(status="done"):
+        folder = _local_folder(study, record.output_dir)
+        if folder is not None and not (folder / RUN_RECORD).is_file() and _RUN_ID.match(record.id):
+            write_run_record(folder, record)
+
+
+def _move_aside(path: Path) -> Path:
+    """Move a registry file (and its WAL files) to ``registry.sqlite.bak-<time>``; returns the new path."""
+    stamp = time.strftime("%Y%m%d-%H%M%S")
+    backup = path.with_name(f"{path.name}.bak-{stamp}")
+    n = 1
+    while backup.exists():
+        n += 1
+        backup = path.with_name(f"{path.name}.bak-{stamp}-{n}")
+    for src, dst in zip(_sidecars(path), _sidecars(backup), strict=True):
+        if src.exists():
+            os.replace(src, dst)
+    return backup
+
+
+def rebuild_registry(study_dir: str | Path, *, only_if_missing: bool = False) -> RebuildResult | None:
+    """Rebuild ``registry.sqlite`` from the ``run.json`` of every finished run folder of a study.
+
+    A readable old registry first writes the records its finished runs lack, then it is moved aside (as
+    ``registry.sqlite.bak-<time>``) like an unreadable one; the new registry is built beside and renamed into
+    place. Runs that were not finished are simply added again by the next command. ``only_if_missing``: do
+    nothing (None) when a registry file exists, e.g. another worker rebuilt it first.
+    """
+    study = Path(study_dir)
+    if not study.is_dir():
+        raise RegistryError(f"{study}: no such study folder")
+    path = study / REGISTRY_NAME
+    with _study_lock(study):
+        if only_if_missing and path.exists():
+            return None
+        backup = None
+        if path.exists():
+            try:
+                old = Registry(path, readonly=True)
+                _backfill(old, study)
+                conn = sqlite3.connect(str(path), timeout=old.timeout)
+                try:  # fold the WAL into the file, so the backup is one self-contained file
+                    conn.execute("PRAGMA wal_checkpoint(TRUNCATE)")
+                finally:
+                    conn.close()
+            except (RegistryError, sqlite3.Error):
+                pass  # unreadable: nothing to keep but the file itself, moved aside below
+            backup = _move_aside(path)
+        records, skipped = find_run_records(study)
+        tmp = study / f".{REGISTRY_NAME}.rebuild-{os.getpid()}"
+        for p in _sidecars(tmp):
+            p.unlink(missing_ok=True)
+        restored = Registry(tmp).restore(records)
+        # Every connection is closed, so SQLite has folded its WAL into the file and removed it.
+        for p in _sidecars(tmp)[1:]:
+            p.unlink(missing_ok=True)
+        os.replace(tmp, path)
+    return RebuildResult(restored=restored, skipped=skipped, backup=backup)

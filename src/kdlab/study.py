@@ -39,6 +39,7 @@ from kdlab.models import (
     derive_layers,
     derive_student,
     hash_model_files,
+    hidden_width,
     hub_snapshot_info,
     load_model,
     load_tokenizer,
@@ -343,7 +344,7 @@ class Study:
             )
 
     def _teacher_run_hashes(self, name: str) -> dict[str, str]:
-        """Config hashes of task `name`'s teacher runs, as `teacher_stage` computes them (keep in step)."""
+        """Config hashes of task `name`'s teacher runs (`teacher_stage` records them; preflight compares)."""
         cfg, settings = self.config.teacher, self.config.tasks[name].model_dump(mode="json")
         hashes = {
             f"teacher-{name}-zero-shot": self._hash(
@@ -373,7 +374,7 @@ class Study:
 
     @property
     def base_teacher_path(self) -> str:
-        return resolve_model_path(self.config.teacher.model)
+        return resolve_model_path(self.config.teacher.model, self.config.teacher.revision)
 
     @property
     def tokenizer(self):
@@ -584,7 +585,7 @@ class Study:
         data = self.data(name)
         dtype = self.config.evaluation.dtype
         common = dict(kind="teacher", task=name, method="teacher", student="teacher", seed=None)
-        settings = self.config.tasks[name].model_dump(mode="json")
+        hashes = self._teacher_run_hashes(name)
 
         def zero_shot() -> dict[str, Any]:
             model = load_model(
@@ -600,7 +601,7 @@ class Study:
                 id=f"teacher-{name}-zero-shot",
                 stage="teacher",
                 params={"adapted": False},
-                config_hash=self._hash(cfg.model, settings, self.config.evaluation, self.config.data_seed),
+                config_hash=hashes[f"teacher-{name}-zero-shot"],
                 output_dir=str(self.out / "teacher" / f"{name}-zero-shot"),
                 **common,
             ),
@@ -649,9 +650,7 @@ class Study:
             id=f"teacher-{name}",
             stage="teacher",
             params={"adapted": True},
-            config_hash=self._hash(
-                cfg.model_dump(mode="json"), settings, self.config.evaluation, self.config.data_seed, seed
-            ),
+            config_hash=hashes[f"teacher-{name}"],
             output_dir=str(folder),
             **dict(common, seed=seed),
         )
@@ -941,10 +940,8 @@ class Study:
         pairs = self.layer_pairs(path, spec.params["layer_map"]) if method.needs_hidden else []
         projections = None
         if pairs:
-            from transformers import AutoConfig
-
-            width = AutoConfig.from_pretrained(self.base_teacher_path).hidden_size
-            projections = losses.make_projections(pairs, model.config.hidden_size, width).to(self.device)
+            width = hidden_width(model_config(self.base_teacher_path))
+            projections = losses.make_projections(pairs, hidden_width(model.config), width).to(self.device)
         live = None
         if self.config.cache.mode == "online" and (
             method.needs_topk or method.needs_hidden or method.needs_answers
@@ -1128,10 +1125,10 @@ class Study:
             if record.kind == "student":
                 seeds[record.id] = record.seed
         seeds["bootstrap"] = self.seed("bootstrap")
-        models = {"teacher": _model_provenance(self.config.teacher.model)}
+        models = {"teacher": _model_provenance(self.config.teacher.model, self.config.teacher.revision)}
         for student in self.config.students:
             if student.model is not None:
-                models[f"students.{student.name}"] = _model_provenance(student.model)
+                models[f"students.{student.name}"] = _model_provenance(student.model, student.revision)
         data_dir = resolve_data_dir(self.data_dir)
         data: dict[str, Any] = {}
         for name in self.config.tasks:

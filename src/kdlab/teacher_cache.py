@@ -8,7 +8,8 @@ module only stores arrays that the caller computed; it contains no model code.
 
 Layout of a cache directory::
 
-    manifest.json                  written LAST, atomically: its presence marks a complete cache
+    manifest.json                  written LAST, atomically: its presence marks a complete cache; it holds
+                                   the size and sha256 of every other file ("checksums"), checked on open
     index.json                     example id -> (shard, row offset, n rows) per field, columnar
     answers.jsonl                  {"id": ..., "answer": ...} per line (if answers are stored; null
                                    when the example has no answer target)
@@ -20,6 +21,11 @@ Layout of a cache directory::
     ...
 
 Shards are plain ``.npy`` files (never pickled) so the reader can memory-map them.
+
+Opening a cache checks every file's size against the manifest (cheap, always) and its sha256 the first time
+this process opens that manifest (``verify="auto"``; ``"hash"`` always, ``"size"`` never), so flipped bytes
+in a shard are caught before any of them is read. Rebuilding over an existing cache builds beside it and
+swaps it in (``overwrite=True``), so a crash mid-build keeps the old one.
 """
 
 from __future__ import annotations
@@ -28,6 +34,8 @@ import copy
 import datetime as _dt
 import fnmatch
 import hashlib
+import io
+import itertools
 import json
 import operator
 import os
@@ -41,6 +49,7 @@ import numpy as np
 import torch
 
 from kdlab.errors import CacheError, CacheExistsError, CacheMismatchError
+from kdlab.registry import pid_alive
 
 __all__ = [
     "FORMAT_VERSION",
@@ -60,10 +69,12 @@ MANIFEST_NAME = "manifest.json"
 INDEX_NAME = "index.json"
 ANSWERS_NAME = "answers.jsonl"
 HIDDEN_DTYPES = ("float16", "bfloat16")
+# Studies replace this generic hint with the exact command for their folder (see `Study.cache_stage`).
 REBUILD_HINT = (
-    "run `kdlab cache --rebuild` or `kdlab run --rebuild-cache` "
+    "rebuild it with `kdlab cache --out STUDY_DIR --rebuild` or `kdlab run --rebuild-cache` "
     "(or build with TeacherCacheWriter(..., overwrite=True))"
 )
+VERIFY_MODES = ("auto", "size", "hash")
 
 _FP16_MAX = 65504.0
 # A little slack above 0 for log-softmax rounding; anything larger is almost surely raw logits.
@@ -73,6 +84,9 @@ _DEFAULT_SHARD_BYTES = 512 << 20
 _HASH_CHUNK = 1 << 20
 
 ExampleId = str | int
+
+# (directory, sha256 of its manifest) of the caches whose files this process has hashed already.
+_VERIFIED: set[tuple[str, str]] = set()
 
 
 # --------------------------------------------------------------------------------------------------
@@ -223,18 +237,41 @@ def _diff_inputs(cached: Mapping[str, Any], requested: Mapping[str, Any]) -> lis
     return diffs
 
 
-def _write_npy(path: Path, chunks: Sequence[np.ndarray], dtype: np.dtype, cols: int | None) -> None:
+def _write_npy(path: Path, chunks: Sequence[np.ndarray], dtype: np.dtype, cols: int | None) -> dict[str, Any]:
     """Stream ``chunks`` (all [*, cols], or [*] when cols is None, of ``dtype``) into one .npy without
-    concatenating in RAM."""
+    concatenating in RAM; returns the file's checksum entry, hashed as it is written (no second read)."""
     rows = sum(c.shape[0] for c in chunks)
     shape = (rows,) if cols is None else (rows, cols)
-    header = {"descr": np.lib.format.dtype_to_descr(dtype), "fortran_order": False, "shape": shape}
+    header = io.BytesIO()
+    np.lib.format.write_array_header_1_0(
+        header, {"descr": np.lib.format.dtype_to_descr(dtype), "fortran_order": False, "shape": shape}
+    )
+    h = hashlib.sha256()
+    size = 0
     with open(path, "wb") as f:
-        np.lib.format.write_array_header_1_0(f, header)
-        for c in chunks:
-            f.write(np.ascontiguousarray(c, dtype=dtype).tobytes())
+        for data in itertools.chain([header.getvalue()], (np.ascontiguousarray(c, dtype=dtype).tobytes()
+                                                          for c in chunks)):
+            f.write(data)
+            h.update(data)
+            size += len(data)
         f.flush()
         os.fsync(f.fileno())
+    return {"size": size, "sha256": h.hexdigest()}
+
+
+def _checksum(path: Path) -> dict[str, Any]:
+    return {"size": path.stat().st_size, "sha256": hash_file(path)}
+
+
+def _plain_name(name: Any) -> bool:
+    """A manifest's file entry must name a file inside the cache folder: no separators, no '..'."""
+    return (
+        isinstance(name, str)
+        and name not in ("", ".", "..")
+        and "/" not in name
+        and "\\" not in name
+        and not name.startswith(".")
+    )
 
 
 def _write_json_atomic(path: Path, obj: Any) -> None:
@@ -374,6 +411,7 @@ class TeacherCacheWriter:
         self._col_hid_off: list[int] = []
         self._col_hid_n: list[int] = []
         self._shards: list[dict[str, Any]] = []
+        self._checksums: dict[str, dict[str, Any]] = {}  # file name -> size and sha256, for the manifest
         self._num_tokens = 0
         self._num_hidden_rows = 0
         self._reset_buffers()
@@ -402,6 +440,7 @@ class TeacherCacheWriter:
     def _prepare_directory(self, overwrite: bool) -> tuple[Path, bool, bool]:
         """Return (build dir, swap at close?, did we create the target?)."""
         target = self.directory
+        self._clear_stale_siblings()
         if (target / MANIFEST_NAME).exists():
             if not overwrite:
                 raise CacheExistsError(
@@ -426,6 +465,19 @@ class TeacherCacheWriter:
             return self._temp_sibling(), True, False
         target.mkdir(parents=True)
         return target, False, True
+
+    def _clear_stale_siblings(self) -> None:
+        """Remove what killed builds left beside the target: build folders of dead processes on this host,
+        and old caches a swap had set aside (the swap is done or its new cache was never committed)."""
+        parent, name = self.directory.parent, self.directory.name
+        if not parent.is_dir():
+            return
+        for p in parent.glob(f".{name}.building-*"):
+            pid = p.name[len(f".{name}.building-") :].split("-")[0]
+            if pid.isdigit() and not pid_alive(int(pid)):
+                shutil.rmtree(p, ignore_errors=True)
+        for p in parent.glob(f".{name}.old-*"):
+            shutil.rmtree(p, ignore_errors=True)
 
     def _temp_sibling(self) -> Path:
         parent = self.directory.parent
@@ -683,14 +735,14 @@ class TeacherCacheWriter:
         if self.top_k is not None:
             files["topk_idx"] = f"{name}.topk_idx.npy"
             files["topk_lp"] = f"{name}.topk_lp.npy"
-            _write_npy(self._build_dir / files["topk_idx"], self._buf_idx, self._idx_dtype, self.top_k)
-            _write_npy(self._build_dir / files["topk_lp"], self._buf_lp, np.dtype(np.float16), self.top_k)
+            self._write_shard_file(files["topk_idx"], self._buf_idx, self._idx_dtype, self.top_k)
+            self._write_shard_file(files["topk_lp"], self._buf_lp, np.dtype(np.float16), self.top_k)
             if self._tail_tags:
                 files["tail"] = {}
                 for tag in self._tail_tags:
                     fname = _tail_file(name, tag)
                     files["tail"][tag] = fname
-                    _write_npy(self._build_dir / fname, self._buf_tail[tag], np.dtype(np.float32), None)
+                    self._write_shard_file(fname, self._buf_tail[tag], np.dtype(np.float32), None)
         if self.hidden_layers:
             files["hidden"] = {}
             for layer in self.hidden_layers:
@@ -698,7 +750,7 @@ class TeacherCacheWriter:
                 files["hidden"][str(layer)] = fname
                 assert self.hidden_size is not None  # set by the first add()
                 chunks = self._buf_hidden[layer]
-                _write_npy(self._build_dir / fname, chunks, self._hid_np_dtype, self.hidden_size)
+                self._write_shard_file(fname, chunks, self._hid_np_dtype, self.hidden_size)
         self._shards.append(
             {
                 "name": name,
@@ -709,6 +761,11 @@ class TeacherCacheWriter:
             }
         )
         self._reset_buffers()
+
+    def _write_shard_file(
+        self, fname: str, chunks: Sequence[np.ndarray], dtype: np.dtype, cols: int | None
+    ) -> None:
+        self._checksums[fname] = _write_npy(self._build_dir / fname, chunks, dtype, cols)
 
     def close(self) -> None:
         """Flush the last shard, write the index, then the manifest (the commit point)."""
@@ -730,6 +787,9 @@ class TeacherCacheWriter:
                 "hidden_rows": self._col_hid_n,
             },
         )
+        self._checksums[INDEX_NAME] = _checksum(self._build_dir / INDEX_NAME)
+        if self.store_answers:
+            self._checksums[ANSWERS_NAME] = _checksum(self._build_dir / ANSWERS_NAME)
         manifest = {
             "format_version": FORMAT_VERSION,
             "fingerprint": self.fingerprint,
@@ -750,6 +810,7 @@ class TeacherCacheWriter:
             "index_file": INDEX_NAME,
             "answers_file": ANSWERS_NAME if self.store_answers else None,
             "shards": self._shards,
+            "checksums": self._checksums,
             "answers": self.answer_stats,
             "created_at": _dt.datetime.now(_dt.UTC).isoformat(timespec="seconds"),
         }
@@ -805,7 +866,8 @@ class TeacherCacheWriter:
 
 
 def _reopen(directory: str, expected_fingerprint: str) -> TeacherCache:
-    return TeacherCache.open(directory, expected_fingerprint=expected_fingerprint)
+    # The pickling process verified the files already; a worker checks sizes only.
+    return TeacherCache.open(directory, expected_fingerprint=expected_fingerprint, verify="size")
 
 
 class TeacherCache:
@@ -841,12 +903,18 @@ class TeacherCache:
         directory: str | os.PathLike[str],
         expected_fingerprint: str | None = None,
         expected_inputs: Mapping[str, Any] | None = None,
+        *,
+        verify: str = "auto",
     ) -> TeacherCache:
         """Open a complete cache, optionally checking it was built from the expected inputs.
 
-        Raises CacheError if the manifest is missing (absent or unfinished build) or the cache is
-        corrupt, CacheMismatchError if the fingerprint differs.
+        Every file's size is checked against the manifest; its sha256 too with ``verify="hash"``, or with
+        ``"auto"`` (default) the first time this process opens this manifest; ``"size"`` skips the hashes.
+        Raises CacheError if the manifest is missing (absent or unfinished build) or the cache is corrupt
+        (the message names the file), CacheMismatchError if the fingerprint differs.
         """
+        if verify not in VERIFY_MODES:
+            raise ValueError(f"verify must be one of {VERIFY_MODES}, got {verify!r}")
         d = Path(directory)
         manifest_path = d / MANIFEST_NAME
         if not manifest_path.is_file():
@@ -856,7 +924,10 @@ class TeacherCache:
                 f"build it first, e.g. {REBUILD_HINT}"
             )
         try:
-            manifest = json.loads(manifest_path.read_text(encoding="utf-8"))
+            manifest_bytes = manifest_path.read_bytes()
+            manifest = json.loads(manifest_bytes.decode("utf-8"))
+            if not isinstance(manifest, dict):
+                raise ValueError("not a JSON object")
         except (OSError, ValueError) as e:
             raise CacheError(f"teacher cache at {d}: unreadable {MANIFEST_NAME} ({e}); {REBUILD_HINT}") from e
         version = manifest.get("format_version")
@@ -865,8 +936,12 @@ class TeacherCache:
                 f"teacher cache at {d} has format version {version}, this code reads {FORMAT_VERSION}; "
                 f"{REBUILD_HINT}"
             )
-        stored_inputs = manifest["fingerprint_inputs"]
-        if fingerprint(stored_inputs) != manifest["fingerprint"]:
+        try:
+            stored = fingerprint(manifest["fingerprint_inputs"])
+        except (KeyError, TypeError) as e:
+            raise CacheError(f"teacher cache at {d}: {MANIFEST_NAME} has no usable fingerprint inputs ({e}); "
+                             f"{REBUILD_HINT}") from None
+        if stored != manifest.get("fingerprint"):
             raise CacheError(
                 f"teacher cache at {d}: manifest fingerprint does not match its inputs (corrupt?); "
                 f"{REBUILD_HINT}"
@@ -881,6 +956,17 @@ class TeacherCache:
         if expected is not None and expected != manifest["fingerprint"]:
             raise cls._mismatch(d, manifest, expected, expected_inputs)
 
+        checksums = cls._check_files(d, manifest)
+        key = (str(d.resolve()), hashlib.sha256(manifest_bytes).hexdigest())
+        if verify == "hash" or (verify == "auto" and key not in _VERIFIED):
+            for fname, entry in checksums.items():
+                if hash_file(d / fname) != entry["sha256"]:
+                    raise CacheError(
+                        f"teacher cache at {d}: {fname} is corrupt (its sha256 differs from the manifest's); "
+                        f"{REBUILD_HINT}"
+                    )
+            _VERIFIED.add(key)
+
         try:
             index = json.loads((d / manifest.get("index_file", INDEX_NAME)).read_text(encoding="utf-8"))
         except (OSError, ValueError) as e:
@@ -890,15 +976,48 @@ class TeacherCache:
             raise CacheError(
                 f"teacher cache at {d}: index length disagrees with manifest ({n} examples); {REBUILD_HINT}"
             )
-        for shard in manifest["shards"]:
-            files = shard["files"]
-            names = [files[k] for k in ("topk_idx", "topk_lp") if k in files]
+        return cls(d, manifest, index)
+
+    @staticmethod
+    def _check_files(d: Path, manifest: Mapping[str, Any]) -> dict[str, dict[str, Any]]:
+        """Every file the manifest names: a plain name inside ``d``, present, with its recorded size.
+        Returns the checksum entries (to hash when asked)."""
+        checksums = manifest.get("checksums")
+        if not isinstance(checksums, dict):
+            raise CacheError(
+                f"teacher cache at {d}: {MANIFEST_NAME} has no file checksums (built by an older kdlab, or "
+                f"edited); {REBUILD_HINT}"
+            )
+        names = [manifest.get("index_file", INDEX_NAME)]
+        if manifest.get("answers_file"):
+            names.append(manifest["answers_file"])
+        for shard in manifest.get("shards", []):
+            files = shard.get("files", {})
+            names += [files[k] for k in ("topk_idx", "topk_lp") if k in files]
             names += list(files.get("tail", {}).values())
             names += list(files.get("hidden", {}).values())
-            for fname in names:
-                if not (d / fname).is_file():
-                    raise CacheError(f"teacher cache at {d}: shard file {fname} is missing; {REBUILD_HINT}")
-        return cls(d, manifest, index)
+        for fname in names + list(checksums):
+            if not _plain_name(fname):
+                raise CacheError(
+                    f"teacher cache at {d}: {MANIFEST_NAME} names {fname!r}, not a file of the cache folder; "
+                    f"{REBUILD_HINT}"
+                )
+        for fname in names:
+            entry = checksums.get(fname)
+            if not isinstance(entry, dict) or not {"size", "sha256"} <= set(entry):
+                raise CacheError(
+                    f"teacher cache at {d}: no checksum for {fname} in {MANIFEST_NAME}; {REBUILD_HINT}"
+                )
+            path = d / fname
+            if not path.is_file():
+                raise CacheError(f"teacher cache at {d}: {fname} is missing; {REBUILD_HINT}")
+            size = path.stat().st_size
+            if size != entry["size"]:
+                raise CacheError(
+                    f"teacher cache at {d}: {fname} has {size} bytes, the manifest says {entry['size']} "
+                    f"(truncated or overwritten); {REBUILD_HINT}"
+                )
+        return {fname: checksums[fname] for fname in names}
 
     @staticmethod
     def _mismatch(

@@ -199,9 +199,34 @@ class KDTrainer(Trainer):
         ):
             loss = loss * self.accelerator.num_processes
         # Logged per micro-batch as a share of the global batch; summed back per step in `log`.
-        for name, value in parts.items():
-            self._parts[name].append(float(value.detach()))
+        values = {name: float(value.detach()) for name, value in parts.items()}
+        for name, value in values.items():
+            self._parts[name].append(value)
+        self._check_finite_loss(float(loss.detach()), values)
         return loss
+
+    def _check_finite_loss(self, total: float, parts: Mapping[str, float]) -> None:
+        """A NaN/inf loss fails the run at once (its weights would be garbage), naming the term and step."""
+        if math.isfinite(total) and all(math.isfinite(v) for v in parts.values()):
+            return
+        bad = [f"loss_{n} = {v}" for n, v in parts.items() if not math.isfinite(v)] or [f"loss = {total}"]
+        ok = [f"loss_{n} = {v:.4g}" for n, v in parts.items() if math.isfinite(v)]
+        raise FloatingPointError(
+            f"non-finite loss at step {self.state.global_step + 1}: {', '.join(bad)}"
+            + (f" ({', '.join(ok)})" if ok else "")
+            + "; check the teacher signals (`kdlab cache --verify`) and the learning rate"
+        )
+
+    def _get_grad_norm(self, model: nn.Module, grad_norm: Any = None) -> Any:
+        # The pre-clipping norm of every step's gradients: a NaN/inf one would be stepped into the weights.
+        norm = super()._get_grad_norm(model, grad_norm=grad_norm)
+        value = float(norm) if norm is not None else 0.0
+        if not math.isfinite(value):
+            raise FloatingPointError(
+                f"non-finite gradient at step {self.state.global_step + 1}: gradient norm {value}; "
+                "check the teacher signals (`kdlab cache --verify`) and the learning rate"
+            )
+        return norm
 
     def _save(self, output_dir: str | None = None, state_dict: Any = None) -> None:
         # Checkpoints hold the trainable tensors only (LoRA adapters, or every weight in full fine-tuning,
@@ -260,6 +285,7 @@ def training_arguments(
         save_strategy="steps" if settings.save_steps else "no",
         save_steps=settings.save_steps or 500,
         report_to=[],
+        logging_nan_inf_filter=False,  # a NaN loss is logged as NaN, not replaced by an average
         remove_unused_columns=False,
         dataloader_num_workers=0,
         use_cpu=use_cpu,

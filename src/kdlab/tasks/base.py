@@ -23,12 +23,14 @@ from pathlib import Path
 from typing import TYPE_CHECKING, Any, ClassVar, Literal
 
 from kdlab.config import TaskSettings
+from kdlab.errors import DataError
 
 if TYPE_CHECKING:
     from transformers import PreTrainedTokenizerBase
 
 __all__ = [
     "DATA_LAYOUT",
+    "DataError",
     "DataUnavailableError",
     "Encoded",
     "Example",
@@ -51,7 +53,7 @@ IGNORE_INDEX = -100
 _FIT_ROUNDS = 8
 
 
-class DataUnavailableError(RuntimeError):
+class DataUnavailableError(DataError):
     """No local data folder was given and the Hugging Face hub could not provide the data."""
 
 
@@ -91,6 +93,29 @@ def require_file(path: Path, what: str) -> Path:
     return path
 
 
+def read_data_text(path: Path, what: str) -> str:
+    """A data file's text; bytes that are not UTF-8 fail with the file, the offset and the byte."""
+    try:
+        return path.read_text(encoding="utf-8")
+    except UnicodeDecodeError as e:
+        bad = e.object[e.start : e.start + 1].hex()
+        raise DataError(
+            f"{path}: {what} is not UTF-8 text (byte 0x{bad} at offset {e.start}); re-save it as UTF-8"
+        ) from None
+
+
+def require_examples(examples: list[Example], source: str) -> list[Example]:
+    """``examples``, refusing an empty dataset by name (an empty split would only fail later, unnamed)."""
+    if not examples:
+        raise DataError(f"{source}: no examples (empty dataset)")
+    return examples
+
+
+def shown(text: str, limit: int = 60) -> str:
+    """A short repr of file content for an error message (a JSON file can be one huge line)."""
+    return repr(text if len(text) <= limit else text[:limit] + "...")
+
+
 def load_hub(hub_id: str, split: str) -> Any:
     """``datasets.load_dataset(hub_id, split=split)``, turning any failure into a DataUnavailableError."""
     try:
@@ -98,9 +123,10 @@ def load_hub(hub_id: str, split: str) -> Any:
 
         return datasets.load_dataset(hub_id, split=split)
     except Exception as e:  # offline, missing package, hub error: all mean "no data here"
+        reason = (str(e).strip().splitlines() or [""])[0]  # one line: hub errors can span many
         raise DataUnavailableError(
             f"could not load {hub_id} (split {split!r}) from the Hugging Face hub "
-            f"({type(e).__name__}: {e}). Point kdlab at local files instead with --data-dir DIR or the "
+            f"({type(e).__name__}: {reason}). Point kdlab at local files instead with --data-dir DIR or the "
             f"{DATA_ENV} environment variable, where DIR holds {', '.join(DATA_LAYOUT)}"
         ) from e
 

@@ -8,8 +8,18 @@ from pathlib import Path
 from typing import Any, ClassVar
 
 from kdlab.config import SquadSettings, TaskSettings
+from kdlab.errors import DataError
 from kdlab.metrics import squad_scores
-from kdlab.tasks.base import Example, Task, atomic_write_text, load_hub, require_file, resolve_data_dir
+from kdlab.tasks.base import (
+    Example,
+    Task,
+    atomic_write_text,
+    load_hub,
+    read_data_text,
+    require_examples,
+    require_file,
+    resolve_data_dir,
+)
 
 __all__ = ["SquadTask", "read_squad_json"]
 
@@ -19,27 +29,57 @@ HUB_SPLITS = {"train": "train", "dev": "validation"}
 ALIASES = {"validation": "dev"}
 
 
+def _field(obj: Any, key: str, kind: type | tuple[type, ...], where: str) -> Any:
+    if not isinstance(obj, dict) or key not in obj:
+        raise DataError(f"{where} has no {key!r} field")
+    value = obj[key]
+    if not isinstance(value, kind) or isinstance(value, bool):
+        raise DataError(f"{where}: {key!r} must be {_kind_name(kind)}, got {type(value).__name__}")
+    return value
+
+
+def _kind_name(kind: type | tuple[type, ...]) -> str:
+    kinds = kind if isinstance(kind, tuple) else (kind,)
+    return " or ".join({str: "text", list: "a list", int: "an integer", dict: "an object"}[k] for k in kinds)
+
+
 def read_squad_json(path: Path) -> list[Example]:
-    """Questions of an official SQuAD v1.1 JSON file (data -> paragraphs -> qas), in file order."""
+    """Questions of an official SQuAD v1.1 JSON file (data -> paragraphs -> qas), in file order.
+
+    Every field kdlab reads is checked here, so a malformed file fails when it is loaded, naming the file,
+    the question and the field (every question needs gold answers: training and scoring both read them).
+    """
+    text = read_data_text(path, "SQuAD file")
     try:
-        data = json.loads(path.read_text(encoding="utf-8"))
-        articles = data["data"]
-    except (ValueError, KeyError, TypeError) as e:
-        raise ValueError(f"{path}: not a SQuAD v1.1 JSON file ({type(e).__name__}: {e})") from None
+        data = json.loads(text)
+    except ValueError as e:
+        hint = " (a TSV file: SST-2 data belongs to the sst2 task)" if "\t" in text[:200] else ""
+        raise DataError(f"{path}: not a SQuAD v1.1 JSON file ({type(e).__name__}: {e}){hint}") from None
+    articles = _field(data, "data", list, f"{path}: not a SQuAD v1.1 JSON file: the top level")
     out: list[Example] = []
-    for article in articles:
-        title = str(article.get("title", ""))
-        for para in article["paragraphs"]:
-            context = para["context"]
-            for qa in para["qas"]:
-                answers = qa.get("answers", [])
+    for a, article in enumerate(articles):
+        where = f"{path}: data[{a}]"
+        title = str(article.get("title", "")) if isinstance(article, dict) else ""
+        for p, para in enumerate(_field(article, "paragraphs", list, where)):
+            context = _field(para, "context", str, f"{where}.paragraphs[{p}]")
+            for q, qa in enumerate(_field(para, "qas", list, f"{where}.paragraphs[{p}]")):
+                loc = f"data[{a}].paragraphs[{p}].qas[{q}]"
+                qid = str(_field(qa, "id", (str, int), f"{path}: {loc}"))
+                qwhere = f"{path}: question {qid!r} ({loc})"
+                question = _field(qa, "question", str, qwhere)
+                answers = _field(qa, "answers", list, qwhere)
+                if not answers:
+                    raise DataError(f"{qwhere} has an empty 'answers' list (SQuAD v1.1 needs gold answers)")
+                texts = [_field(ans, "text", str, f"{qwhere} answers[{i}]") for i, ans in enumerate(answers)]
+                start = answers[0].get("answer_start")
+                start = start if isinstance(start, int) and not isinstance(start, bool) else None
                 out.append(Example(
-                    id=str(qa["id"]),
-                    fields={"context": context, "question": qa["question"], "title": title},
-                    answers=tuple(a["text"] for a in answers),
-                    answer_start=int(answers[0]["answer_start"]) if answers else None,
+                    id=qid,
+                    fields={"context": context, "question": question, "title": title},
+                    answers=tuple(texts),
+                    answer_start=start,
                 ))
-    return out
+    return require_examples(out, str(path))
 
 
 class SquadTask(Task):
@@ -72,16 +112,24 @@ class SquadTask(Task):
         if folder is not None:
             return read_squad_json(require_file(folder / "squad" / FILES[split], f"SQuAD v1.1 {split} split"))
         rows = load_hub(HUB_ID, HUB_SPLITS[split])
+        source = f"{HUB_ID} (split {HUB_SPLITS[split]!r})"
         out: list[Example] = []
-        for r in rows:
-            texts, starts = list(r["answers"]["text"]), list(r["answers"]["answer_start"])
-            out.append(Example(
-                id=str(r["id"]),
-                fields={"context": r["context"], "question": r["question"], "title": str(r.get("title", ""))},
-                answers=tuple(texts),
-                answer_start=int(starts[0]) if starts else None,
-            ))
-        return out
+        try:
+            for r in rows:
+                texts, starts = list(r["answers"]["text"]), list(r["answers"]["answer_start"])
+                if not texts:
+                    raise DataError(f"{source}: question {r['id']!r} has no gold answer")
+                out.append(Example(
+                    id=str(r["id"]),
+                    fields={"context": r["context"], "question": r["question"],
+                            "title": str(r.get("title", ""))},
+                    answers=tuple(texts),
+                    answer_start=int(starts[0]) if starts else None,
+                ))
+        except (KeyError, TypeError) as e:
+            raise DataError(f"{source}: rows need columns id, context, question, answers.text, "
+                            f"answers.answer_start ({type(e).__name__}: {e})") from None
+        return require_examples(out, source)
 
     def read_references(self, path: str | Path) -> list[Example]:
         return read_squad_json(require_file(Path(path), "SQuAD v1.1 reference file"))
@@ -142,11 +190,15 @@ class SquadTask(Task):
         atomic_write_text(path, json.dumps(data, ensure_ascii=False, indent=0) + "\n")
 
     def read_predictions(self, path: str | Path) -> dict[str, Any]:
+        path = Path(path)
+        if not path.is_file():
+            raise FileNotFoundError(f"{path}: SQuAD predictions file not found")
+        text = read_data_text(path, "SQuAD predictions file")
         try:
-            data = json.loads(Path(path).read_text(encoding="utf-8"))
+            data = json.loads(text)
         except ValueError as e:
-            raise ValueError(f"{path}: not JSON ({e})") from None
+            raise DataError(f"{path}: not JSON ({e})") from None
         if not isinstance(data, dict) or not all(isinstance(v, str) for v in data.values()):
-            raise ValueError(f"{path}: expected the official SQuAD predictions format, "
-                             "one JSON object {\"question id\": \"answer text\"}")
+            raise DataError(f"{path}: expected the official SQuAD predictions format, "
+                            "one JSON object {\"question id\": \"answer text\"}")
         return data

@@ -3,14 +3,26 @@
 from __future__ import annotations
 
 import csv
+import io
 import json
 from collections.abc import Mapping, Sequence
 from pathlib import Path
 from typing import TYPE_CHECKING, Any, ClassVar
 
 from kdlab.config import SST2Settings
+from kdlab.errors import DataError
 from kdlab.metrics import accuracy
-from kdlab.tasks.base import Example, Task, atomic_write_text, load_hub, require_file, resolve_data_dir
+from kdlab.tasks.base import (
+    Example,
+    Task,
+    atomic_write_text,
+    load_hub,
+    read_data_text,
+    require_examples,
+    require_file,
+    resolve_data_dir,
+    shown,
+)
 
 if TYPE_CHECKING:
     from transformers import PreTrainedTokenizerBase
@@ -22,19 +34,21 @@ HUB_ID = "stanfordnlp/sst2"
 
 def read_tsv(path: Path, split: str) -> list[Example]:
     """An SST-2 ``sentence<TAB>label`` file; ids are ``{split}-{row}`` with 0-based data rows."""
+    text = read_data_text(path, "SST-2 file")
+    # The GLUE files are not CSV-quoted: QUOTE_NONE keeps a sentence's quote characters as text.
+    reader = csv.reader(io.StringIO(text, newline=""), delimiter="\t", quoting=csv.QUOTE_NONE)
+    header = next(reader, None)
+    if header != ["sentence", "label"]:
+        got = "an empty file" if header is None else shown("\t".join(header))
+        hint = " (a JSON file: SQuAD data belongs to the squad task)" if text.lstrip().startswith("{") else ""
+        raise DataError(f"{path}: expected the GLUE SST-2 header 'sentence<TAB>label', got {got}{hint}")
     out: list[Example] = []
-    with path.open(encoding="utf-8", newline="") as fh:
-        # The GLUE files are not CSV-quoted: QUOTE_NONE keeps a sentence's quote characters as text.
-        reader = csv.reader(fh, delimiter="\t", quoting=csv.QUOTE_NONE)
-        header = next(reader, None)
-        if header != ["sentence", "label"]:
-            raise ValueError(f"{path}: expected the header 'sentence<TAB>label', got {header!r}")
-        for row_index, row in enumerate(reader):
-            if len(row) != 2 or row[1] not in ("0", "1"):
-                raise ValueError(f"{path}: data row {row_index} is not 'sentence<TAB>0|1': {row!r}")
-            sentence = row[0].strip()  # some train rows carry a trailing space
-            out.append(Example(id=f"{split}-{row_index}", fields={"sentence": sentence}, label=int(row[1])))
-    return out
+    for row_index, row in enumerate(reader):
+        if len(row) != 2 or row[1] not in ("0", "1"):
+            raise DataError(f"{path}: data row {row_index} is not 'sentence<TAB>0|1': {shown(repr(row))}")
+        sentence = row[0].strip()  # some train rows carry a trailing space
+        out.append(Example(id=f"{split}-{row_index}", fields={"sentence": sentence}, label=int(row[1])))
+    return require_examples(out, str(path))
 
 
 class SST2Task(Task):
@@ -59,9 +73,15 @@ class SST2Task(Task):
         if folder is not None:
             return read_tsv(require_file(folder / "sst2" / f"{split}.tsv", f"SST-2 {split} split"), split)
         rows = load_hub(HUB_ID, split)
-        # Hub rows carry their GLUE row index in `idx`, the same number as the TSV data row.
-        return [Example(id=f"{split}-{int(r['idx'])}", fields={"sentence": str(r["sentence"]).strip()},
-                        label=int(r["label"])) for r in rows]
+        source = f"{HUB_ID} (split {split!r})"
+        try:
+            # Hub rows carry their GLUE row index in `idx`, the same number as the TSV data row.
+            out = [Example(id=f"{split}-{int(r['idx'])}", fields={"sentence": str(r["sentence"]).strip()},
+                           label=int(r["label"])) for r in rows]
+        except (KeyError, TypeError, ValueError) as e:
+            raise DataError(f"{source}: rows need columns idx, sentence, label (0|1) ({type(e).__name__}: "
+                            f"{e})") from None
+        return require_examples(out, source)
 
     def read_references(self, path: str | Path) -> list[Example]:
         path = require_file(Path(path), "SST-2 reference file")
@@ -108,20 +128,22 @@ class SST2Task(Task):
         atomic_write_text(path, "".join(line + "\n" for line in lines))
 
     def read_predictions(self, path: str | Path) -> dict[str, Any]:
+        path = Path(path)
+        if not path.is_file():
+            raise FileNotFoundError(f"{path}: SST-2 predictions file not found")
         out: dict[str, int] = {}
-        with Path(path).open(encoding="utf-8") as fh:
-            for n, line in enumerate(fh, 1):
-                if not line.strip():
-                    continue
-                try:
-                    row = json.loads(line)
-                    key, label = str(row["id"]), row["label"]
-                except (ValueError, KeyError, TypeError) as e:
-                    raise ValueError(f"{path}:{n}: expected a JSON line "
-                                     f"{{\"id\": ..., \"label\": 0|1}} ({e})") from None
-                if label not in (0, 1) or isinstance(label, bool):
-                    raise ValueError(f"{path}:{n}: label must be 0 or 1, got {label!r}")
-                if key in out:
-                    raise ValueError(f"{path}:{n}: duplicate id {key!r}")
-                out[key] = label
+        for n, line in enumerate(read_data_text(path, "SST-2 predictions file").split("\n"), 1):
+            if not line.strip():
+                continue
+            try:
+                row = json.loads(line)
+                key, label = str(row["id"]), row["label"]
+            except (ValueError, KeyError, TypeError) as e:
+                raise DataError(f"{path}:{n}: expected a JSON line "
+                                f"{{\"id\": ..., \"label\": 0|1}} ({type(e).__name__}: {e})") from None
+            if label not in (0, 1) or isinstance(label, bool):
+                raise DataError(f"{path}:{n}: label must be 0 or 1, got {label!r}")
+            if key in out:
+                raise DataError(f"{path}:{n}: duplicate id {key!r}")
+            out[key] = label
         return out
