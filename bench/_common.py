@@ -91,7 +91,7 @@ def teacher_and_student(tiny: bool, student_layers: int, workdir: Path) -> tuple
 PARAMS = {
     "sft": {},
     "kd1": {"lam": 0.5, "temperature": 2.0, "divergence": "forward_kl", "top_k": 32},
-    "kd3": {"lam": 0.5, "loss": "mse"},
+    "kd3": {"lam": 0.5, "loss": "mse", "layer_map": "uniform"},
 }
 
 
@@ -120,13 +120,13 @@ def step_runner(method_name: str, student: nn.Module, *, pad_id: int, vocab_size
                 workdir: Path, params: dict[str, Any] | None = None) -> StepRunner:
     """A KDTrainer for `method_name` on `student` (KD3 gets its learned projections), with its optimizer."""
     method = get_method(method_name)
-    use_pairs = list(pairs) if method.needs_hidden else []
+    params = params if params is not None else PARAMS[method_name]
+    signals = method.signals(params)
+    use_pairs = list(pairs) if signals.layer_map is not None else []
     projections = (losses.make_projections(use_pairs, student.config.hidden_size, teacher_width)
                    if use_pairs else None)
     module = StudentModule(student, projections)
-    params = params if params is not None else PARAMS[method_name]
-    collator = TrainCollator(pad_id, method=method, cache=cache, teacher_layers=[t for _, t in use_pairs],
-                             temperature=params.get("temperature"))
+    collator = TrainCollator(pad_id, signals=signals, cache=cache, teacher_layers=[t for _, t in use_pairs])
     settings = TrainingSettings()  # study defaults: AdamW, lr 2e-4, max_grad_norm 1.0
     args = training_arguments(settings, workdir / method_name, 0, use_cpu=True)
     trainer = KDTrainer(model=module, args=args, train_dataset=[], data_collator=collator, method=method,

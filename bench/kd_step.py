@@ -36,7 +36,7 @@ from kdlab.seeding import configure_determinism
 from kdlab.teacher import build_teacher_cache
 from kdlab.training import TrainItem
 
-METHODS = ("sft", "kd1", "kd3")
+METHODS = ("sft", "kd1", "kd3")  # the methods this bench times
 
 
 def parse_args(argv: list[str] | None) -> argparse.Namespace:

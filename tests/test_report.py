@@ -21,6 +21,7 @@ from kdlab.registry import Registry, RunSpec
 from kdlab.report import (
     Comparison,
     Finding,
+    SettingPart,
     TaskSummary,
     chosen_groups,
     compare_to_sft,
@@ -581,7 +582,8 @@ def _finding(delta: float, low: float, high: float, p: float, holm_p: float | No
              teacher: float | None = 80.0, sft: float | None = 70.0) -> Finding:
     result = BootstrapResult(delta, low, high, p, 500, 10_000, 0.95)
     c = Comparison(task, "s1", method, metric, result, (2, 2), holm_p=holm_p)
-    setting = [("lam", "0.5"), ("temperature", "2")] if setting is None else setting
+    lam, temperature = SettingPart("λ", r"$\lambda$", "0.5"), SettingPart("T", "$T$", "2")
+    setting = [lam, temperature] if setting is None else setting
     method_mean = None if sft is None else sft + delta
     return Finding(c, setting, method_mean, sft, teacher)
 
@@ -591,7 +593,7 @@ def test_finding_sentences() -> None:
     assert better == ("kd1 (λ=0.5, T=2) beats SFT on SST-2 accuracy by +2.1 points [+0.4, +3.8], p=0.020 "
                       "(Holm 0.040).")
     worse = finding_sentence(_finding(-1.3, -2.4, -0.2, 0.004, 0.012, method="kd3", task="squad", metric="f1",
-                                      setting=[("lam", "0.5")]))
+                                      setting=[SettingPart("λ", r"$\lambda$", "0.5")]))
     assert worse == ("kd3 (λ=0.5) is worse than SFT on SQuAD F1 by -1.3 points [-2.4, -0.2], p=0.004 "
                      "(Holm 0.012).")
     same = finding_sentence(_finding(0.4, -1.2, 2.0, 0.61, 1.0))

@@ -17,7 +17,7 @@ import torch
 
 from kdlab import losses
 from kdlab.config import TrainingSettings
-from kdlab.methods import METHODS
+from kdlab.methods import METHODS, Signals
 from kdlab.models import derive_student
 from kdlab.scored import forward_scored
 from kdlab.tasks import SST2Task
@@ -87,10 +87,11 @@ def _run(setup: Setup, tmp: Path, method: str, params: dict[str, Any], *,
          settings: TrainingSettings | None = None, online: bool = False, seed: int = 7):
     student = copy.deepcopy(setup.student)
     m = METHODS[method]
-    pairs = PAIRS if m.needs_hidden else []
+    signals = m.signals(params)
+    pairs = PAIRS if signals.layer_map is not None else []
     projections = losses.make_projections(pairs, 64, 64) if pairs else None
     result = train(
-        student, setup.items(kd2=m.needs_answers), method=m, params=params, settings=settings or _settings(),
+        student, setup.items(kd2=signals.answers), method=m, params=params, settings=settings or _settings(),
         output_dir=tmp / f"{method}-{len(list(tmp.iterdir()))}", seed=seed, pad_id=setup.pad_id,
         vocab_size=setup.vocab, cache=None if online else setup.cache,
         live_teacher=setup.teacher if online else None, layer_pairs=pairs, projections=projections,
@@ -183,9 +184,10 @@ def test_collator_looks_rows_up_by_example_id(tmp_path: Path) -> None:
     ids = list(lengths)
     rng.shuffle(ids)
     with pytest.raises(ValueError, match="temperature"):
-        TrainCollator(0, method=METHODS["kd1"], cache=cache)
+        TrainCollator(0, signals=Signals(top_k=8), cache=cache)
     for method, key in (("kd1", "teacher_topk_indices"), ("kd3", "teacher_hidden_3")):
-        collator = TrainCollator(0, method=METHODS[method], cache=cache, teacher_layers=[3], temperature=2.0)
+        signals = Signals(top_k=8, temperature=2.0) if method == "kd1" else Signals(layer_map="uniform")
+        collator = TrainCollator(0, signals=signals, cache=cache, teacher_layers=[3])
         batch = collator([TrainItem(gold=encoded[i]) for i in ids])
         counts = (batch["labels"] != -100).sum(1).tolist()
         assert counts == [lengths[i] for i in ids]

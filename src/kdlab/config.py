@@ -6,9 +6,10 @@ the dotted path of the field and what was expected.
 
 from __future__ import annotations
 
-import hashlib
-import json
+import importlib
+import importlib.util
 import re
+import sys
 from importlib import resources
 from pathlib import Path
 from typing import Any, ClassVar, Literal
@@ -26,7 +27,6 @@ from pydantic import (
 )
 
 PRESETS = ("demo", "thesis", "smoke")
-METHODS = ("sft", "kd1", "kd2", "kd3")
 
 
 class ConfigError(ValueError):
@@ -37,7 +37,7 @@ class Strict(BaseModel):
     model_config = ConfigDict(extra="forbid", validate_default=True, populate_by_name=True)
 
 
-def _as_list(value: Any) -> Any:
+def as_list(value: Any) -> Any:
     """Grid axes accept one value or a list; downstream code always sees a list."""
     return value if isinstance(value, list) else [value]
 
@@ -216,123 +216,6 @@ class SquadSettings(TaskSettings):
 TASK_SETTINGS: dict[str, type[TaskSettings]] = {"sst2": SST2Settings, "squad": SquadSettings}
 
 
-class MethodSettings(Strict):
-    """A method's hyper-parameters; list-valued fields are grid axes."""
-
-    lam: list[float] = Field(default_factory=lambda: [0.5], alias="lambda", min_length=1)
-
-    _as_list_lam = field_validator("lam", mode="before")(_as_list)
-
-    @field_validator("lam")
-    @classmethod
-    def _lam_range(cls, v: list[float]) -> list[float]:
-        for x in v:
-            if not 0.0 <= x <= 1.0:
-                raise ValueError(f"each lambda must be in [0, 1], got {x}")
-        return v
-
-    def grid_axes(self) -> dict[str, list[Any]]:
-        return {
-            name: getattr(self, name)
-            for name in type(self).model_fields
-            if isinstance(getattr(self, name), list)
-        }
-
-
-class SFTSettings(Strict):
-    def grid_axes(self) -> dict[str, list[Any]]:
-        return {}
-
-
-class KD1Settings(MethodSettings):
-    temperature: list[float] = Field(
-        default_factory=lambda: [2.0],
-        min_length=1,
-        description="softmax temperature T of teacher and student; every divergence is multiplied by T^2. "
-        "The cache stores an exact top-k tail for each temperature listed",
-    )
-    divergence: list[Literal["forward_kl", "reverse_kl", "jsd"]] = Field(
-        default_factory=lambda: ["forward_kl"],
-        description="forward_kl KL(teacher||student), reverse_kl KL(student||teacher), or jsd (generalized, "
-        "weighted by jsd_beta)",
-    )
-    jsd_beta: float = Field(
-        0.5,
-        gt=0,
-        lt=1,
-        description="jsd: the teacher's weight in the mixture m = beta*teacher + (1-beta)*student, as in "
-        "TRL's GKD (0.5: the standard JSD)",
-    )
-    top_k: list[int] = Field(
-        default_factory=lambda: [32],
-        min_length=1,
-        description="teacher log-probs per token (the cache keeps the largest; smaller k read its head)",
-    )
-
-    _lists = field_validator("temperature", "divergence", "top_k", mode="before")(_as_list)
-
-    @field_validator("top_k")
-    @classmethod
-    def _k_pos(cls, v: list[int]) -> list[int]:
-        if any(k <= 0 for k in v):
-            raise ValueError("top_k must be > 0")
-        return v
-
-    @field_validator("temperature")
-    @classmethod
-    def _t_pos(cls, v: list[float]) -> list[float]:
-        if any(t <= 0 for t in v):
-            raise ValueError("temperature must be > 0")
-        return v
-
-
-class KD2Settings(MethodSettings):
-    pass
-
-
-class KD3Settings(MethodSettings):
-    # One map, or a list of maps as a grid axis: "auto", "derived", "uniform", "last", or explicit
-    # [[student, teacher], ...] pairs of hidden-state indices.
-    layer_map: list[Literal["auto", "derived", "uniform", "last"] | list[tuple[int, int]]] = Field(
-        default_factory=lambda: ["auto"],
-        min_length=1,
-        description="'derived': each block of a derived student paired with the teacher block it was copied "
-        "from; 'uniform': evenly spaced pairs (students unrelated to the teacher); 'auto' (default): derived "
-        "for derived students, else uniform; 'last': the last blocks only; or explicit [[student, teacher]] "
-        "hidden-state indices",
-    )
-    loss: Literal["mse", "cosine"] = Field(
-        "mse",
-        description="the feature loss compares layer-normed hidden states (mse; cosine: 1 - cosine "
-        "similarity), averaged over layer pairs, so it is of order 1 per token and lambda weighs it against "
-        "the task CE",
-    )
-
-    @field_validator("layer_map", mode="before")
-    @classmethod
-    def _one_or_many_maps(cls, v: Any) -> Any:
-        # A bare name, or one explicit list of pairs, is a single map; anything else is a list of maps.
-        if isinstance(v, str):
-            return [v]
-        if (
-            isinstance(v, list)
-            and v
-            and all(
-                isinstance(p, list | tuple) and len(p) == 2 and all(isinstance(i, int) for i in p) for p in v
-            )
-        ):
-            return [v]
-        return v
-
-
-METHOD_SETTINGS: dict[str, type[Strict]] = {
-    "sft": SFTSettings,
-    "kd1": KD1Settings,
-    "kd2": KD2Settings,
-    "kd3": KD3Settings,
-}
-
-
 class EvaluationSettings(Strict):
     batch_size: int = Field(16, gt=0)
     dtype: Literal["float32", "bfloat16", "float16"] = Field(
@@ -360,6 +243,12 @@ class CacheSettings(Strict):
     )
 
 
+def _baseline_only() -> dict[str, Any]:
+    from kdlab.methods import baseline
+
+    return {baseline().name: {}}
+
+
 class StudyConfig(Strict):
     name: str = "study"
     output_dir: str = "runs/study"
@@ -368,11 +257,9 @@ class StudyConfig(Strict):
     teacher: TeacherSettings
     students: list[StudentSettings] = Field(..., min_length=1)
     # SerializeAsAny: the sections hold subclasses (SST2Settings, KD1Settings, ...); without it model_dump
-    # (to_yaml, config_hash) would write only the base class's fields and drop e.g. every method setting.
+    # (to_yaml) would write only the base class's fields and drop e.g. every method setting.
     tasks: dict[str, SerializeAsAny[TaskSettings]] = Field(..., min_length=1)
-    methods: dict[str, SerializeAsAny[Strict]] = Field(
-        default_factory=lambda: {"sft": SFTSettings()}, min_length=1
-    )
+    methods: dict[str, SerializeAsAny[Strict]] = Field(default_factory=_baseline_only, min_length=1)
     training: TrainingSettings = Field(default_factory=TrainingSettings)
     evaluation: EvaluationSettings = Field(default_factory=EvaluationSettings)
     cache: CacheSettings = Field(default_factory=CacheSettings)
@@ -387,6 +274,21 @@ class StudyConfig(Strict):
         "workspace setting, math attention): bit-identical reruns at some speed cost. "
         "CPU runs are deterministic anyway",
     )
+    plugins: list[str] = Field(
+        default_factory=list,
+        description="modules outside kdlab that register methods (or tasks): importable module names, or "
+        "paths of .py files; imported before the rest of the config is read",
+    )
+
+    @model_validator(mode="before")
+    @classmethod
+    def _import_plugins(cls, data: Any) -> Any:
+        # First: the methods and tasks sections are validated by the classes the plugins register.
+        if isinstance(data, dict):
+            plugins = data.get("plugins") or []
+            for name in plugins if isinstance(plugins, list) else []:
+                import_plugin(str(name))
+        return data
 
     @field_validator("tasks", mode="before")
     @classmethod
@@ -396,7 +298,9 @@ class StudyConfig(Strict):
     @field_validator("methods", mode="before")
     @classmethod
     def _methods(cls, raw: Any) -> Any:
-        return _typed_sections(raw, METHOD_SETTINGS, "methods")
+        from kdlab.methods import METHODS
+
+        return _typed_sections(raw, {name: m.settings for name, m in METHODS.items()}, "methods")
 
     @field_validator("seeds")
     @classmethod
@@ -412,14 +316,34 @@ class StudyConfig(Strict):
             raise ValueError(f"students: names must be unique, got {names}")
         return self
 
-    def config_hash(self) -> str:
-        """Hash of everything that changes results (output and data folders excluded)."""
-        data = self.model_dump(mode="json", by_alias=True, exclude={"output_dir", "data_dir", "name"})
-        return hashlib.sha256(json.dumps(data, sort_keys=True).encode()).hexdigest()[:16]
+    @model_serializer(mode="wrap")
+    def _drop_no_plugins(self, handler: Any) -> dict[str, Any]:
+        # Configs without plugins dump as they did before the option existed (study.yaml unchanged).
+        data = handler(self)
+        if not data.get("plugins"):
+            data.pop("plugins", None)
+        return data
 
     def to_yaml(self) -> str:
         data = self.model_dump(mode="json", by_alias=True)
         return yaml.safe_dump(data, sort_keys=False, allow_unicode=True)
+
+
+def import_plugin(name: str) -> None:
+    """Import a plugin module (its `@register` calls add methods or tasks): a module name, or a .py file."""
+    try:
+        if name.endswith(".py"):
+            path = Path(name).expanduser()
+            spec = importlib.util.spec_from_file_location(path.stem, path)
+            if spec is None or spec.loader is None or not path.is_file():
+                raise FileNotFoundError(f"no such file {path}")
+            module = importlib.util.module_from_spec(spec)
+            sys.modules[path.stem] = module
+            spec.loader.exec_module(module)
+        else:
+            importlib.import_module(name)
+    except Exception as e:
+        raise ValueError(f"plugins: cannot import {name!r} ({type(e).__name__}: {e})") from None
 
 
 def _typed_sections(raw: Any, classes: dict[str, type[Strict]], where: str) -> Any:

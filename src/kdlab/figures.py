@@ -24,6 +24,7 @@ from matplotlib.backends.backend_agg import FigureCanvasAgg
 from matplotlib.figure import Figure
 from matplotlib.ticker import FixedLocator, FuncFormatter, NullFormatter
 
+from kdlab.methods import METHODS, baseline
 from kdlab.stats import pareto_front
 
 __all__ = [
@@ -40,7 +41,7 @@ __all__ = [
 
 COLUMN_WIDTH_IN = 3.4  # a two-column paper's column (ACL / IEEE ~3.3-3.5 in)
 DPI = 300
-METHOD_COLORS = {"teacher": "#b2182b", "sft": "#404040", "kd1": "#2166ac", "kd2": "#e08214", "kd3": "#1b7837"}
+TEACHER_COLOR = "#b2182b"
 _EXTRA_COLORS = ("#762a83", "#8c510a", "#01665e", "#c51b7d")
 _LINESTYLES = ("-", "--", ":", "-.")
 STYLE = {
@@ -92,8 +93,11 @@ class Curve:
 
 
 def method_color(method: str) -> str:
-    if method in METHOD_COLORS:
-        return METHOD_COLORS[method]
+    """A method's own color (`Method.color`), the teacher's, else a spare one picked by name."""
+    if method == "teacher":
+        return TEACHER_COLOR
+    if method in METHODS and METHODS[method].color:
+        return METHODS[method].color
     return _EXTRA_COLORS[sum(map(ord, method)) % len(_EXTRA_COLORS)]  # stable across runs, unlike hash()
 
 
@@ -192,8 +196,8 @@ def lambda_figure(stem: Path, *, title: str, ylabel: str, series: Sequence[Lambd
                     ax.plot([s.chosen_lam], [chosen[0]], marker="o", markersize=11, markerfacecolor="none",
                             markeredgecolor=color, linestyle="none")
         for i, (label, value) in enumerate((baselines or {}).items()):
-            ax.axhline(value, color=METHOD_COLORS["sft"], linestyle=_LINESTYLES[(i + 1) % len(_LINESTYLES)],
-                       linewidth=1.0, label=label)
+            ax.axhline(value, color=method_color(baseline().name),
+                       linestyle=_LINESTYLES[(i + 1) % len(_LINESTYLES)], linewidth=1.0, label=label)
         ax.set_xlabel("λ, weight of the KD term (unitless)")
         ax.set_ylabel(ylabel)
         ax.set_title(title)

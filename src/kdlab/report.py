@@ -33,11 +33,11 @@ from collections.abc import Callable, Mapping, Sequence
 from dataclasses import dataclass, field
 from importlib import metadata
 from pathlib import Path
-from typing import Any
+from typing import Any, NamedTuple
 
 import numpy as np
 
-from kdlab.config import METHODS, StudyConfig, load_config
+from kdlab.config import StudyConfig, load_config
 from kdlab.figures import (
     COLUMN_WIDTH_IN,
     Curve,
@@ -48,6 +48,7 @@ from kdlab.figures import (
     lambda_figure,
     training_figure,
 )
+from kdlab.methods import METHODS, MixedSettings, baseline
 from kdlab.metrics import exact_match, f1
 from kdlab.registry import Registry, RunRecord
 from kdlab.stats import BootstrapResult, holm, mean_std, paired_bootstrap, significance_level
@@ -73,8 +74,6 @@ METRICS = {"sst2": ["accuracy"], "squad": ["exact_match", "f1"]}
 LABELS = {"accuracy": "Acc", "exact_match": "EM", "f1": "F1"}
 METRIC_NAMES = {"accuracy": "accuracy", "exact_match": "exact match", "f1": "F1"}
 TASK_LABELS = {"sst2": "SST-2", "squad": "SQuAD"}
-METHOD_ORDER = METHODS  # table order
-PARAM_SYMBOLS = {"lam": ("λ", r"$\lambda$"), "temperature": ("T", "$T$"), "divergence": ("", "")}
 DECIMALS = 1
 N_RESAMPLES = 10_000
 BOOTSTRAP_SEED = 0
@@ -191,7 +190,8 @@ def _key(params: Mapping[str, Any]) -> str:
 
 
 def _method_rank(method: str) -> tuple[int, str]:
-    return (METHOD_ORDER.index(method) if method in METHOD_ORDER else len(METHOD_ORDER), method)
+    order = list(METHODS)  # registration order: the baseline, then the KD methods
+    return (order.index(method) if method in order else len(order), method)
 
 
 def _metric(run: RunRecord, split: str, metric: str) -> float | None:
@@ -469,9 +469,10 @@ def compare_to_sft(
     seed = bootstrap_seed(outputs) if seed is None else seed
     scorer = scorer if scorer is not None else _Scorer(outputs, data_dir, notes)
     out: list[Comparison] = []
+    sft = baseline().name
     for (student, method, task), group in groups.items():
-        base = groups.get((student, "sft", task))
-        if method == "sft" or base is None:
+        base = groups.get((student, sft, task))
+        if method == sft or base is None:
             continue
         metrics = task_metrics(task)
         seeds = (len(group.runs), len(base.runs))
@@ -479,14 +480,14 @@ def compare_to_sft(
             if not group.runs or not base.runs:
                 raise ValueError("no finished runs")
             system = [scorer.scores(r) for r in group.runs]
-            baseline = [scorer.scores(r) for r in base.runs]
+            reference = [scorer.scores(r) for r in base.runs]
         except ValueError as e:
             out += [Comparison(task, student, method, m, None, seeds, str(e)) for m in metrics]
             continue
         for m in metrics:
             res = paired_bootstrap(
                 np.stack([s[m] for s in system]),
-                np.stack([s[m] for s in baseline]),
+                np.stack([s[m] for s in reference]),
                 n_resamples=n_resamples,
                 confidence=CONFIDENCE,
                 seed=seed,
@@ -576,18 +577,34 @@ def _num(x: Any) -> str:
     return f"{x:g}" if isinstance(x, float) else str(x)
 
 
-def setting_parts(group: Group) -> list[tuple[str, str]]:
-    """(name, value) of the chosen setting worth showing: λ, T, divergence, and any other grid axis."""
-    keys = [k for k in PARAM_SYMBOLS if k in group.params]
+class SettingPart(NamedTuple):
+    text: str  # the setting's name in tables ("": the value is shown alone)
+    latex: str
+    value: str
+
+
+def _param_name(method: str, param: str) -> tuple[str, str]:
+    """How `method`'s settings label a param: (text, LaTeX) ("" : the value alone)."""
+    settings = METHODS[method].settings if method in METHODS else MixedSettings
+    label = settings.label(param)
+    text = param if label.text is None else label.text
+    return text, tex_escape(text) if label.latex is None else label.latex
+
+
+def setting_parts(group: Group) -> list[SettingPart]:
+    """The chosen setting worth showing: what the method's settings always show (λ, T, divergence, ...),
+    then any other grid axis that varied."""
+    settings = METHODS[group.method].settings if group.method in METHODS else MixedSettings
+    keys = [k for k, label in settings.labels.items() if label.in_tables and k in group.params]
     keys += [k for k in group.varying if k not in keys and k in group.params]
-    return [(k, _num(group.params[k])) for k in keys]
+    return [SettingPart(*_param_name(group.method, k), _num(group.params[k])) for k in keys]
 
 
 @dataclass
 class SummaryRow:
     model: str
     method: str
-    setting: list[tuple[str, str]]
+    setting: list[SettingPart]
     values: dict[str, list[float]]  # metric -> values over seeds
     teacher: bool = False
 
@@ -647,7 +664,7 @@ class Finding:
     """One KD method against SFT (same student) on one task and metric, with the teacher's lead over SFT."""
 
     comparison: Comparison
-    setting: list[tuple[str, str]]
+    setting: list[SettingPart]
     method_mean: float | None  # eval metric, mean over seeds (the results table's value)
     sft_mean: float | None
     teacher: float | None  # the teacher's eval metric, on the same evaluation examples
@@ -715,7 +732,8 @@ def build_findings(
     The teacher's registry metric is on the same examples as the students' (data/<task>.json's eval ids)."""
     out = []
     for c in comparisons:
-        group, base = groups.get((c.student, c.method, c.task)), groups.get((c.student, "sft", c.task))
+        group = groups.get((c.student, c.method, c.task))
+        base = groups.get((c.student, baseline().name, c.task))
         teacher, label = _teacher_reference(outputs, c.task)
         out.append(
             Finding(
@@ -803,14 +821,8 @@ class _Markdown:
     def text(self, s: str) -> str:
         return s.replace("|", "\\|")
 
-    def setting(self, parts: Sequence[tuple[str, str]]) -> str:
-        return (
-            ", ".join(
-                f"{PARAM_SYMBOLS.get(k, (k,))[0]}={v}" if PARAM_SYMBOLS.get(k, (k,))[0] else v
-                for k, v in parts
-            )
-            or "–"
-        )
+    def setting(self, parts: Sequence[SettingPart]) -> str:
+        return ", ".join(f"{p.text}={p.value}" if p.text else p.value for p in parts) or "–"
 
     def table(self, head: Sequence[str], rows: Sequence[Sequence[str]], align: str) -> str:
         sep = ["---:" if a == "r" else "---" for a in align]
@@ -826,12 +838,9 @@ class _Latex(_Markdown):
     def text(self, s: str) -> str:
         return tex_escape(s)
 
-    def setting(self, parts: Sequence[tuple[str, str]]) -> str:
-        out = []
-        for k, v in parts:
-            sym = PARAM_SYMBOLS.get(k, ("", tex_escape(k)))[1]
-            out.append(f"{sym}={tex_escape(v)}" if sym else tex_escape(v))
-        return ", ".join(out) or "--"
+    def setting(self, parts: Sequence[SettingPart]) -> str:
+        return ", ".join(f"{p.latex}={tex_escape(p.value)}" if p.latex else tex_escape(p.value)
+                         for p in parts) or "--"
 
     def table(self, head: Sequence[str], rows: Sequence[Sequence[str]], align: str) -> str:
         lines = [rf"\begin{{tabular}}{{{align}}}", r"\toprule", " & ".join(head) + r" \\", r"\midrule"]
@@ -1078,10 +1087,10 @@ def _lambda_figures(
         for (student, method, t), g in groups.items():
             if t != task:
                 continue
-            if method == "sft":
+            if method == baseline().name:
                 v = _metric(g.first, "selection", metric) if g.first is not None else None
                 if v is not None:
-                    baselines[f"{_student_label(student, 'sft', many)} (no λ)"] = v
+                    baselines[f"{_student_label(student, method, many)} (no λ)"] = v
                 continue
             # One line per combination of the other grid axes (e.g. temperature), λ on the x axis.
             lines: dict[str, list[RunRecord]] = {}
@@ -1096,7 +1105,7 @@ def _lambda_figures(
                     label += (
                         " ("
                         + ", ".join(
-                            f"{PARAM_SYMBOLS.get(k, (k,))[0] or k}={_num(v)}" for k, v in other.items()
+                            f"{_param_name(method, k)[0] or k}={_num(v)}" for k, v in other.items()
                         )
                         + ")"
                     )
@@ -1253,8 +1262,9 @@ def _training_figures(
         paths = training_figure(fig_dir / f"training_{task}", title=title, curves=curves)
         caption = (
             "Losses logged during training of the first-seed run of each chosen setting: task "
-            "cross-entropy on the gold answers, and the KD term (kd1: T²-scaled divergence, nats; "
-            "kd2: cross-entropy on the teacher's answers, nats; kd3: feature distance)."
+            "cross-entropy on the gold answers, and the KD term ("
+            + "; ".join(f"{m.name}: {m.kd_term}" for m in METHODS.values() if m.kd_term)
+            + ")."
         )
         entries.append(FigureEntry(title, caption, paths))
     return entries

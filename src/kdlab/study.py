@@ -30,7 +30,7 @@ from kdlab.config import ConfigError, StudentSettings, StudyConfig
 from kdlab.distributed import Ranks
 from kdlab.errors import CacheError, RegistryError, StudyError
 from kdlab.evaluation import evaluate, predict
-from kdlab.methods import METHODS, Method, get_method
+from kdlab.methods import Signals, baseline, get_method
 from kdlab.models import (
     add_lora,
     atomic_folder,
@@ -75,11 +75,21 @@ from kdlab.tasks.base import (
     subset,
     transfer_subset,
 )
-from kdlab.teacher import build_teacher_cache, cache_fingerprint_inputs, kd2_answer, transfer_item
+from kdlab.teacher import build_teacher_cache, cache_fingerprint_inputs, teacher_answer, transfer_item
 from kdlab.teacher_cache import REBUILD_HINT, TeacherCache, fingerprint, hash_file
 from kdlab.training import TrainItem, train
 
 log = logging.getLogger("kdlab")
+
+
+@dataclass(frozen=True)
+class CacheContents:
+    """What a task's teacher cache holds: the union of what every run of the study reads from it."""
+
+    answers: bool  # the teacher's greedy answers
+    top_k: int | None  # top-k log-probs (the largest k of any run)...
+    temperatures: list[float] | None  # ...with an exact tail per temperature
+    hidden_layers: list[int]  # hidden states at these teacher layers
 
 
 @dataclass
@@ -126,34 +136,38 @@ def _field_error(where: str, error: Exception) -> str:
     return text if text.startswith(where) else f"{where}: {text}"
 
 
-def _check_layer_map(layer_map: Any, kept: Sequence[int] | None, s_layers: int, t_layers: int) -> None:
-    """A KD3 layer map must resolve for this student before any run needs it (`Study.layer_pairs` rules):
-    `kept` are a derived student's teacher blocks, None for a separate student model."""
+def resolve_layer_pairs(
+    layer_map: Any, kept: Sequence[int] | None, s_layers: int, t_layers: int, where: str
+) -> list[tuple[int, int]]:
+    """(student, teacher) hidden-state pairs of one layer map for one student. `kept` are a derived
+    student's teacher blocks (None: a separate student model): "derived" pairs each of its blocks with the
+    teacher block it was copied from; "auto" is "derived" for derived students, else "uniform". `where`
+    names the config field in errors."""
     if layer_map in ("auto", "derived"):
         if kept is not None:
-            losses.derived_layer_map(kept, t_layers)
-            return
+            return losses.derived_layer_map(kept, t_layers)
         if layer_map == "derived":
-            raise ValueError("methods.kd3.layer_map: 'derived' needs a student derived from the teacher "
-                             "(students.derive)")
+            raise ValueError(f"{where}: 'derived' needs a student derived from the teacher (students.derive)")
         layer_map = "uniform"
     try:
-        losses.resolve_layer_map(layer_map, s_layers, t_layers)
+        return losses.resolve_layer_map(layer_map, s_layers, t_layers)
     except ValueError as e:
-        raise ValueError(f"methods.kd3.layer_map: {e}") from None
+        raise ValueError(f"{where}: {e}") from None
 
 
 def run_id(
     method: str, task: str, student: str, params: dict[str, Any], axes: Sequence[str], seed: int
 ) -> str:
-    """Readable, deterministic: `kd3-sst2-s1-lam0.5-seed42` (grid axes with one value are left out)."""
-    short = {"lam": "lam", "temperature": "T", "divergence": "", "top_k": "k", "layer_map": "map"}
+    """Readable, deterministic: `kd3-sst2-s1-lam0.5-seed42` (grid axes with one value are left out; each
+    axis is tagged as its method's settings label it)."""
+    labels = get_method(method).settings
     parts = [method, task, student]
     for axis in axes:
         value = params[axis]
-        if isinstance(value, list):  # an explicit layer map: a short stable tag
+        if isinstance(value, list):  # e.g. an explicit layer map: a short stable tag
             value = "pairs" + fingerprint({"map": value})[:6]
-        parts.append(f"{short.get(axis, axis)}{_fmt(value) if isinstance(value, float) else value}")
+        tag = labels.label(axis).run_id
+        parts.append(f"{axis if tag is None else tag}{_fmt(value) if isinstance(value, float) else value}")
     parts.append(f"seed{seed}")
     return "-".join(parts)
 
@@ -251,26 +265,24 @@ class Study:
             vocab = len(self.tokenizer)
         except (OSError, ValueError) as e:
             raise ConfigError(_field_error("teacher.model", e)) from None
-        t_layers = num_layers(teacher_config)
-        kd1, kd3 = cfg.methods.get("kd1"), cfg.methods.get("kd3")
-        if kd1 is not None and max(kd1.top_k) > vocab:
-            raise ConfigError(
-                f"methods.kd1.top_k: {max(kd1.top_k)} is more than the vocabulary ({vocab} tokens)"
-            )
+        for method in cfg.methods:
+            top_k = max((s.top_k for s in self.grid_signals(method) if s.top_k is not None), default=0)
+            if top_k > vocab:
+                raise ConfigError(
+                    f"methods.{method}.top_k: {top_k} is more than the vocabulary ({vocab} tokens)"
+                )
         for student in cfg.students:
             where = f"students.{student.name}"
             try:
                 if student.model is not None:
-                    path = resolve_model_path(student.model, student.revision)
-                    self._check_vocab(student, path)
-                    kept = None
-                    s_layers = num_layers(model_config(path, trust_remote_code=student.trust_remote_code))
+                    self._check_vocab(student, resolve_model_path(student.model, student.revision))
                 else:
                     kept = derive_layers(teacher_config, student.derive)
                     check_derivable(teacher_config, kept, trust_remote_code=cfg.teacher.trust_remote_code)
-                    s_layers = len(kept)
-                for layer_map in kd3.layer_map if kd3 is not None else []:
-                    _check_layer_map(layer_map, kept, s_layers, t_layers)
+                for method in cfg.methods:
+                    for signals in self.grid_signals(method):
+                        if signals.layer_map is not None:
+                            self.layer_pairs(student, signals.layer_map, method)
             except (OSError, ValueError) as e:
                 raise ConfigError(_field_error(where, e)) from None
         for name, settings in cfg.tasks.items():
@@ -324,10 +336,6 @@ class Study:
             student = students.get(name)
             if task not in self.config.tasks or method not in self.config.methods or student is None:
                 continue  # not part of this study any more: nothing to compare
-            if METHODS[method].needs_hidden and student.model is None and not (
-                self.out / "students" / name / "init" / "config.json"
-            ).is_file():
-                continue  # its layer pairs need the derived student, which is not built yet (no write here)
             points, axes = self.grid(method)
             seeds = self.config.seeds
             for seed, stage in [(seeds[0], "grid")] + [(x, "final") for x in seeds[1:]]:
@@ -626,7 +634,7 @@ class Study:
             result = train(
                 model,
                 items,
-                method=get_method("sft"),
+                method=baseline(),  # plain fine-tuning on the gold answers
                 params={},
                 settings=cfg.training,
                 output_dir=folder.with_name(folder.name + "-trainer"),
@@ -703,64 +711,60 @@ class Study:
                 f"({len(tok)} vs {len(self.tokenizer)} tokens); KD needs a shared vocabulary"
             )
 
-    def layer_pairs(self, student_path: str, layer_map: Any) -> list[tuple[int, int]]:
-        """(student, teacher) hidden-state pairs of one KD3 layer map for this student.
-
-        "derived" pairs each block of a derived student with the teacher block it was copied from (read from
-        the `derived_from.json` its folder keeps); "auto" is "derived" for derived students, else "uniform".
-        """
+    def _layer_counts(self, student: StudentSettings) -> tuple[list[int] | None, int, int]:
+        """(a derived student's teacher blocks or None, student layers, teacher layers), from the configs
+        alone, so layer maps resolve before the derived student is built."""
         # Layer counts from each family's config (num_hidden_layers, n_layer, ...; the text part of multimodal
         # configs), so any decoder family works; hidden states come from output_hidden_states (scored.py).
-        trust_teacher = self.config.teacher.trust_remote_code
-        trust = trust_teacher or any(st.trust_remote_code for st in self.config.students)
-        s = num_layers(model_config(student_path, trust_remote_code=trust))
-        t = num_layers(model_config(self.base_teacher_path, trust_remote_code=trust_teacher))
-        origin = Path(student_path) / "derived_from.json"
-        if layer_map in ("auto", "derived"):
-            if origin.is_file():
-                return losses.derived_layer_map(json.loads(origin.read_text())["teacher_layers"], t)
-            if layer_map == "derived":
-                raise ValueError(
-                    "methods.kd3.layer_map: 'derived' needs a student derived from the teacher "
-                    f"(students.derive); {student_path} was not"
-                )
-            layer_map = "uniform"
-        return losses.resolve_layer_map(layer_map, s, t)
+        cfg = self.config.teacher
+        teacher_config = model_config(self.base_teacher_path, trust_remote_code=cfg.trust_remote_code)
+        t_layers = num_layers(teacher_config)
+        if student.derive is not None:
+            kept = derive_layers(teacher_config, student.derive)
+            return kept, len(kept), t_layers
+        path = resolve_model_path(student.model, student.revision)
+        trust = student.trust_remote_code or cfg.trust_remote_code
+        return None, num_layers(model_config(path, trust_remote_code=trust)), t_layers
+
+    def layer_pairs(self, student: StudentSettings, layer_map: Any, method: str) -> list[tuple[int, int]]:
+        """(student, teacher) hidden-state pairs of `method`'s layer map for this student
+        (`resolve_layer_pairs`)."""
+        kept, s_layers, t_layers = self._layer_counts(student)
+        return resolve_layer_pairs(layer_map, kept, s_layers, t_layers, f"methods.{method}.layer_map")
+
+    def grid_signals(self, method: str) -> list[Signals]:
+        """What each grid point of `method` reads from the teacher."""
+        return [get_method(method).signals(point) for point in self.grid(method)[0]]
 
     def seed(self, stage: str, run_seed: int | None = None) -> int:
         return stage_seed(self.config.seeds, self.config.data_seed, stage, run_seed)
 
-    def cached_teacher_layers(self) -> list[int]:
-        """Teacher layers any student's KD3 layer map (every grid point) reads from the cache."""
-        kd3 = self.config.methods.get("kd3")
-        if kd3 is None:
-            return []
-        return sorted(
-            {
-                t
-                for st in self.config.students
-                for spec in kd3.layer_map
-                for _, t in self.layer_pairs(self.student_path(st), spec)
-            }
-        )
-
     # -- teacher cache ------------------------------------------------------------------------------------
 
-    def _cache_fields(self) -> tuple[bool, bool, bool] | None:
-        """(top-k, hidden states, answers) the study's methods read from a teacher cache; None: no cache."""
-        needs = [METHODS[m] for m in self.config.methods]
-        topk = any(m.needs_topk for m in needs)
-        hidden = any(m.needs_hidden for m in needs)
-        answers = any(m.needs_answers for m in needs)
-        if not (topk or hidden or answers) or self.config.cache.mode == "online":
+    def cache_contents(self) -> CacheContents | None:
+        """What the teacher cache must hold for every grid point of every method and every student; None:
+        no method reads the teacher, or the teacher runs live (`cache.mode: online`)."""
+        if self.config.cache.mode == "online":
             return None
-        return topk, hidden, answers
+        answers, top_k, temperatures, layers = False, None, set(), set()
+        for method in self.config.methods:
+            for signals in self.grid_signals(method):
+                answers |= signals.answers
+                if signals.top_k is not None:
+                    top_k = max(top_k or 0, signals.top_k)
+                    temperatures.add(float(signals.temperature))
+                if signals.layer_map is not None:
+                    for student in self.config.students:
+                        layers |= {t for _, t in self.layer_pairs(student, signals.layer_map, method)}
+        if not (answers or top_k or layers):
+            return None
+        return CacheContents(answers, top_k, sorted(temperatures) if top_k else None, sorted(layers))
 
     def verify_caches(self) -> list[tuple[str, Path, str | None]]:
         """`kdlab cache --verify`: hash every file of each task's teacher cache against its manifest.
         (task, folder, None when intact, else the error naming the file and the repair command). Integrity
         only: whether a cache still fits the config is checked when a run uses it."""
-        if self._cache_fields() is None:
+        if self.cache_contents() is None:
             return []
         results: list[tuple[str, Path, str | None]] = []
         for name in self.config.tasks:
@@ -773,13 +777,10 @@ class Study:
         return results
 
     def cache_stage(self, name: str) -> TeacherCache | None:
-        fields = self._cache_fields()
-        if fields is None:
+        contents = self.cache_contents()
+        if contents is None:
             return None
-        topk, hidden, answers = fields
-        layers = self.cached_teacher_layers() if hidden else []
-        # The exact top-k tail is stored per KD1 temperature of the grid.
-        temperatures = sorted(set(self.config.methods["kd1"].temperature)) if topk else None
+        layers, answers, temperatures = contents.hidden_layers, contents.answers, contents.temperatures
         empty_answers = self.config.cache.empty_answers  # KD2: empty/degenerate teacher answers
         data = self.data(name)
         teacher_dir = self.teacher_path(name)
@@ -789,7 +790,7 @@ class Study:
             task=data.task,
             split=data.task.train_split,
             example_ids=[e.id for e in data.train],
-            top_k=max(self.config.methods["kd1"].top_k) if topk else None,
+            top_k=contents.top_k,
             hidden_layers=layers,
             answers=answers,
             dtype=self.config.evaluation.dtype,
@@ -893,8 +894,9 @@ class Study:
         seed: int,
         stage: str,
     ) -> RunSpec:
-        if METHODS[method].needs_hidden:  # the exact pairs a map resolves to, recorded with the run
-            pairs = self.layer_pairs(self.student_path(student), params["layer_map"])
+        layer_map = get_method(method).signals(params).layer_map
+        if layer_map is not None:  # the exact pairs a map resolves to, recorded with the run
+            pairs = self.layer_pairs(student, layer_map, method)
             params = dict(params, layer_pairs=[list(p) for p in pairs])
         rid = run_id(method, task, student.name, params, axes, seed)
         return RunSpec(
@@ -931,24 +933,23 @@ class Study:
     def _train_student(self, spec: RunSpec, student: StudentSettings, cache: TeacherCache | None) -> dict:
         data = self.data(spec.task)
         method = get_method(spec.method)
+        signals = method.signals(spec.params)
         path = self.student_path(student)
         folder = Path(spec.output_dir)
         seed_everything(self.seed("student", spec.seed))  # LoRA init, KD3 projections, data order
         model = load_model(path, device=self.device, trust_remote_code=student.trust_remote_code)
         if student.finetune == "lora":
             model = add_lora(model, student.lora)
-        pairs = self.layer_pairs(path, spec.params["layer_map"]) if method.needs_hidden else []
+        pairs = [] if signals.layer_map is None else self.layer_pairs(student, signals.layer_map, spec.method)
         projections = None
         if pairs:
             width = hidden_width(model_config(self.base_teacher_path))
             projections = losses.make_projections(pairs, hidden_width(model.config), width).to(self.device)
         live = None
-        if self.config.cache.mode == "online" and (
-            method.needs_topk or method.needs_hidden or method.needs_answers
-        ):
+        if self.config.cache.mode == "online" and signals.from_teacher:
             live = load_model(self.teacher_path(spec.task), device=self.device)
             live.requires_grad_(False)
-        items = self._train_items(data, method, cache, live)
+        items = self._train_items(data, signals, cache, live)
         # An interrupted run continues from its last checkpoint (training.save_steps > 0).
         trainer_dir = folder / "trainer"
         last = get_last_checkpoint(str(trainer_dir)) if trainer_dir.is_dir() else None
@@ -997,26 +998,27 @@ class Study:
         return metrics
 
     def _train_items(
-        self, data: TaskData, method: Method, cache: TeacherCache | None, live: Any
+        self, data: TaskData, signals: Signals, cache: TeacherCache | None, live: Any
     ) -> list[TrainItem]:
-        """The gold examples (with the teacher's answer as KD2 target), then, for methods that learn from the
-        teacher, the transfer set labelled by the teacher's answers (no task loss on those)."""
+        """The gold examples (with the teacher's answer as a second target when the method reads answers),
+        then, for methods that learn from the teacher, the transfer set labelled by the teacher's answers (no
+        task loss on those)."""
         task, tokenizer = data.task, self.tokenizer
-        uses_teacher = method.needs_topk or method.needs_hidden or method.needs_answers
+        uses_teacher = signals.from_teacher
         batch_size = self.config.evaluation.batch_size
         answers: dict[str, Any] = {}
         transfer_answers: dict[str, Any] = {}
         if live is not None:
-            if method.needs_answers:
+            if signals.answers:
                 raw, _ = predict(
                     task, live, tokenizer, data.train, batch_size=batch_size, training_prompts=True
                 )
                 policy = self.config.cache.empty_answers
-                answers = {ex.id: kd2_answer(task, ex, raw.get(ex.id, ""), policy) for ex in data.train}
+                answers = {ex.id: teacher_answer(task, ex, raw.get(ex.id, ""), policy) for ex in data.train}
             if uses_teacher and data.transfer:
                 transfer_answers, _ = predict(task, live, tokenizer, data.transfer, batch_size=batch_size)
         elif cache is not None:
-            if method.needs_answers:
+            if signals.answers:
                 answers = {i: cache.answer(i) for i in data.encoded}
             transfer_answers = {e.id: cache.answer(e.id) for e in data.transfer if e.id in cache}
         items = []
@@ -1025,7 +1027,7 @@ class Study:
             if gold is None:
                 continue
             teacher_item = None
-            if method.needs_answers:
+            if signals.answers:
                 if answers.get(ex.id) is None:
                     continue  # an empty teacher answer dropped by `cache.empty_answers: drop`
                 target = task.answer_target(answers[ex.id])
@@ -1037,7 +1039,7 @@ class Study:
             for ex in data.transfer:
                 item = transfer_item(task, tokenizer, ex, transfer_answers.get(ex.id))
                 if item is not None:
-                    teacher_item = item if method.needs_answers else None
+                    teacher_item = item if signals.answers else None
                     items.append(TrainItem(gold=item, teacher=teacher_item, transfer=True))
         return items
 

@@ -157,7 +157,7 @@ def build_teacher_cache(
                 if i in transfer_answers:
                     rows[i]["answer"] = transfer_answers[i]
                 elif answers:
-                    rows[i]["answer"] = kd2_answer(task, by_id[i], teacher_answers.get(i, ""),
+                    rows[i]["answer"] = teacher_answer(task, by_id[i], teacher_answers.get(i, ""),
                                                    empty_answers, stats)
                 writer.add(i, **rows[i])
         if answers or transfer:
@@ -211,10 +211,11 @@ def _tail_lse(logp: torch.Tensor, topk_indices: torch.Tensor, temperature: float
     return torch.logsumexp(tempered, dim=-1)
 
 
-def kd2_answer(
+def teacher_answer(
     task: Task, example: Example, answer: Any, policy: str, stats: dict[str, Any] | None = None
 ) -> str | None:
-    """The KD2 answer of one example, applying the empty-answer policy (and counting in `stats`)."""
+    """The teacher's answer to one training example as a target, applying the empty-answer policy (and
+    counting in `stats`)."""
     text = str(answer)
     stats = stats if stats is not None else {"total": 0, "empty": 0, "replaced": 0, "dropped": 0}
     stats["total"] += 1

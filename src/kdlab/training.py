@@ -1,5 +1,6 @@
 """One Trainer for every method: it gathers the student's outputs at the answer tokens, fetches the
-teacher's signals (from the cache or a live teacher) and asks the method for its loss.
+teacher signals the method's run reads (`Method.signals`: from the cache or a live teacher) and asks the
+method for its loss.
 """
 
 from __future__ import annotations
@@ -19,7 +20,7 @@ from torch import nn
 from transformers import PreTrainedModel, Trainer, TrainingArguments, set_seed
 
 from kdlab.config import TrainingSettings
-from kdlab.methods import LossInputs, Method, TeacherBatch
+from kdlab.methods import TEACHER_ANSWER, LossInputs, Method, Signals, TeacherBatch
 from kdlab.scored import forward_scored
 from kdlab.tasks.base import Encoded, collate
 from kdlab.teacher_cache import TeacherCache
@@ -30,7 +31,7 @@ CHECKPOINT_FILE = "trainable.safetensors"
 @dataclass
 class TrainItem:
     gold: Encoded
-    teacher: Encoded | None = None  # KD2: the same prompt with the teacher's answer as target
+    teacher: Encoded | None = None  # the same prompt with the teacher's answer as target (answers signal)
     # A transfer-set example: `gold` holds the teacher's answer, so only the KD losses may read it.
     transfer: bool = False
 
@@ -49,43 +50,40 @@ class StudentModule(nn.Module):
 
 
 class TrainCollator:
-    """Left-pads gold (and KD2 teacher-answer) sequences; looks cached teacher signals up by example id.
-
-    KD1 reads the top-k rows and their exact tail at `temperature` (the run's KD1 temperature).
+    """Left-pads gold (and teacher-answer) sequences; looks the cached teacher signals a run reads up by
+    example id: top-k rows with their exact tail at the run's temperature, hidden states at `teacher_layers`.
     """
 
     def __init__(
         self,
         pad_id: int,
         *,
-        method: Method,
+        signals: Signals,
         cache: TeacherCache | None = None,
         teacher_layers: Sequence[int] = (),
-        temperature: float | None = None,
     ):
-        if cache is not None and method.needs_topk and temperature is None:
-            raise ValueError(f"{method.name}: a cached top-k teacher needs the KD1 temperature of the run")
+        if cache is not None and signals.top_k is not None and signals.temperature is None:
+            raise ValueError("a cached top-k teacher needs the temperature of the run")
         self.pad_id = pad_id
-        self.method = method
+        self.signals = signals
         self.cache = cache
         self.teacher_layers = list(teacher_layers)
-        self.temperature = temperature
 
     def __call__(self, items: Sequence[TrainItem]) -> dict[str, torch.Tensor]:
         gold = collate([it.gold for it in items], self.pad_id, padding_side="left")
         ids = gold.pop("example_ids")
         batch = dict(gold)
         batch["gold_rows"] = torch.tensor([not it.transfer for it in items])
-        if self.method.needs_answers:
+        if self.signals.answers:
             for key, value in collate([it.teacher for it in items], self.pad_id, padding_side="left").items():
                 if key != "example_ids":
-                    batch["kd2_" + key] = value
-        if self.cache is not None and self.method.needs_topk:
-            assert self.temperature is not None  # checked in __init__
-            idx, lp, tail = self.cache.batch_topk_tail(ids, self.temperature)
+                    batch[TEACHER_ANSWER + key] = value
+        if self.cache is not None and self.signals.top_k is not None:
+            assert self.signals.temperature is not None  # checked in __init__
+            idx, lp, tail = self.cache.batch_topk_tail(ids, self.signals.temperature)
             batch["teacher_topk_indices"], batch["teacher_topk_logprobs"] = idx, lp
             batch["teacher_topk_tail_lse"] = tail
-        if self.cache is not None and self.method.needs_hidden:
+        if self.cache is not None and self.signals.layer_map is not None:
             hidden = self.cache.batch_hidden(ids)
             for layer in self.teacher_layers:
                 batch[f"teacher_hidden_{layer}"] = hidden[layer]
@@ -106,6 +104,7 @@ class KDTrainer(Trainer):
         super().__init__(*args, **kwargs)
         self.method = method
         self.params = dict(params)
+        self.signals = method.signals(params)
         self.vocab_size = vocab_size
         self.layer_pairs = list(layer_pairs)
         self.live_teacher = live_teacher
@@ -113,15 +112,15 @@ class KDTrainer(Trainer):
         # divide by the accumulation steps.
         self.model_accepts_loss_kwargs = True
         self.loss_is_scaled_for_ga = True
-        self._kd2_tokens: torch.Tensor | None = None
+        self._teacher_answer_tokens: torch.Tensor | None = None
         self._gold_tokens: torch.Tensor | None = None
         self._parts: dict[str, list[float]] = defaultdict(list)
 
     def get_batch_samples(self, epoch_iterator: Any, num_batches: int, device: Any) -> Any:
         batch_samples, num_items = super().get_batch_samples(epoch_iterator, num_batches, device)
-        if self.method.needs_answers and batch_samples:
-            self._kd2_tokens = self._global_count(
-                sum((b["kd2_labels"][..., 1:] != -100).sum() for b in batch_samples), device
+        if self.signals.answers and batch_samples:
+            self._teacher_answer_tokens = self._global_count(
+                sum((b[TEACHER_ANSWER + "labels"][..., 1:] != -100).sum() for b in batch_samples), device
             )
         if batch_samples:
             # The task loss is normalised by the gold answer tokens only (transfer rows have no gold).
@@ -136,15 +135,16 @@ class KDTrainer(Trainer):
         return self.accelerator.gather(n).sum() if self.args.world_size > 1 else n
 
     def _teacher_batch(self, batch: dict[str, torch.Tensor]) -> TeacherBatch | None:
-        if not (self.method.needs_topk or self.method.needs_hidden):
+        if self.signals.top_k is None and self.signals.layer_map is None:
             return None
-        teacher_layers = [t for _, t in self.layer_pairs] if self.method.needs_hidden else []
+        teacher_layers = [t for _, t in self.layer_pairs]
         if self.live_teacher is not None:
             with torch.no_grad():
                 out = forward_scored(
                     self.live_teacher, batch, hidden_layers=teacher_layers, vocab_size=self.vocab_size
                 )
-            return TeacherBatch(logits=out.logits if self.method.needs_topk else None, hidden=out.hidden)
+            logits = out.logits if self.signals.top_k is not None else None
+            return TeacherBatch(logits=logits, hidden=out.hidden)
         return TeacherBatch(
             topk_indices=batch.pop("teacher_topk_indices", None),
             topk_logprobs=batch.pop("teacher_topk_logprobs", None),
@@ -161,13 +161,13 @@ class KDTrainer(Trainer):
     ) -> Any:
         batch = dict(inputs)
         teacher = self._teacher_batch(batch)
-        student_layers = [s for s, _ in self.layer_pairs] if self.method.needs_hidden else []
+        student_layers = [s for s, _ in self.layer_pairs]
         num_tokens = num_items_in_batch
         if num_tokens is None:  # outside the Trainer's accumulation loop: this batch's answer tokens
             num_tokens = int((batch["labels"][..., 1:] != -100).sum())
-        kd2_tokens = self._kd2_tokens
-        if kd2_tokens is None and "kd2_labels" in batch:
-            kd2_tokens = int((batch["kd2_labels"] != -100).sum())
+        answer_tokens = self._teacher_answer_tokens
+        if answer_tokens is None and TEACHER_ANSWER + "labels" in batch:
+            answer_tokens = int((batch[TEACHER_ANSWER + "labels"] != -100).sum())
         gold_tokens = self._gold_tokens if num_items_in_batch is not None else None
         if gold_tokens is None:
             gold = batch["gold_rows"][:, None] if "gold_rows" in batch else True
@@ -184,7 +184,7 @@ class KDTrainer(Trainer):
                 teacher=teacher,
                 num_tokens=num_tokens,
                 num_gold_tokens=gold_tokens,
-                num_teacher_tokens=kd2_tokens if kd2_tokens is not None else 1,
+                num_teacher_tokens=answer_tokens if answer_tokens is not None else 1,
                 params=self.params,
                 layer_pairs=self.layer_pairs,
                 projections=projections,
@@ -321,10 +321,9 @@ def train(
     args = training_arguments(settings, output_dir, seed, use_cpu=device.type == "cpu")
     collator = TrainCollator(
         pad_id,
-        method=method,
+        signals=method.signals(params),
         cache=cache if live_teacher is None else None,
         teacher_layers=[t for _, t in layer_pairs],
-        temperature=float(params["temperature"]) if method.needs_topk else None,
     )
     trainer = KDTrainer(
         model=module,

@@ -1,0 +1,176 @@
+"""What every method shares: its settings (the grid axes), the teacher signals a run reads, and the inputs
+its loss gets.
+
+A method is a subclass of `Method` in one module: `name`, a `settings` model, `signals(params)` (what one run
+with these params reads from the teacher) and `loss(inputs)`. The study, the cache, the trainer, the report
+and the figures ask the method these questions and never name it.
+"""
+
+from __future__ import annotations
+
+from collections.abc import Callable, Mapping
+from dataclasses import dataclass, field
+from functools import cached_property
+from typing import Any, ClassVar
+
+import torch
+from pydantic import Field, field_validator
+from torch import nn
+
+from kdlab import losses
+from kdlab.config import Strict, as_list
+from kdlab.scored import Scored
+
+# ---------------------------------------------------------------------------------------------------------
+# settings
+
+
+@dataclass(frozen=True)
+class Label:
+    """How one setting appears in run ids, result tables and figures."""
+
+    run_id: str | None = None  # prefix of the value in run ids (None: the name; "": the value alone)
+    text: str | None = None  # in tables and figure legends (None: the name; "": the value alone)
+    latex: str | None = None  # in LaTeX tables (None: the escaped text)
+    in_run_id: bool = False  # in run ids even when the grid has one value
+    in_tables: bool = False  # beside the chosen setting even when the grid has one value
+
+
+class MethodSettings(Strict):
+    """A method's hyper-parameters: list-valued fields are grid axes, the others fixed settings."""
+
+    labels: ClassVar[dict[str, Label]] = {}
+
+    def grid_axes(self) -> dict[str, list[Any]]:
+        return {
+            name: getattr(self, name)
+            for name in type(self).model_fields
+            if isinstance(getattr(self, name), list)
+        }
+
+    @classmethod
+    def label(cls, name: str) -> Label:
+        return cls.labels.get(name, Label())
+
+
+class MixedSettings(MethodSettings):
+    """Settings of a method whose teacher term is mixed with the task loss by λ."""
+
+    labels: ClassVar[dict[str, Label]] = {
+        "lam": Label(run_id="lam", text="λ", latex=r"$\lambda$", in_run_id=True, in_tables=True)
+    }
+
+    lam: list[float] = Field(default_factory=lambda: [0.5], alias="lambda", min_length=1)
+
+    _as_list_lam = field_validator("lam", mode="before")(as_list)
+
+    @field_validator("lam")
+    @classmethod
+    def _lam_range(cls, v: list[float]) -> list[float]:
+        for x in v:
+            if not 0.0 <= x <= 1.0:
+                raise ValueError(f"each lambda must be in [0, 1], got {x}")
+        return v
+
+
+# ---------------------------------------------------------------------------------------------------------
+# teacher signals
+
+
+@dataclass(frozen=True)
+class Signals:
+    """What one run reads from the teacher at the answer tokens (from the cache, or a live teacher)."""
+
+    answers: bool = False  # the teacher's greedy answers, as training targets
+    top_k: int | None = None  # top-k log-probs (a live teacher gives full logits)...
+    temperature: float | None = None  # ...and the exact tail of the rest at this temperature (cached)
+    layer_map: Any = None  # hidden states at the teacher layers this layer map pairs with the student's
+
+    @property
+    def from_teacher(self) -> bool:
+        return self.answers or self.top_k is not None or self.layer_map is not None
+
+
+# Batch keys of the sequences whose targets are the teacher's answers (prompt + answer, prompt masked).
+TEACHER_ANSWER = "teacher_answer_"
+
+
+@dataclass
+class TeacherBatch:
+    """Teacher signals for the answer tokens of one batch, rows aligned with `Scored` rows."""
+
+    topk_indices: torch.Tensor | None = None  # [N, k] (cached)
+    topk_logprobs: torch.Tensor | None = None  # [N, k] (cached)
+    tail_lse: torch.Tensor | None = None  # [N] fp32 logsumexp of the non-top-k logp / T (cached, run's T)
+    logits: torch.Tensor | None = None  # [N, V] (online)
+    hidden: dict[int, torch.Tensor] = field(default_factory=dict)  # teacher layer -> [N, d_t]
+
+
+# ---------------------------------------------------------------------------------------------------------
+# losses
+
+
+@dataclass
+class LossInputs:
+    model: nn.Module
+    batch: Mapping[str, torch.Tensor]
+    forward_student: Callable[[], Scored]  # the student on the gold batch; run only if a loss reads it
+    teacher: TeacherBatch | None
+    num_tokens: torch.Tensor | float  # answer tokens in the global batch (transfer rows included)
+    num_gold_tokens: torch.Tensor | float  # answer tokens of the gold rows (not transfer) in the global batch
+    num_teacher_tokens: torch.Tensor | float  # tokens of the teacher-answer sequences in the global batch
+    params: Mapping[str, Any]
+    layer_pairs: list[tuple[int, int]]
+    projections: nn.ModuleList | None
+    vocab_size: int
+
+    @cached_property
+    def student(self) -> Scored:
+        return self.forward_student()
+
+
+LossParts = tuple[torch.Tensor, dict[str, torch.Tensor]]
+
+
+def task_ce(x: LossInputs) -> torch.Tensor:
+    """CE against the gold answers; transfer-set rows (targets are the teacher's answers) are left out."""
+    s = x.student
+    rows = x.batch.get("gold_rows")
+    logits, targets = s.logits, s.targets
+    if rows is not None and not bool(rows.all()):
+        keep = rows.to(s.counts.device).repeat_interleave(s.counts)
+        logits, targets = logits[keep], targets[keep]
+    # A global batch drawn from the transfer set alone has no gold token: its task loss is 0, not 0/0.
+    n = x.num_gold_tokens
+    n = n.clamp(min=1) if isinstance(n, torch.Tensor) else max(n, 1)
+    return losses.cross_entropy_tokens(logits, targets, num_tokens=n)
+
+
+class Method:
+    """One training method: subclasses set the class attributes, override `signals` and `loss`, and are
+    added to the registry with `@register`."""
+
+    name: ClassVar[str]
+    settings: ClassVar[type[MethodSettings]] = MethodSettings
+    baseline: ClassVar[bool] = False  # the method every other is compared with in the report
+    color: ClassVar[str] = ""  # in figures ("": one from a spare palette)
+    kd_term: ClassVar[str] = ""  # what its logged `loss_kd` measures (figure captions)
+
+    def signals(self, params: Mapping[str, Any]) -> Signals:
+        """What a run with these params (one grid point) reads from the teacher; none by default."""
+        return Signals()
+
+    def loss(self, x: LossInputs) -> LossParts:
+        """The loss to minimise and its logged parts (`ce`, `kd`, ...), sums over tokens / `x.num_tokens`."""
+        raise NotImplementedError
+
+
+METHODS: dict[str, Method] = {}  # name -> method, in registration order (the report's table order)
+
+
+def register(cls: type[Method]) -> type[Method]:
+    """Class decorator adding a method to the registry; registering a name again replaces it."""
+    if not getattr(cls, "name", ""):
+        raise TypeError(f"{cls.__name__}: a method needs a `name`")
+    METHODS[cls.name] = cls()
+    return cls
