@@ -19,7 +19,7 @@ from torch import nn
 from transformers import PreTrainedModel, PreTrainedTokenizerBase
 
 from kdlab import losses
-from kdlab.config import SST2Settings, TrainingSettings
+from kdlab.config import TrainingSettings
 from kdlab.methods import get_method
 from kdlab.models import (
     SMOLLM2_ALIAS,
@@ -29,7 +29,7 @@ from kdlab.models import (
     load_tokenizer,
     resolve_model_path,
 )
-from kdlab.tasks import SST2Task
+from kdlab.tasks import SST2Settings, SST2Task
 from kdlab.tasks.base import Encoded, Example, encode
 from kdlab.teacher_cache import TeacherCache
 from kdlab.tiny import write_tiny_llama

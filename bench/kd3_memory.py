@@ -35,9 +35,8 @@ from _common import (
 )
 
 from kdlab import losses
-from kdlab.config import SST2Settings
 from kdlab.models import folder_size_bytes, load_model, load_tokenizer, save_model
-from kdlab.tasks import SST2Task
+from kdlab.tasks import SST2Settings, SST2Task
 from kdlab.tasks.base import target_ids
 from kdlab.teacher_cache import TeacherCache, TeacherCacheWriter
 from kdlab.training import TrainItem

@@ -21,10 +21,10 @@ from kdlab.bench import (
     time_calls,
     write_bench,
 )
-from kdlab.config import SquadSettings, SST2Settings, parse_config
+from kdlab.config import parse_config
 from kdlab.models import folder_size_bytes, load_model, load_tokenizer
 from kdlab.registry import Registry, RunSpec
-from kdlab.tasks import SquadTask, SST2Task
+from kdlab.tasks import SquadSettings, SquadTask, SST2Settings, SST2Task
 from kdlab.tasks.base import Example
 from kdlab.tiny import write_tiny_llama
 

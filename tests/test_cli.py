@@ -140,7 +140,9 @@ def test_score_sst2(tmp_path: Path, capsys: pytest.CaptureFixture[str]) -> None:
     preds.write_text("".join(json.dumps({"id": f"validation-{i}", "label": g}) + "\n"
                              for i, g in enumerate(guesses)))
     assert main(["score", "sst2", str(preds), "--data", str(refs)]) == 0
-    assert json.loads(capsys.readouterr().out) == {"accuracy": pytest.approx(80.0)}
+    # Positives: 2 of 3 found, no false alarm (F1 0.8); negatives: both found, one false alarm (F1 0.8).
+    scores = json.loads(capsys.readouterr().out)
+    assert scores == {"accuracy": pytest.approx(80.0), "macro_f1": pytest.approx(80.0)}
 
 
 def test_score_missing_file(tmp_path: Path, capsys: pytest.CaptureFixture[str]) -> None:

@@ -12,8 +12,6 @@ import yaml
 from kdlab.cli import main
 from kdlab.config import (
     ConfigError,
-    SquadSettings,
-    SST2Settings,
     StudyConfig,
     load_config,
     load_preset,
@@ -22,6 +20,7 @@ from kdlab.config import (
 )
 from kdlab.methods.kd1 import KD1Settings
 from kdlab.methods.kd3 import KD3Settings
+from kdlab.tasks import SquadSettings, SST2Settings
 
 
 def _base() -> dict[str, Any]:

@@ -6,12 +6,16 @@ import warnings
 import pytest
 
 from kdlab.metrics import (
+    ANSWER_METRICS,
     MissingPredictionsWarning,
     UnknownPredictionsWarning,
     accuracy,
+    answer_scores,
+    classification_scores,
     exact_match,
     f1,
     normalize_answer,
+    rouge_l,
     squad_scores,
 )
 
@@ -109,3 +113,22 @@ def test_real_dev_gold_answers_score_100(real_data_dir) -> None:
     ids = list(first)
     shifted = {qid: first[ids[(i + 1) % len(ids)]][0] for i, qid in enumerate(ids)}
     assert squad_scores(shifted, first)["exact_match"] < 50.0
+
+
+def test_rouge_l_is_the_lcs_f_measure() -> None:
+    assert rouge_l("the cat sat", "the cat sat down") == pytest.approx(2 * 1.0 * 0.75 / 1.75)
+    assert rouge_l("The Cat, sat!", "the cat sat") == 1.0  # case and punctuation are separators only
+    assert rouge_l("sat the cat", "the cat sat") == pytest.approx(2 / 3)  # LCS "the cat"
+    assert rouge_l("", "the cat") == 0.0 and rouge_l("dog", "the cat") == 0.0
+    references = {"q1": ["the cat sat", "the cat"], "q2": ["cat"]}
+    scores = answer_scores({"q1": "the cat", "q2": "a dog"}, references, ANSWER_METRICS["rouge_l"])
+    assert scores == {"rouge_l": pytest.approx(50.0)}  # q1's best gold matches exactly, q2 shares nothing
+
+
+def test_macro_f1_averages_the_classes() -> None:
+    labels = {"a": 0, "b": 0, "c": 1, "d": 2}
+    predictions = {"a": 0, "b": 1, "c": 1}  # "d" has no prediction: a miss of class 2
+    with pytest.warns(MissingPredictionsWarning):
+        scores = classification_scores(predictions, labels)
+    # class 0: tp 1, fn 1 -> 2/3; class 1: tp 1, fp 1 -> 2/3; class 2: fn 1 -> 0
+    assert scores == {"accuracy": 50.0, "macro_f1": pytest.approx(100 * (2 / 3 + 2 / 3 + 0) / 3)}

@@ -5,19 +5,21 @@ from pathlib import Path
 
 import pytest
 
-from kdlab.config import TASK_SETTINGS, SquadSettings, SST2Settings
 from kdlab.tasks import (
     TASKS,
     DataUnavailableError,
     Encoded,
     Example,
+    SquadSettings,
     SquadTask,
+    SST2Settings,
     SST2Task,
     collate,
     collate_prompts,
     encode,
     encode_prompt,
     get_task,
+    settings_class,
     split_train_selection,
     subset,
 )
@@ -35,10 +37,10 @@ def _no_env_data_dir(monkeypatch: pytest.MonkeyPatch) -> None:
 
 
 def test_registry_matches_config_sections() -> None:
-    assert set(TASKS) == set(TASK_SETTINGS)
+    assert set(TASKS) == {"sst2", "squad"}
     for name, cls in TASKS.items():
         assert cls.name == name
-        assert cls.settings_class is TASK_SETTINGS[name]
+        assert settings_class(name, {}) is cls.settings_class
     assert isinstance(get_task("sst2", SST2Settings()), SST2Task)
     assert isinstance(get_task("squad"), SquadTask)
     with pytest.raises(ValueError, match="unknown task 'mnli'"):
@@ -380,16 +382,20 @@ def test_sst2_long_sentences(tiny_data_dir: Path, tiny_tokenizer) -> None:
     assert short[1] == {"truncated": 0, "skipped": 0} and len(short[0]) == 20
 
 
-def test_label_token_ids(tiny_tokenizer) -> None:
-    ids = SST2Task().label_token_ids(tiny_tokenizer)
-    assert len(ids) == 2 and ids[0] != ids[1]
+def test_labels_are_scored_whole(tiny_tokenizer) -> None:
+    """Each label's whole continuation is a choice, so labels that share their first token are fine; two
+    labels that are the same tokens are refused, naming the setting."""
     words = (" negative", " positive")
-    assert ids == [tiny_tokenizer(w, add_special_tokens=False).input_ids[0] for w in words]
+    assert SST2Task().choice_ids(tiny_tokenizer) == [tiny_tokenizer(w, add_special_tokens=False).input_ids
+                                                      for w in words]
     clash = [" positive", " positively"]
     first = [tiny_tokenizer(w, add_special_tokens=False).input_ids[0] for w in clash]
     assert first[0] == first[1]  # precondition: the two words really share their first token
-    with pytest.raises(ValueError, match=r"tasks\.sst2\.label_words"):
-        SST2Task(SST2Settings(label_words=clash)).label_token_ids(tiny_tokenizer)
+    task = SST2Task(SST2Settings(label_words=clash))
+    task.check(tiny_tokenizer)
+    assert task.eval_room(tiny_tokenizer) == max(len(ids) for ids in task.choice_ids(tiny_tokenizer))
+    with pytest.raises(ValueError, match=r"tasks\.sst2\.label_words: ' positive' and ' positive'"):
+        SST2Task(SST2Settings(label_words=[" positive", " positive"])).check(tiny_tokenizer)
 
 
 # ---------------------------------------------------------------------------------------------------------
@@ -406,9 +412,12 @@ def test_sst2_predictions_round_trip_and_score(tiny_data_dir: Path, tmp_path: Pa
     lines = path.read_text().splitlines()
     assert json.loads(lines[0]) == {"id": val[0].id, "label": preds[val[0].id]}
     assert task.read_predictions(path) == preds
-    assert task.score(task.read_predictions(path), val) == {"accuracy": 95.0}
+    # One of 10 negatives called positive: F1 of the negatives 18/19, of the positives 20/21.
+    expected = {"accuracy": 95.0, "macro_f1": pytest.approx(100 * (18 / 19 + 20 / 21) / 2)}
+    assert val[0].label == 0 and sum(ex.label for ex in val) == 10
+    assert task.score(task.read_predictions(path), val) == expected
     refs = task.read_references(tiny_data_dir / "sst2" / "validation.tsv")
-    assert task.score(preds, refs) == {"accuracy": 95.0}
+    assert task.score(preds, refs) == expected
     path.write_text('{"id": "x", "label": 2}\n')
     with pytest.raises(ValueError, match="label must be 0 or 1"):
         task.read_predictions(path)

@@ -1,8 +1,8 @@
 """Efficiency of the teacher and of every final student (`kdlab bench`): parameters, size on disk, and per
 task the latency per example, the throughput at the evaluation batch size and the peak memory.
 
-Inference goes through `evaluation.score_labels` / `evaluation.generate_answers` on prompts built exactly as
-`evaluation.predict` builds them, so the measured path is the evaluation path. Every model is measured in
+Inference goes through the task's own `answer` (label scoring or greedy generation) on prompts built exactly
+as `evaluation.predict` builds them, so the measured path is the evaluation path. Every model is measured in
 this one process on the study's device and dtype; `write_bench(study)` writes OUT/bench.json.
 """
 
@@ -251,7 +251,7 @@ class MemoryMeter:
 
 @contextmanager
 def _quiet_evaluation_bars() -> Iterator[None]:
-    # score_labels / generate_answers open a progress bar per call: thousands of one-example bars would
+    # score_choices / generate_answers open a progress bar per call: thousands of one-example bars would
     # flood the terminal, and their bookkeeping is not inference.
     original = evaluation.tqdm
     evaluation.tqdm = lambda iterable, *args, **kwargs: iterable
@@ -265,7 +265,6 @@ def _quiet_evaluation_bars() -> Iterator[None]:
 class PreparedTask:
     task: Task
     prompt_ids: list[list[int]]
-    label_ids: list[int] | None  # classification tasks
 
 
 def prepare_prompts(
@@ -275,8 +274,7 @@ def prepare_prompts(
     pairs, prompt_ids, _ = evaluation.prepare_prompts(task, tokenizer, examples)
     if not pairs:
         raise ValueError(f"{task.name}: no evaluation prompt fits max_length; nothing to measure")
-    label_ids = None if task.generative else task.label_token_ids(tokenizer)
-    return PreparedTask(task, prompt_ids, label_ids)
+    return PreparedTask(task, prompt_ids)
 
 
 def run_inference(
@@ -287,23 +285,12 @@ def run_inference(
     batch_size: int,
 ) -> list[Any]:
     """The evaluation call `predict` makes for this task, on already encoded prompts."""
-    task = prepared.task
-    if task.generative:
-        return evaluation.generate_answers(
-            model, tokenizer, prompt_ids, batch_size=batch_size, max_new_tokens=task.settings.max_new_tokens
-        )
-    assert prepared.label_ids is not None
-    return evaluation.score_labels(
-        model, prompt_ids, prepared.label_ids, pad_id=tokenizer.pad_token_id, batch_size=batch_size
-    )
+    return prepared.task.answer(model, tokenizer, prompt_ids, batch_size=batch_size)
 
 
 def count_tokens(prepared: PreparedTask, answers: Sequence[Any], tokenizer: PreTrainedTokenizerBase) -> int:
-    """Prompt tokens, plus for generative tasks the answer tokens (answer text re-encoded, + 1 stop token)."""
-    total = sum(len(p) for p in prepared.prompt_ids)
-    if prepared.task.generative:
-        total += sum(len(tokenizer(str(a), add_special_tokens=False)["input_ids"]) + 1 for a in answers)
-    return total
+    """Prompt tokens, plus the tokens the model produced (generation: each answer re-encoded + 1 stop)."""
+    return sum(len(p) for p in prepared.prompt_ids) + prepared.task.answer_tokens(answers, tokenizer)
 
 
 def measure_task(

@@ -335,7 +335,7 @@ def build_parser() -> argparse.ArgumentParser:
         'predictions as JSON lines {"id", "label"}, references as '
         'validation.tsv; prints {"accuracy"}.',
     )
-    score.add_argument("task", choices=["sst2", "squad"])
+    score.add_argument("task", help="a built-in task (its official file formats, as described above)")
     score.add_argument(
         "predictions",
         type=Path,

@@ -10,6 +10,7 @@ import importlib
 import importlib.util
 import re
 import sys
+from collections.abc import Callable
 from importlib import resources
 from pathlib import Path
 from typing import Any, ClassVar, Literal
@@ -124,7 +125,8 @@ class DeriveSettings(Strict):
         return self
 
 
-# Letters, digits and _, with single dots inside: a name is one folder (students/<name>) and part of run ids.
+# Letters, digits and _, with single dots inside: a name is one folder (students/<name>, teacher/<task>) and
+# part of run ids.
 _STUDENT_NAME = re.compile(r"^[A-Za-z0-9_]+(\.[A-Za-z0-9_]+)*$")
 
 
@@ -175,45 +177,29 @@ class TaskSettings(Strict):
     max_length: int = Field(256, gt=8, description="tokens of prompt + answer")
     template: str | None = Field(None, description="prompt template; None: the task's default")
 
-    # Sizes of the standard files, so impossible sizes fail before anything is loaded or written.
-    train_split_size: ClassVar[int] = 0
-    eval_split_size: ClassVar[int] = 0
+    # Sizes of a built-in task's standard files, so impossible sizes fail before anything is loaded or written
+    # (None: known once the data is read; preflight checks them then).
+    train_split_size: ClassVar[int | None] = None
+    eval_split_size: ClassVar[int | None] = None
 
     @model_validator(mode="after")
     def _fits_splits(self) -> TaskSettings:
-        if self.eval_size is not None and self.eval_size > self.eval_split_size:
+        if self.transfer_size and self.train_size is None:
+            raise ValueError("transfer_size needs a train_size: the transfer set is drawn from the rest of "
+                             "the training split")
+        if self.eval_split_size is not None and self.eval_size is not None \
+                and self.eval_size > self.eval_split_size:
             raise ValueError(
                 f"eval_size {self.eval_size} is larger than the evaluation split "
                 f"({self.eval_split_size} examples)"
             )
         need = (self.train_size or 0) + self.selection_size + self.transfer_size
-        if self.transfer_size and self.train_size is None:
-            raise ValueError("transfer_size needs a train_size: the transfer set is drawn from the rest of "
-                             "the training split")
-        if need > self.train_split_size:
+        if self.train_split_size is not None and need > self.train_split_size:
             raise ValueError(
                 f"train_size + selection_size + transfer_size = {need} is larger than the training split "
                 f"({self.train_split_size} examples)"
             )
         return self
-
-
-class SST2Settings(TaskSettings):
-    train_split_size: ClassVar[int] = 67349
-    eval_split_size: ClassVar[int] = 872
-    label_words: list[str] = Field(
-        default_factory=lambda: [" negative", " positive"], min_length=2, max_length=2
-    )
-
-
-class SquadSettings(TaskSettings):
-    train_split_size: ClassVar[int] = 87599
-    eval_split_size: ClassVar[int] = 10570
-    max_length: int = Field(384, gt=8)
-    max_new_tokens: int = Field(32, gt=0)
-
-
-TASK_SETTINGS: dict[str, type[TaskSettings]] = {"sst2": SST2Settings, "squad": SquadSettings}
 
 
 class EvaluationSettings(Strict):
@@ -293,14 +279,20 @@ class StudyConfig(Strict):
     @field_validator("tasks", mode="before")
     @classmethod
     def _tasks(cls, raw: Any) -> Any:
-        return _typed_sections(raw, TASK_SETTINGS, "tasks")
+        from kdlab.tasks import settings_class
+
+        for name in raw if isinstance(raw, dict) else ():
+            if not _STUDENT_NAME.match(str(name)):
+                raise ValueError(f"task name {name!r} must be letters, digits and _ with single dots inside: "
+                                 "it names folders (data/<task>.json, teacher/<task>) and is part of run ids")
+        return _typed_sections(raw, settings_class, "tasks")
 
     @field_validator("methods", mode="before")
     @classmethod
     def _methods(cls, raw: Any) -> Any:
-        from kdlab.methods import METHODS
+        from kdlab.methods import get_method
 
-        return _typed_sections(raw, {name: m.settings for name, m in METHODS.items()}, "methods")
+        return _typed_sections(raw, lambda name, _body: get_method(name).settings, "methods")
 
     @field_validator("seeds")
     @classmethod
@@ -346,19 +338,21 @@ def import_plugin(name: str) -> None:
         raise ValueError(f"plugins: cannot import {name!r} ({type(e).__name__}: {e})") from None
 
 
-def _typed_sections(raw: Any, classes: dict[str, type[Strict]], where: str) -> Any:
-    """Validate each named section with its own class, keeping the dotted path in errors."""
+def _typed_sections(
+    raw: Any, settings_class: Callable[[str, Any], type[Strict]], where: str
+) -> Any:
+    """Validate each named section with its own class (`settings_class(name, body)`, which raises ValueError
+    for an unknown section), keeping the dotted path in errors."""
     if not isinstance(raw, dict):
         return raw  # pydantic reports the wrong type
     out: dict[str, Strict] = {}
     for name, body in raw.items():
-        if name not in classes:
-            raise ValueError(f"unknown {where[:-1]} {name!r}; expected one of {sorted(classes)}")
         if isinstance(body, Strict):
             out[name] = body
             continue
+        cls = settings_class(name, body)
         try:
-            out[name] = classes[name].model_validate(body or {})
+            out[name] = cls.model_validate(body or {})
         except ValidationError as e:
             raise ValueError(_format_errors(e, prefix=f"{where}.{name}")) from None
     return out

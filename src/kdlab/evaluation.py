@@ -1,6 +1,6 @@
-"""Batched inference for both task kinds: label-word scoring (one forward pass per batch, logits at the last
-position only) and greedy generation with the KV cache. Batches are grouped by prompt length so little
-compute goes to padding.
+"""Batched inference for both task kinds: scoring each label's continuation (one forward pass per batch with
+the logits at the last position when every label is one token) and greedy generation with the KV cache.
+Batches are grouped by prompt length so little compute goes to padding.
 """
 
 from __future__ import annotations
@@ -15,8 +15,8 @@ from torch import nn
 from tqdm.auto import tqdm
 from transformers import PreTrainedTokenizerBase, StoppingCriteria, StoppingCriteriaList
 
-from kdlab.scored import position_ids_for
-from kdlab.tasks.base import Example, Task, collate_prompts, encode_prompts
+from kdlab.scored import forward_scored, position_ids_for
+from kdlab.tasks.base import IGNORE_INDEX, Encoded, Example, Task, collate, collate_prompts, encode_prompts
 
 
 @dataclass
@@ -37,11 +37,41 @@ def _device(model: nn.Module) -> torch.device:
 
 
 @torch.no_grad()
-def score_labels(
-    model: nn.Module, prompt_ids: Sequence[list[int]], label_ids: Sequence[int], *, pad_id: int,
+def score_choices(
+    model: nn.Module, prompt_ids: Sequence[list[int]], choices: Sequence[Sequence[int]], *, pad_id: int,
     batch_size: int, desc: str = "scoring",
 ) -> list[int]:
-    """Index of the label word whose first token gets the highest log-probability after each prompt."""
+    """Index of the choice (a label's continuation, as tokens) with the highest summed log-probability after
+    each prompt; ties go to the first."""
+    if all(len(c) == 1 for c in choices):
+        return _score_first_tokens(model, prompt_ids, [c[0] for c in choices], pad_id=pad_id,
+                                   batch_size=batch_size, desc=desc)
+    device = _device(model)
+    out: list[int] = [0] * len(prompt_ids)
+    # Every prompt is run once per choice: about `batch_size` sequences per forward pass.
+    per_batch = max(1, batch_size // len(choices))
+    for rows in tqdm(_length_batches([len(p) for p in prompt_ids], per_batch), desc=desc, leave=False):
+        sequences = [
+            Encoded(f"{i}:{c}", [*prompt_ids[i], *choice], [IGNORE_INDEX] * len(prompt_ids[i]) + list(choice))
+            for i in rows
+            for c, choice in enumerate(choices)
+        ]
+        batch = collate(sequences, pad_id, padding_side="left")
+        tensors = {k: v.to(device) for k, v in batch.items() if k != "example_ids"}
+        scored = forward_scored(model, tensors)
+        logp = scored.logits.float().log_softmax(-1).gather(1, scored.targets[:, None]).squeeze(1)
+        sums = torch.stack([part.sum() for part in logp.split(scored.counts.tolist())])
+        best = sums.view(len(rows), len(choices)).argmax(-1).tolist()
+        for i, b in zip(rows, best, strict=True):
+            out[i] = int(b)
+    return out
+
+
+def _score_first_tokens(
+    model: nn.Module, prompt_ids: Sequence[list[int]], label_ids: Sequence[int], *, pad_id: int,
+    batch_size: int, desc: str,
+) -> list[int]:
+    """`score_choices` when every choice is one token: one forward pass per batch, the last position only."""
     device = _device(model)
     choices = torch.tensor(list(label_ids), device=device)
     out: list[int] = [0] * len(prompt_ids)
@@ -118,7 +148,8 @@ def predict(
     task: Task, model: nn.Module, tokenizer: PreTrainedTokenizerBase, examples: Sequence[Example], *,
     batch_size: int, desc: str | None = None, training_prompts: bool = False,
 ) -> tuple[dict[str, Any], dict[str, int]]:
-    """Predictions by example id (SST-2: label index, SQuAD: answer text) and prompt-fitting counts.
+    """Predictions by example id (classification: label index, generation: answer text) and prompt-fitting
+    counts.
 
     `training_prompts` builds the prompts as training does (a teacher answering the prompts a student is
     trained on); evaluation prompts never look at the answer.
@@ -128,13 +159,7 @@ def predict(
     was_training = model.training
     model.eval()
     try:
-        if task.generative:
-            answers: list[Any] = generate_answers(
-                model, tokenizer, prompt_ids, max_new_tokens=task.settings.max_new_tokens,
-                batch_size=batch_size, desc=desc)
-        else:
-            answers = score_labels(model, prompt_ids, task.label_token_ids(tokenizer),
-                                   pad_id=tokenizer.pad_token_id, batch_size=batch_size, desc=desc)
+        answers = task.answer(model, tokenizer, prompt_ids, batch_size=batch_size, desc=desc)
     finally:
         model.train(was_training)
     return {ex.id: a for (ex, _), a in zip(pairs, answers, strict=True)}, counts

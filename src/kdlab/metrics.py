@@ -1,4 +1,5 @@
-"""Task metrics: official SQuAD v1.1 exact match / F1, and classification accuracy.
+"""Task metrics: official SQuAD v1.1 exact match / F1 and ROUGE-L for generated answers, accuracy and macro-F1
+for classification.
 
 Every score is a percentage (x100), SST-2 accuracy included, so result tables use one scale.
 
@@ -21,17 +22,29 @@ import re
 import string
 import warnings
 from collections import Counter
-from collections.abc import Mapping, Sequence
+from collections.abc import Callable, Mapping, Sequence
 
 __all__ = [
+    "ANSWER_METRICS",
+    "LONG_NAMES",
+    "SHORT_NAMES",
     "MissingPredictionsWarning",
     "UnknownPredictionsWarning",
     "accuracy",
+    "answer_scores",
+    "classification_scores",
     "exact_match",
     "f1",
     "normalize_answer",
+    "rouge_l",
     "squad_scores",
 ]
+
+# How tables (short) and sentences (long) name each metric.
+SHORT_NAMES = {"accuracy": "Acc", "macro_f1": "Macro-F1", "exact_match": "EM", "f1": "F1",
+               "rouge_l": "ROUGE-L"}
+LONG_NAMES = {"accuracy": "accuracy", "macro_f1": "macro-F1", "exact_match": "exact match", "f1": "F1",
+              "rouge_l": "ROUGE-L"}
 
 _PUNCT = frozenset(string.punctuation)
 _ARTICLES = re.compile(r"\b(a|an|the)\b")
@@ -71,6 +84,34 @@ def f1(prediction: str, gold: str) -> float:
     return 2 * precision * recall / (precision + recall)
 
 
+def rouge_l(prediction: str, gold: str) -> float:
+    """ROUGE-L F-measure of the longest common subsequence of words, as the `rouge-score` package computes
+    it: lower-cased, anything but letters and digits a separator; 0.0 when either side has no word."""
+    a = re.sub(r"[^a-z0-9]+", " ", prediction.lower()).split()
+    b = re.sub(r"[^a-z0-9]+", " ", gold.lower()).split()
+    if not a or not b:
+        return 0.0
+    row = [0] * (len(b) + 1)  # LCS lengths of a[:i] against every prefix of b, one row at a time
+    for x in a:
+        diagonal = 0
+        for j, y in enumerate(b, 1):
+            diagonal, row[j] = row[j], diagonal + 1 if x == y else max(row[j], row[j - 1])
+    lcs = row[-1]
+    if lcs == 0:
+        return 0.0
+    precision, recall = lcs / len(a), lcs / len(b)
+    return 2 * precision * recall / (precision + recall)
+
+
+# The metrics a generation task may be scored with, each a function (prediction, gold) -> [0, 1]; the best
+# gold answer counts. "squad" is the official SQuAD v1.1 pair.
+ANSWER_METRICS: dict[str, dict[str, Callable[[str, str], float]]] = {
+    "squad": {"exact_match": exact_match, "f1": f1},
+    "exact_match": {"exact_match": exact_match},
+    "rouge_l": {"rouge_l": rouge_l},
+}
+
+
 def _examples(ids: Sequence[object]) -> str:
     return ", ".join(repr(i) for i in ids[:5]) + (", ..." if len(ids) > 5 else "")
 
@@ -107,21 +148,34 @@ def squad_scores(
     official script) with an ``UnknownPredictionsWarning``. A missing prediction scores 0 and triggers a
     ``MissingPredictionsWarning``. With ``strict=True`` either raises a ``ValueError``.
     """
+    metrics = ANSWER_METRICS["squad"]
+    return answer_scores(predictions, references, metrics, strict=strict, caller="squad_scores")
+
+
+def answer_scores(
+    predictions: Mapping[str, str],
+    references: Mapping[str, Sequence[str]],
+    metrics: Mapping[str, Callable[[str, str], float]],
+    *,
+    strict: bool = False,
+    caller: str = "answer_scores",
+) -> dict[str, float]:
+    """Each metric x100, averaged over the questions of ``references`` (id -> every gold answer), each
+    question scored against its best gold answer; missing and unknown predictions as in `squad_scores`."""
     if not references:
-        raise ValueError("squad_scores: no reference questions to score")
+        raise ValueError(f"{caller}: no reference questions to score")
     ids = list(references)
     _check_ids(predictions, ids, strict, "questions")
-    em_total = f1_total = 0.0
+    totals = dict.fromkeys(metrics, 0.0)
     for qid in ids:
         golds = list(references[qid])
         if not golds:
-            raise ValueError(f"squad_scores: question {qid!r} has no gold answer")
+            raise ValueError(f"{caller}: question {qid!r} has no gold answer")
         if qid not in predictions:
             continue
-        pred = predictions[qid]
-        em_total += max(exact_match(pred, g) for g in golds)
-        f1_total += max(f1(pred, g) for g in golds)
-    return {"exact_match": 100.0 * em_total / len(ids), "f1": 100.0 * f1_total / len(ids)}
+        for name, fn in metrics.items():
+            totals[name] += max(fn(predictions[qid], g) for g in golds)
+    return {name: 100.0 * total / len(ids) for name, total in totals.items()}
 
 
 def accuracy(
@@ -142,3 +196,24 @@ def accuracy(
     _check_ids(predictions, ids, strict, "examples")
     correct = sum(1 for i in ids if i in predictions and int(predictions[i]) == int(labels[i]))
     return {"accuracy": 100.0 * correct / len(ids)}
+
+
+def classification_scores(
+    predictions: Mapping[str, int],
+    labels: Mapping[str, int],
+    *,
+    strict: bool = False,
+) -> dict[str, float]:
+    """Accuracy and macro-F1 (x100) over the ids of ``labels``. Macro-F1 averages the F1 of every class that
+    is a gold label or a prediction (as scikit-learn does); a missing prediction is a miss of its gold class.
+    """
+    scores = accuracy(predictions, labels, strict=strict)
+    pairs = [(int(labels[i]), int(predictions[i]) if i in predictions else None) for i in labels]
+    classes = {g for g, _ in pairs} | {p for _, p in pairs if p is not None}
+    f1s = []
+    for c in sorted(classes):
+        tp = sum(1 for g, p in pairs if g == c and p == c)
+        wrong = sum(1 for g, p in pairs if (g == c) != (p == c))  # false positives + false negatives
+        f1s.append(2 * tp / (2 * tp + wrong))
+    scores["macro_f1"] = 100.0 * sum(f1s) / len(f1s)
+    return scores

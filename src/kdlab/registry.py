@@ -35,7 +35,7 @@ from pathlib import Path
 from typing import Any
 
 from kdlab.errors import RegistryError
-from kdlab.tasks.base import atomic_write_text
+from kdlab.files import atomic_write_text
 
 __all__ = [
     "KINDS",
@@ -288,8 +288,30 @@ class Registry:
             )
 
     def _create(self) -> str:
-        """Create the schema if needed (idempotent); returns the file's schema version."""
-        conn = self._connect()
+        """Create the schema if needed (idempotent); returns the file's schema version. A new registry is
+        made beside its path and linked into place, so no process ever opens a file without its schema."""
+        if not self.path.exists():
+            tmp = self.path.with_name(f".{self.path.name}.{os.getpid()}.new")
+            try:
+                self._write_schema(tmp)
+                try:
+                    os.link(tmp, self.path)
+                except FileExistsError:
+                    pass  # another process linked its registry first: use that one
+                except OSError:  # a file system without hard links
+                    if not self.path.exists():
+                        os.replace(tmp, self.path)
+            finally:
+                for leftover in _sidecars(tmp):
+                    leftover.unlink(missing_ok=True)
+        return self._write_schema(self.path)
+
+    def _write_schema(self, path: Path) -> str:
+        try:
+            conn = sqlite3.connect(str(path), timeout=self.timeout, isolation_level=None)
+            conn.execute(f"PRAGMA busy_timeout = {int(self.timeout * 1000)}")
+        except sqlite3.Error as e:
+            raise self._translate(e) from None
         try:
             # WAL is persistent in the file; only switch when needed (the switch needs an exclusive lock).
             mode = conn.execute("PRAGMA journal_mode").fetchone()[0]

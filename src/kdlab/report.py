@@ -49,7 +49,7 @@ from kdlab.figures import (
     training_figure,
 )
 from kdlab.methods import METHODS, MixedSettings, baseline
-from kdlab.metrics import exact_match, f1
+from kdlab.metrics import LONG_NAMES, SHORT_NAMES
 from kdlab.registry import Registry, RunRecord
 from kdlab.stats import BootstrapResult, holm, mean_std, paired_bootstrap, significance_level
 from kdlab.tasks import TASKS, Example, Task, get_task
@@ -65,15 +65,12 @@ __all__ = [
     "compare_to_sft",
     "finding_sentence",
     "load_outputs",
-    "per_example_scores",
     "write_report",
     "write_results",
 ]
 
-METRICS = {"sst2": ["accuracy"], "squad": ["exact_match", "f1"]}
-LABELS = {"accuracy": "Acc", "exact_match": "EM", "f1": "F1"}
-METRIC_NAMES = {"accuracy": "accuracy", "exact_match": "exact match", "f1": "F1"}
-TASK_LABELS = {"sst2": "SST-2", "squad": "SQuAD"}
+LABELS = SHORT_NAMES
+METRIC_NAMES = LONG_NAMES
 DECIMALS = 1
 N_RESAMPLES = 10_000
 BOOTSTRAP_SEED = 0
@@ -104,6 +101,14 @@ class StudyOutputs:
     tasks: list[str]
     notes: list[str] = field(default_factory=list)  # problems met while reading, shown in report.md
     provenance: dict[str, Any] | None = None  # provenance.json: seeds, determinism, fingerprints
+    _tasks: dict[str, Task] = field(default_factory=dict, repr=False)
+
+    def task(self, name: str) -> Task:
+        """The task `name` as the study defined it (a built-in task's defaults without a valid study.yaml)."""
+        if name not in self._tasks:
+            settings = self.config.tasks.get(name) if self.config is not None else None
+            self._tasks[name] = get_task(name, settings)
+        return self._tasks[name]
 
     def get(self, run_id: str | None) -> RunRecord | None:
         return next((r for r in self.runs if r.id == run_id), None) if run_id else None
@@ -148,10 +153,11 @@ def load_outputs(out: str | Path) -> StudyOutputs:
             notes.append(f"study.yaml could not be validated ({e}); task defaults used")
     tasks = list(config.tasks) if config is not None else []
     tasks += [t for t in dict.fromkeys(r.task for r in runs) if t not in tasks]
-    unknown = [t for t in tasks if t not in TASKS]
+    known = set(config.tasks) if config is not None else set(TASKS)
+    unknown = [t for t in tasks if t not in known]
     if unknown:  # runs of a task this kdlab does not know: listed in results.csv, left out of the tables
         notes.append(f"unknown task(s) {', '.join(unknown)}: only in results.csv")
-    tasks = [t for t in tasks if t in TASKS]
+    tasks = [t for t in tasks if t in known]
     provenance = _read_json(out / "provenance.json", notes)
     if provenance is not None and not isinstance(provenance, dict):
         notes.append("provenance.json is not a JSON object; ignored")
@@ -176,13 +182,9 @@ def _seed_source(outputs: StudyOutputs, seed: int) -> str:
     return "provenance.json" if recorded is not None and recorded == seed else "default"
 
 
-def task_metrics(task: str) -> list[str]:
-    return METRICS.get(task) or [TASKS[task].metric]
-
-
-def selection_metric(task: str) -> str:
-    """The metric `Study.select_best` chooses on (SST-2 accuracy, SQuAD F1)."""
-    return TASKS[task].metric
+def task_title(task: str) -> str:
+    """How tables and figures name a task: a built-in task's title (SST-2, SQuAD), else its name."""
+    return (TASKS[task].title if task in TASKS else "") or task
 
 
 def _key(params: Mapping[str, Any]) -> str:
@@ -223,7 +225,7 @@ def chosen_groups(outputs: StudyOutputs) -> dict[tuple[str, str, str], Group]:
     seed_order = {s: i for i, s in enumerate(outputs.config.seeds)} if outputs.config is not None else {}
     by_group: dict[tuple[str, str, str], list[RunRecord]] = {}
     for r in outputs.runs:
-        if r.kind == "student" and r.task in TASKS:
+        if r.kind == "student" and r.task in outputs.tasks:
             by_group.setdefault((r.student, r.method, r.task), []).append(r)
     groups: dict[tuple[str, str, str], Group] = {}
     for (student, method, task), runs in by_group.items():
@@ -244,7 +246,7 @@ def chosen_groups(outputs: StudyOutputs) -> dict[tuple[str, str, str], Group]:
         elif len(settings) == 1:
             params, source = next(iter(settings.values())), "single setting"
         elif grid:
-            metric = selection_metric(task)
+            metric = outputs.task(task).metric
             best = max(grid, key=lambda r: _metric(r, "selection", metric) or -math.inf)
             params, source = best.params, f"best selection {metric} (no selection.json entry yet)"
         else:
@@ -335,31 +337,6 @@ def _csv_text(header: Sequence[str], rows: Sequence[Mapping[str, Any]]) -> str:
 # per-example scores and the comparison with SFT
 
 
-def per_example_scores(
-    task: str, predictions: Mapping[str, Any], examples: Sequence[Example]
-) -> dict[str, np.ndarray]:
-    """Per-example scores x100 in ``examples`` order, whose means are the task's metrics (a missing prediction
-    scores 0, as in `kdlab.metrics`). SST-2: correctness; SQuAD: EM and F1, max over the gold answers."""
-    if task == "sst2":
-        return {
-            "accuracy": np.array(
-                [100.0 * (ex.id in predictions and int(predictions[ex.id]) == ex.label) for ex in examples]
-            )
-        }
-    if task == "squad":
-        em, f = [], []
-        for ex in examples:
-            pred = predictions.get(ex.id)
-            if pred is None or not ex.answers:
-                em.append(0.0)
-                f.append(0.0)
-                continue
-            em.append(100.0 * max(exact_match(str(pred), g) for g in ex.answers))
-            f.append(100.0 * max(f1(str(pred), g) for g in ex.answers))
-        return {"exact_match": np.array(em), "f1": np.array(f)}
-    raise ValueError(f"no per-example scores for task {task!r}")
-
-
 @dataclass
 class Comparison:
     """One method against SFT (same student, task) on one metric; ``result`` None with a ``note`` if it
@@ -437,10 +414,10 @@ class _Scorer:
 
     def _score(self, run: RunRecord) -> dict[str, np.ndarray]:
         task, examples = self.references(run.task)
-        path = self.predictions_dir(run) / f"predictions_eval.{'json' if task.generative else 'jsonl'}"
+        path = self.predictions_dir(run) / task.predictions_file("eval")
         if not path.is_file():
             raise FileNotFoundError(f"{path} not found")
-        scores = per_example_scores(run.task, task.read_predictions(path), examples)
+        scores = task.per_example_scores(task.read_predictions(path), examples)
         for metric, values in scores.items():
             recorded = _metric(run, "eval", metric)
             if recorded is not None and abs(float(values.mean()) - recorded) > CONSISTENCY_TOL:
@@ -474,7 +451,7 @@ def compare_to_sft(
         base = groups.get((student, sft, task))
         if method == sft or base is None:
             continue
-        metrics = task_metrics(task)
+        metrics = outputs.task(task).paired_metrics
         seeds = (len(group.runs), len(base.runs))
         try:
             if not group.runs or not base.runs:
@@ -524,7 +501,7 @@ def _score_all(outputs: StudyOutputs, groups: Mapping[tuple[str, str, str], Grou
 def per_example_rows(outputs: StudyOutputs, scorer: _Scorer) -> tuple[list[str], list[dict[str, Any]]]:
     """Header and rows of per_example_scores.csv: one row per (scored run, evaluation example), in the
     order of data/<task>.json's eval ids; a column per metric (x100, full precision)."""
-    metrics = [m for t in outputs.tasks for m in task_metrics(t)]
+    metrics = [m for t in outputs.tasks for m in outputs.task(t).paired_metrics]
     header = ["run", "task", "split", "example", *dict.fromkeys(metrics)]
     rows: list[dict[str, Any]] = []
     task_order = {t: i for i, t in enumerate(outputs.tasks)}
@@ -637,7 +614,7 @@ def build_summaries(
 ) -> list[TaskSummary]:
     out = []
     for task in outputs.tasks:
-        metrics = task_metrics(task)
+        metrics = list(outputs.task(task).metrics)
         rows: list[SummaryRow] = []
         for label, rid in (("zero-shot", f"teacher-{task}-zero-shot"), ("adapted", f"teacher-{task}")):
             run = outputs.get(rid)
@@ -761,7 +738,7 @@ def _p_num(p: float) -> str:
 
 
 def _where(task: str, metric: str) -> str:
-    return f"{TASK_LABELS.get(task, task)} {METRIC_NAMES.get(metric, metric)}"
+    return f"{task_title(task)} {METRIC_NAMES.get(metric, metric)}"
 
 
 def finding_sentence(finding: Finding, *, many_students: bool = False) -> str:
@@ -775,7 +752,7 @@ def finding_sentence(finding: Finding, *, many_students: bool = False) -> str:
     r = c.result
     if r is None:
         # The reason (often a long error) is listed once under the task's Δ table, not in every sentence.
-        task = TASK_LABELS.get(c.task, c.task)
+        task = task_title(c.task)
         return f"{who} vs SFT on {where}: not computed (see the n/a notes under the {task} Δ table)."
     interval = f"[{_signed(r.low)}, {_signed(r.high)}]"
     holm_text = "" if c.holm_p is None else f"Holm {_p_num(c.holm_p)}"
@@ -880,22 +857,23 @@ def _results_rows(s: TaskSummary, fmt: _Markdown) -> tuple[list[str], list[list[
 
 def _delta_rows(s: TaskSummary, fmt: _Markdown) -> tuple[list[str], list[list[str]], str]:
     head = [fmt.text("student"), fmt.text("method"), fmt.text("seeds (method/SFT)")]
-    head += [fmt.text(f"{LABELS.get(m, m)} Δ vs SFT [95% CI], p") for m in s.metrics]
+    compared = [m for m in s.metrics if any(c.metric == m for c in s.comparisons)]
+    head += [fmt.text(f"{LABELS.get(m, m)} Δ vs SFT [95% CI], p") for m in compared]
     keyed: dict[tuple[str, str], dict[str, Comparison]] = {}
     for c in s.comparisons:
         keyed.setdefault((c.student, c.method), {})[c.metric] = c
     rows = []
     for (student, method), by_metric in keyed.items():
         first = next(iter(by_metric.values()))
-        cells = [fmt.text(_delta_cell(by_metric[m])) if m in by_metric else "" for m in s.metrics]
+        cells = [fmt.text(_delta_cell(by_metric[m])) if m in by_metric else "" for m in compared]
         rows.append([fmt.text(student), fmt.text(method), f"{first.seeds[0]}/{first.seeds[1]}", *cells])
-    return head, rows, "lll" + "l" * len(s.metrics)
+    return head, rows, "lll" + "l" * len(compared)
 
 
 def _task_title(s: TaskSummary) -> str:
     metrics = ", ".join(METRIC_NAMES.get(m, m) for m in s.metrics)
     n = f", {s.n_examples} evaluation examples" if s.n_examples is not None else ""
-    return f"{TASK_LABELS.get(s.task, s.task)} ({metrics} %{n})"
+    return f"{task_title(s.task)} ({metrics} %{n})"
 
 
 def _bootstrap_setup(comparisons: Sequence[Comparison], seed: int = BOOTSTRAP_SEED) -> tuple[int, int]:
@@ -941,7 +919,7 @@ def _findings_rows(findings: Sequence[Finding], fmt: _Markdown) -> tuple[list[st
         gap += "" if f.gap is None or f.teacher_label == "adapted" else f" ({f.teacher_label})"
         rows.append(
             [
-                fmt.text(TASK_LABELS.get(c.task, c.task)),
+                fmt.text(task_title(c.task)),
                 fmt.text(c.student),
                 fmt.text(c.method),
                 fmt.setting(f.setting),
@@ -1013,7 +991,7 @@ def summary_markdown(summaries: Sequence[TaskSummary], *, level: int = 2) -> str
         head, rows, align = _results_rows(s, fmt)
         parts.append(fmt.table(head, rows, align))
         if s.comparisons:
-            parts.append(f"{h}# {TASK_LABELS.get(s.task, s.task)}: Δ vs SFT [95% CI], p\n")
+            parts.append(f"{h}# {task_title(s.task)}: Δ vs SFT [95% CI], p\n")
             head, rows, align = _delta_rows(s, fmt)
             parts.append(fmt.table(head, rows, align))
             parts.append(_stats_caption(s) + ".\n")
@@ -1045,7 +1023,7 @@ def summary_latex(summaries: Sequence[TaskSummary], study: str) -> str:
         )
         if s.comparisons:
             head, rows, align = _delta_rows(s, fmt)
-            caption = tex_escape(f"{TASK_LABELS.get(s.task, s.task)}: {_stats_caption(s)}.")
+            caption = tex_escape(f"{task_title(s.task)}: {_stats_caption(s)}.")
             parts.append(
                 "\\begin{table}[t]\n\\centering\n\\small\n"
                 + fmt.table(head, rows, align)
@@ -1081,7 +1059,7 @@ def _lambda_figures(
     students = sorted({g.student for g in groups.values()})
     many = len(students) > 1
     for task in outputs.tasks:
-        metric = selection_metric(task)
+        metric = outputs.task(task).metric
         series: list[LambdaSeries] = []
         baselines: dict[str, float] = {}
         for (student, method, t), g in groups.items():
@@ -1122,7 +1100,7 @@ def _lambda_figures(
                 )
         if not series:
             continue
-        title = f"{TASK_LABELS.get(task, task)}: λ sensitivity"
+        title = f"{task_title(task)}: λ sensitivity"
         paths = lambda_figure(
             fig_dir / f"lambda_{task}",
             title=title,
@@ -1169,7 +1147,7 @@ def _bench_value(
 def efficiency_points(
     outputs: StudyOutputs, groups: Mapping[tuple[str, str, str], Group], task: str
 ) -> list[EfficiencyPoint]:
-    metric = selection_metric(task)
+    metric = outputs.task(task).metric
     points = []
     for label, entry in (outputs.bench or {}).get("models", {}).items():
         perf = (entry.get("tasks") or {}).get(task)
@@ -1202,8 +1180,8 @@ def _efficiency_figures(
         points = efficiency_points(outputs, groups, task)
         if not points:
             continue
-        metric = selection_metric(task)
-        title = f"{TASK_LABELS.get(task, task)}: quality vs cost"
+        metric = outputs.task(task).metric
+        title = f"{task_title(task)}: quality vs cost"
         paths = efficiency_figure(
             fig_dir / f"efficiency_{task}", title=title, ylabel=_metric_axis(metric, "eval"), points=points
         )
@@ -1258,7 +1236,7 @@ def _training_figures(
             curves.append(Curve(label, method, losses, students.index(student)))
         if not any(c.losses for c in curves):
             continue
-        title = f"{TASK_LABELS.get(task, task)}: training losses"
+        title = f"{task_title(task)}: training losses"
         paths = training_figure(fig_dir / f"training_{task}", title=title, curves=curves)
         caption = (
             "Losses logged during training of the first-seed run of each chosen setting: task "
@@ -1387,7 +1365,7 @@ def _answers_line(task: str, answers: Any) -> str | None:
     done = [f"{n} {what}" for what in ("replaced", "dropped") if (n := count(what)) is not None]
     policy = f"policy `{a['policy']}`" if a.get("policy") is not None else ""
     tail = ": ".join(x for x in (policy, ", ".join(done)) if x)
-    return f"- {TASK_LABELS.get(task, task)}: {head}" + (f"; {tail}" if tail else "") + "."
+    return f"- {task_title(task)}: {head}" + (f"; {tail}" if tail else "") + "."
 
 
 def data_markdown(outputs: StudyOutputs) -> str:
@@ -1409,7 +1387,7 @@ def data_markdown(outputs: StudyOutputs) -> str:
         rows = []
         for task, m in sizes:
             cells = [str(len(m[k])) if isinstance(m.get(k), list) else "–" for k in splits]
-            rows.append([fmt.text(TASK_LABELS.get(task, task)), *cells])
+            rows.append([fmt.text(task_title(task)), *cells])
         lines.append(
             "Examples per split (data/<task>.json; selection is held out of the training data"
             + ("; transfer: unlabelled training inputs used only by the KD losses" if transfer else "")
@@ -1499,7 +1477,7 @@ def reproducibility_markdown(outputs: StudyOutputs) -> str:
     if caches:
         lines += ["Teacher caches (teacher_cache/<task>/manifest.json):", ""]
         rows = [
-            [fmt.text(TASK_LABELS.get(t, t)), *(_cell(m.get(k)) for k in ("fingerprint", "hidden_dtype"))]
+            [fmt.text(task_title(t)), *(_cell(m.get(k)) for k in ("fingerprint", "hidden_dtype"))]
             for t, m in caches
         ]
         lines.append(fmt.table(["task", "fingerprint", "hidden dtype"], rows, "lll"))
@@ -1679,12 +1657,13 @@ def report_markdown(
         ]
     compared = [c for su in summaries for c in su.comparisons]
     resamples, seed = _bootstrap_setup(compared, bootstrap_seed(outputs))
+    scored = "; ".join(f"{task_title(t)}: {outputs.task(t).per_example_note}" for t in outputs.tasks)
     lines += [
         "## Statistics",
         "",
         "Δ vs SFT compares each method's chosen setting with SFT of the same student on the same "
-        "evaluation examples. Per-example scores (SST-2: correct x100; SQuAD: EM and F1 x100, max over "
-        f"the gold answers; all in {SCORES_FILE}) are averaged over each system's seeds first, so Δ asks "
+        f"evaluation examples. Per-example scores ({scored}; all in {SCORES_FILE}) are averaged over each "
+        "system's seeds first, so Δ asks "
         "whether the method, averaged over training seeds, beats SFT on this evaluation set; seed-to-seed "
         f"spread is the ± std of the results tables. Examples are resampled with replacement {resamples} "
         "times (paired: the same resample for both systems). The interval is the percentile interval of "

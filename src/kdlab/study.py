@@ -30,6 +30,7 @@ from kdlab.config import ConfigError, StudentSettings, StudyConfig
 from kdlab.distributed import Ranks
 from kdlab.errors import CacheError, RegistryError, StudyError
 from kdlab.evaluation import evaluate, predict
+from kdlab.files import atomic_write_text
 from kdlab.methods import Signals, baseline, get_method
 from kdlab.models import (
     add_lora,
@@ -64,13 +65,10 @@ from kdlab.registry import (
 from kdlab.seeding import configure_determinism, seed_everything, stage_seed
 from kdlab.tasks import get_task
 from kdlab.tasks.base import (
-    DATA_LAYOUT,
     Encoded,
     Example,
     Task,
-    atomic_write_text,
     encode,
-    resolve_data_dir,
     split_train_selection,
     subset,
     transfer_subset,
@@ -293,23 +291,22 @@ class Study:
         columns, fields, not empty) and large enough for the subsets the config asks for."""
         try:
             task = get_task(name, settings)
-            if hasattr(task, "label_token_ids"):
-                task.label_token_ids(self.tokenizer)
+            task.check(self.tokenizer)
         except ValueError as e:
             raise ConfigError(_field_error(f"tasks.{name}", e)) from None
-        folder = resolve_data_dir(self.data_dir)
-        source = f"in {folder}" if folder is not None else "on the hub"
         pool = task.load(task.train_split, self.data_dir)
         need = (settings.train_size or 0) + settings.selection_size + settings.transfer_size
         if need > len(pool):
             raise ConfigError(
                 f"tasks.{name}: train_size + selection_size + transfer_size = {need}, but the "
-                f"{task.train_split} split {source} has {len(pool)} examples"
+                f"{task.train_split} split {task.source(task.train_split, self.data_dir)} has {len(pool)} "
+                "examples"
             )
         evals = task.load(task.eval_split, self.data_dir)
         if settings.eval_size is not None and settings.eval_size > len(evals):
             raise ConfigError(
-                f"tasks.{name}: eval_size {settings.eval_size}, but the {task.eval_split} split {source} has "
+                f"tasks.{name}: eval_size {settings.eval_size}, but the {task.eval_split} split "
+                f"{task.source(task.eval_split, self.data_dir)} has "
                 f"{len(evals)} examples"
             )
 
@@ -506,7 +503,7 @@ class Study:
                 if folder is not None and folder.is_dir():
                     # The registry row, kept with the run: `kdlab registry rebuild` restores it from here.
                     write_run_record(folder, self.registry.get(spec.id))
-                self.echo(f"[done] {spec.id}: {self._summary(metrics)} ({wall:.0f}s)")
+                self.echo(f"[done] {spec.id}: {self._summary(spec, metrics)} ({wall:.0f}s)")
         self.ranks.barrier()
         return self.registry.get(spec.id)
 
@@ -538,8 +535,7 @@ class Study:
         folder = Path(spec.output_dir)
         return folder if folder.resolve().is_relative_to(self.out.resolve()) else None
 
-    @staticmethod
-    def _summary(metrics: dict[str, Any]) -> str:
+    def _summary(self, spec: RunSpec, metrics: dict[str, Any]) -> str:
         if "cache" in metrics:
             c = metrics["cache"]
             fields = ", ".join(c["fields"])
@@ -549,7 +545,7 @@ class Study:
             return text
         ev = metrics.get("eval", {})
         sel = metrics.get("selection", {})
-        keys = [k for k in ("accuracy", "exact_match", "f1") if k in ev]
+        keys = [k for k in get_task(spec.task, self.config.tasks.get(spec.task)).metrics if k in ev]
         text = ", ".join(f"{k} {ev[k]:.1f}" for k in keys)
         if sel:
             text += " | selection " + ", ".join(f"{k} {sel[k]:.1f}" for k in keys if k in sel)
@@ -577,8 +573,7 @@ class Study:
                 batch_size=self.config.evaluation.batch_size,
                 desc=f"{label} {split}",
             )
-            ext = "json" if task.generative else "jsonl"
-            task.write_predictions(result.predictions, folder / f"predictions_{split}.{ext}")
+            task.write_predictions(result.predictions, folder / task.predictions_file(split))
             metrics[split] = {
                 **result.metrics,
                 "truncated": result.counts.get("truncated", 0),
@@ -1131,15 +1126,11 @@ class Study:
         for student in self.config.students:
             if student.model is not None:
                 models[f"students.{student.name}"] = _model_provenance(student.model, student.revision)
-        data_dir = resolve_data_dir(self.data_dir)
         data: dict[str, Any] = {}
-        for name in self.config.tasks:
-            files = [f for f in DATA_LAYOUT if f.startswith(name + "/")]
-            if data_dir is None:
-                data[name] = {"source": "hub"}
-            else:
-                present = [f for f in files if (data_dir / f).is_file()]
-                data[name] = {"files": {f: hash_file(data_dir / f) for f in present}}
+        for name, settings in self.config.tasks.items():
+            files = get_task(name, settings).data_files(self.data_dir)
+            hashed = {f: hash_file(path) for f, path in files.items()}
+            data[name] = {"files": hashed} if files else {"source": "hub"}
         return {"deterministic": self.config.deterministic, "seeds": seeds, "models": models, "data": data}
 
     def run(self) -> list[str]:

@@ -26,11 +26,15 @@ from kdlab.config import TaskSettings
 from kdlab.errors import DataError
 
 if TYPE_CHECKING:
+    import numpy as np
+    from torch import nn
     from transformers import PreTrainedTokenizerBase
 
 __all__ = [
     "DATA_LAYOUT",
     "DataError",
+    "KINDS",
+    "TASKS",
     "DataUnavailableError",
     "Encoded",
     "Example",
@@ -40,9 +44,13 @@ __all__ = [
     "encode",
     "encode_prompt",
     "load_hub",
+    "local_files",
+    "register_kind",
+    "register_task",
     "resolve_data_dir",
     "split_train_selection",
     "subset",
+    "template_names",
     "transfer_subset",
 ]
 
@@ -116,11 +124,14 @@ def shown(text: str, limit: int = 60) -> str:
     return repr(text if len(text) <= limit else text[:limit] + "...")
 
 
-def load_hub(hub_id: str, split: str) -> Any:
-    """``datasets.load_dataset(hub_id, split=split)``, turning any failure into a DataUnavailableError."""
+def load_hub(hub_id: str, split: str, config: str | None = None) -> Any:
+    """``datasets.load_dataset(hub_id, config, split=split)``, turning any failure into a
+    DataUnavailableError."""
     try:
         import datasets
 
+        if config is not None:
+            return datasets.load_dataset(hub_id, config, split=split)
         return datasets.load_dataset(hub_id, split=split)
     except Exception as e:  # offline, missing package, hub error: all mean "no data here"
         reason = (str(e).strip().splitlines() or [""])[0]  # one line: hub errors can span many
@@ -317,52 +328,87 @@ def transfer_subset(
 
 
 class Task(ABC):
-    """One task: its data, prompt template, targets, metric and prediction files."""
+    """One task: its data, prompt template and targets here; how it answers, is scored and writes its
+    predictions in its kind (`ClassificationTask`, `GenerationTask`)."""
 
-    name: ClassVar[str]
-    metric: ClassVar[str]
+    name: ClassVar[str] = ""  # a built-in task's registry key; a task defined in YAML is named by its key
+    kind: ClassVar[str]
+    title: ClassVar[str] = ""  # how tables and figures name it ("": its name)
     settings_class: ClassVar[type[TaskSettings]]
     default_template: ClassVar[str]
     train_split: ClassVar[str] = "train"
     eval_split: ClassVar[str]
-    generative: ClassVar[bool]
-    # Fields the template may use, and the one that is cut when a prompt is too long.
-    template_fields: ClassVar[frozenset[str]]
+    # Fields the template may use (None: the data's columns, checked when it is loaded), and the one that is
+    # cut when a prompt is too long.
+    template_fields: ClassVar[frozenset[str] | None]
     long_field: ClassVar[str]
+    template_setting: ClassVar[str] = "template"  # what the settings call the template, for messages
 
-    def __init__(self, settings: TaskSettings | None = None):
+    def __init__(self, settings: TaskSettings | None = None, *, name: str | None = None):
         if settings is None:
             settings = self.settings_class()
         if not isinstance(settings, self.settings_class):
-            raise TypeError(f"task {self.name!r} needs {self.settings_class.__name__}, "
+            raise TypeError(f"task {self.name or name!r} needs {self.settings_class.__name__}, "
                             f"got {type(settings).__name__}")
+        self.name = name or type(self).name
         self.settings = settings
         self.template = settings.template or self.default_template
         self._check_template(self.template)
 
+    @property
+    def label(self) -> str:
+        return self.title or self.name
+
     def _check_template(self, template: str) -> None:
-        where = f"tasks.{self.name}.template"
-        try:
-            names = {f for _, f, _, _ in string.Formatter().parse(template) if f is not None}
-        except ValueError as e:
-            raise ValueError(f"{where}: not a valid format string ({e}); "
-                             "write literal braces as {{ }}") from None
-        unknown = names - self.template_fields
+        where = f"tasks.{self.name}.{self.template_setting}"
+        names = template_names(template, where)
+        unknown = names - self.template_fields if self.template_fields is not None else set()
         if unknown:
             raise ValueError(f"{where}: unknown field(s) {sorted(unknown)}; "
-                             f"allowed: {sorted(self.template_fields)}")
+                             f"allowed: {sorted(self.template_fields or ())}")
         if self.long_field not in names:
             raise ValueError(f"{where}: must contain {{{self.long_field}}}")
+
+    # -- metrics ----------------------------------------------------------------------------------------
+
+    @property
+    @abstractmethod
+    def metrics(self) -> tuple[str, ...]:
+        """The metrics `score` returns (percentages), the first the one grid settings are chosen on."""
+
+    @property
+    def metric(self) -> str:
+        """The metric the best grid setting is chosen on."""
+        return self.metrics[0]
+
+    @property
+    def paired_metrics(self) -> tuple[str, ...]:
+        """The metrics that are means of per-example scores, so the report can compare systems pairwise."""
+        return self.metrics
+
+    @property
+    @abstractmethod
+    def per_example_note(self) -> str:
+        """What a per-example score is, for the report ("correct x100")."""
 
     # -- data -------------------------------------------------------------------------------------------
 
     @abstractmethod
     def load(self, split: str, data_dir: str | Path | None = None) -> list[Example]:
-        """All examples of a split, from ``data_dir`` / $KDLAB_DATA_DIR, else from the hub."""
+        """All examples of a split (`train_split` or `eval_split`)."""
 
     @abstractmethod
     def read_references(self, path: str | Path) -> list[Example]:
-        """Examples with gold answers from one file in the task's official format (for ``kdlab score``)."""
+        """Examples with gold answers from one file in the task's own format (for ``kdlab score``)."""
+
+    def source(self, split: str, data_dir: str | Path | None = None) -> str:
+        """Where ``split`` is read from, for messages ("in DIR", "on the hub", a file)."""
+        folder = resolve_data_dir(data_dir)
+        return f"in {folder}" if folder is not None else "on the hub"
+
+    def data_files(self, data_dir: str | Path | None = None) -> dict[str, Path]:
+        """The local files the task reads (name -> path), for provenance; none when it reads the hub."""
+        return {}
 
     # -- targets ----------------------------------------------------------------------------------------
 
@@ -387,11 +433,11 @@ class Task(ABC):
         """Tokens the prompt may use: max_length minus what follows it (target + eos, or the answer room)."""
         if training:
             return self.settings.max_length - len(target_ids(self.target_text(ex), tokenizer))
-        return self.settings.max_length - self.eval_room()
+        return self.settings.max_length - self.eval_room(tokenizer)
 
     @abstractmethod
-    def eval_room(self) -> int:
-        """Tokens kept free after an evaluation prompt (label token / generated answer)."""
+    def eval_room(self, tokenizer: PreTrainedTokenizerBase) -> int:
+        """Tokens kept free after an evaluation prompt (the longest label / the generated answer)."""
 
     def cut_field(
         self,
@@ -464,11 +510,42 @@ class Task(ABC):
             width -= n - budget
         return None
 
-    # -- scoring and prediction files -------------------------------------------------------------------
+    # -- answering, scoring and prediction files (the kind's) -------------------------------------------
+
+    def check(self, tokenizer: PreTrainedTokenizerBase) -> None:
+        """Raise ValueError naming the setting when the task cannot work with this tokenizer."""
+        return None
+
+    @abstractmethod
+    def answer(
+        self,
+        model: nn.Module,
+        tokenizer: PreTrainedTokenizerBase,
+        prompt_ids: Sequence[list[int]],
+        *,
+        batch_size: int,
+        desc: str = "",
+    ) -> list[Any]:
+        """The model's answer to each encoded prompt, in the form predictions take."""
+
+    def answer_tokens(self, answers: Sequence[Any], tokenizer: PreTrainedTokenizerBase) -> int:
+        """Tokens the model produced for ``answers`` beyond the prompts (throughput counts them)."""
+        return 0
 
     @abstractmethod
     def score(self, predictions: Mapping[str, Any], examples: Sequence[Example]) -> dict[str, float]:
         """The task's metrics (percentages) of ``predictions`` (id -> prediction) over ``examples``."""
+
+    @abstractmethod
+    def per_example_scores(
+        self, predictions: Mapping[str, Any], examples: Sequence[Example]
+    ) -> dict[str, np.ndarray]:
+        """Each of `paired_metrics` per example (x100, ``examples`` order; a missing prediction scores 0),
+        whose means are what `score` reports."""
+
+    @abstractmethod
+    def predictions_file(self, split: str) -> str:
+        """The file name of a split's predictions in a run folder."""
 
     @abstractmethod
     def read_predictions(self, path: str | Path) -> dict[str, Any]: ...
@@ -477,10 +554,34 @@ class Task(ABC):
     def write_predictions(self, predictions: Mapping[str, Any], path: str | Path) -> None: ...
 
 
-def atomic_write_text(path: str | Path, text: str) -> None:
-    """Write via a temporary file and rename, so a crash never leaves half a predictions file."""
-    path = Path(path)
-    path.parent.mkdir(parents=True, exist_ok=True)
-    tmp = path.with_name(f".{path.name}.tmp{os.getpid()}")
-    tmp.write_text(text, encoding="utf-8")
-    os.replace(tmp, path)
+TASKS: dict[str, type[Task]] = {}  # built-in tasks by name (sst2, squad)
+KINDS: dict[str, type[Task]] = {}  # task kinds by name: what a task defined in YAML (`kind:`) is
+
+
+def register_task(cls: type[Task]) -> type[Task]:
+    """Class decorator adding a built-in task (a class with its own data) to the registry."""
+    TASKS[cls.name] = cls
+    return cls
+
+
+def register_kind(cls: type[Task]) -> type[Task]:
+    """Class decorator adding a task kind, which a YAML block names with `kind:`."""
+    KINDS[cls.kind] = cls
+    return cls
+
+
+def local_files(task: str, data_dir: str | Path | None) -> dict[str, Path]:
+    """A built-in task's files in the kdlab data folder (`DATA_LAYOUT`) that are there."""
+    folder = resolve_data_dir(data_dir)
+    if folder is None:
+        return {}
+    return {f: folder / f for f in DATA_LAYOUT if f.startswith(task + "/") and (folder / f).is_file()}
+
+
+def template_names(template: str, where: str) -> set[str]:
+    """The fields a format string uses; ValueError naming `where` when it is not a format string."""
+    try:
+        return {f for _, f, _, _ in string.Formatter().parse(template) if f is not None}
+    except ValueError as e:
+        raise ValueError(f"{where}: not a valid format string ({e}); "
+                         "write literal braces as {{ }}") from None

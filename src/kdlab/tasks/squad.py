@@ -3,25 +3,28 @@
 from __future__ import annotations
 
 import json
-from collections.abc import Mapping, Sequence
+from collections.abc import Sequence
 from pathlib import Path
 from typing import Any, ClassVar
 
-from kdlab.config import SquadSettings, TaskSettings
+from pydantic import Field
+
+from kdlab.config import TaskSettings
 from kdlab.errors import DataError
-from kdlab.metrics import squad_scores
 from kdlab.tasks.base import (
     Example,
     Task,
-    atomic_write_text,
     load_hub,
+    local_files,
     read_data_text,
+    register_task,
     require_examples,
     require_file,
     resolve_data_dir,
 )
+from kdlab.tasks.generation import GenerationTask
 
-__all__ = ["SquadTask", "read_squad_json"]
+__all__ = ["SquadSettings", "SquadTask", "read_squad_json"]
 
 HUB_ID = "rajpurkar/squad"
 FILES = {"train": "train-v1.1.json", "dev": "dev-v1.1.json"}
@@ -82,24 +85,36 @@ def read_squad_json(path: Path) -> list[Example]:
     return require_examples(out, str(path))
 
 
-class SquadTask(Task):
+class SquadSettings(TaskSettings):
+    train_split_size: ClassVar[int | None] = 87599
+    eval_split_size: ClassVar[int | None] = 10570
+    max_length: int = Field(384, gt=8)
+    max_new_tokens: int = Field(32, gt=0)
+
+
+@register_task
+class SquadTask(GenerationTask):
     name: ClassVar[str] = "squad"
-    metric: ClassVar[str] = "f1"
-    settings_class: ClassVar[type[SquadSettings]] = SquadSettings
+    title: ClassVar[str] = "SQuAD"
+    settings_class: ClassVar[type[TaskSettings]] = SquadSettings
     default_template: ClassVar[str] = "Context: {context}\nQuestion: {question}\nAnswer:"
     eval_split: ClassVar[str] = "dev"
-    generative: ClassVar[bool] = True
-    template_fields: ClassVar[frozenset[str]] = frozenset({"context", "question", "title"})
+    template_fields: ClassVar[frozenset[str] | None] = frozenset({"context", "question", "title"})
+    template_setting: ClassVar[str] = "template"
     long_field: ClassVar[str] = "context"
     splits: ClassVar[tuple[str, ...]] = ("train", "dev")
 
     settings: SquadSettings
 
-    def __init__(self, settings: TaskSettings | None = None):
-        super().__init__(settings)
+    def __init__(self, settings: TaskSettings | None = None, *, name: str | None = None):
+        super().__init__(settings, name=name)
         if self.settings.max_new_tokens >= self.settings.max_length:
             raise ValueError(f"tasks.squad.max_new_tokens ({self.settings.max_new_tokens}) leaves no room "
                              f"for the prompt within max_length ({self.settings.max_length})")
+
+    @property
+    def metric_name(self) -> str:
+        return "squad"
 
     # -- data -------------------------------------------------------------------------------------------
 
@@ -134,19 +149,13 @@ class SquadTask(Task):
     def read_references(self, path: str | Path) -> list[Example]:
         return read_squad_json(require_file(Path(path), "SQuAD v1.1 reference file"))
 
-    # -- targets ----------------------------------------------------------------------------------------
+    def source(self, split: str, data_dir: str | Path | None = None) -> str:
+        return Task.source(self, split, data_dir)
 
-    def gold_answer(self, ex: Example) -> str:
-        if not ex.answers:
-            raise ValueError(f"squad question {ex.id!r} has no gold answer")
-        return ex.answers[0]
+    def data_files(self, data_dir: str | Path | None = None) -> dict[str, Path]:
+        return local_files(self.name, data_dir)
 
-    def answer_target(self, answer: str | int) -> str:
-        # One space after "Answer:", as a decoder would produce it; stray spaces in the data are dropped.
-        return " " + str(answer).strip()
-
-    def eval_room(self) -> int:
-        return self.settings.max_new_tokens
+    # -- training windows -------------------------------------------------------------------------------
 
     def cut_field(
         self,
@@ -178,27 +187,3 @@ class SquadTask(Task):
         hi = min(len(offsets), lo + width) - 1
         cut_start, cut_end = offsets[lo][0], offsets[hi][1]
         return text[cut_start:cut_end].strip()
-
-    # -- scoring and prediction files -------------------------------------------------------------------
-
-    def score(self, predictions: Mapping[str, Any], examples: Sequence[Example]) -> dict[str, float]:
-        return squad_scores(predictions, {ex.id: ex.answers for ex in examples})
-
-    def write_predictions(self, predictions: Mapping[str, Any], path: str | Path) -> None:
-        # The official format: one JSON object {question id: answer text}.
-        data = {str(k): str(v) for k, v in predictions.items()}
-        atomic_write_text(path, json.dumps(data, ensure_ascii=False, indent=0) + "\n")
-
-    def read_predictions(self, path: str | Path) -> dict[str, Any]:
-        path = Path(path)
-        if not path.is_file():
-            raise FileNotFoundError(f"{path}: SQuAD predictions file not found")
-        text = read_data_text(path, "SQuAD predictions file")
-        try:
-            data = json.loads(text)
-        except ValueError as e:
-            raise DataError(f"{path}: not JSON ({e})") from None
-        if not isinstance(data, dict) or not all(isinstance(v, str) for v in data.values()):
-            raise DataError(f"{path}: expected the official SQuAD predictions format, "
-                            "one JSON object {\"question id\": \"answer text\"}")
-        return data

@@ -1,33 +1,31 @@
-"""SST-2 (GLUE): binary sentiment, scored by comparing the log-prob of each label word's first token."""
+"""SST-2 (GLUE): binary sentiment, a classification task read from the GLUE TSV files or the hub."""
 
 from __future__ import annotations
 
 import csv
 import io
-import json
-from collections.abc import Mapping, Sequence
 from pathlib import Path
-from typing import TYPE_CHECKING, Any, ClassVar
+from typing import Any, ClassVar
 
-from kdlab.config import SST2Settings
+from pydantic import Field
+
+from kdlab.config import TaskSettings
 from kdlab.errors import DataError
-from kdlab.metrics import accuracy
 from kdlab.tasks.base import (
     Example,
     Task,
-    atomic_write_text,
     load_hub,
+    local_files,
     read_data_text,
+    register_task,
     require_examples,
     require_file,
     resolve_data_dir,
     shown,
 )
+from kdlab.tasks.classification import ClassificationTask
 
-if TYPE_CHECKING:
-    from transformers import PreTrainedTokenizerBase
-
-__all__ = ["SST2Task"]
+__all__ = ["SST2Settings", "SST2Task"]
 
 HUB_ID = "stanfordnlp/sst2"
 
@@ -51,18 +49,36 @@ def read_tsv(path: Path, split: str) -> list[Example]:
     return require_examples(out, str(path))
 
 
-class SST2Task(Task):
+class SST2Settings(TaskSettings):
+    train_split_size: ClassVar[int | None] = 67349
+    eval_split_size: ClassVar[int | None] = 872
+    label_words: list[str] = Field(
+        default_factory=lambda: [" negative", " positive"], min_length=2, max_length=2
+    )
+
+
+@register_task
+class SST2Task(ClassificationTask):
     name: ClassVar[str] = "sst2"
-    metric: ClassVar[str] = "accuracy"
-    settings_class: ClassVar[type[SST2Settings]] = SST2Settings
+    title: ClassVar[str] = "SST-2"
+    settings_class: ClassVar[type[TaskSettings]] = SST2Settings
     default_template: ClassVar[str] = "Review: {sentence}\nSentiment:"
     eval_split: ClassVar[str] = "validation"
-    generative: ClassVar[bool] = False
-    template_fields: ClassVar[frozenset[str]] = frozenset({"sentence"})
+    template_fields: ClassVar[frozenset[str] | None] = frozenset({"sentence"})
+    template_setting: ClassVar[str] = "template"
     long_field: ClassVar[str] = "sentence"
+    labels_field: ClassVar[str] = "label_words"
     splits: ClassVar[tuple[str, ...]] = ("train", "validation")
 
     settings: SST2Settings
+
+    @property
+    def label_names(self) -> list[Any]:
+        return list(range(len(self.settings.label_words)))  # GLUE's 0 (negative) and 1 (positive)
+
+    @property
+    def continuations(self) -> list[str]:
+        return list(self.settings.label_words)
 
     # -- data -------------------------------------------------------------------------------------------
 
@@ -88,62 +104,8 @@ class SST2Task(Task):
         # The split name in the ids comes from the file name (validation.tsv -> validation-0, ...).
         return read_tsv(path, path.stem)
 
-    # -- targets ----------------------------------------------------------------------------------------
+    def source(self, split: str, data_dir: str | Path | None = None) -> str:
+        return Task.source(self, split, data_dir)
 
-    def gold_answer(self, ex: Example) -> str:
-        if ex.label is None:
-            raise ValueError(f"sst2 example {ex.id!r} has no label")
-        return str(ex.label)
-
-    def answer_target(self, answer: str | int) -> str:
-        label = int(answer)
-        if label not in range(len(self.settings.label_words)):
-            raise ValueError(f"sst2: label must be 0 or 1, got {answer!r}")
-        return self.settings.label_words[label]
-
-    def label_token_ids(self, tokenizer: PreTrainedTokenizerBase) -> list[int]:
-        """First token of each label word: the scorer compares these tokens' log-probs after the prompt."""
-        ids: list[int] = []
-        for word in self.settings.label_words:
-            toks = tokenizer(word, add_special_tokens=False)["input_ids"]
-            if not toks:
-                raise ValueError(f"tasks.sst2.label_words: {word!r} gives no token")
-            ids.append(int(toks[0]))
-        if len(set(ids)) != len(ids):
-            raise ValueError(f"tasks.sst2.label_words {self.settings.label_words!r} share their first token "
-                             f"({ids}); choose words that start with different tokens")
-        return ids
-
-    def eval_room(self) -> int:
-        return 1  # one label token is scored after the prompt
-
-    # -- scoring and prediction files -------------------------------------------------------------------
-
-    def score(self, predictions: Mapping[str, Any], examples: Sequence[Example]) -> dict[str, float]:
-        labels = {ex.id: ex.label for ex in examples if ex.label is not None}
-        return accuracy(predictions, labels)
-
-    def write_predictions(self, predictions: Mapping[str, Any], path: str | Path) -> None:
-        lines = [json.dumps({"id": str(i), "label": int(label)}) for i, label in predictions.items()]
-        atomic_write_text(path, "".join(line + "\n" for line in lines))
-
-    def read_predictions(self, path: str | Path) -> dict[str, Any]:
-        path = Path(path)
-        if not path.is_file():
-            raise FileNotFoundError(f"{path}: SST-2 predictions file not found")
-        out: dict[str, int] = {}
-        for n, line in enumerate(read_data_text(path, "SST-2 predictions file").split("\n"), 1):
-            if not line.strip():
-                continue
-            try:
-                row = json.loads(line)
-                key, label = str(row["id"]), row["label"]
-            except (ValueError, KeyError, TypeError) as e:
-                raise DataError(f"{path}:{n}: expected a JSON line "
-                                f"{{\"id\": ..., \"label\": 0|1}} ({type(e).__name__}: {e})") from None
-            if label not in (0, 1) or isinstance(label, bool):
-                raise DataError(f"{path}:{n}: label must be 0 or 1, got {label!r}")
-            if key in out:
-                raise DataError(f"{path}:{n}: duplicate id {key!r}")
-            out[key] = label
-        return out
+    def data_files(self, data_dir: str | Path | None = None) -> dict[str, Path]:
+        return local_files(self.name, data_dir)

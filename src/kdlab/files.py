@@ -1,0 +1,57 @@
+"""Writing files so that a crash never leaves half of one: every file kdlab writes for later stages goes
+through a temporary file beside it and one `os.replace`, which readers see either before or after."""
+
+from __future__ import annotations
+
+import contextlib
+import json
+import os
+import tempfile
+from collections.abc import Iterator
+from pathlib import Path
+from typing import Any
+
+
+@contextlib.contextmanager
+def atomic_output(path: str | Path, *, durable: bool = False) -> Iterator[Path]:
+    """A temporary path beside `path` to write to; moved onto `path` when the block succeeds, removed if it
+    fails. `durable`: fsync the file and its folder too, for files whose loss after a power cut would be
+    silent (cache manifests)."""
+    path = Path(path)
+    path.parent.mkdir(parents=True, exist_ok=True)
+    fd, name = tempfile.mkstemp(prefix=f".{path.name}.", suffix=".tmp", dir=path.parent)
+    os.close(fd)
+    tmp = Path(name)
+    try:
+        yield tmp
+        if durable:
+            with open(tmp, "rb") as f:
+                os.fsync(f.fileno())
+        os.replace(tmp, path)
+        if durable:
+            fsync_dir(path.parent)
+    finally:
+        tmp.unlink(missing_ok=True)
+
+
+def atomic_write_text(path: str | Path, text: str, *, durable: bool = False) -> None:
+    with atomic_output(path, durable=durable) as tmp:
+        tmp.write_text(text, encoding="utf-8")
+
+
+def atomic_write_json(path: str | Path, data: Any, *, durable: bool = False, **dumps: Any) -> None:
+    atomic_write_text(path, json.dumps(data, **dumps), durable=durable)
+
+
+def fsync_dir(path: str | Path) -> None:
+    """Make a rename inside `path` durable (a no-op where folders cannot be opened, e.g. Windows)."""
+    try:
+        fd = os.open(path, os.O_RDONLY)
+    except OSError:
+        return
+    try:
+        os.fsync(fd)
+    except OSError:
+        pass
+    finally:
+        os.close(fd)
