@@ -158,3 +158,23 @@ def real_data_dir() -> Path:
     if not (path / "sst2" / "validation.tsv").is_file():
         pytest.skip(f"real data folder {path} not present")
     return path
+
+
+@pytest.fixture
+def kdlab_messages() -> list[str]:
+    """The status messages kdlab logs during the test (logger "kdlab", INFO and up)."""
+    import logging
+
+    messages: list[str] = []
+
+    class Collect(logging.Handler):
+        def emit(self, record: logging.LogRecord) -> None:
+            messages.append(record.getMessage())
+
+    logger = logging.getLogger("kdlab")
+    handler, level = Collect(), logger.level
+    logger.addHandler(handler)
+    logger.setLevel(logging.INFO)
+    yield messages
+    logger.removeHandler(handler)
+    logger.setLevel(level)

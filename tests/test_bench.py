@@ -181,16 +181,12 @@ class FakeStudy:
         self.tokenizer = load_tokenizer(str(teacher))
         self.device = torch.device("cpu")
         self.base_teacher_path = str(teacher)
-        self.messages: list[str] = []
 
     def teacher_path(self, task: str) -> str:
         return str(self.out / "teacher" / task)
 
     def data(self, name: str) -> SimpleNamespace:
         return SimpleNamespace(task=SST2Task(SST2Settings(max_length=96)), eval=sst2_examples(6))
-
-    def echo(self, message: str) -> None:
-        self.messages.append(message)
 
     def add_run(self, spec: RunSpec, metrics: dict, model: Path | None) -> None:
         self.registry.add(spec)
@@ -259,8 +255,9 @@ def test_write_bench_writes_the_documented_json(fake_study: FakeStudy) -> None:
     assert not list(fake_study.out.glob("*.tmp"))
 
 
-def test_write_bench_skips_a_run_whose_model_is_gone(fake_study: FakeStudy) -> None:
+def test_write_bench_skips_a_run_whose_model_is_gone(fake_study: FakeStudy,
+                                                     kdlab_messages: list[str]) -> None:
     shutil.rmtree(fake_study.out / "runs" / "sft-sst2-s1-seed2" / "model")
     labels = [e.label for e in study_entries(fake_study)]
     assert "sft-sst2-s1" not in labels
-    assert any("sft-sst2-s1" in m and "skipped" in m for m in fake_study.messages)
+    assert any("sft-sst2-s1" in m and "skipped" in m for m in kdlab_messages)

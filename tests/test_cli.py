@@ -150,3 +150,76 @@ def test_score_missing_file(tmp_path: Path, capsys: pytest.CaptureFixture[str]) 
     refs.write_text("sentence\tlabel\ngood\t1\n")
     assert main(["score", "sst2", str(tmp_path / "nope.jsonl"), "--data", str(refs)]) == 2
     assert "nope.jsonl" in capsys.readouterr().err
+
+
+# ---------------------------------------------------------------------------------------------------------
+# one way to name the study folder, overrides, dry runs, status as JSON
+
+
+def test_python_m_kdlab_is_the_cli() -> None:
+    import subprocess
+    import sys
+
+    done = subprocess.run([sys.executable, "-m", "kdlab", "--version"], capture_output=True, text=True,
+                          check=False)
+    assert done.returncode == 0 and done.stdout.startswith("kdlab ")
+
+
+def test_every_study_command_takes_out() -> None:
+    parser = build_parser()
+    for path in COMMANDS:
+        if path[0] in ("config", "score") or path == ("registry",):
+            continue  # no study folder, or a group of commands
+        args = parser.parse_args([*path, "--out", "somewhere"])
+        assert args.out == "somewhere", path
+
+
+def test_set_overrides_any_setting(tmp_path: Path, capsys: pytest.CaptureFixture[str]) -> None:
+    path = tmp_path / "study.yaml"
+    path.write_text(preset_text("smoke"))
+    argv = ["config", "check", str(path), "--set", "seeds=[3, 4, 5]", "--set", "training.learning_rate=0.5"]
+    assert main(argv) == 0
+    assert "3 seed(s)" in capsys.readouterr().out
+    assert main(["config", "check", str(path), "--set", "training.lerning_rate=1"]) == 2
+    assert "training.lerning_rate" in capsys.readouterr().err
+    assert main(["config", "check", str(path), "--set", "seeds"]) == 2
+    assert "expected KEY.SUB=VALUE" in capsys.readouterr().err
+
+
+def test_dry_run_lists_the_runs_and_writes_nothing(tmp_path: Path, tiny_data_dir: Path,
+                                                   capsys: pytest.CaptureFixture[str]) -> None:
+    out = tmp_path / "out"
+    argv = ["-q", "run", "--preset", "smoke", "--out", str(out), "--data-dir", str(tiny_data_dir),
+            "--dry-run", "--set", "methods.kd3.lambda=[0.25, 0.5]"]
+    assert main(argv) == 0
+    captured = capsys.readouterr()
+    lines = [line.split() for line in captured.out.splitlines()]
+    assert all(status == "todo" for status, _ in lines) and captured.err == ""
+    ids = [run_id for _, run_id in lines]
+    assert ids[:4] == ["teacher-sst2-zero-shot", "teacher-sst2", "teacher-squad-zero-shot", "teacher-squad"]
+    assert {"cache-sst2", "sft-sst2-s1-seed1", "sft-sst2-s1-seed2", "kd3-squad-s1-lam0.25-seed1",
+            "kd3-squad-s1-<best>-seed2", "kd2-squad-s1-lam0.5-seed2"} <= set(ids)
+    assert not out.exists()
+    import transformers.utils.logging
+
+    transformers.utils.logging.enable_progress_bar()  # as the other tests expect it
+
+
+def test_status_json(tmp_path: Path, capsys: pytest.CaptureFixture[str]) -> None:
+    from kdlab.registry import Registry, RunSpec
+
+    registry = Registry(tmp_path / "registry.sqlite")
+    for i, method in enumerate(("sft", "kd1")):
+        spec = RunSpec(id=f"{method}-sst2-s1-seed1", kind="student", task="sst2", method=method, student="s1",
+                       stage="grid", params={}, seed=1, config_hash="h", output_dir="")
+        registry.add(spec)
+        assert registry.claim(spec.id)
+        registry.finish(spec.id, {"eval": {"accuracy": 60.0 + i, "macro_f1": 50.0, "n": 10}}, 1.0)
+    assert main(["status", "--out", str(tmp_path), "--json"]) == 0
+    status = json.loads(capsys.readouterr().out)
+    assert status["counts"] == {"done": 2, "running": 0, "failed": 0, "todo": 0}
+    assert [(r["id"], r["metric"], r["value"]) for r in status["runs"]] == [
+        ("sft-sst2-s1-seed1", "accuracy", 60.0), ("kd1-sst2-s1-seed1", "accuracy", 61.0)]
+    assert [b["run"] for b in status["best"]] == ["kd1-sst2-s1-seed1", "sft-sst2-s1-seed1"]
+    assert main(["status", str(tmp_path)]) == 0  # the folder alone works too
+    assert "2 done" in capsys.readouterr().out

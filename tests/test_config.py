@@ -301,3 +301,29 @@ def test_cli_config_and_preset_together(tmp_path: Path, capsys: pytest.CaptureFi
     assert main(["run", str(path), "--preset", "smoke", "--out", str(tmp_path / "o")]) == 2
     assert "not both" in capsys.readouterr().err
     assert not (tmp_path / "o").exists()
+
+
+@pytest.mark.parametrize(
+    ("extra", "message"),
+    [
+        ({"optim": "nope"}, "training: TrainingArguments refused it: nope is not a valid OptimizerNames"),
+        ({"adam_beta1": "a"}, "training.adam_beta1: Input should be a valid number"),
+        ({"seed": 3}, "training.seed: set by kdlab"),
+        ({"num_train_epochs": 2}, "training.num_train_epochs: give kdlab's `epochs` instead"),
+        ({"lerning_rate": 1}, "training.lerning_rate: not a field of transformers' TrainingArguments"),
+        ({"lerning_rate": 1}, "(did you mean 'learning_rate'?)"),
+    ],
+)
+def test_trainer_arguments_are_checked_by_transformers(extra: dict[str, Any], message: str) -> None:
+    data = _base()
+    data["training"].update(extra)
+    assert message in _error(data)
+
+
+def test_trainer_arguments_change_the_dump_only_when_given() -> None:
+    plain = parse_config(_base())
+    data = _base()
+    data["training"]["report_to"] = ["tensorboard"]
+    given = parse_config(data)
+    assert "report_to" not in plain.to_yaml() and "report_to:\n  - tensorboard" in given.to_yaml()
+    assert str(plain.training) != str(given.training)  # run hashes read the settings' text

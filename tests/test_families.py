@@ -283,7 +283,7 @@ def _family_config(family: str, root: Path) -> dict:
 def test_family_study(family: str, tmp_path: Path, tiny_data_dir: Path) -> None:
     start = time.perf_counter()
     config = parse_config(_family_config(family, tmp_path))
-    study = Study(config, output_dir=tmp_path / "out", data_dir=tiny_data_dir, echo=lambda _text: None)
+    study = Study(config, output_dir=tmp_path / "out", data_dir=tiny_data_dir)
     study.prepare()
     assert study.sweep() == []
     runs = {r.id: r for r in Registry(tmp_path / "out" / "registry.sqlite").runs()}

@@ -274,8 +274,9 @@ def test_nan_teacher_signal_fails_the_run_never_done(study: Path, mini: Mini,
         path.unlink()  # "deleted from the registry": the others come back from their run folders
     assert _sweep(study, mini) == 1
     captured = capsys.readouterr()
-    assert f"[failed] {KD1_RUN}: FloatingPointError: non-finite loss at step" in captured.out
-    assert "rebuilt from" in captured.out
+    assert f"[failed] {KD1_RUN}: FloatingPointError: non-finite loss at step" in captured.err
+    assert "rebuilt from" in captured.err
+    assert captured.out == ""  # stdout keeps results only: no status, no Trainer log lines
     registry = Registry(study / REGISTRY_NAME)
     run = registry.get(KD1_RUN)
     assert run.status == "failed" and run.metrics is None
@@ -351,7 +352,7 @@ def test_deleted_registry_is_rebuilt_and_no_run_is_redone(study: Path, mini: Min
     line = _one_error_line(capsys.readouterr().err)
     assert _named_command(line) == ["registry", "rebuild", "--out", str(study)]
     assert _sweep(study, mini) == 0  # rebuilt automatically: the file is missing, the run folders are there
-    assert "rebuilt from 4 finished run folder(s)" in capsys.readouterr().out
+    assert "rebuilt from 4 finished run folder(s)" in capsys.readouterr().err
     assert _rows(study) == before  # exactly the rows it had: ids, params, hashes, metrics, times, attempts
     assert main(["status", str(study)]) == 0
 

@@ -12,7 +12,7 @@ from typing import Any
 import pytest
 import yaml
 
-from kdlab.cli import main
+import kdlab
 from kdlab.config import ConfigError, parse_config, preset_text
 from kdlab.methods import METHODS
 from kdlab.registry import Registry
@@ -73,7 +73,13 @@ def test_a_new_method_is_one_module(tmp_path: Path, tiny_data_dir: Path, registr
     data = _smoke(plugins=[str(plugin)], methods={"sft": {}, "top1": {"lambda": [0.5, 1.0]}})
     config.write_text(yaml.safe_dump(data))
 
-    assert main(["run", str(config), "--out", str(out), "--data-dir", str(tiny_data_dir)]) == 0
+    # The Python API, as a notebook would call it: the results table comes back as a DataFrame.
+    study = kdlab.Study(kdlab.load_config(config), output_dir=out, data_dir=tiny_data_dir)
+    results = study.run()
+    assert not study.failed
+    top1 = results[results["method"] == "top1"]
+    assert len(top1) == 2 and (top1["status"] == "done").all() and top1["eval_accuracy"].between(0, 100).all()
+    assert top1["chosen"].sum() == 1  # the grid's best setting
 
     runs = {r.id: r for r in Registry(out / "registry.sqlite").runs(kind="student")}
     assert set(runs) == {"sft-sst2-s1-seed1", "top1-sst2-s1-lam0.5-seed1", "top1-sst2-s1-lam1-seed1"}

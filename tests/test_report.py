@@ -759,3 +759,20 @@ def test_absent_or_malformed_provenance_is_not_recorded(study: SimpleNamespace, 
         text = _fast_report(out, monkeypatch)
         assert "## Environment" in text and "| bootstrap seed (report) | 0 (default) |" in text
     assert "provenance.json is not valid JSON" in text
+
+
+def test_paired_bootstrap_agrees_with_scipy() -> None:
+    """kdlab's percentile interval (order statistics) against scipy's bootstrap of the same paired means."""
+    scipy_stats = pytest.importorskip("scipy.stats")
+    rng = np.random.default_rng(5)
+    system = 100.0 * (rng.random((2, 400)) < 0.62)  # two seeds of per-example correctness
+    baseline = 100.0 * (rng.random(400) < 0.55)
+    ours = paired_bootstrap(system, baseline, n_resamples=20_000, seed=1)
+    diffs = system.mean(0) - baseline
+    theirs = scipy_stats.bootstrap((diffs,), np.mean, n_resamples=20_000, confidence_level=0.95,
+                                   method="percentile", random_state=2).confidence_interval
+    assert ours.delta == pytest.approx(diffs.mean())
+    assert ours.low == pytest.approx(theirs.low, abs=0.4) and ours.high == pytest.approx(theirs.high, abs=0.4)
+    # The p-value inverts the interval: the t-test's p on the same differences is of the same order.
+    t_p = scipy_stats.ttest_1samp(diffs, 0.0).pvalue
+    assert (ours.p_value < 0.05) == (t_p < 0.05)

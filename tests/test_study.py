@@ -164,11 +164,14 @@ def test_rerun_does_no_training(smoke: SmokeStudy, monkeypatch: pytest.MonkeyPat
     for name in ("train", "evaluate", "build_teacher_cache", "derive_student"):
         monkeypatch.setattr(kdlab.study, name, forbidden)
     start = time.perf_counter()
-    failed = Study(parse_config(yaml.safe_load(preset_text("smoke"))), output_dir=smoke.out,
-                   data_dir=smoke.data_dir, echo=lambda _: None).run()
+    study = Study(parse_config(yaml.safe_load(preset_text("smoke"))), output_dir=smoke.out,
+                  data_dir=smoke.data_dir)
+    results = study.run()
     seconds = time.perf_counter() - start
     print(f"no-op re-run: {seconds:.1f}s")
-    assert not failed
+    assert not study.failed
+    assert set(results["run"]) == {r.id for r in smoke.registry().runs()}  # the Python API's results table
+    assert (results["status"] == "done").all()
     after = {r.id: (r.status, r.attempts, r.finished_at, r.metrics) for r in smoke.registry().runs()}
     assert after == before
     assert seconds < 60
@@ -204,7 +207,7 @@ def test_failed_run_is_recorded_and_redone(tiny_data_dir: Path, tmp_path: Path,
     assert run is not None and run.status == "failed" and run.attempts == 1
     assert "boom: simulated crash" in (run.error or "")
     assert registry.get("teacher-sst2-zero-shot").status == "done"
-    assert "sft-sst2-s1-seed1" in capsys.readouterr().out
+    assert "sft-sst2-s1-seed1" in capsys.readouterr().err  # status on stderr
 
     monkeypatch.setattr(Study, "_train_student", real)
     assert main(argv) == 0

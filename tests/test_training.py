@@ -286,3 +286,32 @@ def test_task_loss_leaves_transfer_rows_out() -> None:
     # A global batch of transfer rows only: no gold token, a task loss of 0 rather than 0/0.
     only = dataclasses.replace(x, batch={"gold_rows": torch.tensor([False, False])}, num_gold_tokens=0)
     assert float(get_method("sft").loss(only)[0]) == 0.0
+
+
+def test_report_to_tensorboard_writes_the_losses(setup: Setup, tmp_path: Path) -> None:
+    """Any TrainingArguments field passes through `training`: with report_to tensorboard, the run's losses
+    (the method's parts included) land in TensorBoard event files under the run's trainer folder."""
+    pytest.importorskip("tensorboard")
+    from tensorboard.backend.event_processing.event_accumulator import EventAccumulator
+
+    params = dict(KD1, lam=0.5)
+    _run(setup, tmp_path, "kd1", params, settings=_settings(report_to=["tensorboard"], max_steps=2))
+    events = sorted(tmp_path.rglob("events.out.tfevents.*"))
+    assert events, "no TensorBoard event file"
+    accumulator = EventAccumulator(str(events[0].parent))
+    accumulator.Reload()
+    scalars = accumulator.Tags()["scalars"]
+    assert {"train/loss", "train/loss_ce", "train/loss_kd"} <= set(scalars)
+    assert [e.step for e in accumulator.Scalars("train/loss")] == [1, 2]
+
+
+def test_trainer_arguments_pass_through() -> None:
+    from kdlab.training import training_arguments
+
+    settings = TrainingSettings(report_to="tensorboard", optim="adafactor", save_total_limit="2")
+    assert settings.model_extra == {"report_to": "tensorboard", "optim": "adafactor", "save_total_limit": 2}
+    args = training_arguments(settings, "unused", 3, use_cpu=True, run_name="kd1-sst2-s1-lam0.5-seed3")
+    assert args.run_name == "kd1-sst2-s1-lam0.5-seed3" and args.report_to == ["tensorboard"]
+    assert args.optim == "adafactor" and args.save_total_limit == 2 and args.seed == 3
+    # Without pass-through fields the Trainer is set up as before: no integration reports anything.
+    assert training_arguments(TrainingSettings(), "unused", 3, use_cpu=True).report_to == []

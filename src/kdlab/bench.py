@@ -11,6 +11,7 @@ from __future__ import annotations
 import ctypes
 import gc
 import json
+import logging
 import math
 import os
 import statistics
@@ -24,12 +25,13 @@ from typing import Any, Literal
 
 import torch
 from torch import nn
-from tqdm.auto import tqdm
 from transformers import PreTrainedTokenizerBase
 
 from kdlab import evaluation
 from kdlab.models import count_parameters, folder_size_bytes, load_model
 from kdlab.tasks.base import Example, Task
+
+log = logging.getLogger("kdlab")
 
 BENCH_FILE = "bench.json"
 # Written beside a KD3 student's weights but only used in training: not part of the model one deploys.
@@ -387,7 +389,7 @@ def bench_models(
     with _quiet_evaluation_bars():
         if entries:
             _prime(entries[0], prepared, tokenizer, device=device, dtype=dtype)
-        for entry in tqdm(entries, desc="bench", unit="model"):
+        for entry in evaluation.progress(entries, desc="bench", unit="model"):
             names = list(prepared) if entry.task is None else [entry.task]
             missing = [n for n in names if n not in prepared]
             if missing:
@@ -481,7 +483,7 @@ def study_entries(study: Any) -> list[BenchEntry]:
         key = f"{method}-{task}-{student}"
         folder = Path(run.output_dir) / "model"
         if not ((folder / "config.json").is_file() or (folder / "adapter_config.json").is_file()):
-            study.echo(f"[bench] {key}: no saved model in {folder}; skipped")
+            log.info(f"[bench] {key}: no saved model in {folder}; skipped")
             continue
         metrics = run.metrics or {}
         settings = students.get(student)
@@ -526,7 +528,7 @@ def write_bench(
     if reuse and path.is_file():
         earlier = json.loads(path.read_text())
         if earlier.get("measured") == wanted:
-            study.echo(f"[bench] {path} is up to date ({len(entries)} models)")
+            log.info(f"[bench] {path} is up to date ({len(entries)} models)")
             return path
     tasks = {}
     for name in study.config.tasks:
@@ -565,5 +567,5 @@ def write_bench(
     tmp = path.with_name(path.name + ".tmp")
     tmp.write_text(json.dumps(result, indent=1))
     os.replace(tmp, path)  # a killed bench never leaves half a file for the report
-    study.echo(f"[bench] {len(result['models'])} models measured on {result['device']}: {path}")
+    log.info(f"[bench] {len(result['models'])} models measured on {result['device']}: {path}")
     return path

@@ -3,12 +3,14 @@
 from __future__ import annotations
 
 import argparse
+import dataclasses
 import json
 import logging
 import os
 import sys
 import warnings
 from pathlib import Path
+from typing import Any
 
 from kdlab import __version__
 from kdlab.config import PRESETS, ConfigError, StudyConfig, load_config, load_preset, preset_text
@@ -49,13 +51,26 @@ def _study_config(args: argparse.Namespace) -> StudyConfig:
     """STUDY.yaml, else --preset, else the study.yaml an earlier run left in --out, else the demo preset."""
     if args.config and args.preset:
         raise ConfigError("give a STUDY.yaml or --preset, not both")
+    overrides = args.set or []
     if args.config:
-        return load_config(args.config)
+        return load_config(args.config, overrides)
     if args.preset:
-        return load_preset(args.preset)
+        return load_preset(args.preset, overrides)
     if args.out and (Path(args.out) / "study.yaml").is_file():
-        return load_config(Path(args.out) / "study.yaml")
-    return load_preset("demo")
+        return load_config(Path(args.out) / "study.yaml", overrides)
+    return load_preset("demo", overrides)
+
+
+STATUSES = ("done", "running", "failed", "todo")
+log = logging.getLogger("kdlab")
+
+
+def _out(args: argparse.Namespace) -> str:
+    """The study folder: --out, or the positional OUT the folder-only commands also accept."""
+    out = getattr(args, "out", None) or getattr(args, "folder", None)
+    if not out:
+        raise ConfigError("name the study folder with --out OUT")
+    return out
 
 
 def _study(args: argparse.Namespace, *, inspect_only: bool = False):
@@ -72,7 +87,17 @@ def _study(args: argparse.Namespace, *, inspect_only: bool = False):
 
 
 def cmd_run(args: argparse.Namespace) -> int:
-    return EXIT_FAILED if _study(args).run() else EXIT_OK
+    if args.dry_run:
+        study = _study(args, inspect_only=True)
+        study.preflight()
+        for run_id, status in study.plan():
+            print(f"{status:8s} {run_id}")
+        return EXIT_OK
+    study = _study(args)
+    study.run()
+    for path in study.written:
+        print(path)
+    return EXIT_FAILED if study.failed else EXIT_OK
 
 
 def cmd_sweep(args: argparse.Namespace) -> int:
@@ -80,7 +105,7 @@ def cmd_sweep(args: argparse.Namespace) -> int:
     study.prepare()
     failed = study.sweep()
     if failed:
-        print(f"kdlab: {len(failed)} run(s) failed: {', '.join(failed)}", file=sys.stderr)
+        log.error("%d run(s) failed: %s", len(failed), ", ".join(failed))
     return EXIT_FAILED if failed else EXIT_OK
 
 
@@ -117,7 +142,7 @@ def cmd_bench(args: argparse.Namespace) -> int:
 def cmd_report(args: argparse.Namespace) -> int:
     from kdlab.report import write_report
 
-    for path in write_report(Path(args.out), data_dir=args.data_dir):
+    for path in write_report(Path(_out(args)), data_dir=args.data_dir):
         print(path)
     return EXIT_OK
 
@@ -125,48 +150,68 @@ def cmd_report(args: argparse.Namespace) -> int:
 def cmd_status(args: argparse.Namespace) -> int:
     from kdlab.registry import REGISTRY_NAME, Registry
 
-    if not Path(args.out).is_dir():
-        raise FileNotFoundError(f"{args.out}: no such study folder")
-    registry = Registry(Path(args.out) / REGISTRY_NAME, readonly=True)  # status never writes
+    out = Path(_out(args))
+    if not out.is_dir():
+        raise FileNotFoundError(f"{out}: no such study folder")
+    registry = Registry(out / REGISTRY_NAME, readonly=True)  # status never writes
     if args.run:
         record = registry.get(args.run)
         if record is None:
             raise ValueError(f"--run {args.run}: no such run in {registry.path}")
-        print(json.dumps({k: v for k, v in record.__dict__.items()}, indent=1, default=str))
+        print(json.dumps(dataclasses.asdict(record), indent=1, default=str))
         return EXIT_OK
-    counts = registry.counts()
-    print(
-        f"{args.out}: " + ", ".join(f"{counts.get(k, 0)} {k}" for k in ("done", "running", "failed", "todo"))
-    )
-    best: dict[tuple[str, str], tuple[float, str]] = {}
+    metrics = _selection_metrics(out)
+    runs, best = [], {}
     for r in registry.runs():
         ev = (r.metrics or {}).get("eval", {})
-        main_metric = "accuracy" if "accuracy" in ev else "f1"
-        value = ev.get(main_metric)
-        shown = f"{main_metric} {value:.1f}" if value is not None else ""
-        print(f"  {r.status:8s} {r.id:45s} {shown}")
+        metric = metrics.get(r.task) or next((k for k in ev if k not in ("n", "truncated", "seconds")), None)
+        value = ev.get(metric) if metric else None
+        runs.append({"id": r.id, "kind": r.kind, "task": r.task, "method": r.method, "student": r.student,
+                     "status": r.status, "metric": metric if value is not None else None, "value": value})
         if value is not None and r.kind == "student":
             key = (r.task, r.method)
-            if key not in best or value > best[key][0]:
-                best[key] = (value, r.id)
+            if key not in best or value > best[key]["value"]:
+                best[key] = dict(task=r.task, method=r.method, metric=metric, value=value, run=r.id)
+    counts = registry.counts()
+    if args.json:
+        print(json.dumps({"study": str(out), "counts": {k: counts.get(k, 0) for k in STATUSES},
+                          "runs": runs, "best": [best[k] for k in sorted(best)]}, indent=1))
+        return EXIT_OK
+    print(f"{out}: " + ", ".join(f"{counts.get(k, 0)} {k}" for k in STATUSES))
+    for run in runs:
+        shown = f"{run['metric']} {run['value']:.1f}" if run["value"] is not None else ""
+        print(f"  {run['status']:8s} {run['id']:45s} {shown}")
     if best:
         print("best so far (eval split):")
-        for (task, method), (value, rid) in sorted(best.items()):
-            print(f"  {task:6s} {method:4s} {value:6.1f}  {rid}")
+        for key in sorted(best):
+            b = best[key]
+            print(f"  {b['task']:6s} {b['method']:4s} {b['value']:6.1f}  {b['run']}")
     return EXIT_OK
+
+
+def _selection_metrics(out: Path) -> dict[str, str]:
+    """The metric each task of the study in `out` chooses on, from its study.yaml (empty if unreadable)."""
+    try:
+        from kdlab.tasks import get_task
+
+        config = load_config(out / "study.yaml")
+        return {name: get_task(name, settings).metric for name, settings in config.tasks.items()}
+    except (OSError, ValueError):
+        return {}
 
 
 def cmd_registry_rebuild(args: argparse.Namespace) -> int:
     from kdlab.registry import rebuild_registry
 
-    result = rebuild_registry(Path(args.out))
+    result = rebuild_registry(Path(_out(args)))
     assert result is not None  # only_if_missing is off: it always rebuilds
     if result.backup is not None:
         print(f"old registry kept as {result.backup}")
     for line in result.skipped:
         print(f"skipped {line}", file=sys.stderr)
-    print(f"{Path(args.out) / 'registry.sqlite'}: {len(result.restored)} finished run(s) restored; the next "
-          "`kdlab run` or `kdlab sweep` adds and runs the rest")
+    registry = Path(_out(args)) / "registry.sqlite"
+    print(f"{registry}: {len(result.restored)} finished run(s) restored; the next `kdlab run` or "
+          "`kdlab sweep` adds and runs the rest")
     return EXIT_OK
 
 
@@ -176,7 +221,7 @@ def cmd_config_show(args: argparse.Namespace) -> int:
 
 
 def cmd_config_check(args: argparse.Namespace) -> int:
-    config = load_config(args.config)
+    config = load_config(args.config, args.set or [])
     print(
         f"{args.config}: valid study config ({len(config.students)} student(s), tasks "
         f"{', '.join(config.tasks)}, methods {', '.join(config.methods)}, {len(config.seeds)} seed(s))"
@@ -204,7 +249,9 @@ def build_parser() -> argparse.ArgumentParser:
         formatter_class=argparse.RawDescriptionHelpFormatter,
     )
     parser.add_argument("--version", action="version", version=f"kdlab {__version__}")
-    parser.add_argument("-v", "--verbose", action="store_true", help="debug logging")
+    loudness = parser.add_mutually_exclusive_group()
+    loudness.add_argument("-v", "--verbose", action="store_true", help="debug messages too")
+    loudness.add_argument("-q", "--quiet", action="store_true", help="warnings and errors only")
     sub = parser.add_subparsers(dest="command", required=True, metavar="COMMAND")
 
     def study_args(p: argparse.ArgumentParser, *, runs: bool = False) -> None:
@@ -216,12 +263,14 @@ def build_parser() -> argparse.ArgumentParser:
             help="study config (default: --preset, else OUT/study.yaml, else the demo)",
         )
         p.add_argument("--preset", choices=PRESETS, help="a built-in study: " + ", ".join(PRESETS))
-        p.add_argument("--out", help="output folder (default: the config's output_dir)")
+        p.add_argument("--out", help="the study folder (default: the config's output_dir)")
         p.add_argument(
             "--data-dir",
             default=os.environ.get("KDLAB_DATA_DIR"),
             help="folder with sst2/ and squad/ files (default: $KDLAB_DATA_DIR, else the hub)",
         )
+        p.add_argument("--set", action="append", metavar="KEY.SUB=VALUE", help="change one config setting, "
+                       "e.g. --set training.learning_rate=0.001 --set 'seeds=[1, 2]' (the value is YAML)")
         if runs:
             p.add_argument(
                 "--rebuild-cache",
@@ -235,6 +284,11 @@ def build_parser() -> argparse.ArgumentParser:
                 help="redo finished runs whose settings changed (otherwise refused: results stay consistent)",
             )
 
+    def folder_args(p: argparse.ArgumentParser) -> None:
+        """Commands that read a study folder only: --out OUT, as every command, or OUT alone."""
+        p.add_argument("folder", nargs="?", metavar="OUT", help="the study folder (the same as --out)")
+        p.add_argument("--out", help="the study folder")
+
     run = sub.add_parser(
         "run",
         help="run a whole study, resuming where it stopped",
@@ -243,6 +297,9 @@ def build_parser() -> argparse.ArgumentParser:
         "Finished runs are skipped, so re-running resumes.",
     )
     study_args(run, runs=True)
+    run.add_argument("--dry-run", action="store_true",
+                     help="check the config, data and models, then list the runs the study would do (and the "
+                     "status of those it did) without doing or writing anything")
     run.set_defaults(func=cmd_run)
 
     sweep = sub.add_parser(
@@ -292,7 +349,7 @@ def build_parser() -> argparse.ArgumentParser:
     bench.set_defaults(func=cmd_bench)
 
     report = sub.add_parser("report", help="write tables, statistics and figures of a study folder")
-    report.add_argument("out", metavar="OUT", help="the study's output folder")
+    folder_args(report)
     report.add_argument(
         "--data-dir",
         default=os.environ.get("KDLAB_DATA_DIR"),
@@ -301,8 +358,9 @@ def build_parser() -> argparse.ArgumentParser:
     report.set_defaults(func=cmd_report)
 
     status = sub.add_parser("status", help="runs done / running / failed / to do, and the best so far")
-    status.add_argument("out", metavar="OUT", help="the study's output folder")
+    folder_args(status)
     status.add_argument("--run", help="show one run in full (params, metrics, error)")
+    status.add_argument("--json", action="store_true", help="the counts, every run and the best as JSON")
     status.set_defaults(func=cmd_status)
 
     registry = sub.add_parser("registry", help="repair the run registry of a study folder")
@@ -315,7 +373,7 @@ def build_parser() -> argparse.ArgumentParser:
         "moved aside first). Runs that had not finished are added again by the next run or sweep. Stop "
         "the study's workers first.",
     )
-    rebuild.add_argument("--out", required=True, help="the study's output folder")
+    folder_args(rebuild)
     rebuild.set_defaults(func=cmd_registry_rebuild)
 
     config = sub.add_parser("config", help="show or check study configs")
@@ -325,6 +383,7 @@ def build_parser() -> argparse.ArgumentParser:
     show.set_defaults(func=cmd_config_show)
     check = csub.add_parser("check", help="validate a study YAML without running anything")
     check.add_argument("config", metavar="STUDY.yaml")
+    check.add_argument("--set", action="append", metavar="KEY.SUB=VALUE", help="as for `kdlab run`")
     check.set_defaults(func=cmd_config_check)
 
     score = sub.add_parser(
@@ -364,12 +423,41 @@ def _show_warning(message: Warning | str, category: type[Warning], *args: object
         _PYTHON_SHOWWARNING(message, category, *args, **kwargs)
 
 
+class _StderrHandler(logging.StreamHandler):
+    """Writes to whatever sys.stderr is when a message comes (not the stream of the first call)."""
+
+    @property
+    def stream(self) -> Any:
+        return sys.stderr
+
+    @stream.setter
+    def stream(self, value: Any) -> None:
+        pass
+
+
+def configure_logging(level: int) -> None:
+    """kdlab's status messages as plain lines on stderr (stdout keeps each command's results); other
+    libraries' messages from warnings up, or everything with -v; with -q warnings and errors only, and no
+    progress bars."""
+    if level > logging.INFO:  # quiet: no progress bars either (kdlab's own follow its logger's level)
+        import datasets.utils.logging
+        import transformers.utils.logging
+
+        transformers.utils.logging.disable_progress_bar()
+        datasets.utils.logging.disable_progress_bar()
+    handler = _StderrHandler()
+    handler.setFormatter(logging.Formatter("%(message)s"))
+    log.handlers[:] = [handler]
+    log.setLevel(level)
+    log.propagate = False
+    logging.basicConfig(format="%(levelname)s %(name)s: %(message)s")  # other libraries (a no-op if set)
+    logging.getLogger().setLevel(min(level, logging.WARNING))
+
+
 def main(argv: list[str] | None = None) -> int:
     """Exit codes: 0 done, 1 a run or stage failed, 2 refused before any work (see `kdlab --help`)."""
     args = build_parser().parse_args(argv)
-    logging.basicConfig(
-        level=logging.DEBUG if args.verbose else logging.INFO, format="%(levelname)s %(name)s: %(message)s"
-    )
+    configure_logging(logging.DEBUG if args.verbose else logging.WARNING if args.quiet else logging.INFO)
     with warnings.catch_warnings():
         warnings.showwarning = _show_warning
         try:

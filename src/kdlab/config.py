@@ -10,7 +10,7 @@ import importlib
 import importlib.util
 import re
 import sys
-from collections.abc import Callable
+from collections.abc import Callable, Sequence
 from importlib import resources
 from pathlib import Path
 from typing import Any, ClassVar, Literal
@@ -64,7 +64,14 @@ class LoraSettings(Strict):
 
 
 class TrainingSettings(Strict):
-    """Hugging Face Trainer settings shared by every run of a study (teacher adaptation has its own copy)."""
+    """Hugging Face Trainer settings shared by every run of a study (teacher adaptation has its own copy).
+
+    Besides kdlab's own fields below, any other field of transformers' `TrainingArguments` passes through to
+    the Trainer (report_to, optim, lr_scheduler_kwargs, save_total_limit, ...), type-checked against
+    TrainingArguments' annotations and then by TrainingArguments itself (`training.check_trainer_arguments`).
+    """
+
+    model_config = ConfigDict(extra="allow", validate_default=True, populate_by_name=True)
 
     learning_rate: float = Field(2e-4, gt=0)
     weight_decay: float = Field(0.0, ge=0)
@@ -79,6 +86,14 @@ class TrainingSettings(Strict):
     max_grad_norm: float = Field(1.0, gt=0)
     logging_steps: int = Field(10, gt=0)
     save_steps: int = Field(0, ge=0, description="checkpoint every N steps for resume; 0: only at the end")
+
+    @model_validator(mode="after")
+    def _trainer_arguments(self) -> TrainingSettings:
+        if self.model_extra:
+            from kdlab.training import check_trainer_arguments
+
+            self.__pydantic_extra__ = check_trainer_arguments(self)
+        return self
 
 
 _REVISION = Field(
@@ -365,7 +380,12 @@ def _format_errors(err: ValidationError, prefix: str = "") -> str:
         path = ".".join(p for p in (prefix, loc) if p)
         got = e.get("input")
         got_s = "" if isinstance(got, dict) else f" (got {got!r})"
-        lines.append(f"{path or '<root>'}: {e['msg']}{got_s}")
+        msg = e["msg"].removeprefix("Value error, ")
+        # A section's own check naming one of its keys first ("optim: ...") reads as that key's error.
+        key = re.match(r"([A-Za-z_]\w*): ", msg)
+        if key and isinstance(got, dict) and key.group(1) in got:
+            path, msg = f"{path}.{key.group(1)}" if path else key.group(1), msg[key.end():]
+        lines.append(f"{path or '<root>'}: {msg}{got_s}")
     return "; ".join(lines)
 
 
@@ -376,7 +396,8 @@ def parse_config(data: dict[str, Any], source: str = "<config>") -> StudyConfig:
         raise ConfigError(f"{source}: invalid study config: {_format_errors(e)}") from None
 
 
-def load_config(path: str | Path) -> StudyConfig:
+def load_config(path: str | Path, overrides: Sequence[str] = ()) -> StudyConfig:
+    """The study config in a YAML file, with `overrides` ("key.sub=value", see `apply_overrides`)."""
     path = Path(path)
     if not path.is_file():
         raise ConfigError(f"{path}: study config not found (expected a YAML file)")
@@ -386,7 +407,28 @@ def load_config(path: str | Path) -> StudyConfig:
         raise ConfigError(f"{path}: not valid YAML: {e}") from None
     if not isinstance(data, dict):
         raise ConfigError(f"{path}: expected a YAML mapping at the top level")
-    return parse_config(data, str(path))
+    return parse_config(apply_overrides(data, overrides), str(path))
+
+
+def apply_overrides(data: dict[str, Any], overrides: Sequence[str]) -> dict[str, Any]:
+    """`data` with each "key.sub=value" set (value read as YAML: 0.001, true, [1, 2], {a: 1}); missing
+    sections are created. The config is validated afterwards, so a wrong key fails with its dotted path."""
+    for item in overrides:
+        key, sep, text = item.partition("=")
+        if not sep or not key.strip():
+            raise ConfigError(f"--set {item!r}: expected KEY.SUB=VALUE, e.g. training.learning_rate=0.001")
+        try:
+            value = yaml.safe_load(text)
+        except yaml.YAMLError as e:
+            raise ConfigError(f"--set {item!r}: the value is not valid YAML ({e})") from None
+        *parents, last = key.strip().split(".")
+        section = data
+        for i, part in enumerate(parents):
+            section = section.setdefault(part, {})
+            if not isinstance(section, dict):
+                raise ConfigError(f"--set {item!r}: {'.'.join(parents[: i + 1])} is not a section")
+        section[last] = value
+    return data
 
 
 def preset_text(name: str) -> str:
@@ -395,5 +437,5 @@ def preset_text(name: str) -> str:
     return resources.files("kdlab.presets").joinpath(f"{name}.yaml").read_text()
 
 
-def load_preset(name: str) -> StudyConfig:
-    return parse_config(yaml.safe_load(preset_text(name)), f"preset {name}")
+def load_preset(name: str, overrides: Sequence[str] = ()) -> StudyConfig:
+    return parse_config(apply_overrides(yaml.safe_load(preset_text(name)), overrides), f"preset {name}")

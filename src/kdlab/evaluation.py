@@ -5,6 +5,7 @@ Batches are grouped by prompt length so little compute goes to padding.
 
 from __future__ import annotations
 
+import logging
 import time
 from collections.abc import Sequence
 from dataclasses import dataclass, field
@@ -18,6 +19,8 @@ from transformers import PreTrainedTokenizerBase, StoppingCriteria, StoppingCrit
 from kdlab.scored import forward_scored, position_ids_for
 from kdlab.tasks.base import IGNORE_INDEX, Encoded, Example, Task, collate, collate_prompts, encode_prompts
 
+log = logging.getLogger("kdlab")
+
 
 @dataclass
 class EvalResult:
@@ -25,6 +28,11 @@ class EvalResult:
     predictions: dict[str, Any]
     counts: dict[str, int] = field(default_factory=dict)  # prompts truncated / skipped to fit max_length
     seconds: float = 0.0
+
+
+def progress(iterable: Any, **kwargs: Any) -> Any:
+    """A progress bar over `iterable`, shown while kdlab's status messages are (not under `kdlab -q`)."""
+    return tqdm(iterable, disable=not log.isEnabledFor(logging.INFO), **kwargs)
 
 
 def _length_batches(lengths: Sequence[int], batch_size: int) -> list[list[int]]:
@@ -50,7 +58,7 @@ def score_choices(
     out: list[int] = [0] * len(prompt_ids)
     # Every prompt is run once per choice: about `batch_size` sequences per forward pass.
     per_batch = max(1, batch_size // len(choices))
-    for rows in tqdm(_length_batches([len(p) for p in prompt_ids], per_batch), desc=desc, leave=False):
+    for rows in progress(_length_batches([len(p) for p in prompt_ids], per_batch), desc=desc, leave=False):
         sequences = [
             Encoded(f"{i}:{c}", [*prompt_ids[i], *choice], [IGNORE_INDEX] * len(prompt_ids[i]) + list(choice))
             for i in rows
@@ -75,7 +83,7 @@ def _score_first_tokens(
     device = _device(model)
     choices = torch.tensor(list(label_ids), device=device)
     out: list[int] = [0] * len(prompt_ids)
-    for rows in tqdm(_length_batches([len(p) for p in prompt_ids], batch_size), desc=desc, leave=False):
+    for rows in progress(_length_batches([len(p) for p in prompt_ids], batch_size), desc=desc, leave=False):
         batch = collate_prompts([prompt_ids[i] for i in rows], pad_id)
         mask = batch["attention_mask"].to(device)
         logits = model(input_ids=batch["input_ids"].to(device), attention_mask=mask,
@@ -120,7 +128,7 @@ def generate_answers(
     device = _device(model)
     pad_id = tokenizer.pad_token_id
     out: list[str] = [""] * len(prompt_ids)
-    for rows in tqdm(_length_batches([len(p) for p in prompt_ids], batch_size), desc=desc, leave=False):
+    for rows in progress(_length_batches([len(p) for p in prompt_ids], batch_size), desc=desc, leave=False):
         batch = collate_prompts([prompt_ids[i] for i in rows], pad_id)
         width = batch["input_ids"].shape[1]
         generated = model.generate(

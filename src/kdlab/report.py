@@ -24,6 +24,7 @@ import csv
 import datetime as dt
 import io
 import json
+import logging
 import math
 import os
 import platform
@@ -77,11 +78,12 @@ BOOTSTRAP_SEED = 0
 CONFIDENCE = 0.95
 ALPHA = significance_level(CONFIDENCE)  # findings call a difference significant when Holm-adjusted p < ALPHA
 SCORES_FILE = "per_example_scores.csv"
-ENV_PACKAGES = ("torch", "transformers", "peft", "accelerate", "datasets", "numpy", "scipy", "matplotlib")
+ENV_PACKAGES = ("torch", "transformers", "peft", "accelerate", "datasets", "numpy", "pandas", "matplotlib")
 # The registry's eval metric and the mean of the per-example scores must agree to this many points (%).
 CONSISTENCY_TOL = 0.01
 
 Echo = Callable[[str], None]
+log = logging.getLogger("kdlab")
 
 
 # ---------------------------------------------------------------------------------------------------------
@@ -1714,7 +1716,7 @@ def write_report(
     out_dir: str | Path,
     *,
     data_dir: str | Path | None = None,
-    echo: Echo = print,
+    echo: Echo | None = None,
     n_resamples: int = N_RESAMPLES,
 ) -> list[Path]:
     """Write results.csv, summary.md/.tex, figures/ and report.md from the study folder ``out_dir``.
@@ -1723,6 +1725,7 @@ def write_report(
     the study config's ``data_dir``, else $KDLAB_DATA_DIR, else the Hugging Face hub. Without references,
     Δ vs SFT is reported as n/a and everything else is still written. Returns the written paths.
     """
+    echo = echo or log.info
     outputs = load_outputs(out_dir)
     out = outputs.out
     notes = list(outputs.notes)
@@ -1777,5 +1780,5 @@ def write_report(
 
 
 def write_results(study: Any) -> list[Path]:
-    """The last stage of `kdlab run`: the report of ``study`` (anything with .out, .data_dir and .echo)."""
-    return write_report(study.out, data_dir=study.data_dir, echo=study.echo)
+    """The last stage of `kdlab run`: the report of ``study`` (anything with .out and .data_dir)."""
+    return write_report(study.out, data_dir=study.data_dir)

@@ -21,6 +21,7 @@ from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
 
+import pandas as pd
 import torch
 from safetensors.torch import save_file
 from transformers.trainer_utils import get_last_checkpoint
@@ -179,7 +180,6 @@ class Study:
         data_dir: str | Path | None = None,
         rebuild_cache: bool = False,
         force: bool = False,
-        echo: Callable[[str], None] = print,
         inspect_only: bool = False,
     ):
         """`inspect_only`: for commands that only look (`kdlab cache --verify`): no checks, nothing written,
@@ -191,12 +191,13 @@ class Study:
         self.data_dir = data_dir if data_dir is not None else config.data_dir
         self.rebuild_cache = rebuild_cache
         self.force = force  # redo finished runs whose settings changed (the registry refuses otherwise)
-        self.echo = echo if self.ranks.leader else (lambda _text: None)
         self.device = self.ranks.device or resolve_device(config.device)
         configure_determinism(config.deterministic)
         self._data: dict[str, TaskData] = {}
         self._caches: dict[str, TeacherCache | None] = {}
         self._tried: set[str] = set()
+        self.failed: list[str] = []  # ids of the runs that failed, after `sweep` / `run`
+        self.written: list[Path] = []  # the report's files, after `run`
         self._tokenizer = None
         if inspect_only:
             path = self.out / REGISTRY_NAME
@@ -216,6 +217,11 @@ class Study:
         if not self.ranks.leader:
             self.registry = Registry(self.out / REGISTRY_NAME)  # read only on these ranks
 
+    def _log(self, text: str) -> None:
+        """Status for the user (logger "kdlab"; the CLI shows it on stderr), from the leading rank only."""
+        if self.ranks.leader:
+            log.info(text)
+
     def _open_study(self) -> None:
         """Check everything that needs no training (`preflight`) and that the config agrees with the runs
         the study already finished, and only then create the folder, the registry and study.yaml: a refused
@@ -229,7 +235,7 @@ class Study:
         if not path.exists() and finished:
             rebuilt = rebuild_registry(self.out, only_if_missing=True)
             if rebuilt is not None:
-                self.echo(f"[registry] {path} was missing: rebuilt from {len(rebuilt.restored)} finished run "
+                self._log(f"[registry] {path} was missing: rebuilt from {len(rebuilt.restored)} finished run "
                           "folder(s)")
         self.registry = Registry(path)  # refuses a read-only or broken registry before study.yaml changes
         self._write_config()
@@ -431,7 +437,7 @@ class Study:
         if self.ranks.leader:
             (self.out / "data").mkdir(exist_ok=True)
             (self.out / "data" / f"{name}.json").write_text(json.dumps(manifest))
-        self.echo(
+        self._log(
             f"[data] {name}: train {len(encoded)} (truncated {counts.get('truncated', 0)}, skipped "
             f"{counts.get('skipped', 0)}), selection {len(selection)}, eval {len(eval_ex)}"
             + (f", transfer {len(transfer)}" if transfer else "")
@@ -496,14 +502,14 @@ class Study:
         if self.ranks.leader:
             if errors:
                 self.registry.fail(spec.id, "\n".join(tb for _, tb in errors))
-                self.echo(f"[failed] {spec.id}: {errors[0][0].strip().splitlines()[0]}")
+                self._log(f"[failed] {spec.id}: {errors[0][0].strip().splitlines()[0]}")
             else:
                 wall = time.perf_counter() - start
                 self.registry.finish(spec.id, metrics, wall)
                 if folder is not None and folder.is_dir():
                     # The registry row, kept with the run: `kdlab registry rebuild` restores it from here.
                     write_run_record(folder, self.registry.get(spec.id))
-                self.echo(f"[done] {spec.id}: {self._summary(spec, metrics)} ({wall:.0f}s)")
+                self._log(f"[done] {spec.id}: {self._summary(spec, metrics)} ({wall:.0f}s)")
         self.ranks.barrier()
         return self.registry.get(spec.id)
 
@@ -636,6 +642,7 @@ class Study:
                 seed=seed,
                 pad_id=self.tokenizer.pad_token_id,
                 vocab_size=len(self.tokenizer),
+                run_name=f"teacher-{name}",
             )
             if not self.ranks.leader:
                 return {}
@@ -692,7 +699,7 @@ class Study:
         if self.ranks.leader:
             atomic_folder(folder, build)
         self.ranks.barrier()
-        self.echo(
+        self._log(
             f"[student] {student.name}: {len(layers)} of {n} teacher layers {layers}, "
             f"{count_parameters(model)[0] / 1e6:.1f}M parameters"
         )
@@ -808,11 +815,11 @@ class Study:
                     e.args = (self._cache_hint(str(e)),)
                     raise
                 reason = str(e).splitlines()[0].split("; rebuild it")[0]
-                self.echo(f"[cache] {name}: {reason}; rebuilding it as asked")
+                self._log(f"[cache] {name}: {reason}; rebuilding it as asked")
                 failed_verification = True
 
         def build() -> dict[str, Any]:
-            self.echo(f"[cache] {name}: building the teacher cache in {directory}")
+            self._log(f"[cache] {name}: building the teacher cache in {directory}")
             teacher = load_model(teacher_dir, dtype=self.config.evaluation.dtype, device=self.device)
             cache = build_teacher_cache(
                 directory,
@@ -949,7 +956,7 @@ class Study:
         trainer_dir = folder / "trainer"
         last = get_last_checkpoint(str(trainer_dir)) if trainer_dir.is_dir() else None
         if last:
-            self.echo(f"[resume] {spec.id} from {last}")
+            self._log(f"[resume] {spec.id} from {last}")
         result = train(
             model,
             items,
@@ -965,6 +972,7 @@ class Study:
             layer_pairs=pairs,
             projections=projections,
             resume_from_checkpoint=last,
+            run_name=spec.id,
         )
         del live
         if not self.ranks.leader:
@@ -1083,7 +1091,7 @@ class Study:
 
     def sweep(self, poll_seconds: float = 5.0) -> list[str]:
         """Every student run of the study, shared safely with other processes running the same sweep.
-        Returns the ids of failed runs."""
+        Returns the ids of failed runs (kept as `failed`)."""
         for name in self.config.tasks:
             if name not in self._caches:
                 self._caches[name] = self.cache_stage(name)
@@ -1097,7 +1105,8 @@ class Study:
             if "waiting" not in states:
                 break
             time.sleep(poll_seconds)  # another process holds a run we depend on
-        return [r.id for r in self.registry.runs(status="failed")]
+        self.failed = [r.id for r in self.registry.runs(status="failed")]
+        return self.failed
 
     def prepare(self) -> None:
         """Data, teacher (zero-shot, adaptation, evaluation) and the students' initial weights."""
@@ -1133,8 +1142,9 @@ class Study:
             data[name] = {"files": hashed} if files else {"source": "hub"}
         return {"deterministic": self.config.deterministic, "seeds": seeds, "models": models, "data": data}
 
-    def run(self) -> list[str]:
-        """The whole study; returns the ids of failed runs (empty when everything is done)."""
+    def run(self) -> pd.DataFrame:
+        """The whole study; returns the results table (`results`). `failed` holds the ids of the runs that
+        failed (empty when everything is done)."""
         start = time.perf_counter()
         self.prepare()
         failed = self.sweep()
@@ -1148,14 +1158,50 @@ class Study:
             from kdlab.report import write_results
 
             paths = write_results(self)
+        self.written = paths
         self.ranks.barrier()
-        self.echo(
+        self._log(
             f"[study] finished in {time.perf_counter() - start:.0f}s; results: "
             + ", ".join(str(p) for p in paths)
         )
         if failed:
-            self.echo(
+            self._log(
                 f"[study] {len(failed)} run(s) failed: {', '.join(failed)}; see `kdlab status` and re-run "
                 "to retry them"
             )
-        return failed
+        return self.results()
+
+    def results(self) -> pd.DataFrame:
+        """One row per run of the study, as results.csv: identity, status, params, metrics, wall time."""
+        from kdlab.report import chosen_groups, load_outputs, results_table
+
+        outputs = load_outputs(self.out)
+        header, rows = results_table(outputs, chosen_groups(outputs))
+        return pd.DataFrame(rows, columns=header)
+
+    def plan(self) -> list[tuple[str, str]]:
+        """(run id, status) of every run the study needs, in the order it does them, without doing or
+        writing anything (`kdlab run --dry-run`). The other seeds of a grid with several settings run its
+        best setting, unknown until the grid is done: shown as `<best>`."""
+        registry = self.registry
+        status = {r.id: r.status for r in registry.runs()} if registry is not None else {}
+        ids: list[str] = []
+        for name in self.config.tasks:
+            ids += list(self._teacher_run_hashes(name))
+        if self.cache_contents() is not None:
+            ids += [f"cache-{name}" for name in self.config.tasks]
+        selected = json.loads((self.out / "selection.json").read_text()) if (
+            self.out / "selection.json").is_file() else {}
+        seeds = self.config.seeds
+        combos = itertools.product(self.config.tasks, self.config.students, self.config.methods)
+        for name, student, method in combos:
+            points, axes = self.grid(method)
+            ids += [self.student_spec(student, name, method, p, axes, seeds[0], "grid").id for p in points]
+            chosen = selected.get(f"{method}-{name}-{student.name}", {}).get("chosen")
+            best = points[0] if len(points) == 1 else chosen
+            for seed in seeds[1:]:
+                if best is None:
+                    ids.append(f"{method}-{name}-{student.name}-<best>-seed{seed}")
+                else:
+                    ids.append(self.student_spec(student, name, method, best, axes, seed, "final").id)
+        return [(i, status.get(i, "todo")) for i in ids]

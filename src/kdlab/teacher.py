@@ -8,10 +8,9 @@ from typing import Any
 
 import torch
 from torch import nn
-from tqdm.auto import tqdm
 from transformers import PreTrainedTokenizerBase
 
-from kdlab.evaluation import predict
+from kdlab.evaluation import predict, progress
 from kdlab.scored import forward_scored
 from kdlab.tasks.base import Encoded, Example, Task, collate, encode
 from kdlab.teacher_cache import TeacherCache, TeacherCacheWriter, fingerprint
@@ -132,7 +131,8 @@ def build_teacher_cache(
         temperatures=temps, overwrite=overwrite,
     ) as writer:
         order = sorted(ids, key=lambda i: len(encoded[i].input_ids))
-        for start in tqdm(range(0, len(order), batch_size), desc=f"{task.name} teacher cache", leave=False):
+        batches = range(0, len(order), batch_size)
+        for start in progress(batches, desc=f"{task.name} teacher cache", leave=False):
             chunk = order[start : start + batch_size]
             rows: dict[str, dict[str, Any]] = {i: {} for i in chunk}
             if needs_forward:

@@ -5,9 +5,13 @@ method for its loss.
 
 from __future__ import annotations
 
+import dataclasses
+import difflib
 import json
+import logging
 import math
 import os
+import typing
 from collections import defaultdict
 from collections.abc import Mapping, Sequence
 from dataclasses import dataclass
@@ -15,9 +19,11 @@ from pathlib import Path
 from typing import Any
 
 import torch
+from pydantic import TypeAdapter, ValidationError
 from safetensors.torch import load_file, save_file
 from torch import nn
 from transformers import PreTrainedModel, Trainer, TrainingArguments, set_seed
+from transformers.trainer_callback import PrinterCallback, ProgressCallback
 
 from kdlab.config import TrainingSettings
 from kdlab.methods import TEACHER_ANSWER, LossInputs, Method, Signals, TeacherBatch
@@ -26,6 +32,7 @@ from kdlab.tasks.base import Encoded, collate
 from kdlab.teacher_cache import TeacherCache
 
 CHECKPOINT_FILE = "trainable.safetensors"
+log = logging.getLogger("kdlab")
 
 
 @dataclass
@@ -257,6 +264,28 @@ class KDTrainer(Trainer):
         super().log(logs, start_time)
 
 
+class TrainingProgress(ProgressCallback):
+    """The Trainer's progress bar, hidden under `kdlab -q`; the losses it logs go to the "kdlab" logger at
+    debug level (`kdlab -v`) and to log_history.json, never to stdout, which keeps the commands' results."""
+
+    def on_train_begin(self, args: Any, state: Any, control: Any, **kwargs: Any) -> None:
+        self.current_step = 0
+        if log.isEnabledFor(logging.INFO):
+            super().on_train_begin(args, state, control, **kwargs)
+
+    def on_step_end(self, args: Any, state: Any, control: Any, **kwargs: Any) -> None:
+        if self.training_bar is not None:
+            super().on_step_end(args, state, control, **kwargs)
+
+    def on_log(self, args: Any, state: Any, control: Any, logs: Any = None, **kwargs: Any) -> None:
+        if state.is_world_process_zero and logs:
+            log.debug("step %d: %s", state.global_step, {k: v for k, v in logs.items() if k != "total_flos"})
+
+    def on_train_end(self, args: Any, state: Any, control: Any, **kwargs: Any) -> None:
+        if self.training_bar is not None:
+            super().on_train_end(args, state, control, **kwargs)
+
+
 @dataclass
 class TrainResult:
     log_history: list[dict[str, Any]]
@@ -264,10 +293,35 @@ class TrainResult:
     steps: int
 
 
+# TrainingArguments that kdlab sets itself, and those its own training fields stand for.
+SET_BY_KDLAB = {
+    "output_dir": "each run's own folder",
+    "seed": "the run's seed (see `seeds`)",
+    "data_seed": "the run's seed (see `seeds`)",
+    "run_name": "the run id",
+    "remove_unused_columns": "kdlab's collator",
+    "use_cpu": "the study's `device`",
+}
+KDLAB_NAMES = {
+    "per_device_train_batch_size": "batch_size",
+    "num_train_epochs": "epochs",
+    "lr_scheduler_type": "lr_scheduler",
+    "warmup_steps": "warmup_ratio",
+    "save_strategy": "save_steps",
+}
+
+
 def training_arguments(
-    settings: TrainingSettings, output_dir: str | Path, seed: int, *, use_cpu: bool
+    settings: TrainingSettings,
+    output_dir: str | Path,
+    seed: int,
+    *,
+    use_cpu: bool,
+    run_name: str | None = None,
 ) -> TrainingArguments:
-    return TrainingArguments(
+    """The Trainer's arguments: kdlab's fields mapped to TrainingArguments, then every other field the
+    settings pass through (`report_to`, `optim`, ...)."""
+    arguments: dict[str, Any] = dict(
         output_dir=str(output_dir),
         learning_rate=settings.learning_rate,
         weight_decay=settings.weight_decay,
@@ -285,12 +339,44 @@ def training_arguments(
         save_strategy="steps" if settings.save_steps else "no",
         save_steps=settings.save_steps or 500,
         report_to=[],
+        run_name=run_name,
         logging_nan_inf_filter=False,  # a NaN loss is logged as NaN, not replaced by an average
         remove_unused_columns=False,
         dataloader_num_workers=0,
         use_cpu=use_cpu,
         disable_tqdm=False,
     )
+    arguments.update(settings.model_extra or {})
+    return TrainingArguments(**arguments)
+
+
+def check_trainer_arguments(settings: TrainingSettings) -> dict[str, Any]:
+    """The TrainingArguments fields `settings` passes through, checked against TrainingArguments' type
+    annotations (values converted) and by constructing TrainingArguments; ValueError names the field."""
+    hints = typing.get_type_hints(TrainingArguments)
+    known = {f.name for f in dataclasses.fields(TrainingArguments) if f.init}
+    checked: dict[str, Any] = {}
+    for name, value in (settings.model_extra or {}).items():
+        if name in SET_BY_KDLAB:
+            raise ValueError(f"{name}: set by kdlab ({SET_BY_KDLAB[name]})")
+        if name in KDLAB_NAMES:
+            raise ValueError(f"{name}: give kdlab's `{KDLAB_NAMES[name]}` instead")
+        if name not in known:
+            close = difflib.get_close_matches(name, sorted(known) + list(TrainingSettings.model_fields), n=1)
+            hint = f" (did you mean {close[0]!r}?)" if close else ""
+            raise ValueError(f"{name}: not a field of transformers' TrainingArguments{hint}")
+        try:
+            checked[name] = TypeAdapter(hints[name]).validate_python(value)
+        except ValidationError as e:
+            raise ValueError(f"{name}: {e.errors()[0]['msg']} (got {value!r})") from None
+    trial = settings.model_copy()
+    trial.__pydantic_extra__ = checked
+    try:
+        training_arguments(trial, "kdlab-check", 0, use_cpu=True)
+    except Exception as e:  # transformers' own checks (valid optimizer names, strategies that fit, ...)
+        reason = (str(e).strip().splitlines() or [type(e).__name__])[0]
+        raise ValueError(f"TrainingArguments refused it: {reason}") from None
+    return checked
 
 
 def train(
@@ -309,8 +395,10 @@ def train(
     layer_pairs: Sequence[tuple[int, int]] = (),
     projections: nn.ModuleList | None = None,
     resume_from_checkpoint: str | bool | None = None,
+    run_name: str | None = None,
 ) -> TrainResult:
-    """Train `student` in place on `items` with `method`; the caller saves it."""
+    """Train `student` in place on `items` with `method`; the caller saves it. `run_name` names the run
+    where the settings' `report_to` integrations (TensorBoard, W&B, ...) show it."""
     if not items:
         raise ValueError("no training examples left after encoding (all skipped as too long?)")
     set_seed(seed)
@@ -318,7 +406,7 @@ def train(
         student.gradient_checkpointing_enable(gradient_checkpointing_kwargs={"use_reentrant": False})
     module = StudentModule(student, projections)
     device = next(student.parameters()).device
-    args = training_arguments(settings, output_dir, seed, use_cpu=device.type == "cpu")
+    args = training_arguments(settings, output_dir, seed, use_cpu=device.type == "cpu", run_name=run_name)
     collator = TrainCollator(
         pad_id,
         signals=method.signals(params),
@@ -336,6 +424,9 @@ def train(
         layer_pairs=layer_pairs,
         live_teacher=live_teacher,
     )
+    trainer.remove_callback(ProgressCallback)
+    trainer.remove_callback(PrinterCallback)
+    trainer.add_callback(TrainingProgress())
     out = trainer.train(resume_from_checkpoint=resume_from_checkpoint)
     history = trainer.state.log_history
     Path(output_dir).mkdir(parents=True, exist_ok=True)
