@@ -21,7 +21,7 @@ import numpy as np
 from _common import encode_sst2, machine_line, sst2_like_examples, verdict
 
 from kdlab.models import SMOLLM2_ALIAS, folder_size_bytes, load_model, load_tokenizer, resolve_model_path
-from kdlab.teacher import build_teacher_cache
+from kdlab.stages.cache import build_teacher_cache
 from kdlab.teacher_cache import TeacherCache, TeacherCacheWriter
 
 

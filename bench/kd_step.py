@@ -33,7 +33,7 @@ from kdlab import losses
 from kdlab.config import LoraSettings
 from kdlab.models import add_lora
 from kdlab.seeding import configure_determinism
-from kdlab.teacher import build_teacher_cache
+from kdlab.stages.cache import build_teacher_cache
 from kdlab.training import TrainItem
 
 METHODS = ("sft", "kd1", "kd3")  # the methods this bench times

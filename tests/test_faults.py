@@ -33,22 +33,36 @@ import pytest
 import torch
 import yaml
 
+import kdlab.evaluation
 import kdlab.report
-import kdlab.study
+import kdlab.stages.cache
+import kdlab.stages.students
+import kdlab.stages.sweep
+import kdlab.stages.teacher
 from kdlab.cli import main
 from kdlab.config import TrainingSettings, preset_text
 from kdlab.errors import RegistryError
 from kdlab.methods import METHODS
 from kdlab.registry import REGISTRY_NAME, RUN_RECORD, Registry, rebuild_registry
+from kdlab.stages.cache import build_teacher_cache
 from kdlab.tasks import SST2Task
 from kdlab.tasks.base import Encoded, Example
-from kdlab.teacher import build_teacher_cache
 from kdlab.teacher_cache import CacheError, TeacherCache, TeacherCacheWriter
 from kdlab.tiny import build_tiny_llama
 from kdlab.training import KDTrainer, TrainItem, train
 
 KD1_RUN = "kd1-sst2-s1-lam0.5-seed1"
 STUDENT_RUNS = {"sft-sst2-s1-seed1", KD1_RUN}
+
+# What a finished study must never do again: train, evaluate, build a cache, derive a student.
+FORBIDDEN_WHEN_DONE = [
+    (kdlab.stages.teacher, "train"),
+    (kdlab.stages.sweep, "train"),
+    (kdlab.evaluation, "evaluate"),
+    (kdlab.stages.cache, "build_teacher_cache"),
+    (kdlab.stages.students, "derive_student"),
+]
+
 
 
 def _config(out: Path, **changes: Any) -> dict[str, Any]:
@@ -96,8 +110,8 @@ def no_training(monkeypatch: pytest.MonkeyPatch) -> None:
     def forbidden(*args: Any, **kwargs: Any) -> None:
         raise AssertionError("finished work must not be redone")
 
-    for name in ("train", "evaluate", "build_teacher_cache", "derive_student"):
-        monkeypatch.setattr(kdlab.study, name, forbidden)
+    for module, name in FORBIDDEN_WHEN_DONE:
+        monkeypatch.setattr(module, name, forbidden)
 
 
 def _sweep(study: Path, mini: Mini, *flags: str) -> int:

@@ -14,12 +14,12 @@ from transformers import AutoModelForCausalLM, LlamaConfig, LlamaForCausalLM
 
 import kdlab.tiny
 from kdlab.config import LoraSettings
+from kdlab.files import atomic_folder
 from kdlab.models import (
     SMOLLM2_ALIAS,
     TINY_ALIAS,
     ModelSpecError,
     add_lora,
-    atomic_folder,
     derive_student,
     evenly_spaced_layers,
     is_peft,
@@ -191,7 +191,7 @@ def test_tiny_alias_materialises_once(tmp_path: Path, monkeypatch: pytest.Monkey
     assert model.config.vocab_size == len(tokenizer)
 
 
-def testatomic_folder_leaves_nothing_when_the_build_fails(tmp_path: Path) -> None:
+def test_atomic_folder_leaves_nothing_when_the_build_fails(tmp_path: Path) -> None:
     def broken(tmp: Path) -> None:
         (tmp / "half.bin").write_bytes(b"x")
         raise OSError("disk full")

@@ -19,13 +19,27 @@ import pytest
 import yaml
 from transformers import AutoModelForCausalLM
 
-import kdlab.study
+import kdlab.evaluation
+import kdlab.stages.cache
+import kdlab.stages.students
+import kdlab.stages.sweep
+import kdlab.stages.teacher
 from kdlab.cli import main
 from kdlab.config import parse_config, preset_text
 from kdlab.registry import Registry, RunRecord
 from kdlab.study import Study
 
 KILL_TIMEOUT = 240  # seconds to reach the first finished student run (about 15 s on an idle 2-core CPU)
+
+# What a finished study must never do again: train, evaluate, build a cache, derive a student.
+FORBIDDEN_WHEN_DONE = [
+    (kdlab.stages.teacher, "train"),
+    (kdlab.stages.sweep, "train"),
+    (kdlab.evaluation, "evaluate"),
+    (kdlab.stages.cache, "build_teacher_cache"),
+    (kdlab.stages.students, "derive_student"),
+]
+
 
 
 @dataclass
@@ -161,8 +175,8 @@ def test_rerun_does_no_training(smoke: SmokeStudy, monkeypatch: pytest.MonkeyPat
     def forbidden(*args, **kwargs):
         raise AssertionError("a finished study must not train, evaluate or build caches again")
 
-    for name in ("train", "evaluate", "build_teacher_cache", "derive_student"):
-        monkeypatch.setattr(kdlab.study, name, forbidden)
+    for module, name in FORBIDDEN_WHEN_DONE:
+        monkeypatch.setattr(module, name, forbidden)
     start = time.perf_counter()
     study = Study(parse_config(yaml.safe_load(preset_text("smoke"))), output_dir=smoke.out,
                   data_dir=smoke.data_dir)
@@ -194,12 +208,12 @@ def test_failed_run_is_recorded_and_redone(tiny_data_dir: Path, tmp_path: Path,
     out = tmp_path / "out"
     config = tmp_path / "mini.yaml"
     config.write_text(yaml.safe_dump(_mini_config(out)))
-    real = Study._train_student
+    real = kdlab.stages.sweep.train_student
 
-    def broken(self, spec, student, cache):
+    def broken(study, spec, student, cache):
         raise RuntimeError("boom: simulated crash")
 
-    monkeypatch.setattr(Study, "_train_student", broken)
+    monkeypatch.setattr(kdlab.stages.sweep, "train_student", broken)
     argv = ["run", str(config), "--data-dir", str(tiny_data_dir)]
     assert main(argv) == 1  # the study finishes what it can and reports the failure
     registry = Registry(out / "registry.sqlite")
@@ -209,7 +223,7 @@ def test_failed_run_is_recorded_and_redone(tiny_data_dir: Path, tmp_path: Path,
     assert registry.get("teacher-sst2-zero-shot").status == "done"
     assert "sft-sst2-s1-seed1" in capsys.readouterr().err  # status on stderr
 
-    monkeypatch.setattr(Study, "_train_student", real)
+    monkeypatch.setattr(kdlab.stages.sweep, "train_student", real)
     assert main(argv) == 0
     run = registry.get("sft-sst2-s1-seed1")
     assert run.status == "done" and run.attempts == 2 and run.error is None

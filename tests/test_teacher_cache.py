@@ -478,9 +478,9 @@ def test_tail_writer_checks(tmp_path):
 
 def test_build_teacher_cache_stores_exact_fp32_tails(tmp_path, tiny_tokenizer):
     from kdlab.scored import forward_scored
+    from kdlab.stages.cache import build_teacher_cache
     from kdlab.tasks import SST2Task
     from kdlab.tasks.base import Encoded, Example, collate
-    from kdlab.teacher import build_teacher_cache
     from kdlab.tiny import build_tiny_llama
 
     vocab = len(tiny_tokenizer)
@@ -512,8 +512,8 @@ def test_build_teacher_cache_stores_exact_fp32_tails(tmp_path, tiny_tokenizer):
 
 
 def test_fingerprint_changes_with_temperatures_and_answer_policy(tiny_tokenizer):
+    from kdlab.stages.cache import cache_fingerprint_inputs
     from kdlab.tasks import SST2Task
-    from kdlab.teacher import cache_fingerprint_inputs
 
     def fp(**kw):
         base = dict(teacher_weights="w", tokenizer=tiny_tokenizer, task=SST2Task(), split="train",
@@ -531,7 +531,7 @@ def test_fingerprint_changes_with_temperatures_and_answer_policy(tiny_tokenizer)
 
 @pytest.mark.parametrize("policy", ["gold", "drop"])
 def test_empty_teacher_answers_policy(tmp_path, monkeypatch, tiny_tokenizer, policy):
-    import kdlab.teacher as teacher_mod
+    import kdlab.stages.cache as teacher_mod
     from kdlab.tasks import SquadTask
     from kdlab.tasks.base import Encoded, Example
 

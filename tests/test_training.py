@@ -20,9 +20,9 @@ from kdlab.config import TrainingSettings
 from kdlab.methods import METHODS, Signals
 from kdlab.models import derive_student
 from kdlab.scored import forward_scored
+from kdlab.stages.cache import build_teacher_cache
 from kdlab.tasks import SST2Task
 from kdlab.tasks.base import Encoded, Example, collate
-from kdlab.teacher import build_teacher_cache
 from kdlab.teacher_cache import TeacherCache, TeacherCacheWriter
 from kdlab.tiny import build_tiny_llama, build_tiny_tokenizer
 from kdlab.training import TrainCollator, TrainItem, train

@@ -1,14 +1,16 @@
 """Batched inference for both task kinds: scoring each label's continuation (one forward pass per batch with
 the logits at the last position when every label is one token) and greedy generation with the KV cache.
-Batches are grouped by prompt length so little compute goes to padding.
+Batches are grouped by prompt length so little compute goes to padding. `evaluate_splits` evaluates a model
+on a task's splits and writes its prediction files.
 """
 
 from __future__ import annotations
 
 import logging
 import time
-from collections.abc import Sequence
+from collections.abc import Mapping, Sequence
 from dataclasses import dataclass, field
+from pathlib import Path
 from typing import Any
 
 import torch
@@ -183,3 +185,31 @@ def evaluate(
     metrics["n"] = len(examples)
     return EvalResult(metrics=metrics, predictions=predictions, counts=counts,
                       seconds=time.perf_counter() - start)
+
+
+def evaluate_splits(
+    task: Task,
+    model: nn.Module,
+    tokenizer: PreTrainedTokenizerBase,
+    splits: Mapping[str, Sequence[Example]],
+    folder: Path,
+    *,
+    batch_size: int,
+    dtype: str,
+    label: str,
+) -> dict[str, Any]:
+    """Evaluate `model` (cast to the evaluation dtype) on each named split, writing each split's predictions
+    into `folder` (`task.predictions_file`); returns the metrics by split, with the prompts truncated to fit
+    and the seconds it took."""
+    model.to(dtype=getattr(torch, dtype))
+    metrics: dict[str, Any] = {}
+    folder.mkdir(parents=True, exist_ok=True)
+    for split, examples in splits.items():
+        result = evaluate(task, model, tokenizer, examples, batch_size=batch_size, desc=f"{label} {split}")
+        task.write_predictions(result.predictions, folder / task.predictions_file(split))
+        metrics[split] = {
+            **result.metrics,
+            "truncated": result.counts.get("truncated", 0),
+            "seconds": round(result.seconds, 2),
+        }
+    return metrics

@@ -1,13 +1,15 @@
-"""Writing files so that a crash never leaves half of one: every file kdlab writes for later stages goes
-through a temporary file beside it and one `os.replace`, which readers see either before or after."""
+"""Writing files and folders so that a crash never leaves half of one: everything kdlab writes for later
+stages is made under a temporary name beside its place and moved there by one `os.replace`, which readers see
+either before or after."""
 
 from __future__ import annotations
 
 import contextlib
 import json
 import os
+import shutil
 import tempfile
-from collections.abc import Iterator
+from collections.abc import Callable, Iterator
 from pathlib import Path
 from typing import Any
 
@@ -41,6 +43,31 @@ def atomic_write_text(path: str | Path, text: str, *, durable: bool = False) -> 
 
 def atomic_write_json(path: str | Path, data: Any, *, durable: bool = False, **dumps: Any) -> None:
     atomic_write_text(path, json.dumps(data, **dumps), durable=durable)
+
+
+def atomic_folder(final: Path, build: Callable[[Path], object], *, replace: bool = False) -> Path:
+    """Build a folder in a temporary sibling and rename it into place. An existing folder is kept (another
+    process built the same thing first), or with `replace` swapped out for the new one."""
+    if final.is_dir() and not replace:
+        return final
+    final.parent.mkdir(parents=True, exist_ok=True)
+    tmp = Path(tempfile.mkdtemp(prefix=final.name + ".tmp-", dir=final.parent))
+    try:
+        build(tmp)
+        if replace and final.is_dir():
+            old = final.with_name(f"{final.name}.old-{os.getpid()}")
+            os.replace(final, old)
+            os.replace(tmp, final)
+            shutil.rmtree(old, ignore_errors=True)
+        else:
+            os.replace(tmp, final)
+    except OSError:
+        if not final.is_dir():
+            raise  # else another process won the race; its copy is as good as ours
+    finally:
+        if tmp.exists():
+            shutil.rmtree(tmp, ignore_errors=True)
+    return final
 
 
 def fsync_dir(path: str | Path) -> None:

@@ -20,9 +20,7 @@ import json
 import logging
 import os
 import re
-import shutil
-import tempfile
-from collections.abc import Callable, Iterable, Sequence
+from collections.abc import Iterable, Sequence
 from pathlib import Path
 from typing import Any
 
@@ -38,6 +36,7 @@ from transformers import (
 )
 
 from kdlab.config import DeriveSettings, LoraSettings
+from kdlab.files import atomic_folder, atomic_write_json
 
 log = logging.getLogger(__name__)
 
@@ -280,10 +279,7 @@ def file_sha256(path: str | Path) -> str:
         pass
     digest = _read_sha256(real)
     try:
-        memo.parent.mkdir(parents=True, exist_ok=True)
-        tmp = memo.with_name(f"{memo.name}.{os.getpid()}.tmp")
-        tmp.write_text(json.dumps({**stamp, "sha256": digest}))
-        os.replace(tmp, memo)
+        atomic_write_json(memo, {**stamp, "sha256": digest})
     except OSError as e:  # a read-only cache only costs the next start a re-read
         log.debug("could not write hash memo %s: %s", memo, e)
     return digest
@@ -304,26 +300,6 @@ def model_provenance(spec: str, revision: str | None = None) -> dict[str, Any]:
     repo_id, commit = hub_snapshot_info(path) or (None, None)
     return {"spec": spec, "path": path, "revision": revision, "repo_id": repo_id, "commit": commit,
             "fingerprint": hash_model_files(path)}
-
-
-def atomic_folder(final: Path, build: Callable[[Path], object]) -> Path:
-    """Build a folder in a temp sibling and rename it into place, so a killed build leaves no half copy."""
-    if final.is_dir():
-        return final
-    final.parent.mkdir(parents=True, exist_ok=True)
-    tmp = Path(tempfile.mkdtemp(prefix=final.name + ".tmp-", dir=final.parent))
-    try:
-        build(tmp)
-        os.replace(tmp, final)
-    except OSError:
-        if final.is_dir():  # another process won the race; its copy is as good as ours
-            shutil.rmtree(tmp, ignore_errors=True)
-        else:
-            raise
-    finally:
-        if tmp.exists():
-            shutil.rmtree(tmp, ignore_errors=True)
-    return final
 
 
 def materialize_gguf(gguf: Path) -> Path:

@@ -52,6 +52,8 @@ from kdlab.figures import (
 from kdlab.methods import METHODS, MixedSettings, baseline
 from kdlab.metrics import LONG_NAMES, SHORT_NAMES
 from kdlab.registry import Registry, RunRecord
+from kdlab.stages.selection import Group
+from kdlab.stages.selection import chosen_groups as selection_groups
 from kdlab.stats import BootstrapResult, holm, mean_std, paired_bootstrap, significance_level
 from kdlab.tasks import TASKS, Example, Task, get_task
 
@@ -203,61 +205,12 @@ def _metric(run: RunRecord, split: str, metric: str) -> float | None:
     return float(value) if isinstance(value, int | float) and math.isfinite(value) else None
 
 
-@dataclass
-class Group:
-    """The chosen setting of one (student, method, task) and its finished runs over seeds."""
-
-    student: str
-    method: str
-    task: str
-    params: dict[str, Any]
-    runs: list[RunRecord]  # done runs of the chosen setting; the first-seed (grid) run first
-    candidates: list[RunRecord]  # done first-seed grid runs, every setting
-    source: str  # how the setting was chosen
-    varying: list[str]  # params that differ between the grid's settings
-
-    @property
-    def first(self) -> RunRecord | None:
-        return self.runs[0] if self.runs else None
-
-
 def chosen_groups(outputs: StudyOutputs) -> dict[tuple[str, str, str], Group]:
-    """Chosen setting per (student, method, task): selection.json's entry, else the only setting, else (a grid
-    still running in another process) the grid run with the best selection metric, as `select_best` would."""
-    seed_order = {s: i for i, s in enumerate(outputs.config.seeds)} if outputs.config is not None else {}
-    by_group: dict[tuple[str, str, str], list[RunRecord]] = {}
-    for r in outputs.runs:
-        if r.kind == "student" and r.task in outputs.tasks:
-            by_group.setdefault((r.student, r.method, r.task), []).append(r)
-    groups: dict[tuple[str, str, str], Group] = {}
-    for (student, method, task), runs in by_group.items():
-        done = [r for r in runs if r.done]
-        grid = [r for r in done if r.stage == "grid"]
-        settings = {_key(r.params): r.params for r in runs}
-        varying = sorted(
-            {
-                k
-                for p in settings.values()
-                for k in p
-                if len({_key({k: q.get(k)}) for q in settings.values()}) > 1
-            }
-        )
-        entry = outputs.selection.get(f"{method}-{task}-{student}")
-        if isinstance(entry, dict) and isinstance(entry.get("chosen"), dict):
-            params, source = entry["chosen"], "selection.json"
-        elif len(settings) == 1:
-            params, source = next(iter(settings.values())), "single setting"
-        elif grid:
-            metric = outputs.task(task).metric
-            best = max(grid, key=lambda r: _metric(r, "selection", metric) or -math.inf)
-            params, source = best.params, f"best selection {metric} (no selection.json entry yet)"
-        else:
-            continue
-        chosen = [r for r in done if _key(r.params) == _key(params)]
-        chosen.sort(key=lambda r: (r.stage != "grid", seed_order.get(r.seed, len(seed_order)), r.seed or 0))
-        groups[(student, method, task)] = Group(
-            student, method, task, dict(params), chosen, grid, source, varying
-        )
+    """The chosen setting per (student, method, task) of the study's known tasks (`selection.chosen_groups`:
+    selection.json's entry, the only setting, or the best grid run so far), in table order."""
+    seeds = outputs.config.seeds if outputs.config is not None else []
+    runs = [r for r in outputs.runs if r.task in outputs.tasks]
+    groups = selection_groups(runs, outputs.selection, seeds, lambda task: outputs.task(task).metric)
     return dict(sorted(groups.items(), key=lambda kv: (kv[0][2], kv[0][0], _method_rank(kv[0][1]))))
 
 

@@ -1,0 +1,119 @@
+"""The students: their initial weights (a model of their own, or blocks of the teacher copied into a derived
+student, built once under students/<name>/init), and which of their hidden states pair with the teacher's."""
+
+from __future__ import annotations
+
+import json
+from collections.abc import Sequence
+from pathlib import Path
+from typing import TYPE_CHECKING, Any
+
+from transformers import PreTrainedTokenizerBase
+
+from kdlab import losses
+from kdlab.config import StudentSettings
+from kdlab.files import atomic_folder
+from kdlab.models import (
+    check_derivable,
+    count_parameters,
+    derive_layers,
+    derive_student,
+    hub_snapshot_info,
+    load_model,
+    load_tokenizer,
+    model_config,
+    num_layers,
+    resolve_model_path,
+    save_model,
+)
+from kdlab.seeding import seed_everything
+
+if TYPE_CHECKING:
+    from kdlab.study import Study
+
+
+def student_path(study: Study, student: StudentSettings) -> str:
+    """The student's initial weights: its model's folder, or the derived student, built here the first time
+    (derived_from.json beside it names the teacher blocks it copied)."""
+    if student.model is not None:
+        return resolve_model_path(student.model, student.revision)
+    folder = study.out / "students" / student.name / "init"
+    if study.ranks.share((folder / "config.json").is_file()):
+        return str(folder)
+    cfg = study.config.teacher
+    teacher_path = resolve_model_path(cfg.model, cfg.revision)
+    # Checked on the config alone (meta device), so an unsupported family fails before the teacher loads.
+    config = model_config(teacher_path, trust_remote_code=cfg.trust_remote_code)
+    layers = derive_layers(config, student.derive)
+    check_derivable(config, layers, trust_remote_code=cfg.trust_remote_code)
+    teacher = load_model(teacher_path, trust_remote_code=cfg.trust_remote_code)
+    n = num_layers(teacher.config)
+    seed_everything(study.seed("student-init"))
+    model = derive_student(teacher, layers)  # checks its logits against the teacher's blocks
+
+    def build(tmp: Path) -> None:
+        save_model(model, study.tokenizer, tmp)
+        origin = {"teacher": cfg.model, "revision": cfg.revision, "teacher_layers": layers}
+        if (hub := hub_snapshot_info(teacher_path)) is not None:
+            origin["commit"] = hub[1]
+        (tmp / "derived_from.json").write_text(json.dumps(origin))
+
+    # Built aside and renamed: a killed build or a second process never leaves a half-written student.
+    if study.ranks.leader:
+        atomic_folder(folder, build)
+    study.ranks.barrier()
+    study.log(
+        f"[student] {student.name}: {len(layers)} of {n} teacher layers {layers}, "
+        f"{count_parameters(model)[0] / 1e6:.1f}M parameters"
+    )
+    return str(folder)
+
+
+def check_vocabulary(student: StudentSettings, path: str, teacher_tokenizer: PreTrainedTokenizerBase) -> None:
+    tok = load_tokenizer(path, trust_remote_code=student.trust_remote_code)
+    if tok.get_vocab() != teacher_tokenizer.get_vocab():
+        raise ValueError(
+            f"students.{student.name}: its tokenizer differs from the teacher's "
+            f"({len(tok)} vs {len(teacher_tokenizer)} tokens); KD needs a shared vocabulary"
+        )
+
+
+def layer_counts(study: Study, student: StudentSettings) -> tuple[list[int] | None, int, int]:
+    """(a derived student's teacher blocks or None, student layers, teacher layers), from the configs
+    alone, so layer maps resolve before the derived student is built."""
+    # Layer counts from each family's config (num_hidden_layers, n_layer, ...; the text part of multimodal
+    # configs), so any decoder family works; hidden states come from output_hidden_states (scored.py).
+    cfg = study.config.teacher
+    teacher_config = model_config(study.base_teacher_path, trust_remote_code=cfg.trust_remote_code)
+    t_layers = num_layers(teacher_config)
+    if student.derive is not None:
+        kept = derive_layers(teacher_config, student.derive)
+        return kept, len(kept), t_layers
+    path = resolve_model_path(student.model, student.revision)
+    trust = student.trust_remote_code or cfg.trust_remote_code
+    return None, num_layers(model_config(path, trust_remote_code=trust)), t_layers
+
+
+def layer_pairs(study: Study, student: StudentSettings, layer_map: Any, method: str) -> list[tuple[int, int]]:
+    """(student, teacher) hidden-state pairs of `method`'s layer map for this student."""
+    kept, s_layers, t_layers = layer_counts(study, student)
+    return resolve_layer_pairs(layer_map, kept, s_layers, t_layers, f"methods.{method}.layer_map")
+
+
+def resolve_layer_pairs(
+    layer_map: Any, kept: Sequence[int] | None, s_layers: int, t_layers: int, where: str
+) -> list[tuple[int, int]]:
+    """(student, teacher) hidden-state pairs of one layer map for one student. `kept` are a derived
+    student's teacher blocks (None: a separate student model): "derived" pairs each of its blocks with the
+    teacher block it was copied from; "auto" is "derived" for derived students, else "uniform". `where`
+    names the config field in errors."""
+    if layer_map in ("auto", "derived"):
+        if kept is not None:
+            return losses.derived_layer_map(kept, t_layers)
+        if layer_map == "derived":
+            raise ValueError(f"{where}: 'derived' needs a student derived from the teacher (students.derive)")
+        layer_map = "uniform"
+    try:
+        return losses.resolve_layer_map(layer_map, s_layers, t_layers)
+    except ValueError as e:
+        raise ValueError(f"{where}: {e}") from None

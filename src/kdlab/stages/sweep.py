@@ -1,0 +1,282 @@
+"""The sweep: every (task, student, method) trains its grid on the first seed, chooses its best setting on
+the selection split (`selection`), then runs that setting on every other seed. Runs are claimed in the
+registry, so several `kdlab sweep` processes share the work.
+"""
+
+from __future__ import annotations
+
+import itertools
+import json
+import time
+from collections.abc import Sequence
+from pathlib import Path
+from typing import TYPE_CHECKING, Any
+
+from safetensors.torch import save_file
+from transformers.trainer_utils import get_last_checkpoint
+
+from kdlab import losses
+from kdlab.config import StudentSettings
+from kdlab.evaluation import evaluate_splits, predict
+from kdlab.methods import MethodSettings, Signals, get_method
+from kdlab.models import add_lora, count_parameters, hidden_width, load_model, model_config, save_model
+from kdlab.registry import RunRecord, RunSpec
+from kdlab.seeding import seed_everything
+from kdlab.stages.cache import teacher_answer, transfer_item
+from kdlab.stages.data import TaskData
+from kdlab.stages.selection import best_run, record_choice
+from kdlab.tasks.base import encode
+from kdlab.teacher_cache import TeacherCache, fingerprint
+from kdlab.training import TrainItem, train
+
+if TYPE_CHECKING:
+    from kdlab.study import Study
+
+PROJECTIONS_FILE = "kd3_projections.safetensors"  # learned feature projections, kept beside the model
+
+
+def grid(settings: MethodSettings) -> tuple[list[dict[str, Any]], list[str]]:
+    """Every point of a method's grid (its list-valued settings crossed, the fixed ones added), and the axes
+    its run ids show: those with several values, and those its labels always show (λ)."""
+    axes = settings.grid_axes()
+    fixed = {k: v for k, v in settings.model_dump().items() if k not in axes}
+    names = list(axes)
+    points = [
+        dict(fixed, **dict(zip(names, values, strict=True))) for values in itertools.product(*axes.values())
+    ]
+    shown = [n for n in names if len(axes[n]) > 1 or settings.label(n).in_run_id]
+    return points, shown
+
+
+def run_id(
+    method: str, task: str, student: str, params: dict[str, Any], axes: Sequence[str], seed: int
+) -> str:
+    """Readable, deterministic: `kd3-sst2-s1-lam0.5-seed42` (grid axes with one value are left out; each
+    axis is tagged as its method's settings label it)."""
+    settings = get_method(method).settings
+    parts = [method, task, student]
+    for axis in axes:
+        value = params[axis]
+        if isinstance(value, list):  # e.g. an explicit layer map: a short stable tag
+            value = "pairs" + fingerprint({"map": value})[:6]
+        tag = settings.label(axis).run_id
+        parts.append(f"{axis if tag is None else tag}{f'{value:g}' if isinstance(value, float) else value}")
+    parts.append(f"seed{seed}")
+    return "-".join(parts)
+
+
+def student_spec(
+    study: Study,
+    student: StudentSettings,
+    task: str,
+    method: str,
+    params: dict[str, Any],
+    axes: Sequence[str],
+    seed: int,
+    stage: str,
+) -> RunSpec:
+    layer_map = get_method(method).signals(params).layer_map
+    if layer_map is not None:  # the exact pairs a map resolves to, recorded with the run
+        pairs = study.layer_pairs(student, layer_map, method)
+        params = dict(params, layer_pairs=[list(p) for p in pairs])
+    rid = run_id(method, task, student.name, params, axes, seed)
+    config_hash = study.hash(
+        student.model_dump(mode="json"),
+        study.config.teacher.model_dump(mode="json"),
+        study.config.tasks[task].model_dump(mode="json"),
+        params,
+        study.config.training,
+        study.config.evaluation,
+        study.config.cache.mode,
+        study.config.data_seed,
+        seed,
+    )
+    return RunSpec(
+        id=rid,
+        kind="student",
+        task=task,
+        method=method,
+        student=student.name,
+        stage=stage,
+        params=params,
+        seed=seed,
+        output_dir=str(study.out / "runs" / rid),
+        config_hash=config_hash,
+    )
+
+
+def train_student(study: Study, spec: RunSpec, student: StudentSettings, cache: TeacherCache | None) -> dict:
+    """One student run: train from the student's initial weights with the run's method and params, save the
+    model, evaluate it; returns its metrics."""
+    data = study.data(spec.task)
+    method = get_method(spec.method)
+    signals = method.signals(spec.params)
+    folder = Path(spec.output_dir)
+    seed_everything(study.seed("student", spec.seed))  # LoRA init, projections, data order
+    model = load_model(
+        study.student_path(student), device=study.device, trust_remote_code=student.trust_remote_code
+    )
+    if student.finetune == "lora":
+        model = add_lora(model, student.lora)
+    pairs = [] if signals.layer_map is None else study.layer_pairs(student, signals.layer_map, spec.method)
+    projections = None
+    if pairs:
+        width = hidden_width(model_config(study.base_teacher_path))
+        projections = losses.make_projections(pairs, hidden_width(model.config), width).to(study.device)
+    live = None
+    if study.config.cache.mode == "online" and signals.from_teacher:
+        live = load_model(study.teacher_path(spec.task), device=study.device)
+        live.requires_grad_(False)
+    items = train_items(study, data, signals, cache, live)
+    # An interrupted run continues from its last checkpoint (training.save_steps > 0).
+    trainer_dir = folder / "trainer"
+    last = get_last_checkpoint(str(trainer_dir)) if trainer_dir.is_dir() else None
+    if last:
+        study.log(f"[resume] {spec.id} from {last}")
+    result = train(
+        model,
+        items,
+        method=method,
+        params=spec.params,
+        settings=study.config.training,
+        output_dir=trainer_dir,
+        seed=spec.seed,
+        pad_id=study.tokenizer.pad_token_id,
+        vocab_size=len(study.tokenizer),
+        cache=cache,
+        live_teacher=live,
+        layer_pairs=pairs,
+        projections=projections,
+        resume_from_checkpoint=last,
+        run_name=spec.id,
+    )
+    del live
+    if not study.ranks.leader:
+        return {}  # the leader saves and evaluates
+    (folder / "log_history.json").write_text(json.dumps(result.log_history))
+    total, trainable = count_parameters(model)
+    save_model(model, study.tokenizer, folder / "model", merged=student.save == "merged")
+    if projections is not None:
+        tensors = {k: v.contiguous() for k, v in projections.state_dict().items()}
+        save_file(tensors, folder / "model" / PROJECTIONS_FILE)
+    if hasattr(model, "merge_and_unload"):
+        model = model.merge_and_unload()
+    # The selection split only serves to choose among grid settings: a method with one setting skips it.
+    choosing = len(study.grid(spec.method)[0]) > 1
+    splits = {"selection": data.selection, "eval": data.eval} if choosing else {"eval": data.eval}
+    metrics = evaluate_splits(
+        data.task,
+        model,
+        study.tokenizer,
+        splits,
+        folder,
+        label=spec.id,
+        batch_size=study.config.evaluation.batch_size,
+        dtype=study.config.evaluation.dtype,
+    )
+    metrics.update(
+        train_runtime=round(result.train_runtime, 1),
+        steps=result.steps,
+        train_examples=len(items),
+        trainable_parameters=trainable,
+        parameters=total,
+    )
+    return metrics
+
+
+def train_items(
+    study: Study, data: TaskData, signals: Signals, cache: TeacherCache | None, live: Any
+) -> list[TrainItem]:
+    """The gold examples (with the teacher's answer as a second target when the method reads answers),
+    then, for methods that learn from the teacher, the transfer set labelled by the teacher's answers (no
+    task loss on those)."""
+    task, tokenizer = data.task, study.tokenizer
+    batch_size = study.config.evaluation.batch_size
+    answers: dict[str, Any] = {}
+    transfer_answers: dict[str, Any] = {}
+    if live is not None:
+        if signals.answers:
+            raw, _ = predict(task, live, tokenizer, data.train, batch_size=batch_size, training_prompts=True)
+            policy = study.config.cache.empty_answers
+            answers = {ex.id: teacher_answer(task, ex, raw.get(ex.id, ""), policy) for ex in data.train}
+        if signals.from_teacher and data.transfer:
+            transfer_answers, _ = predict(task, live, tokenizer, data.transfer, batch_size=batch_size)
+    elif cache is not None:
+        if signals.answers:
+            answers = {i: cache.answer(i) for i in data.encoded}
+        transfer_answers = {e.id: cache.answer(e.id) for e in data.transfer if e.id in cache}
+    items = []
+    for ex in data.train:
+        gold = data.encoded.get(ex.id)
+        if gold is None:
+            continue
+        teacher_item = None
+        if signals.answers:
+            if answers.get(ex.id) is None:
+                continue  # an empty teacher answer dropped by `cache.empty_answers: drop`
+            target = task.answer_target(answers[ex.id])
+            teacher_item = encode(task, ex, data.prompts[ex.id], tokenizer, target=target)
+            if teacher_item is None:
+                continue
+        items.append(TrainItem(gold=gold, teacher=teacher_item))
+    if signals.from_teacher:
+        for ex in data.transfer:
+            item = transfer_item(task, tokenizer, ex, transfer_answers.get(ex.id))
+            if item is not None:
+                items.append(TrainItem(gold=item, teacher=item if signals.answers else None, transfer=True))
+    return items
+
+
+def student_run(
+    study: Study, spec: RunSpec, student: StudentSettings, cache: TeacherCache | None
+) -> RunRecord | None:
+    return study.runner.execute(spec, lambda: train_student(study, spec, student, cache), collective=True)
+
+
+def advance(
+    study: Study, task: str, student: StudentSettings, method: str, cache: TeacherCache | None
+) -> str:
+    """Move one (task, student, method) forward: grid on the first seed, then the best setting on the
+    other seeds. Returns 'done', 'waiting' (another process holds a run) or 'failed'."""
+    seeds = study.config.seeds
+    points, axes = study.grid(method)
+    specs = [student_spec(study, student, task, method, p, axes, seeds[0], "grid") for p in points]
+    grid_runs = [student_run(study, s, student, cache) for s in specs]
+    if any(r is None for r in grid_runs):
+        return "waiting"
+    if any(r.status != "done" for r in grid_runs):
+        return "failed"
+    best = grid_runs[0]
+    if len(grid_runs) > 1:
+        metric = study.data(task).task.metric
+        best = best_run(grid_runs, metric)
+        if study.ranks.leader:
+            record_choice(study.out, f"{method}-{task}-{student.name}", best, grid_runs, metric)
+    finals = [
+        student_run(
+            study,
+            student_spec(study, student, task, method, best.params, axes, seed, "final"),
+            student,
+            cache,
+        )
+        for seed in seeds[1:]
+    ]
+    if any(r is None for r in finals):
+        return "waiting"
+    return "done" if all(r.status == "done" for r in finals) else "failed"
+
+
+def run_sweep(study: Study, caches: dict[str, TeacherCache | None], poll_seconds: float = 5.0) -> list[str]:
+    """Every student run of the study, shared safely with other processes running the same sweep. Returns
+    the ids of failed runs."""
+    while True:
+        states = [
+            advance(study, task, student, method, caches.get(task))
+            for task in study.config.tasks
+            for student in study.config.students
+            for method in study.config.methods
+        ]
+        if "waiting" not in states:
+            break
+        time.sleep(poll_seconds)  # another process holds a run we depend on
+    return [r.id for r in study.registry.runs(status="failed")]

@@ -1,0 +1,125 @@
+"""The teacher stage, per task: the base teacher's zero-shot evaluation, then (`teacher.adapt`) its
+fine-tuning on the task's training examples and the evaluation of the adapted teacher, saved under
+teacher/<task> for the cache and the online KD runs."""
+
+from __future__ import annotations
+
+from pathlib import Path
+from typing import TYPE_CHECKING, Any
+
+from kdlab.evaluation import evaluate_splits
+from kdlab.files import atomic_folder
+from kdlab.methods import baseline
+from kdlab.models import add_lora, load_model, save_model
+from kdlab.registry import RunSpec
+from kdlab.seeding import seed_everything
+from kdlab.tasks.base import subset
+from kdlab.training import TrainItem, train
+
+if TYPE_CHECKING:
+    from kdlab.study import Study
+
+
+def teacher_run_hashes(study: Study, name: str) -> dict[str, str]:
+    """Config hashes of task `name`'s teacher runs (`run_teacher` records them; preflight compares)."""
+    cfg, settings = study.config.teacher, study.config.tasks[name].model_dump(mode="json")
+    hashes = {
+        f"teacher-{name}-zero-shot": study.hash(
+            cfg.model, settings, study.config.evaluation, study.config.data_seed
+        )
+    }
+    if cfg.adapt:
+        hashes[f"teacher-{name}"] = study.hash(
+            cfg.model_dump(mode="json"),
+            settings,
+            study.config.evaluation,
+            study.config.data_seed,
+            study.seed("teacher"),
+        )
+    return hashes
+
+
+def run_teacher(study: Study, name: str) -> None:
+    cfg = study.config.teacher
+    data = study.data(name)
+    hashes = teacher_run_hashes(study, name)
+    common = dict(kind="teacher", task=name, method="teacher", student="teacher", stage="teacher")
+
+    def evaluate(model: Any, folder: Path) -> dict[str, Any]:
+        splits = {"selection": data.selection, "eval": data.eval}
+        return evaluate_splits(
+            data.task,
+            model,
+            study.tokenizer,
+            splits,
+            folder,
+            label="teacher",
+            batch_size=study.config.evaluation.batch_size,
+            dtype=study.config.evaluation.dtype,
+        )
+
+    def zero_shot() -> dict[str, Any]:
+        model = load_model(
+            study.base_teacher_path,
+            dtype=study.config.evaluation.dtype,
+            device=study.device,
+            trust_remote_code=cfg.trust_remote_code,
+        )
+        return evaluate(model, study.out / "teacher" / f"{name}-zero-shot")
+
+    zero_shot_spec = RunSpec(
+        id=f"teacher-{name}-zero-shot",
+        params={"adapted": False},
+        seed=None,
+        config_hash=hashes[f"teacher-{name}-zero-shot"],
+        output_dir=str(study.out / "teacher" / f"{name}-zero-shot"),
+        **common,
+    )
+    study.runner.execute_required(zero_shot_spec, zero_shot)
+    if not cfg.adapt:
+        return
+    folder = Path(study.teacher_path(name))
+    seed = study.seed("teacher")
+
+    def adapt() -> dict[str, Any]:
+        seed_everything(seed)  # LoRA adapters are initialised from the global generator
+        model = load_model(
+            study.base_teacher_path, device=study.device, trust_remote_code=cfg.trust_remote_code
+        )
+        if cfg.finetune == "lora":
+            model = add_lora(model, cfg.lora)
+        examples = (
+            subset(data.train, cfg.train_size, study.config.data_seed) if cfg.train_size else data.train
+        )
+        items = [TrainItem(gold=data.encoded[e.id]) for e in examples if e.id in data.encoded]
+        result = train(
+            model,
+            items,
+            method=baseline(),  # plain fine-tuning on the gold answers
+            params={},
+            settings=cfg.training,
+            output_dir=folder.with_name(folder.name + "-trainer"),
+            seed=seed,
+            pad_id=study.tokenizer.pad_token_id,
+            vocab_size=len(study.tokenizer),
+            run_name=f"teacher-{name}",
+        )
+        if not study.ranks.leader:
+            return {}
+        model = model.merge_and_unload() if hasattr(model, "merge_and_unload") else model
+        # Saved aside and swapped in: a killed save never leaves a half-written teacher behind.
+        atomic_folder(folder, lambda tmp: save_model(model, study.tokenizer, tmp), replace=True)
+        metrics = evaluate(model, folder.with_name(name + "-eval"))
+        metrics["train_runtime"] = round(result.train_runtime, 1)
+        return metrics
+
+    spec = RunSpec(
+        id=f"teacher-{name}",
+        params={"adapted": True},
+        seed=seed,
+        config_hash=hashes[f"teacher-{name}"],
+        output_dir=str(folder),
+        **common,
+    )
+    study.runner.redo_if_lost(spec, folder.is_dir())
+    study.runner.execute_required(spec, adapt, collective=True)
