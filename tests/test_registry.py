@@ -154,17 +154,6 @@ def test_add_changed_hash_on_unfinished_run_updates(reg: Registry) -> None:
     assert [r.id for r in reg.runs()] == [rec.id, "other"]
 
 
-def test_add_many_is_atomic(reg: Registry) -> None:
-    reg.add_many([spec(1), spec(2)])
-    rid = spec(1).id
-    assert reg.claim(rid)
-    reg.finish(rid, {}, 0.1)
-    with pytest.raises(RegistryError):
-        reg.add_many([spec(3), spec(1, config_hash="changed")])
-    assert reg.get(spec(3).id) is None  # the whole batch was rolled back
-    assert len(reg.runs()) == 2
-
-
 # ---------------------------------------------------------------- claim
 
 
@@ -178,7 +167,6 @@ def test_claim_live_owner_blocks_second_registry(tmp_path: Path) -> None:
     assert rec.heartbeat is not None and rec.started_at is not None
     assert not r2.claim(rid, owner="worker:2")
     assert not r2.claim(rid)  # not even the same owner twice
-    assert r2.claim_next(owner="worker:2") is None
     assert r2.get(rid).attempts == 1
 
 
@@ -188,7 +176,6 @@ def test_done_run_is_never_claimed(reg: Registry) -> None:
     reg.finish(rid, {"acc": 0.5}, 2.5)
     assert not reg.claim(rid)
     assert not reg.claim(rid, owner="someone:else")
-    assert reg.claim_next() is None
     rec = reg.get(rid)
     assert rec.status == "done" and rec.attempts == 1 and rec.wall_time == 2.5 and rec.finished_at is not None
 
@@ -209,22 +196,6 @@ def test_claim_unknown_run_raises(reg: Registry) -> None:
         reg.claim("nope")
 
 
-def test_claim_next_order_ids_and_retry_limits(reg: Registry) -> None:
-    ids = [reg.add(spec(i)).id for i in range(4)]
-    got = reg.claim_next(owner="w:1", ids=[ids[2], ids[3]])
-    assert got is not None and got.id == ids[2] and got.status == "running" and got.owner == "w:1"
-    got = reg.claim_next(owner="w:1")
-    assert got.id == ids[0]  # insertion order
-    assert reg.fail(ids[0], "err", owner="w:1")
-    # Failed runs are claimable (in insertion order) unless the caller bounds retries.
-    assert reg.claim_next(owner="w:1", retry_failed=False).id == ids[1]
-    assert reg.claim_next(owner="w:1", max_attempts=1).id == ids[3]
-    assert reg.claim_next(owner="w:1", max_attempts=1) is None
-    again = reg.claim_next(owner="w:1")
-    assert again.id == ids[0] and again.attempts == 2
-    assert reg.claim_next(owner="w:1", ids=[]) is None
-
-
 # ---------------------------------------------------------------- staleness
 
 
@@ -239,11 +210,11 @@ def test_dead_owner_on_this_host_is_stale(tmp_path: Path) -> None:
     rec = r2.get(dead)
     assert rec.owner == default_owner() and rec.attempts == 2
     assert not r2.claim(live, owner="x:1")
-    # claim_next also picks dead-owner runs.
+    # A worker walking the runs also picks dead-owner runs, and skips live ones.
     assert r1.claim(live, owner=f"{HOST}:{os.getpid()}") is False
     assert r1.fail(dead, "x")
     assert r1.claim(dead, owner=f"{HOST}:{dead_pid()}")
-    assert r2.claim_next(owner="y:1").id == dead
+    assert _claim_any(r2, "y:1").id == dead
 
 
 def test_old_heartbeat_is_stale_after_timeout(tmp_path: Path) -> None:
@@ -260,7 +231,7 @@ def test_old_heartbeat_is_stale_after_timeout(tmp_path: Path) -> None:
     time.sleep(0.6)
     assert time.time() - t0 > stale_after  # older than stale_after since the claim, but not the heartbeat
     assert not r1.claim(rid)
-    assert r1.claim_next() is None
+    assert _claim_any(r1) is None
     time.sleep(0.6)
     assert r1.claim(rid)
     rec = r1.get(rid)
@@ -341,11 +312,16 @@ def test_runs_filters_and_counts(reg: Registry) -> None:
 # Worker functions live at module level so the spawn context can import them in the children.
 
 
+def _claim_any(reg: Registry, owner: str | None = None):
+    """Claim the first run that can be claimed, as a worker walking the study's runs does; None: no more."""
+    return next((r for r in reg.runs() if r.status != "done" and reg.claim(r.id, owner)), None)
+
+
 def _drain_worker(path: str, name: str, out: str, start, pause: float) -> None:
     reg = Registry(path)
     start.wait()
     ran = []
-    while (rec := reg.claim_next()) is not None:
+    while (rec := _claim_any(reg)) is not None:
         time.sleep(pause)
         reg.finish(rec.id, {"worker": name, "pid": os.getpid()}, wall_time=pause)
         ran.append(rec.id)
@@ -355,8 +331,8 @@ def _drain_worker(path: str, name: str, out: str, start, pause: float) -> None:
 def _init_worker(path: str, start) -> None:
     start.wait()
     reg = Registry(path)
-    reg.add_many([spec(i) for i in range(10)])
     for i in range(10):
+        reg.add(spec(i))
         reg.add(spec(i))
 
 
@@ -376,7 +352,7 @@ def _join_all(procs, timeout: float = 120.0) -> None:
 def test_concurrent_workers_run_each_run_exactly_once(tmp_path: Path) -> None:
     path = str(tmp_path / "registry.sqlite")
     reg = Registry(path)
-    ids = [r.id for r in reg.add_many([spec(i) for i in range(40)])]
+    ids = [reg.add(spec(i)).id for i in range(40)]
     ctx = mp.get_context("spawn")
     start = ctx.Event()
     names = [f"w{k}" for k in range(4)]
@@ -437,7 +413,7 @@ def _check_consistent(path: str) -> list:
 def test_sigkill_mid_loop_leaves_consistent_db(tmp_path: Path) -> None:
     path = str(tmp_path / "registry.sqlite")
     reg = Registry(path)
-    ids = [r.id for r in reg.add_many([spec(i) for i in range(200)])]
+    ids = [reg.add(spec(i)).id for i in range(200)]
     ctx = mp.get_context("spawn")
     start = ctx.Event()
     proc = ctx.Process(target=_drain_worker, args=(path, "victim", str(tmp_path / "v.json"), start, 0.002))
@@ -458,7 +434,7 @@ def test_sigkill_mid_loop_leaves_consistent_db(tmp_path: Path) -> None:
     assert all(r.owner == f"{HOST}:{proc.pid}" for r in running)
     # Everything left (including the victim's half-done run, if any) can be finished by a survivor.
     survivor = Registry(path)
-    while (rec := survivor.claim_next(owner="survivor:1")) is not None:
+    while (rec := _claim_any(survivor, "survivor:1")) is not None:
         survivor.finish(rec.id, {"worker": "survivor"}, 0.0, owner="survivor:1")
     recs = survivor.runs()
     assert [r.id for r in recs] == ids and all(r.status == "done" for r in recs)
@@ -468,7 +444,7 @@ def test_sigkill_mid_loop_leaves_consistent_db(tmp_path: Path) -> None:
 
 def _claim_and_hang(path: str) -> None:
     reg = Registry(path)
-    rec = reg.claim_next()
+    rec = _claim_any(reg)
     assert rec is not None
     time.sleep(600)  # "training": killed before it can finish
 
@@ -492,6 +468,6 @@ def test_sigkilled_owner_run_is_reclaimable(tmp_path: Path) -> None:
     _check_consistent(path)
     rec = reg.get(rid)
     assert rec.status == "running" and rec.owner == f"{HOST}:{proc.pid}"
-    assert reg.claim_next().id == rid
+    assert _claim_any(reg).id == rid
     rec = reg.get(rid)
     assert rec.owner == default_owner() and rec.attempts == 2

@@ -32,6 +32,7 @@ from kdlab.report import (
     write_report,
     write_results,
 )
+from kdlab.report import figures as report_figures
 from kdlab.stats import (
     BootstrapResult,
     holm,
@@ -535,7 +536,7 @@ def test_a_crash_leaves_the_previous_report(study: SimpleNamespace, tmp_path: Pa
     def boom(*args: Any, **kwargs: Any) -> Any:
         raise RuntimeError("disk full")
 
-    monkeypatch.setattr(report_mod, "training_figure", boom)
+    monkeypatch.setattr(report_figures, "training_figure", boom)
     with pytest.raises(RuntimeError):
         write_report(out, echo=lambda _: None, n_resamples=50)
     assert (out / "report.md").read_text() == before
@@ -692,7 +693,7 @@ def test_per_example_scores_are_written_and_recheck_the_statistics(study: Simple
 
 def _fast_report(out: Path, monkeypatch: pytest.MonkeyPatch) -> str:
     """write_report without figures (they are tested above), small bootstrap; report.md's text."""
-    for name in ("_lambda_figures", "_efficiency_figures", "_training_figures"):
+    for name in ("lambda_figures", "efficiency_figures", "training_figures"):
         monkeypatch.setattr(report_mod, name, lambda *a, **k: [])
     write_report(out, echo=lambda _: None, n_resamples=200)
     return (out / "report.md").read_text()

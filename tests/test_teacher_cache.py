@@ -111,18 +111,18 @@ def test_round_trip_shuffled_across_shards(tmp_path, examples, hidden_dtype):
     for j in order:
         ex = examples[j]
         assert ex["id"] in cache
-        idx, lp = cache.topk(ex["id"])
+        idx, lp = cache.batch_topk([ex["id"]])
         assert idx.dtype == torch.int64 and lp.dtype == torch.float32
         np.testing.assert_array_equal(idx.numpy(), ex["idx"])
         np.testing.assert_array_equal(lp.numpy(), ex["lp"].astype(np.float16).astype(np.float32))
         np.testing.assert_allclose(lp.numpy(), ex["lp"], atol=2e-2, rtol=1e-3)
         assert cache.answer(ex["id"]) == ex["answer"]
-        hid = cache.hidden(ex["id"])
+        hid = cache.batch_hidden([ex["id"]])
         assert sorted(hid) == [3, 7]
         for layer in (3, 7):
             assert hid[layer].dtype == torch.float32
             np.testing.assert_array_equal(hid[layer].numpy(), expected_hidden(ex, j, layer, hidden_dtype))
-        assert cache.topk_rows(ex["id"]) == ex["idx"].shape[0]
+        assert cache.batch_topk([ex["id"]])[0].shape[0] == ex["idx"].shape[0]
 
     # Batches follow the order of the ids given, not the on-disk order.
     batch_ids = [examples[j]["id"] for j in order[:20]]
@@ -154,9 +154,9 @@ def test_index_dtype_and_bytes_per_token(tmp_path):
         assert cache._array(0, "topk_idx").dtype == want
         assert cache.fields == ("topk",)
         for ex in exs:
-            np.testing.assert_array_equal(cache.topk(ex["id"])[0].numpy(), ex["idx"])
+            np.testing.assert_array_equal(cache.batch_topk([ex["id"]])[0].numpy(), ex["idx"])
         with pytest.raises(CacheError, match="no 'hidden' field"):
-            cache.hidden(exs[0]["id"])
+            cache.batch_hidden([exs[0]["id"]])
 
     # Storage target: <= 128 bytes per answer token at k=32 with a 49152-token vocab.
     path = tmp_path / "k32"
@@ -227,7 +227,7 @@ def test_overwrite_is_atomic(tmp_path, examples):
     assert sorted(p.name for p in tmp_path.iterdir()) == ["cache"], "temp build dir left behind"
     cache = TeacherCache.open(path, expected_inputs=INPUTS)
     assert cache.ids() == [ex["id"] for ex in examples[:10]]
-    old_reader_idx = cache.topk(examples[0]["id"])[0]
+    old_reader_idx = cache.batch_topk([examples[0]["id"]])[0]
 
     # A successful overwrite swaps the new cache in.
     write_cache(path, examples[20:25], overwrite=True, inputs={"new": 2})
@@ -235,7 +235,7 @@ def test_overwrite_is_atomic(tmp_path, examples):
     assert new.ids() == [ex["id"] for ex in examples[20:25]]
     assert sorted(p.name for p in tmp_path.iterdir()) == ["cache"]
     # A reader opened before the swap keeps a consistent view of the old data.
-    np.testing.assert_array_equal(cache.topk(examples[0]["id"])[0].numpy(), old_reader_idx.numpy())
+    np.testing.assert_array_equal(cache.batch_topk([examples[0]["id"]])[0].numpy(), old_reader_idx.numpy())
 
 
 def test_fingerprint_mismatch_and_restart(tmp_path, examples):
@@ -280,7 +280,7 @@ class _CacheDataset(Dataset):
         return len(self.ids)
 
     def __getitem__(self, i: int):
-        idx, lp = self.cache.topk(self.ids[i])
+        idx, lp = self.cache.batch_topk([self.ids[i]])
         return self.ids[i], idx.sum().item(), float(lp.sum())
 
 
@@ -288,8 +288,8 @@ def test_memmap_pickle_and_workers(tmp_path, examples):
     path = tmp_path / "cache"
     write_cache(path, examples)
     cache = TeacherCache.open(path)
-    cache.topk(examples[0]["id"])
-    cache.hidden(examples[0]["id"])
+    cache.batch_topk([examples[0]["id"]])
+    cache.batch_hidden([examples[0]["id"]])
     assert cache._mmaps, "arrays should be mapped lazily on first access"
     for arr in cache._mmaps.values():
         assert isinstance(arr, np.memmap)
@@ -301,14 +301,14 @@ def test_memmap_pickle_and_workers(tmp_path, examples):
     assert clone.ids() == cache.ids()
     assert clone._mmaps == {}
     for ex in examples[:5]:
-        assert torch.equal(clone.topk(ex["id"])[0], cache.topk(ex["id"])[0])
+        assert torch.equal(clone.batch_topk([ex["id"]])[0], cache.batch_topk([ex["id"]])[0])
         assert clone.answer(ex["id"]) == ex["answer"]
 
     # Forked DataLoader workers read through the (re-mapped) cache.
     loader = DataLoader(_CacheDataset(cache), batch_size=None, num_workers=2)
     got = {eid: (s, f) for eid, s, f in loader}
     for ex in examples:
-        idx, lp = cache.topk(ex["id"])
+        idx, lp = cache.batch_topk([ex["id"]])
         assert got[ex["id"]][0] == idx.sum().item()
         assert got[ex["id"]][1] == pytest.approx(float(lp.sum()))
 
@@ -352,9 +352,9 @@ def test_bad_inputs(tmp_path, examples):
     cache = TeacherCache.open(path)
     assert cache.ids() == ["a"]
     with pytest.raises(KeyError, match="'nope'.*" + str(path).replace("\\", "\\\\")):
-        cache.topk("nope")
+        cache.batch_topk(["nope"])
     with pytest.raises(KeyError, match="nope"):
-        cache.hidden("nope")
+        cache.batch_hidden(["nope"])
     with pytest.raises(CacheError, match="no 'answer' field"):
         cache.answer("a")
 

@@ -28,14 +28,16 @@ from torch import nn
 from transformers import PreTrainedTokenizerBase
 
 from kdlab import evaluation
+from kdlab.files import atomic_write_json
 from kdlab.models import count_parameters, folder_size_bytes, load_model
+from kdlab.stages.sweep import PROJECTIONS_FILE
 from kdlab.tasks.base import Example, Task
 
 log = logging.getLogger("kdlab")
 
 BENCH_FILE = "bench.json"
-# Written beside a KD3 student's weights but only used in training: not part of the model one deploys.
-TRAINING_ONLY_FILES = ("kd3_projections.safetensors",)
+# Written beside a student's weights but only used in training: not part of the model one deploys.
+TRAINING_ONLY_FILES = (PROJECTIONS_FILE,)
 DEFAULT_EXAMPLES = 32
 DEFAULT_WARMUP = 2
 DEFAULT_REPEATS = 3
@@ -341,7 +343,7 @@ def measure_task(
 
 
 def disk_bytes(folder: str | Path) -> int:
-    """Bytes of the saved model folder, training-only files (KD3 projections) left out."""
+    """Bytes of the saved model folder, training-only files (feature projections) left out."""
     folder = Path(folder)
     extra = sum((folder / name).stat().st_size for name in TRAINING_ONLY_FILES if (folder / name).is_file())
     return folder_size_bytes(folder) - extra
@@ -564,8 +566,6 @@ def write_bench(
         "excluded",
     ]
     result["measured"] = wanted
-    tmp = path.with_name(path.name + ".tmp")
-    tmp.write_text(json.dumps(result, indent=1))
-    os.replace(tmp, path)  # a killed bench never leaves half a file for the report
+    atomic_write_json(path, result, indent=1)  # a killed bench never leaves half a file for the report
     log.info(f"[bench] {len(result['models'])} models measured on {result['device']}: {path}")
     return path

@@ -1,8 +1,8 @@
 """Report figures drawn at print size: one column wide (3.4 in), fonts 9-10 pt, as PNG (300 dpi) and PDF.
 
 Every figure is one task, so it can be placed at column width in a paper without shrinking its text. The
-functions take plain data (the `report` module reads the study folder) and write through a temporary file
-and ``os.replace``, so a crash never leaves a half-written image behind.
+functions take plain data (the `report` package reads the study folder) and write through
+`files.atomic_output`, so a crash never leaves a half-written image behind.
 
 matplotlib is used through ``Figure`` + the Agg canvas directly, not pyplot: no global backend switch, no
 pyplot figure registry to leak, and it works in a headless process.
@@ -13,8 +13,6 @@ from __future__ import annotations
 import contextlib
 import logging
 import math
-import os
-import tempfile
 from collections.abc import Iterator, Mapping, Sequence
 from dataclasses import dataclass, field
 from pathlib import Path
@@ -24,6 +22,7 @@ from matplotlib.backends.backend_agg import FigureCanvasAgg
 from matplotlib.figure import Figure
 from matplotlib.ticker import FixedLocator, FuncFormatter, NullFormatter
 
+from kdlab.files import atomic_output
 from kdlab.methods import METHODS, baseline
 from kdlab.stats import pareto_front
 
@@ -32,7 +31,6 @@ __all__ = [
     "Curve",
     "EfficiencyPoint",
     "LambdaSeries",
-    "atomic_output",
     "efficiency_figure",
     "lambda_figure",
     "save_figure",
@@ -99,20 +97,6 @@ def method_color(method: str) -> str:
     if method in METHODS and METHODS[method].color:
         return METHODS[method].color
     return _EXTRA_COLORS[sum(map(ord, method)) % len(_EXTRA_COLORS)]  # stable across runs, unlike hash()
-
-
-@contextlib.contextmanager
-def atomic_output(path: Path) -> Iterator[Path]:
-    """A temporary path beside ``path``; moved onto ``path`` when the block succeeds, removed if it fails."""
-    path.parent.mkdir(parents=True, exist_ok=True)
-    fd, tmp_name = tempfile.mkstemp(prefix=f".{path.name}.", suffix=".tmp", dir=path.parent)
-    os.close(fd)
-    tmp = Path(tmp_name)
-    try:
-        yield tmp
-        os.replace(tmp, path)
-    finally:
-        tmp.unlink(missing_ok=True)
 
 
 @contextlib.contextmanager

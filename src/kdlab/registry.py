@@ -28,7 +28,7 @@ import re
 import socket
 import sqlite3
 import time
-from collections.abc import Iterable, Iterator, Sequence
+from collections.abc import Iterable, Iterator
 from contextlib import contextmanager, suppress
 from dataclasses import dataclass, field
 from pathlib import Path
@@ -505,11 +505,6 @@ class Registry:
         with self._tx() as conn:
             return self._add(conn, spec, force)
 
-    def add_many(self, specs: Iterable[RunSpec], *, force: bool = False) -> list[RunRecord]:
-        """``add`` for a whole study in one transaction: all specs registered, or none (on error)."""
-        with self._tx() as conn:
-            return [self._add(conn, spec, force) for spec in specs]
-
     # ------------------------------------------------------------------ claiming and finishing
 
     def claim(self, run_id: str, owner: str | None = None) -> bool:
@@ -525,41 +520,6 @@ class Registry:
                 return False
             self._take(conn, run_id, owner, now)
             return True
-
-    def claim_next(
-        self,
-        owner: str | None = None,
-        *,
-        ids: Sequence[str] | None = None,
-        retry_failed: bool = True,
-        max_attempts: int | None = None,
-    ) -> RunRecord | None:
-        """Claim the first claimable run in insertion order (restricted to ``ids`` when given).
-
-        A loop of ``claim_next`` would retry a deterministically failing run forever; pass
-        ``retry_failed=False`` or ``max_attempts`` (runs with that many attempts are skipped unless
-        still todo) to bound retries within one invocation.
-        """
-        owner = owner or default_owner()
-        wanted = set(ids) if ids is not None else None
-        with self._tx() as conn:
-            now = time.time()
-            rows = conn.execute(
-                f"SELECT {_COLUMNS} FROM runs WHERE status != 'done' ORDER BY rowid"
-            ).fetchall()
-            for row in rows:
-                rec = _record(row)
-                if wanted is not None and rec.id not in wanted:
-                    continue
-                if rec.status == "failed" and not retry_failed:
-                    continue
-                if max_attempts is not None and rec.status != "todo" and rec.attempts >= max_attempts:
-                    continue
-                if not self._claimable(rec, now):
-                    continue
-                self._take(conn, rec.id, owner, now)
-                return self._fetch(conn, rec.id)
-        return None
 
     def _held(self, rec: RunRecord, owner: str) -> bool:
         return rec.status == "running" and rec.owner == owner

@@ -1,9 +1,10 @@
 """One forward pass that returns the model's outputs only at the positions that predict answer tokens.
 
-Batches are left-padded (see `training.collate_train`), so every row's answer tokens sit at the end and a
-single `logits_to_keep` slice covers them: the vocabulary projection runs on a few positions instead of the
-whole prompt. The student, the live teacher and the teacher-cache builder all gather their outputs here, so
-row *i* of every signal refers to the same token of the same example (row-major over the batch).
+Batches are left-padded (`training.TrainCollator` collates them with `padding_side="left"`), so every row's
+answer tokens sit at the end and a single `logits_to_keep` slice covers them: the vocabulary projection runs
+on a few positions instead of the whole prompt. The student, the live teacher and the teacher-cache builder
+all gather their outputs here, so row *i* of every signal refers to the same token of the same example
+(row-major over the batch).
 """
 
 from __future__ import annotations

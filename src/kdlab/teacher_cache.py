@@ -49,6 +49,7 @@ import numpy as np
 import torch
 
 from kdlab.errors import CacheError, CacheExistsError, CacheMismatchError
+from kdlab.files import atomic_write_json, fsync_dir
 from kdlab.registry import pid_alive
 
 __all__ = [
@@ -275,25 +276,7 @@ def _plain_name(name: Any) -> bool:
 
 
 def _write_json_atomic(path: Path, obj: Any) -> None:
-    tmp = path.with_name(f"{path.name}.tmp-{uuid.uuid4().hex[:8]}")
-    with open(tmp, "w", encoding="utf-8") as f:
-        json.dump(obj, f, ensure_ascii=False, indent=1)
-        f.flush()
-        os.fsync(f.fileno())
-    os.replace(tmp, path)
-
-
-def _fsync_dir(path: Path) -> None:
-    try:
-        fd = os.open(path, os.O_RDONLY)
-    except OSError:
-        return
-    try:
-        os.fsync(fd)
-    except OSError:
-        pass
-    finally:
-        os.close(fd)
+    atomic_write_json(path, obj, durable=True, ensure_ascii=False, indent=1)
 
 
 def _is_cache_file(p: Path) -> bool:
@@ -303,6 +286,7 @@ def _is_cache_file(p: Path) -> bool:
         fnmatch.fnmatch(name, "shard-*.npy")
         or name in (INDEX_NAME, ANSWERS_NAME)
         or fnmatch.fnmatch(name, "*.tmp-*")
+        or fnmatch.fnmatch(name, ".*.tmp")  # a temporary file of `files.atomic_output`
     )
 
 
@@ -814,9 +798,9 @@ class TeacherCacheWriter:
             "answers": self.answer_stats,
             "created_at": _dt.datetime.now(_dt.UTC).isoformat(timespec="seconds"),
         }
-        _fsync_dir(self._build_dir)
+        fsync_dir(self._build_dir)
         _write_json_atomic(self._build_dir / MANIFEST_NAME, manifest)
-        _fsync_dir(self._build_dir)
+        fsync_dir(self._build_dir)
         if self._swap:
             self._swap_in()
         self._closed = True
@@ -832,7 +816,7 @@ class TeacherCacheWriter:
         except BaseException:
             os.replace(backup, target)
             raise
-        _fsync_dir(target.parent)
+        fsync_dir(target.parent)
         shutil.rmtree(backup, ignore_errors=True)
 
     def abort(self) -> None:
@@ -1148,19 +1132,10 @@ class TeacherCache:
                 f"{REBUILD_HINT}"
             )
 
-    def topk_rows(self, example_id: ExampleId) -> int:
-        """Number of cached answer-token positions of an example."""
-        self._require("topk")
-        return int(self._col_topk_n[self._locate(example_id)])
-
-    def hidden_rows(self, example_id: ExampleId) -> int:
-        self._require("hidden")
-        return int(self._col_hid_n[self._locate(example_id)])
-
     # ---- data access -----------------------------------------------------------------------------
 
     def answer(self, example_id: ExampleId) -> str | None:
-        """The teacher's answer (KD2 target text); None when the build dropped it (empty answer)."""
+        """The teacher's answer (a target text); None when the build dropped it (an empty answer)."""
         self._require("answer")
         i = self._locate(example_id)
         if self._answers is None:
@@ -1177,10 +1152,6 @@ class TeacherCache:
             self._answers = answers
         return self._answers[self._ids[i]]
 
-    def topk(self, example_id: ExampleId) -> tuple[torch.Tensor, torch.Tensor]:
-        """(indices int64 [n, k], log-probs float32 [n, k]); only this example's rows are converted."""
-        idx, lp = self.batch_topk([example_id])
-        return idx, lp
 
     def batch_topk(self, example_ids: Sequence[ExampleId]) -> tuple[torch.Tensor, torch.Tensor]:
         """Rows of ``example_ids`` concatenated in the order given: ([sum n, k] int64, [sum n, k] float32)."""
@@ -1205,7 +1176,7 @@ class TeacherCache:
             held = [float(t) for t in self._temperatures]
             raise CacheError(
                 f"teacher cache at {self._dir} has no top-k tail for temperature T={float(temperature)} "
-                f"(it holds T in {held}); KD1 at a temperature needs the cache built for it: "
+                f"(it holds T in {held}); a run at a temperature needs the cache built for it: "
                 f"{REBUILD_HINT}"
             )
         return f"tail-T{tag}"
@@ -1231,9 +1202,6 @@ class TeacherCache:
             row += n
         return idx, lp, torch.from_numpy(out)
 
-    def hidden(self, example_id: ExampleId) -> dict[int, torch.Tensor]:
-        """{layer: float32 [m, d]} for one example."""
-        return self.batch_hidden([example_id])
 
     def batch_hidden(self, example_ids: Sequence[ExampleId]) -> dict[int, torch.Tensor]:
         """{layer: float32 [sum m, d]} with rows concatenated in the order given."""

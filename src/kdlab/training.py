@@ -7,7 +7,6 @@ from __future__ import annotations
 
 import dataclasses
 import difflib
-import json
 import logging
 import math
 import os
@@ -26,6 +25,7 @@ from transformers import PreTrainedModel, Trainer, TrainingArguments, set_seed
 from transformers.trainer_callback import PrinterCallback, ProgressCallback
 
 from kdlab.config import TrainingSettings
+from kdlab.files import atomic_write_json
 from kdlab.methods import TEACHER_ANSWER, LossInputs, Method, Signals, TeacherBatch
 from kdlab.scored import forward_scored
 from kdlab.tasks.base import Encoded, collate
@@ -44,8 +44,8 @@ class TrainItem:
 
 
 class StudentModule(nn.Module):
-    """The student plus the learned KD3 projections, so one optimizer, one DDP wrapper and one state
-    dict hold both."""
+    """The student plus the learned feature projections (methods that read hidden states), so one optimizer,
+    one DDP wrapper and one state dict hold both."""
 
     def __init__(self, student: nn.Module, projections: nn.ModuleList | None = None):
         super().__init__()
@@ -237,7 +237,7 @@ class KDTrainer(Trainer):
 
     def _save(self, output_dir: str | None = None, state_dict: Any = None) -> None:
         # Checkpoints hold the trainable tensors only (LoRA adapters, or every weight in full fine-tuning,
-        # plus KD3 projections); `named_parameters` lists tied weights once, which safetensors requires.
+        # plus feature projections); `named_parameters` lists tied weights once, which safetensors requires.
         output_dir = output_dir or self.args.output_dir
         os.makedirs(output_dir, exist_ok=True)
         module = self.accelerator.unwrap_model(self.model)
@@ -429,8 +429,7 @@ def train(
     trainer.add_callback(TrainingProgress())
     out = trainer.train(resume_from_checkpoint=resume_from_checkpoint)
     history = trainer.state.log_history
-    Path(output_dir).mkdir(parents=True, exist_ok=True)
-    (Path(output_dir) / "log_history.json").write_text(json.dumps(history, indent=1))
+    atomic_write_json(Path(output_dir) / "log_history.json", history, indent=1)
     for entry in history:
         if "loss" in entry and not math.isfinite(entry["loss"]):
             raise FloatingPointError(f"training diverged: loss {entry['loss']} at step {entry.get('step')}")

@@ -6,7 +6,6 @@ registry, so several `kdlab sweep` processes share the work.
 from __future__ import annotations
 
 import itertools
-import json
 import time
 from collections.abc import Sequence
 from pathlib import Path
@@ -18,6 +17,7 @@ from transformers.trainer_utils import get_last_checkpoint
 from kdlab import losses
 from kdlab.config import StudentSettings
 from kdlab.evaluation import evaluate_splits, predict
+from kdlab.files import atomic_write_json
 from kdlab.methods import MethodSettings, Signals, get_method
 from kdlab.models import add_lora, count_parameters, hidden_width, load_model, model_config, save_model
 from kdlab.registry import RunRecord, RunSpec
@@ -32,7 +32,8 @@ from kdlab.training import TrainItem, train
 if TYPE_CHECKING:
     from kdlab.study import Study
 
-PROJECTIONS_FILE = "kd3_projections.safetensors"  # learned feature projections, kept beside the model
+# Learned feature projections, kept beside the model (named after KD3, which introduced them).
+PROJECTIONS_FILE = "kd3_projections.safetensors"
 
 
 def grid(settings: MethodSettings) -> tuple[list[dict[str, Any]], list[str]]:
@@ -153,7 +154,7 @@ def train_student(study: Study, spec: RunSpec, student: StudentSettings, cache: 
     del live
     if not study.ranks.leader:
         return {}  # the leader saves and evaluates
-    (folder / "log_history.json").write_text(json.dumps(result.log_history))
+    atomic_write_json(folder / "log_history.json", result.log_history)
     total, trainable = count_parameters(model)
     save_model(model, study.tokenizer, folder / "model", merged=student.save == "merged")
     if projections is not None:
