@@ -648,3 +648,25 @@ def test_kill_at_each_stage_then_resume(tmp_path: Path, tiny_data_dir: Path,
     assert not leftovers, leftovers
     assert (out / "results.csv").is_file()
     assert all((Path(r.output_dir) / RUN_RECORD).is_file() for r in runs.values())
+
+
+def test_report_reads_run_folders_inside_the_study_whatever_the_registry_row_says(tmp_path: Path) -> None:
+    """A registry row's output_dir (absolute, possibly tampered with) never leads the report outside the
+    study folder: run folders are built from the run id."""
+    from kdlab.registry import RunRecord
+    from kdlab.report.collect import StudyOutputs
+    from kdlab.report.compare import Scorer
+
+    outside = tmp_path / "elsewhere"
+    (outside / "sst2-eval").mkdir(parents=True)
+    fields = dict(task="sst2", student="s1", stage="grid", params={}, seed=1, config_hash="", status="done",
+                  metrics={}, wall_time=1.0, owner=None, heartbeat=None, attempts=1, error=None,
+                  created_at=0.0, started_at=0.0, finished_at=0.0)
+    student = RunRecord(id="sft-sst2-s1-seed1", kind="student", method="sft",
+                        output_dir=str(outside / "run"), **fields)
+    teacher = RunRecord(id="teacher-sst2", kind="teacher", method="teacher",
+                        output_dir=str(outside / "model"), **fields)
+    study = tmp_path / "study"
+    outputs = StudyOutputs(study, [student, teacher], {}, None, None, None, ["sst2"])
+    assert outputs.run_dir(student) == study / "runs" / student.id
+    assert Scorer(outputs, None, []).predictions_dir(teacher) == study / "teacher" / "sst2-eval"

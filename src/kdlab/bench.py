@@ -483,7 +483,7 @@ def study_entries(study: Any) -> list[BenchEntry]:
         if run is None or task not in cfg.tasks:
             continue
         key = f"{method}-{task}-{student}"
-        folder = Path(run.output_dir) / "model"
+        folder = outputs.run_dir(run) / "model"  # inside the study folder, whatever the registry row says
         if not ((folder / "config.json").is_file() or (folder / "adapter_config.json").is_file()):
             log.info(f"[bench] {key}: no saved model in {folder}; skipped")
             continue

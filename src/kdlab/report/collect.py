@@ -63,9 +63,9 @@ class StudyOutputs:
         return next((r for r in self.runs if r.id == run_id), None) if run_id else None
 
     def run_dir(self, run: RunRecord) -> Path:
-        # Relative to the folder first: output_dir is absolute and breaks when a study folder is moved.
-        local = self.out / "runs" / run.id
-        return local if local.is_dir() or not run.output_dir else Path(run.output_dir)
+        # Built from the (validated) run id inside the study folder, never from the registry row's absolute
+        # output_dir: that breaks when a folder is moved, and a tampered row must not lead outside the study.
+        return self.out / "runs" / run.id
 
     @property
     def name(self) -> str:

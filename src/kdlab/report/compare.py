@@ -106,10 +106,7 @@ class Scorer:
         if run.kind != "teacher":
             return self.outputs.run_dir(run)
         name = f"{run.task}-zero-shot" if run.id.endswith("-zero-shot") else f"{run.task}-eval"
-        local = self.outputs.out / "teacher" / name
-        if local.is_dir() or not run.output_dir:
-            return local
-        return Path(run.output_dir).with_name(name)
+        return self.outputs.out / "teacher" / name  # inside the study folder, as run_dir
 
     def _score(self, run: RunRecord) -> dict[str, np.ndarray]:
         task, examples = self.references(run.task)
