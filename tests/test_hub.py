@@ -271,7 +271,15 @@ def test_hub_teacher_with_adaptation(hub_home: Path, tmp_path: Path, tiny_data_d
     assert (out / "teacher" / "sst2" / "model.safetensors").is_file()
     models = json.loads((out / "provenance.json").read_text())["models"]
     assert models["students.s"]["commit"] == COMMIT_B and models["teacher"]["commit"] == COMMIT_A
+    assert models["students.s"]["revision"] == "main"
     assert "revision: main" in (out / "study.yaml").read_text()
+    # The registry records the commit the hub-id teacher resolved to, with its runs.
+    from kdlab.registry import Registry
+
+    teacher_runs = [r for r in Registry(out / "registry.sqlite").runs() if r.kind == "teacher"
+                    and r.method == "teacher"]
+    assert teacher_runs and all(r.params["model_commit"] == COMMIT_A for r in teacher_runs)
+    assert {r.params["model_repo"] for r in teacher_runs} == {TEACHER}
 
 
 # ---------------------------------------------------------------------------------------------------------

@@ -505,13 +505,13 @@ def reproducibility_markdown(outputs: StudyOutputs) -> str:
     lines += ["Models:", ""]
     models = as_mapping(as_mapping(prov).get("models"))
     if models:
-        keys = ["spec", "path", "revision", "fingerprint"]
+        keys = ["spec", "path", "revision", "repo_id", "commit", "fingerprint"]
         rows = []
         for name, entry in models.items():
             e = as_mapping(entry)
-            cells = [_cell(e.get(k)) for k in keys] if e else [_cell(entry), "", "", ""]
+            cells = [_cell(e.get(k)) for k in keys] if e else [_cell(entry)] + [""] * (len(keys) - 1)
             rows.append([fmt.text(str(name)), *cells])
-        lines.append(fmt.table(["model", *keys], rows, "lllll"))
+        lines.append(fmt.table(["model", *keys], rows, "l" * (len(keys) + 1)))
     else:
         lines += [f"- {no_prov if prov is None else NOT_RECORDED}.", ""]
 

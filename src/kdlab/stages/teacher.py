@@ -10,7 +10,7 @@ from typing import TYPE_CHECKING, Any
 from kdlab.evaluation import evaluate_splits
 from kdlab.files import atomic_folder
 from kdlab.methods import baseline
-from kdlab.models import add_lora, load_model, save_model
+from kdlab.models import add_lora, hub_snapshot_info, load_model, save_model
 from kdlab.registry import RunSpec
 from kdlab.seeding import seed_everything
 from kdlab.tasks.base import subset
@@ -67,9 +67,12 @@ def run_teacher(study: Study, name: str) -> None:
         )
         return evaluate(model, study.out / "teacher" / f"{name}-zero-shot")
 
+    # The hub commit a hub-id teacher resolved to, recorded with its runs (params are not in the config hash).
+    snapshot = hub_snapshot_info(study.base_teacher_path)
+    origin = {"model_repo": snapshot[0], "model_commit": snapshot[1]} if snapshot else {}
     zero_shot_spec = RunSpec(
         id=f"teacher-{name}-zero-shot",
-        params={"adapted": False},
+        params={"adapted": False, **origin},
         seed=None,
         config_hash=hashes[f"teacher-{name}-zero-shot"],
         output_dir=str(study.out / "teacher" / f"{name}-zero-shot"),
@@ -115,7 +118,7 @@ def run_teacher(study: Study, name: str) -> None:
 
     spec = RunSpec(
         id=f"teacher-{name}",
-        params={"adapted": True},
+        params={"adapted": True, **origin},
         seed=seed,
         config_hash=hashes[f"teacher-{name}"],
         output_dir=str(folder),
