@@ -5,11 +5,13 @@ either before or after."""
 from __future__ import annotations
 
 import contextlib
+import fnmatch
+import hashlib
 import json
 import os
 import shutil
 import tempfile
-from collections.abc import Callable, Iterator
+from collections.abc import Callable, Iterator, Sequence
 from pathlib import Path
 from typing import Any
 
@@ -82,3 +84,21 @@ def fsync_dir(path: str | Path) -> None:
         pass
     finally:
         os.close(fd)
+
+
+def hash_tree(path: str | os.PathLike[str], patterns: Sequence[str], file_hash: Callable[[Path], str]) -> str:
+    """Hex sha256 over every file below `path` whose name matches one of `patterns`: each file's relative path
+    and `file_hash(file)`, in sorted order (independent of listing order; symlinks are followed)."""
+    root = Path(path)
+    if not root.is_dir():
+        raise NotADirectoryError(f"{root} is not a directory")
+    files = sorted(
+        (p for p in root.rglob("*") if p.is_file() and any(fnmatch.fnmatch(p.name, pat) for pat in patterns)),
+        key=lambda p: p.relative_to(root).as_posix(),
+    )
+    if not files:
+        raise ValueError(f"no file under {root} matches {list(patterns)}")
+    h = hashlib.sha256()
+    for p in files:
+        h.update(f"{p.relative_to(root).as_posix()}\0{file_hash(p)}\n".encode())
+    return h.hexdigest()

@@ -36,7 +36,7 @@ from transformers import (
 )
 
 from kdlab.config import DeriveSettings, LoraSettings
-from kdlab.files import atomic_folder, atomic_write_json
+from kdlab.files import atomic_folder, atomic_write_json, hash_tree
 
 log = logging.getLogger(__name__)
 
@@ -246,19 +246,7 @@ def hash_model_files(path: str | Path, patterns: Sequence[str] = WEIGHT_PATTERNS
     A file's digest is remembered in KDLAB_CACHE keyed by its path, size, mtime and inode, and a file in a
     Hugging Face cache whose blob is named by its sha256 (LFS weights) is not read at all.
     """
-    root = Path(path)
-    if not root.is_dir():
-        raise NotADirectoryError(f"hash_model_files: {root} is not a directory")
-    files = sorted(
-        (p for p in root.rglob("*") if p.is_file() and any(fnmatch.fnmatch(p.name, pat) for pat in patterns)),
-        key=lambda p: p.relative_to(root).as_posix(),
-    )
-    if not files:
-        raise ValueError(f"hash_model_files: no file under {root} matches {list(patterns)}")
-    h = hashlib.sha256()
-    for p in files:
-        h.update(f"{p.relative_to(root).as_posix()}\0{file_sha256(p)}\n".encode())
-    return h.hexdigest()
+    return hash_tree(path, patterns, file_sha256)
 
 
 def file_sha256(path: str | Path) -> str:

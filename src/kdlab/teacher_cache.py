@@ -49,7 +49,7 @@ import numpy as np
 import torch
 
 from kdlab.errors import CacheError, CacheExistsError, CacheMismatchError
-from kdlab.files import atomic_write_json, fsync_dir
+from kdlab.files import atomic_write_json, fsync_dir, hash_tree
 from kdlab.registry import pid_alive
 
 __all__ = [
@@ -163,20 +163,7 @@ def hash_directory(
     order so the result does not depend on filesystem listing order, and symlinks (as in the
     Hugging Face cache) are followed.
     """
-    root = Path(path)
-    if not root.is_dir():
-        raise NotADirectoryError(f"hash_directory: {root} is not a directory")
-    files = sorted(
-        (p for p in root.rglob("*") if p.is_file() and any(fnmatch.fnmatch(p.name, pat) for pat in patterns)),
-        key=lambda p: p.relative_to(root).as_posix(),
-    )
-    if not files:
-        raise ValueError(f"hash_directory: no file under {root} matches {list(patterns)}")
-    h = hashlib.sha256()
-    for p in files:
-        rel = p.relative_to(root).as_posix()
-        h.update(f"{rel}\0{hash_file(p)}\n".encode())
-    return h.hexdigest()
+    return hash_tree(path, patterns, hash_file)
 
 
 # --------------------------------------------------------------------------------------------------
