@@ -5,6 +5,7 @@ Not a test module: each script prints figures against an issue's target.
 
 from __future__ import annotations
 
+import argparse
 import os
 import platform
 import random
@@ -46,6 +47,20 @@ def machine_line(device: str = "cpu") -> str:
     return (f"machine: {platform.machine()} {platform.system()}, {os.cpu_count()} CPUs, "
             f"torch {torch.__version__} ({torch.get_num_threads()} threads), device {device}, "
             f"load average {load[0]:.2f} (other processes share the CPUs when it exceeds what this uses)")
+
+
+def add_device_argument(parser: argparse.ArgumentParser) -> None:
+    parser.add_argument("--device", default="cpu",
+                        help="torch device the models run on: cpu (default), cuda, cuda:1, mps")
+
+
+def synchronize(device: str | torch.device) -> None:
+    """Wait for queued GPU work, so a timer reads the time the work took rather than its launch."""
+    kind = torch.device(device).type
+    if kind == "cuda":
+        torch.cuda.synchronize(device)
+    elif kind == "mps":
+        torch.mps.synchronize()
 
 
 def verdict(ok: bool) -> str:
@@ -101,10 +116,12 @@ class StepRunner:
     module: StudentModule
     optimizer: torch.optim.Optimizer
     max_grad_norm: float
+    device: str = "cpu"
 
     def step(self, items: Sequence[TrainItem]) -> float:
         """Collate (cache reads included, as in the DataLoader), `KDTrainer.training_step` (forward_scored,
-        the method's loss, backward), clip, AdamW step; returns seconds."""
+        the method's loss, backward), clip, AdamW step; returns seconds (GPU work waited for)."""
+        synchronize(self.device)
         begin = time.perf_counter()
         batch = self.trainer.data_collator(list(items))
         num_items = (batch["labels"][..., 1:] != -100).sum()
@@ -112,24 +129,32 @@ class StepRunner:
         torch.nn.utils.clip_grad_norm_(self.module.parameters(), self.max_grad_norm)
         self.optimizer.step()
         self.optimizer.zero_grad(set_to_none=True)
+        synchronize(self.device)
         return time.perf_counter() - begin
 
 
 def step_runner(method_name: str, student: nn.Module, *, pad_id: int, vocab_size: int,
                 cache: TeacherCache | None, pairs: Sequence[tuple[int, int]], teacher_width: int,
-                workdir: Path, params: dict[str, Any] | None = None) -> StepRunner:
-    """A KDTrainer for `method_name` on `student` (KD3 gets its learned projections), with its optimizer."""
+                workdir: Path, params: dict[str, Any] | None = None, device: str = "cpu",
+                settings: TrainingSettings | None = None,
+                live_teacher: nn.Module | None = None) -> StepRunner:
+    """A KDTrainer for `method_name` on `student` (KD3 gets its learned projections), with its optimizer.
+
+    `student` (and `live_teacher`) must already be on `device`; `settings` default to the study's (AdamW,
+    lr 2e-4, max_grad_norm 1.0, fp32); give `TrainingSettings(bf16=True, packing=True, ...)` to time those.
+    """
     method = get_method(method_name)
     params = params if params is not None else PARAMS[method_name]
     signals = method.signals(params)
     use_pairs = list(pairs) if signals.layer_map is not None else []
-    projections = (losses.make_projections(use_pairs, student.config.hidden_size, teacher_width)
+    projections = (losses.make_projections(use_pairs, student.config.hidden_size, teacher_width).to(device)
                    if use_pairs else None)
     module = StudentModule(student, projections)
-    collator = TrainCollator(pad_id, signals=signals, cache=cache, teacher_layers=[t for _, t in use_pairs])
-    settings = TrainingSettings()  # study defaults: AdamW, lr 2e-4, max_grad_norm 1.0
-    args = training_arguments(settings, workdir / method_name, 0, use_cpu=True)
+    settings = settings or TrainingSettings()
+    collator = TrainCollator(pad_id, signals=signals, cache=cache if live_teacher is None else None,
+                             teacher_layers=[t for _, t in use_pairs], packing=settings.packing)
+    args = training_arguments(settings, workdir / method_name, 0, use_cpu=torch.device(device).type == "cpu")
     trainer = KDTrainer(model=module, args=args, train_dataset=[], data_collator=collator, method=method,
                         params=params, vocab_size=vocab_size,
-                        layer_pairs=use_pairs)
-    return StepRunner(trainer, module, trainer.create_optimizer(module), settings.max_grad_norm)
+                        layer_pairs=use_pairs, live_teacher=live_teacher)
+    return StepRunner(trainer, module, trainer.create_optimizer(module), settings.max_grad_norm, device)

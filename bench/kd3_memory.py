@@ -26,6 +26,7 @@ from pathlib import Path
 import numpy as np
 import torch
 from _common import (
+    add_device_argument,
     encode_sst2,
     machine_line,
     sst2_like_example,
@@ -54,6 +55,7 @@ def parse_args(argv: list[str] | None) -> argparse.Namespace:
     p.add_argument("--threads", type=int, help="torch CPU threads in the runs (default: torch's choice)")
     p.add_argument("--target", type=float, default=0.10,
                    help="largest relative change of peak RSS that passes")
+    add_device_argument(p)
     # Internal: one measured run (what the parent starts per size).
     p.add_argument("--child", nargs=3, metavar=("CACHE", "STUDENT", "PAIRS_JSON"), help=argparse.SUPPRESS)
     return p.parse_args(argv)
@@ -79,12 +81,13 @@ def child(args: argparse.Namespace) -> int:
         torch.set_num_threads(args.threads)
     torch.manual_seed(0)
     tokenizer = load_tokenizer(student_dir)
-    student = load_model(student_dir)
+    student = load_model(student_dir, device=args.device)
     pairs = [tuple(p) for p in json.loads(pairs_json)]
     cache = TeacherCache.open(cache_dir)
     with tempfile.TemporaryDirectory(prefix="kd3_memory-") as tmp:
         runner = step_runner("kd3", student, pad_id=tokenizer.pad_token_id, vocab_size=len(tokenizer),
-                             cache=cache, pairs=pairs, teacher_width=cache.hidden_size, workdir=Path(tmp))
+                             cache=cache, pairs=pairs, teacher_width=cache.hidden_size, workdir=Path(tmp),
+                             device=args.device)
         rss_setup = _rss_now()
         rng = random.Random(0)
         start = time.perf_counter()
@@ -134,7 +137,8 @@ def main(argv: list[str] | None = None) -> int:
                         hidden_dtype=args.hidden_dtype)
             built = time.perf_counter() - start
             cmd = [sys.executable, __file__, "--child", str(directory), str(work / "student"),
-                   json.dumps(pairs), "--steps", str(args.steps), "--batch-size", str(args.batch_size)]
+                   json.dumps(pairs), "--steps", str(args.steps), "--batch-size", str(args.batch_size),
+                   "--device", args.device]
             if args.threads:
                 cmd += ["--threads", str(args.threads)]
             done = subprocess.run(cmd, capture_output=True, text=True, check=False)
@@ -145,7 +149,7 @@ def main(argv: list[str] | None = None) -> int:
             results[n] = {**figures, "cache_bytes": folder_size_bytes(directory), "build_s": built}
 
     print("\nkd3_memory: peak RSS of KD3 training steps reading hidden states from a memory-mapped cache")
-    print(machine_line("cpu"))
+    print(machine_line(args.device))
     print(f"student: {depth} layers {kept} of {'tiny-llama' if args.tiny else 'SmolLM2-135M-Instruct'} "
           f"({n_params / 1e6:.1f}M parameters, full fine-tune), {len(pairs)} layer pairs {pairs}")
     print(f"cache: {args.hidden_dtype} hidden states of width {width}, {rows[0]}-{rows[1]} answer tokens per "

@@ -7,6 +7,7 @@ methods take turns step by step, so drifting background load hits all of them al
 
     python bench/kd_step.py            # SmolLM2-135M teacher (30 layers), 10-layer derived student
     python bench/kd_step.py --tiny     # tiny models, seconds
+    python bench/kd_step.py --device cuda
 """
 
 from __future__ import annotations
@@ -21,6 +22,7 @@ from pathlib import Path
 import torch
 from _common import (
     PARAMS,
+    add_device_argument,
     encode_sst2,
     machine_line,
     sst2_like_examples,
@@ -54,6 +56,7 @@ def parse_args(argv: list[str] | None) -> argparse.Namespace:
     p.add_argument("--deterministic", action="store_true",
                    help="deterministic kernels, as the study's `deterministic: true` (to measure its cost)")
     p.add_argument("--target", type=float, default=1.15, help="largest KD/SFT step-time ratio that passes")
+    add_device_argument(p)
     return p.parse_args(argv)
 
 
@@ -67,6 +70,7 @@ def main(argv: list[str] | None = None) -> int:
     with tempfile.TemporaryDirectory(prefix="kd_step-") as tmp:
         work = Path(tmp)
         teacher, student, tokenizer, kept = teacher_and_student(args.tiny, depth, work)
+        teacher, student = teacher.to(args.device), student.to(args.device)
         examples = sst2_like_examples(args.batch_size, words=args.words)
         task, encoded = encode_sst2(examples, tokenizer)
         items = [TrainItem(gold=encoded[ex.id]) for ex in examples if ex.id in encoded]
@@ -87,6 +91,7 @@ def main(argv: list[str] | None = None) -> int:
             student = add_lora(student, LoraSettings())
         runners = {name: step_runner(name, student, pad_id=tokenizer.pad_token_id, vocab_size=len(tokenizer),
                                      cache=cache, pairs=pairs, teacher_width=width, workdir=work,
+                                     device=args.device,
                                      params=dict(PARAMS[name], top_k=args.top_k) if name == "kd1" else None)
                    for name in METHODS}
         for _ in range(args.warmup):
@@ -102,7 +107,7 @@ def main(argv: list[str] | None = None) -> int:
     answer_tokens = sum(sum(1 for x in e.labels if x != -100) for e in encoded.values())
     print("\nkd_step: training step time with a cached teacher (collate + forward + loss + backward + clip + "
           "AdamW step)")
-    print(machine_line("cpu"))
+    print(machine_line(args.device))
     print(f"teacher {teacher_name} ({t_layers} layers), student of teacher blocks {kept} "
           f"({n_params / 1e6:.1f}M parameters, {args.finetune} fine-tune)")
     print(f"batch {len(items)} x {min(prompt_tokens)}-{max(prompt_tokens)} tokens, {answer_tokens} answer "

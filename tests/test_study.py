@@ -258,26 +258,72 @@ def test_two_sweeps_share_the_study(tiny_data_dir: Path, tmp_path: Path) -> None
     assert all(r.attempts == 1 for r in runs), [(r.id, r.attempts) for r in runs]
 
 
-def test_two_process_launch_trains_each_run_once_across_ranks(tiny_data_dir: Path, tmp_path: Path) -> None:
-    """`torchrun --nproc_per_node 2 -m kdlab.cli run`: one study, two ranks (gloo on CPU). Each run happens
-    once, with its batches sharded across the ranks (fewer optimizer steps than one process takes).
+# Imported by every rank of the `device: cpu` launch (a `plugins:` entry): torch reports a GPU, and any
+# initialisation of CUDA raises, so code that would pick or touch the GPU despite `device: cpu` fails the run
+# on any machine. The optimizer's own graph-capture check (torch.optim, every step, whenever an accelerator
+# is visible) is answered with an idle stream: it is torch's, not a choice kdlab or the Trainer makes.
+CUDA_TRIPWIRE = """
+import torch
+
+def _tripwire(name):  # one function per name: torch._dynamo refuses one object under two torch names
+    def touched(*args, **kwargs):
+        raise RuntimeError(f"CUDA used in a `device: cpu` study (torch.cuda.{name})")
+    return touched
+
+class _IdleStream:
+    def is_capturing(self):
+        return False
+
+torch.cuda.is_available = lambda: True
+torch.cuda.device_count = lambda: 1
+for _name in ("_lazy_init", "init", "set_device", "current_device", "get_device_name",
+              "get_device_properties", "synchronize", "mem_get_info", "get_rng_state", "get_rng_state_all",
+              "is_bf16_supported"):
+    setattr(torch.cuda, _name, _tripwire(_name))
+torch.accelerator.is_available = lambda: True
+torch.accelerator.device_count = lambda: 1
+torch.accelerator.current_accelerator = lambda check_available=False: torch.device("cuda")
+torch.accelerator.current_stream = lambda device=None: _IdleStream()
+"""
+
+
+@pytest.mark.parametrize("device", ["cpu", pytest.param("cuda", marks=pytest.mark.cuda)])
+def test_two_process_launch_trains_each_run_once_across_ranks(tiny_data_dir: Path, tmp_path: Path,
+                                                              device: str) -> None:
+    """`torchrun --nproc_per_node 2 -m kdlab.cli run`: one study, two ranks. Each run happens once, with its
+    batches sharded across the ranks (fewer optimizer steps than one process takes).
+
+    `device: cpu`: gloo, and no rank may use CUDA, even where torch sees a GPU (the tripwire above; the GPUs
+    are also hidden from the launch, as torch's optimizer queries the current CUDA stream in any process that
+    sees one). `device: cuda`: NCCL, one GPU per rank; skipped with fewer than two GPUs.
 
     Catches ranks that claim different runs (a deadlock in the DDP collectives), a non-leader writing the
     registry, and a rank skipping a training run the others entered."""
+    import torch
+
+    if device == "cuda" and torch.cuda.device_count() < 2:
+        pytest.skip("needs two CUDA devices (one per rank)")
     out = tmp_path / "out"
     data = _mini_config(out)
+    data["device"] = device
     data["methods"] = {"sft": {}, "kd1": {"lambda": 0.5, "top_k": 8}}
     data["tasks"]["sst2"].update(train_size=24, selection_size=8, eval_size=8)
     data["training"].update(batch_size=4, epochs=1)
+    env = dict(os.environ)
+    if device == "cpu":
+        tripwire = tmp_path / "cuda_tripwire.py"
+        tripwire.write_text(CUDA_TRIPWIRE)
+        data["plugins"] = [str(tripwire)]
+        env["CUDA_VISIBLE_DEVICES"] = ""
     config = tmp_path / "ddp.yaml"
     config.write_text(yaml.safe_dump(data))
     log = tmp_path / "ddp.log"
     cmd = [sys.executable, "-m", "torch.distributed.run", "--standalone", "--nproc_per_node", "2",
            "-m", "kdlab.cli", "run", str(config), "--data-dir", str(tiny_data_dir)]
     with log.open("w") as fh:
-        proc = subprocess.run(cmd, stdout=fh, stderr=subprocess.STDOUT, env=dict(os.environ), cwd=tmp_path,
-                              timeout=600)
+        proc = subprocess.run(cmd, stdout=fh, stderr=subprocess.STDOUT, env=env, cwd=tmp_path, timeout=600)
     assert proc.returncode == 0, _tail(log)
+    assert "CUDA used" not in log.read_text()
     runs = {r.id: r for r in Registry(out / "registry.sqlite").runs()}
     assert set(runs) == {"teacher-sst2-zero-shot", "cache-sst2", "sft-sst2-s1-seed1",
                          "kd1-sst2-s1-lam0.5-seed1"}

@@ -315,3 +315,176 @@ def test_trainer_arguments_pass_through() -> None:
     assert args.optim == "adafactor" and args.save_total_limit == 2 and args.seed == 3
     # Without pass-through fields the Trainer is set up as before: no integration reports anything.
     assert training_arguments(TrainingSettings(), "unused", 3, use_cpu=True).report_to == []
+
+
+# ---------------------------------------------------------------------------------------------------------
+# mixed precision: frozen weights in the compute dtype, trainable ones fp32
+
+
+def _dtypes(model: torch.nn.Module) -> tuple[set[torch.dtype], set[torch.dtype]]:
+    frozen = {p.dtype for p in model.parameters() if not p.requires_grad}
+    trainable = {p.dtype for p in model.parameters() if p.requires_grad}
+    return frozen, trainable
+
+
+def test_lora_student_keeps_frozen_base_in_compute_dtype(tmp_path: Path) -> None:
+    from kdlab.config import LoraSettings
+    from kdlab.models import load_frozen, load_student
+    from kdlab.tiny import write_tiny_llama
+
+    path = str(write_tiny_llama(tmp_path / "tiny", num_layers=2))
+    lora = LoraSettings(r=4, alpha=8, dropout=0.0, target_modules=["q_proj", "v_proj"])
+    student = load_student(path, finetune="lora", lora=lora, dtype="bfloat16")
+    assert _dtypes(student) == ({torch.bfloat16}, {torch.float32})
+    assert all("lora_" in n for n, p in student.named_parameters() if p.requires_grad)
+    # Full fine-tuning: every weight is a master weight, fp32 whatever the compute dtype.
+    full = load_student(path, finetune="full", lora=lora, dtype="bfloat16")
+    assert _dtypes(full) == (set(), {torch.float32})
+    teacher = load_frozen(path, dtype="bfloat16")
+    assert _dtypes(teacher) == ({torch.bfloat16}, set()) and not teacher.training
+    # Without mixed precision nothing changes: fp32 throughout.
+    assert _dtypes(load_student(path, finetune="lora", lora=lora)) == ({torch.float32}, {torch.float32})
+
+
+def test_bf16_run_with_bf16_base_trains_the_fp32_adapters(setup: Setup, tmp_path: Path) -> None:
+    """A LoRA student on a bf16 base under bf16 autocast: finite losses that move, adapters updated and still
+    fp32, the base untouched and still bf16 (also KD1 against a bf16 live teacher)."""
+    from kdlab.config import LoraSettings
+    from kdlab.models import add_lora
+
+    for method, params, online in (("sft", {}, False), ("kd1", dict(KD1, lam=0.5), True)):
+        student = add_lora(copy.deepcopy(setup.student).to(torch.bfloat16),
+                           LoraSettings(r=4, alpha=8, dropout=0.0, target_modules=["q_proj", "v_proj"]))
+        base_before = {n: p.detach().clone() for n, p in student.named_parameters() if not p.requires_grad}
+        lora_before = {n: p.detach().clone() for n, p in student.named_parameters() if p.requires_grad}
+        teacher = copy.deepcopy(setup.teacher).to(torch.bfloat16).requires_grad_(False) if online else None
+        result = train(student, setup.items(), method=METHODS[method], params=params,
+                       settings=_settings(bf16=True, max_steps=4, learning_rate=2e-2),
+                       output_dir=tmp_path / method, seed=1, pad_id=setup.pad_id, vocab_size=setup.vocab,
+                       cache=None if online else setup.cache, live_teacher=teacher)
+        logged = [e["loss"] for e in _losses(result)]
+        assert len(logged) == 4 and all(torch.isfinite(torch.tensor(logged))), logged
+        assert len(set(logged)) > 1, f"{method}: the loss never changed: {logged}"
+        assert _dtypes(student) == ({torch.bfloat16}, {torch.float32})
+        for n, p in student.named_parameters():
+            if p.requires_grad:
+                continue
+            assert torch.equal(p, base_before[n]), f"{method}: frozen {n} changed"
+        moved = [n for n, p in student.named_parameters()
+                 if p.requires_grad and not torch.equal(p, lora_before[n])]
+        assert moved, f"{method}: no adapter weight was updated"
+
+
+def test_study_loads_frozen_weights_in_bf16(tiny_data_dir: Path, tmp_path: Path,
+                                            monkeypatch: pytest.MonkeyPatch) -> None:
+    """`training.bf16` in a study: the sweep hands `train` a LoRA student with a bf16 base and fp32 adapters
+    and a bf16 live teacher (cache.mode online), and the run finishes."""
+    import yaml
+
+    import kdlab.stages.sweep
+    from kdlab.cli import main
+    from kdlab.config import preset_text
+
+    seen: list[tuple[Any, Any]] = []
+    real_train = kdlab.stages.sweep.train
+
+    def spy(student: torch.nn.Module, items: Any, **kwargs: Any) -> Any:
+        teacher = kwargs.get("live_teacher")
+        seen.append((_dtypes(student), None if teacher is None else _dtypes(teacher)))
+        return real_train(student, items, **kwargs)
+
+    monkeypatch.setattr(kdlab.stages.sweep, "train", spy)
+    data = yaml.safe_load(preset_text("smoke"))
+    data["teacher"]["adapt"] = False
+    data["tasks"] = {"sst2": data["tasks"]["sst2"]}
+    data["methods"] = {"kd1": {"lambda": 0.5, "top_k": 8}}
+    data["seeds"] = [1]
+    data["output_dir"] = str(tmp_path / "out")
+    data["training"].update(bf16=True, max_steps=2)
+    data["cache"] = {"mode": "online"}
+    data["bench"] = {"enabled": False}
+    config = tmp_path / "bf16.yaml"
+    config.write_text(yaml.safe_dump(data))
+    assert main(["run", str(config), "--data-dir", str(tiny_data_dir)]) == 0
+    assert seen == [(({torch.bfloat16}, {torch.float32}), ({torch.bfloat16}, set()))]
+
+
+def _feature_reference(hs: list[torch.Tensor], ht: list[torch.Tensor], projections: Any) -> torch.Tensor:
+    """KD3's feature loss written out pair by pair in fp32 (layer-normed MSE, pairs averaged)."""
+    total = torch.zeros(())
+    for h_s, h_t, proj in zip(hs, ht, projections, strict=True):
+        a = torch.nn.functional.layer_norm(proj(h_s.float()), (h_t.shape[-1],))
+        b = torch.nn.functional.layer_norm(h_t.float(), (h_t.shape[-1],))
+        total = total + (a - b).pow(2).mean(-1).sum()
+    return total / len(hs)
+
+
+@pytest.mark.parametrize("widths", [(64, 96), (2048, 4096)])  # toy, and TinyLlama -> Llama-2-7B
+def test_fused_feature_loss_matches_per_pair_reference(widths: tuple[int, int]) -> None:
+    """The batched projection (one bmm over the pairs) gives the per-pair loss and gradients in fp32."""
+    d_s, d_t = widths
+    torch.manual_seed(0)
+    pairs = [(1, 2), (2, 4), (3, 6)]
+    projections = losses.make_projections(pairs, d_s, d_t)
+    hs = [torch.randn(24, d_s, requires_grad=True) for _ in pairs]
+    ht = [torch.randn(24, d_t) * 5 for _ in pairs]
+    fused = losses.feature_loss(hs, ht, projections, num_tokens=24)
+    ref_proj = copy.deepcopy(projections)
+    ref_hs = [h.detach().clone().requires_grad_(True) for h in hs]
+    reference = _feature_reference(ref_hs, ht, ref_proj) / 24
+    assert float(fused.detach()) == pytest.approx(float(reference.detach()), rel=1e-5)
+    fused.backward()
+    reference.backward()
+    for p, q in zip(projections, ref_proj, strict=True):
+        torch.testing.assert_close(p.weight.grad, q.weight.grad, rtol=1e-4, atol=1e-7)
+    for a, b in zip(hs, ref_hs, strict=True):
+        torch.testing.assert_close(a.grad, b.grad, rtol=1e-4, atol=1e-7)
+
+
+def test_feature_loss_runs_projections_in_the_compute_dtype() -> None:
+    """bf16 student states with fp32 (master) projections: the matmul runs in bf16, the gradient reaches the
+    fp32 weights, and the loss stays within bf16 rounding of the fp32 reference at the thesis widths."""
+    torch.manual_seed(1)
+    pairs = [(1, 1), (2, 2)]
+    projections = losses.make_projections(pairs, 2048, 4096)
+    hs32 = [torch.randn(16, 2048) for _ in pairs]
+    ht = [torch.randn(16, 4096).half() for _ in pairs]  # the cache stores fp16
+    hs = [h.bfloat16().requires_grad_(True) for h in hs32]
+    projected = losses._project(hs, projections)
+    assert projected.dtype == torch.bfloat16 and projected.shape == (2, 16, 4096)
+    loss = losses.feature_loss(hs, ht, projections, num_tokens=16)
+    assert loss.dtype == torch.float32
+    reference = _feature_reference(hs32, ht, projections) / 16
+    assert float(loss.detach()) == pytest.approx(float(reference), rel=2e-2)
+    loss.backward()
+    assert all(p.weight.grad is not None and p.weight.grad.dtype == torch.float32 for p in projections)
+    assert all(p.weight.dtype == torch.float32 for p in projections)
+    # Projections built in bf16 (make_projections' dtype) work too, and a module that is not a plain linear
+    # map takes the per-pair path.
+    half = losses.make_projections(pairs, 2048, 4096, dtype=torch.bfloat16)
+    assert {p.weight.dtype for p in half} == {torch.bfloat16}
+    other = torch.nn.ModuleList(torch.nn.Sequential(p) for p in copy.deepcopy(projections))
+    same = losses.feature_loss([h.detach() for h in hs], ht, other, num_tokens=16)
+    assert float(same) == pytest.approx(float(reference), rel=2e-2)
+
+
+def test_kd3_projection_matmul_runs_in_bf16_under_mixed_precision(setup: Setup, tmp_path: Path) -> None:
+    """KDTrainer runs the method's loss under the run's autocast: an fp32 (full fine-tune) student's fp32
+    states are projected in bf16 when training.bf16 is on, in fp32 when it is off; both runs train."""
+    seen: list[torch.dtype] = []
+    real = losses._project
+
+    def spy(hidden: list[torch.Tensor], projections: Any) -> torch.Tensor:
+        out = real(hidden, projections)
+        seen.append(out.dtype)
+        return out
+
+    params = {"lam": 1.0, "layer_map": "uniform", "loss": "mse"}
+    with pytest.MonkeyPatch.context() as mp:
+        mp.setattr(losses, "_project", spy)
+        _, _, mixed = _run(setup, tmp_path, "kd3", params, settings=_settings(max_steps=1, bf16=True))
+        mixed_seen, seen[:] = list(seen), []
+        _, _, plain = _run(setup, tmp_path, "kd3", params, settings=_settings(max_steps=1))
+    assert set(mixed_seen) == {torch.bfloat16} and set(seen) == {torch.float32}
+    a, b = _losses(mixed)[0], _losses(plain)[0]
+    assert a["loss_kd"] == pytest.approx(b["loss_kd"], rel=2e-2)  # same loss, to bf16 rounding

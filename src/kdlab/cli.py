@@ -73,11 +73,11 @@ def _out(args: argparse.Namespace) -> str:
     return out
 
 
-def _study(args: argparse.Namespace, *, inspect_only: bool = False):
+def _study(args: argparse.Namespace, *, inspect_only: bool = False, config: StudyConfig | None = None):
     from kdlab.study import Study
 
     return Study(
-        _study_config(args),
+        config or _study_config(args),
         output_dir=args.out,
         data_dir=args.data_dir,
         rebuild_cache=getattr(args, "rebuild_cache", False),
@@ -93,17 +93,34 @@ def cmd_run(args: argparse.Namespace) -> int:
         for run_id, status in study.plan():
             print(f"{status:8s} {run_id}")
         return EXIT_OK
-    study = _study(args)
-    study.run()
+    config, executor = _executor(args)
+    study = _study(args, config=config)
+    study.run(executor=executor)
     for path in study.written:
         print(path)
     return EXIT_FAILED if study.failed else EXIT_OK
 
 
+def _executor(args: argparse.Namespace) -> tuple[StudyConfig, Any]:
+    """The study config and where its runs execute (config `executor:`, then --executor / --address), after
+    the checks that need no work: Ray installed, no second Ray driver, no local process on a registry
+    another host is using."""
+    from kdlab.ray_executor import executor_settings, precheck
+
+    config = _study_config(args)
+    settings = executor_settings(config, args.executor, args.address)
+    precheck(Path(args.out or config.output_dir), settings)
+    return config, settings
+
+
 def cmd_sweep(args: argparse.Namespace) -> int:
-    study = _study(args)
-    study.prepare()
-    failed = study.sweep()
+    from kdlab.ray_executor import driving
+
+    config, executor = _executor(args)
+    study = _study(args, config=config)
+    with driving(study, executor):  # a Ray driver holds the study from the teacher stages on
+        study.prepare()
+        failed = study.sweep(executor=executor)
     if failed:
         log.error("%d run(s) failed: %s", len(failed), ", ".join(failed))
     return EXIT_FAILED if failed else EXIT_OK
@@ -174,8 +191,10 @@ def cmd_status(args: argparse.Namespace) -> int:
                 best[key] = dict(task=r.task, method=r.method, metric=metric, value=value, run=r.id)
     counts = registry.counts()
     if args.json:
+        # "ray": Ray's view of the runs as the study's Ray driver last wrote it (absent for a local study)
+        extra = {"ray": ray_view} if (ray_view := registry.note("ray")) else {}
         print(json.dumps({"study": str(out), "counts": {k: counts.get(k, 0) for k in STATUSES},
-                          "runs": runs, "best": [best[k] for k in sorted(best)]}, indent=1))
+                          "runs": runs, "best": [best[k] for k in sorted(best)], **extra}, indent=1))
         return EXIT_OK
     print(f"{out}: " + ", ".join(f"{counts.get(k, 0)} {k}" for k in STATUSES))
     for run in runs:
@@ -186,6 +205,10 @@ def cmd_status(args: argparse.Namespace) -> int:
         for key in sorted(best):
             b = best[key]
             print(f"  {b['task']:6s} {b['method']:4s} {b['value']:6.1f}  {b['run']}")
+    from kdlab.ray_executor import status_lines  # needs no Ray: the driver's note in the registry
+
+    for line in status_lines(registry):
+        print(line)
     return EXIT_OK
 
 
@@ -282,6 +305,18 @@ def build_parser() -> argparse.ArgumentParser:
                 "--force",
                 action="store_true",
                 help="redo finished runs whose settings changed (otherwise refused: results stay consistent)",
+            )
+            p.add_argument(
+                "--executor",
+                choices=("local", "ray"),
+                help="where student runs execute: this machine (default; several `kdlab sweep` processes "
+                "share the work) or a Ray cluster, one driver for the study (docs/cluster.md; needs "
+                "pip install 'kdlab[ray]'); default: the config's executor.kind",
+            )
+            p.add_argument(
+                "--address",
+                help="the Ray cluster for --executor ray: auto, ray://HEAD:10001 or HOST:PORT (default: the "
+                "config's executor.address, else RAY_ADDRESS, else a cluster on this machine or a new one)",
             )
 
     def folder_args(p: argparse.ArgumentParser) -> None:

@@ -63,7 +63,27 @@ class LoraSettings(Strict):
         return v
 
 
-class TrainingSettings(Strict):
+class _LaterFields(BaseModel):
+    """Fields added after studies had run are left out of `str()` (which run config hashes read) and of dumps
+    while at their default, so finished runs keep their hashes and study.yaml files stay as they were."""
+
+    _later: ClassVar[tuple[str, ...]] = ()
+
+    def __repr_args__(self) -> Any:
+        for name, value in super().__repr_args__():
+            if name not in self._later or value != type(self).model_fields[name].default:
+                yield name, value
+
+    @model_serializer(mode="wrap")
+    def _drop_later_defaults(self, handler: Any) -> dict[str, Any]:
+        data = handler(self)
+        for name in self._later:
+            if name in data and data[name] == type(self).model_fields[name].default:
+                data.pop(name)
+        return data
+
+
+class TrainingSettings(_LaterFields, Strict):
     """Hugging Face Trainer settings shared by every run of a study (teacher adaptation has its own copy).
 
     Besides kdlab's own fields below, any other field of transformers' `TrainingArguments` passes through to
@@ -86,6 +106,19 @@ class TrainingSettings(Strict):
     max_grad_norm: float = Field(1.0, gt=0)
     logging_steps: int = Field(10, gt=0)
     save_steps: int = Field(0, ge=0, description="checkpoint every N steps for resume; 0: only at the end")
+    packing: bool = Field(
+        False,
+        description="padding-free batches: each batch's sequences back to back in one row, positions "
+        "restarting per sequence; attention keeps to each sequence (transformers' masks read the position "
+        "ids; best with attn_implementation flash_attention_2). Checked on the model before training",
+    )
+    attn_implementation: str | None = Field(
+        None,
+        description="the attention kernel the student and a live teacher load with (sdpa, eager, "
+        "flash_attention_2, ...); None: transformers' default",
+    )
+
+    _later: ClassVar[tuple[str, ...]] = ("packing", "attn_implementation")
 
     @model_validator(mode="after")
     def _trainer_arguments(self) -> TrainingSettings:
@@ -217,11 +250,23 @@ class TaskSettings(Strict):
         return self
 
 
-class EvaluationSettings(Strict):
+class EvaluationSettings(_LaterFields, Strict):
     batch_size: int = Field(16, gt=0)
     dtype: Literal["float32", "bfloat16", "float16"] = Field(
         "bfloat16", description="inference dtype (bf16 matmuls ran 2.3x faster than fp32 on the dev CPU)"
     )
+    backend: Literal["hf", "vllm"] = Field(
+        "hf",
+        description="greedy generation (SQuAD answers, KD2 teacher answers): transformers' generate, or "
+        "vLLM's offline engine (`pip install vllm`; not exercised by kdlab's tests)",
+    )
+    static_cache: bool = Field(
+        False,
+        description="hf backend: a static KV cache (cache_implementation='static') for generation; "
+        "worth trying with torch.compile on GPUs, not measured yet",
+    )
+
+    _later: ClassVar[tuple[str, ...]] = ("backend", "static_cache")
 
 
 class BenchSettings(Strict):
@@ -241,6 +286,26 @@ class CacheSettings(Strict):
         "gold",
         description="a teacher answer that is empty or has no letter or digit (KD2 target): replace it by "
         "the gold answer, or drop the example from KD2; counted in the cache manifest and the report",
+    )
+
+
+class ExecutorSettings(Strict):
+    """Where the student runs of a sweep execute: this machine (`kdlab sweep` processes sharing the registry),
+    or a Ray cluster (one driver writes the registry; each run is a Ray task). CLI flags override."""
+
+    kind: Literal["local", "ray"] = Field("local", description="local processes, or tasks on a Ray cluster")
+    address: str | None = Field(
+        None,
+        description="the Ray cluster: 'auto' (one started with `ray start` on this machine), "
+        "'ray://head:10001' (Ray Client), host:port; None: RAY_ADDRESS, else a cluster on this machine, "
+        "else a new local one",
+    )
+    num_cpus: float = Field(1.0, ge=0, description="CPUs Ray reserves for each run")
+    num_gpus: float = Field(0.0, ge=0, description="GPUs Ray reserves for each run (1 for a GPU study)")
+    memory_gb: float | None = Field(None, gt=0, description="memory Ray reserves for each run (None: none)")
+    max_retries: int = Field(
+        3, ge=0, description="times Ray runs a run again whose worker or node died (it resumes from its last "
+        "checkpoint when training.save_steps > 0); an error raised by the run itself is not retried"
     )
 
 
@@ -265,6 +330,7 @@ class StudyConfig(Strict):
     evaluation: EvaluationSettings = Field(default_factory=EvaluationSettings)
     cache: CacheSettings = Field(default_factory=CacheSettings)
     bench: BenchSettings = Field(default_factory=BenchSettings)
+    executor: ExecutorSettings = Field(default_factory=ExecutorSettings)
     seeds: list[int] = Field(default_factory=lambda: [42], min_length=1)
     data_seed: int = Field(
         1234, description="picks the train/selection/transfer/eval subsets; shared by every run"

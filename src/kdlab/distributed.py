@@ -8,10 +8,14 @@ waits on a collective the others skipped. With one process every call here is a 
 
 from __future__ import annotations
 
+import copy
 import os
+from collections.abc import Iterator
+from contextlib import contextmanager
 from typing import Any
 
 import torch
+from transformers import PreTrainedModel
 
 
 def world_size() -> int:
@@ -57,3 +61,97 @@ class Ranks:
         from accelerate.utils import gather_object
 
         return gather_object([value])
+
+
+def fsdp_launch_requested() -> bool:
+    """Whether the launcher asked for FSDP (`accelerate launch` with an FSDP config sets this variable)."""
+    return os.environ.get("ACCELERATE_USE_FSDP", "false").lower() in ("1", "true", "yes")
+
+
+def reset_accelerator_state() -> None:
+    """Forget the previous Trainer's accelerate state (the process group stays), so that each run's own
+    settings decide FSDP or DDP: accelerate keeps the first Accelerator's choice for the whole process, so a
+    run with `fsdp` after one without (a teacher adaptation, say) would silently train with DDP."""
+    from accelerate.state import AcceleratorState, GradientState
+
+    AcceleratorState._reset_state()
+    GradientState._reset_state()
+
+
+@contextmanager
+def fsdp_on_cpu() -> Iterator[None]:
+    """While a Trainer builds its Accelerator: a multi-process CPU state that was handed an FSDP plugin
+    becomes an FSDP state.
+
+    accelerate (1.15) enables FSDP on accelerators only; on CPUs it keeps MULTI_CPU and the Trainer wraps
+    the model in DDP instead, silently. torch's FSDP2 runs on CPUs over gloo, and everything after the state
+    (fsdp2_prepare_model, the FSDP checkpoint functions, get_state_dict) works there, so this is what lets
+    a CPU launch (tests, debugging) shard for real. Only FSDP2: FSDP1 on CPUs needs a device for
+    `sync_module_states` in accelerate.
+    """
+    from accelerate.state import AcceleratorState, PartialState
+    from accelerate.utils import DistributedType
+
+    original = AcceleratorState.__init__
+
+    def init(self: Any, *args: Any, fsdp_plugin: Any = None, **kwargs: Any) -> None:
+        original(self, *args, fsdp_plugin=fsdp_plugin, **kwargs)
+        if fsdp_plugin is not None and self.distributed_type == DistributedType.MULTI_CPU:
+            if fsdp_plugin.fsdp_version != 2:
+                raise ValueError("FSDP on CPUs needs FSDP2 (fsdp_version: 2)")
+            # Both shared states, as accelerate itself records it: a later AcceleratorState() copies the
+            # PartialState's type over its own.
+            self.distributed_type = DistributedType.FSDP
+            self.fsdp_plugin = fsdp_plugin
+            PartialState._shared_state["distributed_type"] = DistributedType.FSDP
+
+    AcceleratorState.__init__ = init  # type: ignore[method-assign]
+    try:
+        yield
+    finally:
+        AcceleratorState.__init__ = original  # type: ignore[method-assign]
+
+
+def meta_skeleton(module: torch.nn.Module) -> torch.nn.Module:
+    """A copy of `module` whose parameters live on the meta device (no memory): the shape an FSDP-trained
+    module is gathered back into, since FSDP shards the original in place. Buffers are copied for real,
+    as the non-persistent ones (rotary frequencies) are in no state dict."""
+    memo: dict[int, Any] = {}
+    for param in module.parameters():
+        memo[id(param)] = torch.nn.Parameter(param.detach().to("meta"), requires_grad=param.requires_grad)
+    return copy.deepcopy(module, memo)
+
+
+def load_gathered(skeleton: torch.nn.Module, state: dict[str, torch.Tensor], device: torch.device) -> None:
+    """Fill a `meta_skeleton` with a full state dict (the gathered FSDP weights) and move it to `device`.
+    Weights the state dict lists once for two tied names are tied again."""
+    result = skeleton.load_state_dict(state, strict=False, assign=True)
+    if result.unexpected_keys:
+        raise ValueError(f"gathered weights do not fit the model (unexpected {result.unexpected_keys[:3]})")
+    for module in skeleton.modules():
+        if isinstance(module, PreTrainedModel):
+            module.tie_weights()  # assign=True gave each tied name its own tensor
+    left = [n for n, p in skeleton.named_parameters() if p.is_meta]
+    if left:
+        raise ValueError(f"gathered weights miss {left[:3]}")
+    skeleton.to(device)
+
+
+def shard_frozen(model: torch.nn.Module) -> torch.nn.Module:
+    """Shard a frozen model (the live teacher) with FSDP2 over every rank: each block (the model's
+    `_no_split_modules`) is gathered for its forward and freed after it, then the rest as the root. Every
+    rank must then call its forward together, as the training loop does."""
+    from torch.distributed.device_mesh import init_device_mesh
+    from torch.distributed.fsdp import fully_shard
+
+    blocks = set(getattr(model, "_no_split_modules", None) or ())
+    if not blocks:
+        raise ValueError(f"{type(model).__name__} names no blocks (_no_split_modules) to shard")
+    # On the teacher's own device type: FSDP2's default mesh is on CUDA whenever a GPU is visible.
+    device_type = next(model.parameters()).device.type
+    mesh = init_device_mesh(device_type, (torch.distributed.get_world_size(),))
+    for module in list(model.modules())[1:]:
+        if type(module).__name__ in blocks:
+            fully_shard(module, mesh=mesh, reshard_after_forward=True)
+    fully_shard(model, mesh=mesh, reshard_after_forward=True)
+    return model

@@ -6,9 +6,11 @@ on a task's splits and writes its prediction files.
 
 from __future__ import annotations
 
+import contextlib
+import contextvars
 import logging
 import time
-from collections.abc import Mapping, Sequence
+from collections.abc import Iterator, Mapping, Sequence
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
@@ -121,12 +123,47 @@ class _AnswerLineEnded(StoppingCriteria):
         return torch.tensor(done, dtype=torch.bool, device=input_ids.device)
 
 
+@dataclass(frozen=True)
+class GenerationOptions:
+    """How `generate_answers` generates: `backend` hf (transformers' generate, optionally with a static KV
+    cache) or vllm (vLLM's offline engine over the weights in `model_path`, which must be the weights of the
+    model passed in: a saved folder, not an in-memory model that was trained since)."""
+
+    backend: str = "hf"
+    static_cache: bool = False
+    model_path: str | None = None
+    dtype: str = "bfloat16"
+
+
+_GENERATION: contextvars.ContextVar[GenerationOptions | None] = contextvars.ContextVar(
+    "kdlab_generation", default=None
+)
+
+
+@contextlib.contextmanager
+def generation_options(options: GenerationOptions) -> Iterator[None]:
+    """Generation inside the block (tasks call `generate_answers` deep inside `predict`) uses `options`."""
+    token = _GENERATION.set(options)
+    try:
+        yield
+    finally:
+        _GENERATION.reset(token)
+
+
 @torch.no_grad()
 def generate_answers(
     model: nn.Module, tokenizer: PreTrainedTokenizerBase, prompt_ids: Sequence[list[int]], *,
     max_new_tokens: int, batch_size: int, desc: str = "generating",
 ) -> list[str]:
-    """Greedy answers, stopping at EOS or at a newline after the answer's text (see `first_answer_line`)."""
+    """Greedy answers, stopping at EOS or at a newline after the answer's text (see `first_answer_line`).
+
+    Prompts run longest first in batches of `batch_size` (little padding per batch); the backend and KV cache
+    come from the enclosing `generation_options` (default: transformers, dynamic cache).
+    """
+    options = _GENERATION.get() or GenerationOptions()
+    if options.backend == "vllm":
+        return generate_answers_vllm(options, tokenizer, prompt_ids, max_new_tokens=max_new_tokens)
+    cache: dict[str, Any] = {"cache_implementation": "static"} if options.static_cache else {}
     device = _device(model)
     pad_id = tokenizer.pad_token_id
     out: list[str] = [""] * len(prompt_ids)
@@ -138,12 +175,34 @@ def generate_answers(
             max_new_tokens=max_new_tokens, do_sample=False, num_beams=1, pad_token_id=pad_id,
             eos_token_id=tokenizer.eos_token_id,
             stopping_criteria=StoppingCriteriaList([_AnswerLineEnded(tokenizer, width)]),
-            temperature=None, top_p=None, top_k=None,
+            temperature=None, top_p=None, top_k=None, **cache,
         )
         texts = tokenizer.batch_decode(generated[:, width:], skip_special_tokens=True)
         for i, text in zip(rows, texts, strict=True):
             out[i] = first_answer_line(text)
     return out
+
+
+def generate_answers_vllm(
+    options: GenerationOptions, tokenizer: PreTrainedTokenizerBase, prompt_ids: Sequence[list[int]], *,
+    max_new_tokens: int,
+) -> list[str]:
+    """`generate_answers` through vLLM's offline API (`vllm.LLM`, greedy `SamplingParams`). The whole answer
+    budget is generated (vLLM stops at EOS; a plain "\n" stop string would also stop at a leading newline)
+    and `first_answer_line` cuts it as the HF path does. Not exercised by kdlab's tests (no vLLM in CI)."""
+    try:
+        from vllm import LLM, SamplingParams
+    except ImportError:
+        raise RuntimeError(
+            "evaluation.backend: vllm needs vLLM (pip install vllm, on a CUDA machine); or use backend: hf"
+        ) from None
+    if options.model_path is None:
+        raise ValueError("the vllm backend generates from saved weights: no model folder was given")
+    llm = LLM(model=options.model_path, tokenizer=options.model_path, dtype=options.dtype,
+              skip_tokenizer_init=False, seed=0)
+    params = SamplingParams(temperature=0.0, max_tokens=max_new_tokens, skip_special_tokens=True)
+    outputs = llm.generate([{"prompt_token_ids": list(ids)} for ids in prompt_ids], params, use_tqdm=False)
+    return [first_answer_line(out.outputs[0].text) for out in outputs]
 
 
 def prepare_prompts(

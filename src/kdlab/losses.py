@@ -320,8 +320,8 @@ def feature_loss(
 
     Element ``l`` of the lists is one layer pair: student ``[N, d_s]`` and teacher ``[N, d_t]``,
     rows already restricted to the real scored tokens (same rows, same order). The student is
-    mapped by ``projections[l]`` (``None``: identity, needs ``d_s == d_t``). The teacher is
-    detached and cast to the student's dtype; the reduction runs in fp32.
+    mapped by ``projections[l]`` (``None``: identity, needs ``d_s == d_t``), the matmul in the
+    student states' dtype (see :func:`_project`). The teacher is detached; the reduction runs in fp32.
 
     * ``kind="mse"``: squared error averaged over the feature dim, summed over tokens. With
       ``normalize="layernorm"`` (the default) both the projected student state and the teacher
@@ -346,31 +346,62 @@ def feature_loss(
         )
     if projections is not None and len(projections) != len(student_hidden):
         raise ValueError(f"got {len(projections)} projections for {len(student_hidden)} layer pairs")
-    total: Tensor | None = None
-    for layer, (h_s, h_t) in enumerate(zip(student_hidden, teacher_hidden, strict=True)):
-        if projections is not None:
-            proj = projections[layer]
-            weight = next(proj.parameters(), None)
-            # Projections are often kept in fp32 while the student runs in bf16.
-            h_s = proj(h_s if weight is None else h_s.to(weight.dtype))
+    projected = _project(student_hidden, projections)  # [L, N, d_t], the student's compute dtype
+    for layer, (h_s, h_t) in enumerate(zip(projected, teacher_hidden, strict=True)):
         if h_s.shape != h_t.shape:
             raise ValueError(
                 f"layer pair {layer}: projected student {tuple(h_s.shape)} vs teacher {tuple(h_t.shape)}"
             )
-        h_t = h_t.detach().to(h_s.dtype)
-        s32, t32 = h_s.float(), h_t.float()
-        if kind == "mse":
-            if normalize == "layernorm":
-                # No affine parameters: the target is the teacher's direction pattern, not its scale.
-                s32 = F.layer_norm(s32, s32.shape[-1:])
-                t32 = F.layer_norm(t32, t32.shape[-1:])
-            per_token = (s32 - t32).pow(2).mean(dim=-1)
-        else:
-            per_token = 1.0 - F.cosine_similarity(s32, t32, dim=-1, eps=1e-8)
-        layer_sum = per_token.sum()
-        total = layer_sum if total is None else total + layer_sum
-    assert total is not None
-    return _normalise(total / len(student_hidden), num_tokens)
+    # Every pair at once: one layer norm and one reduction over [L, N, d] instead of a kernel chain per pair.
+    s32 = projected.float()
+    t32 = torch.stack([h.detach() for h in teacher_hidden]).float()
+    if kind == "mse":
+        if normalize == "layernorm":
+            # No affine parameters: the target is the teacher's direction pattern, not its scale.
+            s32 = F.layer_norm(s32, s32.shape[-1:])
+            t32 = F.layer_norm(t32, t32.shape[-1:])
+        per_token = (s32 - t32).pow(2).mean(dim=-1)
+    else:
+        per_token = 1.0 - F.cosine_similarity(s32, t32, dim=-1, eps=1e-8)
+    return _normalise(per_token.sum() / len(student_hidden), num_tokens)
+
+
+def _fusable(projections: Sequence[nn.Module]) -> bool:
+    """Bias-free linear maps of one shape: their matmuls can run as one batched matmul."""
+    if not all(type(p) is nn.Linear and p.bias is None for p in projections):
+        return False
+    return len({tuple(p.weight.shape) for p in projections}) == 1  # type: ignore[union-attr]
+
+
+def _project(student_hidden: list[Tensor], projections: Sequence[nn.Module] | None) -> Tensor:
+    """The student's states mapped to the teacher's width, stacked [L, N, d_t].
+
+    The matmuls run in the compute dtype (autocast's when it is on, as KDTrainer's loss runs under mixed
+    precision, else the states' dtype), the weights cast to it per step: trainable fp32 projections stay fp32
+    master weights while the work runs at bf16 speed. Bias-free linear projections of one shape (what
+    `make_projections` builds) run as one batched matmul.
+    """
+    if projections is None:
+        if len({tuple(h.shape) for h in student_hidden}) != 1:
+            raise ValueError("student hidden states of different shapes need projections")
+        return torch.stack(student_hidden)
+    device = student_hidden[0].device.type
+    dtype = torch.get_autocast_dtype(device) if torch.is_autocast_enabled(device) else student_hidden[0].dtype
+    if _fusable(projections) and len({tuple(h.shape) for h in student_hidden}) == 1:
+        states = torch.stack(student_hidden).to(dtype)
+        weights = torch.stack([p.weight for p in projections]).to(dtype)  # type: ignore[misc]
+        return torch.bmm(states, weights.transpose(1, 2))
+    out = []
+    for proj, h_s in zip(projections, student_hidden, strict=True):
+        weight = next(proj.parameters(), None)
+        if isinstance(proj, nn.Linear):
+            out.append(F.linear(h_s.to(dtype), proj.weight.to(dtype),
+                                None if proj.bias is None else proj.bias.to(dtype)))
+        else:  # any other module: fed in its own dtype
+            out.append(proj(h_s if weight is None else h_s.to(weight.dtype)))
+    if len({tuple(h.shape) for h in out}) != 1:
+        raise ValueError(f"projected student states differ in shape: {[tuple(h.shape) for h in out]}")
+    return torch.stack(out)
 
 
 def _round_half_up(num: int, den: int) -> int:
@@ -447,16 +478,22 @@ def resolve_layer_map(
 
 
 def make_projections(
-    pairs: Sequence[tuple[int, int]], student_width: int, teacher_width: int
+    pairs: Sequence[tuple[int, int]],
+    student_width: int,
+    teacher_width: int,
+    *,
+    dtype: torch.dtype = torch.float32,
 ) -> nn.ModuleList:
-    """One bias-free ``nn.Linear(student_width, teacher_width)`` per layer pair.
+    """One bias-free ``nn.Linear(student_width, teacher_width)`` per layer pair, with ``dtype`` weights.
 
     Identity-initialised when the widths match (so training starts from plain matching),
-    default PyTorch init otherwise.
+    default PyTorch init otherwise. Trained projections are best kept fp32 (master weights: AdamW steps
+    smaller than bf16's resolution would be lost); :func:`feature_loss` runs their matmuls in the student's
+    compute dtype either way.
     """
     projections = nn.ModuleList()
     for _ in pairs:
-        linear = nn.Linear(student_width, teacher_width, bias=False)
+        linear = nn.Linear(student_width, teacher_width, bias=False, dtype=dtype)
         if student_width == teacher_width:
             with torch.no_grad():
                 linear.weight.copy_(torch.eye(student_width))

@@ -334,11 +334,22 @@ def load_model(
     dtype: str = "float32",
     device: torch.device | str = "cpu",
     trust_remote_code: bool = False,
+    attn_implementation: str | None = None,
 ) -> PreTrainedModel:
+    """The model in `path` with `dtype` weights on `device`; `attn_implementation` (sdpa, eager,
+    flash_attention_2, ...) picks the attention kernel, None leaves transformers' default."""
+    extra: dict[str, Any] = {}
+    if attn_implementation is not None:
+        extra["attn_implementation"] = attn_implementation
     model = AutoModelForCausalLM.from_pretrained(
-        path, dtype=DTYPES[dtype], trust_remote_code=trust_remote_code
+        path, dtype=DTYPES[dtype], trust_remote_code=trust_remote_code, **extra
     )
     return model.to(device)
+
+
+def compute_dtype(bf16: bool, fp16: bool = False) -> str:
+    """The dtype mixed-precision training computes in: the one frozen weights are stored in."""
+    return "bfloat16" if bf16 else "float16" if fp16 else "float32"
 
 
 # -- configs: what every family calls its text width and layer count -----------------------------------------
@@ -715,6 +726,50 @@ def add_lora(model: PreTrainedModel, lora: LoraSettings) -> nn.Module:
         target_modules=targets, task_type="CAUSAL_LM",
     )
     return get_peft_model(model, config)
+
+
+def load_student(
+    path: str,
+    *,
+    finetune: str,
+    lora: LoraSettings,
+    dtype: str = "float32",
+    device: torch.device | str = "cpu",
+    trust_remote_code: bool = False,
+    attn_implementation: str | None = None,
+) -> nn.Module:
+    """A student ready to train under mixed precision in `dtype` (`compute_dtype`).
+
+    LoRA: the frozen base is loaded in `dtype` (no fp32 copy of weights that never change) and the adapters
+    are fp32, which peft's `autocast_adapter_dtype` (on by default) makes them, so the optimizer updates fp32
+    master weights. Full fine-tuning keeps every weight in fp32: all of them are master weights.
+    """
+    weights = dtype if finetune == "lora" else "float32"
+    model = load_model(path, dtype=weights, device=device, trust_remote_code=trust_remote_code,
+                       attn_implementation=attn_implementation)
+    if finetune != "lora":
+        return model
+    model = add_lora(model, lora)
+    for name, param in model.named_parameters():
+        if param.requires_grad and param.dtype != torch.float32:  # peft's upcast, relied upon above
+            raise TypeError(f"LoRA parameter {name} is {param.dtype}; expected float32 master weights")
+    return model
+
+
+def load_frozen(
+    path: str,
+    *,
+    dtype: str = "float32",
+    device: torch.device | str = "cpu",
+    trust_remote_code: bool = False,
+    attn_implementation: str | None = None,
+) -> PreTrainedModel:
+    """A model that is only run, never trained (a live teacher): weights in the compute dtype, no gradients,
+    eval mode (no dropout)."""
+    model = load_model(path, dtype=dtype, device=device, trust_remote_code=trust_remote_code,
+                       attn_implementation=attn_implementation)
+    model.requires_grad_(False)
+    return model.eval()
 
 
 def is_peft(model: nn.Module) -> bool:

@@ -48,8 +48,11 @@ __all__ = [
     "RegistryError",
     "RunRecord",
     "RunSpec",
+    "check_local_sharing",
     "default_owner",
+    "filesystem_type",
     "find_run_records",
+    "network_filesystem",
     "pid_alive",
     "read_run_record",
     "rebuild_registry",
@@ -431,11 +434,15 @@ class Registry:
         """
         if rec.status != "running":
             return False
-        if rec.owner:
-            host, pid = _split_owner(rec.owner)
+        return self.owner_gone(rec.owner, rec.heartbeat if rec.heartbeat is not None else rec.started_at, now)
+
+    def owner_gone(self, owner: str | None, beat: float | None, now: float | None = None) -> bool:
+        """Whether the process `owner` (host:pid), last seen alive at `beat`, is gone: by its pid on this
+        host, by a heartbeat older than ``stale_after`` on another."""
+        if owner:
+            host, pid = _split_owner(owner)
             if host == self.hostname and pid is not None:
                 return not pid_alive(pid)
-        beat = rec.heartbeat if rec.heartbeat is not None else rec.started_at
         if beat is None:
             return True
         now = time.time() if now is None else now
@@ -662,8 +669,143 @@ class Registry:
                 out[status] = n
         return out
 
+    # ------------------------------------------------------------------ study-level notes
+
+    def note(self, key: str) -> Any:
+        """A study-level value kept in the meta table (JSON), or None."""
+        with self._read() as conn:
+            row = conn.execute("SELECT value FROM meta WHERE key = ?", (f"note:{key}",)).fetchone()
+        return json.loads(row[0]) if row is not None else None
+
+    def set_note(self, key: str, value: Any) -> None:
+        text = _dumps(value)
+        with self._tx() as conn:
+            conn.execute("INSERT OR REPLACE INTO meta (key, value) VALUES (?, ?)", (f"note:{key}", text))
+
+    def claim_driver(self, info: dict[str, Any], owner: str | None = None) -> dict[str, Any] | None:
+        """Make ``owner`` the study's one driver (a process that alone schedules its runs, e.g. the Ray
+        executor). None when it is now the driver (or already was); else the live driver's note, unchanged.
+        A driver whose process is gone (pid on this host, heartbeat elsewhere) is replaced."""
+        owner = owner or default_owner()
+        with self._tx() as conn:
+            row = conn.execute("SELECT value FROM meta WHERE key = 'note:driver'").fetchone()
+            held = json.loads(row[0]) if row is not None else None
+            now = time.time()
+            if held and held.get("owner") != owner and not self.owner_gone(held.get("owner"),
+                                                                           held.get("heartbeat"), now):
+                return held
+            mine = held if held and held.get("owner") == owner else {"started": now}
+            note = dict(mine, **info, owner=owner, heartbeat=now)
+            conn.execute("INSERT OR REPLACE INTO meta (key, value) VALUES ('note:driver', ?)",
+                         (_dumps(note),))
+            return None
+
+    def beat_driver(self, owner: str | None = None) -> bool:
+        """Refresh the driver's heartbeat; False if ``owner`` is no longer the driver."""
+        return self._update_driver(owner, release=False)
+
+    def release_driver(self, owner: str | None = None) -> bool:
+        """Give the study up (the driver ends); False if ``owner`` was not its driver."""
+        return self._update_driver(owner, release=True)
+
+    def _update_driver(self, owner: str | None, *, release: bool) -> bool:
+        owner = owner or default_owner()
+        with self._tx() as conn:
+            row = conn.execute("SELECT value FROM meta WHERE key = 'note:driver'").fetchone()
+            held = json.loads(row[0]) if row is not None else None
+            if not held or held.get("owner") != owner:
+                return False
+            if release:
+                conn.execute("DELETE FROM meta WHERE key = 'note:driver'")
+            else:
+                held["heartbeat"] = time.time()
+                conn.execute("UPDATE meta SET value = ? WHERE key = 'note:driver'", (_dumps(held),))
+            return True
+
+    def live_driver(self) -> dict[str, Any] | None:
+        """The note of the study's driver while its process lives, else None."""
+        held = self.note("driver")
+        if held and not self.owner_gone(held.get("owner"), held.get("heartbeat")):
+            return held
+        return None
+
+    def other_live_hosts(self) -> dict[str, str]:
+        """Hosts other than this one whose processes hold running runs of the study now (host: a run id):
+        the study folder is then shared across hosts."""
+        hosts: dict[str, str] = {}
+        for rec in self.runs(status="running"):
+            host = _split_owner(rec.owner or "")[0]
+            if rec.owner and host != self.hostname and not self.is_stale(rec):
+                hosts.setdefault(host, rec.id)
+        return hosts
+
     def __repr__(self) -> str:
         return f"Registry({str(self.path)!r}, stale_after={self.stale_after})"
+
+
+# ---------------------------------------------------------------------- where the registry may live
+
+# File systems that span hosts, where SQLite's file locking (and WAL's shared memory) cannot be trusted.
+NETWORK_FILESYSTEMS = frozenset({
+    "nfs", "nfs4", "cifs", "smb3", "smbfs", "ncpfs", "afs", "9p", "lustre", "gpfs", "beegfs", "panfs",
+    "wekafs", "ceph", "glusterfs", "ocfs2", "gfs2", "fuse.sshfs", "fuse.ceph", "fuse.glusterfs",
+    "fuse.s3fs", "fuse.gcsfuse", "fuse.juicefs", "fuse.rclone", "fuse.cephfs", "fuse.lustre",
+})
+SHARED_REGISTRY_ENV = "KDLAB_ALLOW_SHARED_REGISTRY"  # "1": the user vouches for the file system's locking
+
+
+def filesystem_type(path: str | Path, mounts: str | Path = "/proc/mounts") -> str | None:
+    """The type of the file system `path` lies on, from a mounts table (Linux `/proc/mounts` format: the
+    longest mount point above the path); None when the table cannot be read."""
+    try:
+        lines = Path(mounts).read_text().splitlines()
+    except OSError:
+        return None  # not Linux, or no /proc: nothing to say
+    target = Path(os.path.abspath(Path(path).expanduser()))
+    with suppress(OSError):
+        target = target.resolve()
+    best: tuple[int, str] | None = None
+    for line in lines:
+        fields = line.split()
+        if len(fields) < 3:
+            continue
+        # Mount points escape spaces and tabs as octal (\040, \011).
+        point = Path(re.sub(r"\\([0-7]{3})", lambda m: chr(int(m.group(1), 8)), fields[1]))
+        if target == point or point in target.parents:
+            depth = len(point.parts)
+            if best is None or depth >= best[0]:
+                best = (depth, fields[2])
+    return best[1] if best else None
+
+
+def network_filesystem(path: str | Path, mounts: str | Path = "/proc/mounts") -> str | None:
+    """The network file system type `path` lies on (nfs4, lustre, ...), or None for a local one."""
+    kind = filesystem_type(path, mounts)
+    return kind if kind is not None and kind.lower() in NETWORK_FILESYSTEMS else None
+
+
+def check_local_sharing(registry: Registry, mounts: str | Path = "/proc/mounts") -> str | None:
+    """Refuse a local-executor process on a registry that processes on another host are using now: SQLite's
+    locks are not reliable across hosts (its documentation warns against NFS), so several hosts must go
+    through one driver (`--executor ray`). Returns a note for the log when the registry lies on a network
+    file system but only this host uses it (allowed); ``KDLAB_ALLOW_SHARED_REGISTRY=1`` skips the check."""
+    if os.environ.get(SHARED_REGISTRY_ENV) == "1":
+        return None
+    kind = network_filesystem(registry.path.parent, mounts)
+    others = registry.other_live_hosts()
+    if others:
+        where = f" (it lies on {kind})" if kind else ""
+        shown = ", ".join(f"{host} (running {run})" for host, run in sorted(others.items()))
+        raise RegistryError(
+            f"{registry.path}{where} is in use by another host now: {shown}. Several hosts cannot share a "
+            "SQLite registry safely (broken file locking on network file systems); run the study across "
+            "hosts with `kdlab sweep --executor ray` (one driver writes the registry), or run every "
+            f"process on one host. {SHARED_REGISTRY_ENV}=1 skips this check"
+        )
+    if kind:
+        return (f"{registry.path} lies on {kind}: fine for processes on this host; to spread a study over "
+                "several hosts use `--executor ray`")
+    return None
 
 
 # ---------------------------------------------------------------------- run records and rebuilding

@@ -66,23 +66,13 @@ class Runner:
         in this process. Returns the run's record, or None while another process holds it. `force` redoes
         a finished run whose settings changed. Under a multi-process launch the leader decides and records;
         a `collective` body (training) runs on every rank, any other body on the leader alone."""
-        decision = None
-        if self.ranks.leader:
-            record = self.registry.add(spec, force=force or self.force)
-            if record.status == "done" or (record.status == "failed" and spec.id in self._tried):
-                decision = "skip"
-            else:
-                decision = "run" if self.registry.claim(spec.id) else "busy"
+        decision = self.begin(spec, force=force) if self.ranks.leader else None
         decision = self.ranks.share(decision)
         if decision == "busy":
             return None
         if decision == "skip":
             return self.registry.get(spec.id)
         self._tried.add(spec.id)
-        folder = self.record_folder(spec)
-        if self.ranks.leader and folder is not None:
-            # The run is being redone: its old record must not restore an old result after a rebuild.
-            (folder / RUN_RECORD).unlink(missing_ok=True)
         start = time.perf_counter()
         beating = Heartbeat(self.registry, spec.id) if self.ranks.leader else None
         metrics: dict[str, Any] = {}
@@ -104,18 +94,51 @@ class Runner:
             gc.collect()
         errors = [e for e in self.ranks.gather(error) if e is not None]
         if self.ranks.leader:
-            if errors:
-                self.registry.fail(spec.id, "\n".join(tb for _, tb in errors))
-                log.info(f"[failed] {spec.id}: {errors[0][0].strip().splitlines()[0]}")
-            else:
-                wall = time.perf_counter() - start
-                self.registry.finish(spec.id, metrics, wall)
-                if folder is not None and folder.is_dir():
-                    # The registry row, kept with the run: `kdlab registry rebuild` restores it from here.
-                    write_run_record(folder, self.registry.get(spec.id))
-                log.info(f"[done] {spec.id}: {self.describe(spec, metrics)} ({wall:.0f}s)")
+            joined = (errors[0][0], "\n".join(tb for _, tb in errors)) if errors else None
+            self.end(spec, metrics, joined, time.perf_counter() - start)
         self.ranks.barrier()
         return self.registry.get(spec.id)
+
+    def begin(self, spec: RunSpec, *, force: bool = False) -> str:
+        """The leader's decision on a run: "skip" (done, or failed already in this process), "busy" (another
+        live process holds it) or "run" (claimed now for this process, its old record removed)."""
+        record = self.registry.add(spec, force=force or self.force)
+        if record.status == "done" or (record.status == "failed" and spec.id in self._tried):
+            return "skip"
+        if not self.registry.claim(spec.id):
+            return "busy"
+        self._tried.add(spec.id)
+        folder = self.record_folder(spec)
+        if folder is not None:
+            # The run is being redone: its old record must not restore an old result after a rebuild.
+            (folder / RUN_RECORD).unlink(missing_ok=True)
+        return "run"
+
+    def end(
+        self,
+        spec: RunSpec,
+        metrics: dict[str, Any],
+        error: tuple[str, str] | None,
+        wall: float,
+        *,
+        note: str = "",
+    ) -> RunRecord:
+        """Record a claimed run as done with its metrics, or failed with `error` (one line, traceback), and
+        say so in one status line (`note` appended: e.g. the cluster's totals)."""
+        suffix = f" | {note}" if note else ""
+        if error is not None:
+            self.registry.fail(spec.id, error[1] or error[0])
+            log.info(f"[failed] {spec.id}: {error[0].strip().splitlines()[0]}{suffix}")
+        else:
+            self.registry.finish(spec.id, metrics, wall)
+            folder = self.record_folder(spec)
+            if folder is not None and folder.is_dir():
+                # The registry row, kept with the run: `kdlab registry rebuild` restores it from here.
+                write_run_record(folder, self.registry.get(spec.id))
+            log.info(f"[done] {spec.id}: {self.describe(spec, metrics)} ({wall:.0f}s){suffix}")
+        record = self.registry.get(spec.id)
+        assert record is not None
+        return record
 
     def execute_required(
         self,

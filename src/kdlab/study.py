@@ -21,7 +21,7 @@ from typing import Any
 
 import pandas as pd
 
-from kdlab.config import StudentSettings, StudyConfig
+from kdlab.config import ExecutorSettings, StudentSettings, StudyConfig
 from kdlab.distributed import Ranks
 from kdlab.files import atomic_write_json, atomic_write_text
 from kdlab.methods import Signals, get_method
@@ -132,19 +132,27 @@ class Study:
         for student in self.config.students:
             self.student_path(student)  # derived students are built here (vocabularies: `preflight`)
 
-    def sweep(self, poll_seconds: float = 5.0) -> list[str]:
+    def sweep(self, poll_seconds: float = 5.0, executor: ExecutorSettings | None = None) -> list[str]:
         """The teacher caches, then every student run (shared safely with other processes running the same
-        sweep). Returns the ids of failed runs (kept as `failed`)."""
-        caches = {name: self.cache_stage(name) for name in self.config.tasks}
-        self.failed = sweep.run_sweep(self, caches, poll_seconds)
+        sweep), here or as tasks on a Ray cluster (`executor`, default the config's `executor:`; see
+        `kdlab.ray_executor`). Returns the ids of failed runs (kept as `failed`)."""
+        from kdlab.ray_executor import driving
+
+        with driving(self, executor or self.config.executor) as runs_on:
+            caches = {name: self.cache_stage(name) for name in self.config.tasks}
+            self.failed = sweep.run_sweep(self, caches, poll_seconds, runs_on)
         return self.failed
 
-    def run(self) -> pd.DataFrame:
+    def run(self, executor: ExecutorSettings | None = None) -> pd.DataFrame:
         """The whole study; returns the results table (`results`). `failed` holds the ids of the runs that
-        failed (empty when everything is done)."""
+        failed (empty when everything is done). `executor`: as for `sweep`."""
+        from kdlab.ray_executor import driving
+
         start = time.perf_counter()
-        self.prepare()
-        self.sweep()
+        executor = executor or self.config.executor
+        with driving(self, executor):  # a Ray driver holds the study from the teacher stages on
+            self.prepare()
+            self.sweep(executor=executor)
         if self.ranks.leader:  # inference only: one process measures and writes
             atomic_write_json(self.out / "provenance.json", self.provenance(), indent=1)
             if self.config.bench.enabled:

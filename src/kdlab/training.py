@@ -25,13 +25,22 @@ from transformers import PreTrainedModel, Trainer, TrainingArguments, set_seed
 from transformers.trainer_callback import PrinterCallback, ProgressCallback
 
 from kdlab.config import TrainingSettings
+from kdlab.distributed import (
+    fsdp_launch_requested,
+    fsdp_on_cpu,
+    load_gathered,
+    meta_skeleton,
+    reset_accelerator_state,
+    shard_frozen,
+)
 from kdlab.files import atomic_write_json
 from kdlab.methods import TEACHER_ANSWER, LossInputs, Method, Signals, TeacherBatch
-from kdlab.scored import forward_scored
+from kdlab.scored import answer_counts, forward_scored, pack, packing_respected
 from kdlab.tasks.base import Encoded, collate
 from kdlab.teacher_cache import TeacherCache
 
 CHECKPOINT_FILE = "trainable.safetensors"
+FSDP_MODEL_PREFIX = "pytorch_model_fsdp"  # the Trainer's FSDP weights: a .bin (full) or a folder (sharded)
 log = logging.getLogger("kdlab")
 
 
@@ -55,6 +64,24 @@ class StudentModule(nn.Module):
     def forward(self, **kwargs: Any) -> Any:
         return self.student(**kwargs)
 
+    # What accelerate's FSDP preparation asks of a transformers model: the blocks to shard one by one, the
+    # embeddings (kept in one group when tied), and re-tying after loading on the meta device.
+    @property
+    def _no_split_modules(self) -> list[str] | None:
+        return getattr(self.student, "_no_split_modules", None)
+
+    def get_input_embeddings(self) -> nn.Module | None:
+        get = getattr(self.student, "get_input_embeddings", None)
+        return get() if get is not None else None
+
+    def get_output_embeddings(self) -> nn.Module | None:
+        get = getattr(self.student, "get_output_embeddings", None)
+        return get() if get is not None else None
+
+    def tie_weights(self, *args: Any, **kwargs: Any) -> None:
+        if hasattr(self.student, "tie_weights"):
+            self.student.tie_weights(*args, **kwargs)
+
 
 class TrainCollator:
     """Left-pads gold (and teacher-answer) sequences; looks the cached teacher signals a run reads up by
@@ -68,6 +95,7 @@ class TrainCollator:
         signals: Signals,
         cache: TeacherCache | None = None,
         teacher_layers: Sequence[int] = (),
+        packing: bool = False,
     ):
         if cache is not None and signals.top_k is not None and signals.temperature is None:
             raise ValueError("a cached top-k teacher needs the temperature of the run")
@@ -75,14 +103,20 @@ class TrainCollator:
         self.signals = signals
         self.cache = cache
         self.teacher_layers = list(teacher_layers)
+        self.packing = packing
+
+    def _layout(self, sequences: Sequence[Encoded]) -> dict[str, Any]:
+        # Padded or packed (`scored.pack`): forward_scored reads either, in the same row order.
+        return pack(sequences) if self.packing else collate(sequences, self.pad_id, padding_side="left")
 
     def __call__(self, items: Sequence[TrainItem]) -> dict[str, torch.Tensor]:
-        gold = collate([it.gold for it in items], self.pad_id, padding_side="left")
+        gold = self._layout([it.gold for it in items])
         ids = gold.pop("example_ids")
         batch = dict(gold)
         batch["gold_rows"] = torch.tensor([not it.transfer for it in items])
         if self.signals.answers:
-            for key, value in collate([it.teacher for it in items], self.pad_id, padding_side="left").items():
+            teacher = self._layout([it.teacher for it in items])  # type: ignore[misc]
+            for key, value in teacher.items():
                 if key != "example_ids":
                     batch[TEACHER_ANSWER + key] = value
         if self.cache is not None and self.signals.top_k is not None:
@@ -132,8 +166,7 @@ class KDTrainer(Trainer):
         if batch_samples:
             # The task loss is normalised by the gold answer tokens only (transfer rows have no gold).
             self._gold_tokens = self._global_count(
-                sum(((b["labels"][..., 1:] != -100) & b["gold_rows"][:, None]).sum() for b in batch_samples),
-                device,
+                sum((answer_counts(b) * b["gold_rows"]).sum() for b in batch_samples), device
             )
         return batch_samples, num_items
 
@@ -146,7 +179,8 @@ class KDTrainer(Trainer):
             return None
         teacher_layers = [t for _, t in self.layer_pairs]
         if self.live_teacher is not None:
-            with torch.no_grad():
+            # The teacher is not wrapped by accelerate, so mixed precision is entered here (a no-op without).
+            with torch.no_grad(), self.accelerator.autocast():
                 out = forward_scored(
                     self.live_teacher, batch, hidden_layers=teacher_layers, vocab_size=self.vocab_size
                 )
@@ -177,27 +211,30 @@ class KDTrainer(Trainer):
             answer_tokens = int((batch[TEACHER_ANSWER + "labels"] != -100).sum())
         gold_tokens = self._gold_tokens if num_items_in_batch is not None else None
         if gold_tokens is None:
-            gold = batch["gold_rows"][:, None] if "gold_rows" in batch else True
-            gold_tokens = int(((batch["labels"][..., 1:] != -100) & gold).sum())
+            counts = answer_counts(batch)
+            gold_tokens = int((counts * batch["gold_rows"]).sum() if "gold_rows" in batch else counts.sum())
         unwrapped = self.accelerator.unwrap_model(model)
         projections = unwrapped.projections if isinstance(unwrapped, StudentModule) else None
-        loss, parts = self.method.loss(
-            LossInputs(
-                model=model,
-                batch=batch,
-                forward_student=lambda: forward_scored(
-                    model, batch, hidden_layers=student_layers, vocab_size=self.vocab_size
-                ),
-                teacher=teacher,
-                num_tokens=num_tokens,
-                num_gold_tokens=gold_tokens,
-                num_teacher_tokens=answer_tokens if answer_tokens is not None else 1,
-                params=self.params,
-                layer_pairs=self.layer_pairs,
-                projections=projections,
-                vocab_size=self.vocab_size,
+        # Under mixed precision the loss's own matmuls (KD3's projections) run in the compute dtype too;
+        # the losses compute divergences and reductions in fp32 explicitly.
+        with self.accelerator.autocast():
+            loss, parts = self.method.loss(
+                LossInputs(
+                    model=model,
+                    batch=batch,
+                    forward_student=lambda: forward_scored(
+                        model, batch, hidden_layers=student_layers, vocab_size=self.vocab_size
+                    ),
+                    teacher=teacher,
+                    num_tokens=num_tokens,
+                    num_gold_tokens=gold_tokens,
+                    num_teacher_tokens=answer_tokens if answer_tokens is not None else 1,
+                    params=self.params,
+                    layer_pairs=self.layer_pairs,
+                    projections=projections,
+                    vocab_size=self.vocab_size,
+                )
             )
-        )
         # Losses are sums over the global batch's tokens; DDP averages gradients over processes.
         if (
             self.args.average_tokens_across_devices
@@ -236,6 +273,12 @@ class KDTrainer(Trainer):
         return norm
 
     def _save(self, output_dir: str | None = None, state_dict: Any = None) -> None:
+        if self.is_fsdp_enabled:
+            # The weights of an FSDP checkpoint are the Trainer's own FSDP files (sharded by every rank, or
+            # gathered on rank 0: fsdp_state_dict_type), written beside the optimizer's.
+            return
+        if not self.args.should_save:  # every rank holds the same replica: the first writes it
+            return
         # Checkpoints hold the trainable tensors only (LoRA adapters, or every weight in full fine-tuning,
         # plus feature projections); `named_parameters` lists tied weights once, which safetensors requires.
         output_dir = output_dir or self.args.output_dir
@@ -245,8 +288,19 @@ class KDTrainer(Trainer):
         save_file(tensors, os.path.join(output_dir, CHECKPOINT_FILE))
 
     def _load_from_checkpoint(self, resume_from_checkpoint: str, model: nn.Module | None = None) -> None:
+        folder = Path(resume_from_checkpoint)
+        fsdp_files = any(p.name.startswith(FSDP_MODEL_PREFIX) for p in folder.iterdir())
+        if self.is_fsdp_enabled != fsdp_files:
+            raise ValueError(
+                f"{resume_from_checkpoint}: a checkpoint {'with' if fsdp_files else 'without'} FSDP cannot "
+                f"resume a run {'with' if self.is_fsdp_enabled else 'without'} it; launch it as it was "
+                "launched, or delete the run's trainer/ folder to start it over"
+            )
+        if self.is_fsdp_enabled:
+            super()._load_from_checkpoint(resume_from_checkpoint, model)  # into the sharded model
+            return
         module = self.accelerator.unwrap_model(model or self.model)
-        state = load_file(os.path.join(resume_from_checkpoint, CHECKPOINT_FILE))
+        state = load_file(folder / CHECKPOINT_FILE)
         result = module.load_state_dict(state, strict=False)
         if result.unexpected_keys:
             raise ValueError(
@@ -291,6 +345,10 @@ class TrainResult:
     log_history: list[dict[str, Any]]
     train_runtime: float
     steps: int
+    # The trained student and projections to save and evaluate: the objects passed in, or under FSDP (which
+    # shards those in place) unsharded copies gathered on rank 0, and None on the other ranks.
+    model: nn.Module | None = None
+    projections: nn.ModuleList | None = None
 
 
 # TrainingArguments that kdlab sets itself, and those its own training fields stand for.
@@ -343,6 +401,8 @@ def training_arguments(
         logging_nan_inf_filter=False,  # a NaN loss is logged as NaN, not replaced by an average
         remove_unused_columns=False,
         dataloader_num_workers=0,
+        # Pinned host memory is allocated through the GPU driver: a CPU run must not touch the GPU.
+        dataloader_pin_memory=not use_cpu,
         use_cpu=use_cpu,
         disable_tqdm=False,
     )
@@ -365,6 +425,9 @@ def check_trainer_arguments(settings: TrainingSettings) -> dict[str, Any]:
             close = difflib.get_close_matches(name, sorted(known) + list(TrainingSettings.model_fields), n=1)
             hint = f" (did you mean {close[0]!r}?)" if close else ""
             raise ValueError(f"{name}: not a field of transformers' TrainingArguments{hint}")
+        if name == "fsdp" and isinstance(value, bool):
+            checked[name] = value  # transformers documents `fsdp: true` but annotates the field as str
+            continue
         try:
             checked[name] = TypeAdapter(hints[name]).validate_python(value)
         except ValidationError as e:
@@ -377,6 +440,17 @@ def check_trainer_arguments(settings: TrainingSettings) -> dict[str, Any]:
         reason = (str(e).strip().splitlines() or [type(e).__name__])[0]
         raise ValueError(f"TrainingArguments refused it: {reason}") from None
     return checked
+
+
+def check_packing(*models: nn.Module | None) -> None:
+    """`training.packing` needs models that keep attention within each packed sequence; refuse others."""
+    for model in models:
+        if model is not None and not packing_respected(model):
+            impl = getattr(getattr(model, "config", None), "_attn_implementation", None)
+            raise ValueError(
+                f"training.packing: {type(model).__name__} (attention {impl}) lets packed sequences attend "
+                "to each other; use attn_implementation sdpa, eager or flash_attention_2, or packing: false"
+            )
 
 
 def train(
@@ -396,9 +470,16 @@ def train(
     projections: nn.ModuleList | None = None,
     resume_from_checkpoint: str | bool | None = None,
     run_name: str | None = None,
+    teacher_sharding: str | None = None,
 ) -> TrainResult:
-    """Train `student` in place on `items` with `method`; the caller saves it. `run_name` names the run
-    where the settings' `report_to` integrations (TensorBoard, W&B, ...) show it."""
+    """Train `student` on `items` with `method`; the caller saves `result.model` (the student itself, or
+    under FSDP its gathered copy on rank 0). `run_name` names the run where the settings' `report_to`
+    integrations (TensorBoard, W&B, ...) show it.
+
+    FSDP comes from the launch (`accelerate launch --config_file` with `distributed_type: FSDP`) or from
+    the settings (`fsdp`, `fsdp_config`). `teacher_sharding` says what FSDP does with the live teacher:
+    "replicate" (every rank holds it whole) or "shard" (FSDP2 over the ranks); default: the environment
+    variable KDLAB_TEACHER_SHARDING, else "replicate". See docs/fsdp.md."""
     if not items:
         raise ValueError("no training examples left after encoding (all skipped as too long?)")
     set_seed(seed)
@@ -407,23 +488,52 @@ def train(
     module = StudentModule(student, projections)
     device = next(student.parameters()).device
     args = training_arguments(settings, output_dir, seed, use_cpu=device.type == "cpu", run_name=run_name)
+    if args.ddp_find_unused_parameters is None:
+        # The Trainer's default for a module that is not a PreTrainedModel is True, which breaks methods
+        # that apply the projections outside the wrapped forward (DDP marks them unused, then their
+        # gradients arrive). Every trainable tensor gets a gradient every step, so no search is needed.
+        args.ddp_find_unused_parameters = False
+    fsdp = bool(args.fsdp) or fsdp_launch_requested()
+    sharding = teacher_sharding or os.environ.get("KDLAB_TEACHER_SHARDING") or "replicate"
+    if sharding not in ("replicate", "shard"):
+        raise ValueError(f"teacher sharding {sharding!r}: replicate or shard")
+    if fsdp and args.save_only_model and args.save_strategy != "no":
+        raise ValueError("save_only_model: FSDP checkpoints keep their weights with the optimizer's state")
     collator = TrainCollator(
         pad_id,
         signals=method.signals(params),
         cache=cache if live_teacher is None else None,
         teacher_layers=[t for _, t in layer_pairs],
+        packing=settings.packing,
     )
-    trainer = KDTrainer(
-        model=module,
-        args=args,
-        train_dataset=list(items),
-        data_collator=collator,
-        method=method,
-        params=params,
-        vocab_size=vocab_size,
-        layer_pairs=layer_pairs,
-        live_teacher=live_teacher,
-    )
+    if settings.packing:
+        check_packing(student, live_teacher)
+    reset_accelerator_state()
+    with fsdp_on_cpu():
+        trainer = KDTrainer(
+            model=module,
+            args=args,
+            train_dataset=list(items),
+            data_collator=collator,
+            method=method,
+            params=params,
+            vocab_size=vocab_size,
+            layer_pairs=layer_pairs,
+            live_teacher=live_teacher,
+        )
+    if fsdp and args.world_size > 1 and not trainer.is_fsdp_enabled:
+        raise ValueError("FSDP was asked for, but accelerate chose another strategy (see docs/fsdp.md)")
+    # Taken before training shards the module in place: the shape its trained weights are gathered into.
+    skeleton = meta_skeleton(module) if trainer.is_fsdp_enabled else None
+    if trainer.is_fsdp_enabled and live_teacher is not None and sharding == "shard":
+        shard_frozen(live_teacher)
+    if trainer.is_fsdp_enabled and trainer.accelerator.is_main_process:
+        plugin = trainer.accelerator.state.fsdp_plugin
+        log.info(
+            f"[fsdp] {run_name or 'training'}: trained sharded over {args.world_size} ranks "
+            f"(FSDP{plugin.fsdp_version}, checkpoints {plugin.state_dict_type.name}), live teacher "
+            f"{'none' if live_teacher is None else {'shard': 'sharded', 'replicate': 'replicated'}[sharding]}"
+        )
     trainer.remove_callback(ProgressCallback)
     trainer.remove_callback(PrinterCallback)
     trainer.add_callback(TrainingProgress())
@@ -433,8 +543,20 @@ def train(
     for entry in history:
         if "loss" in entry and not math.isfinite(entry["loss"]):
             raise FloatingPointError(f"training diverged: loss {entry['loss']} at step {entry.get('step')}")
+    trained: StudentModule | None = module
+    if trainer.is_fsdp_enabled:
+        # Every rank takes part in the gather; rank 0 alone receives the full weights (on the CPU).
+        state = trainer.accelerator.get_state_dict(trainer.model_wrapped)
+        trained = None
+        if trainer.accelerator.is_main_process:
+            assert isinstance(skeleton, StudentModule)
+            load_gathered(skeleton, state, device)
+            trained = skeleton
+        del state
     return TrainResult(
         log_history=history,
         train_runtime=out.metrics.get("train_runtime", 0.0),
         steps=trainer.state.global_step,
+        model=trained.student if trained is not None else None,
+        projections=trained.projections if trained is not None and projections is not None else None,
     )

@@ -9,17 +9,25 @@ import itertools
 import time
 from collections.abc import Sequence
 from pathlib import Path
-from typing import TYPE_CHECKING, Any
+from typing import TYPE_CHECKING, Any, Protocol
 
 from safetensors.torch import save_file
 from transformers.trainer_utils import get_last_checkpoint
 
 from kdlab import losses
 from kdlab.config import StudentSettings
-from kdlab.evaluation import evaluate_splits, predict
+from kdlab.evaluation import GenerationOptions, evaluate_splits, generation_options, predict
 from kdlab.files import atomic_write_json
 from kdlab.methods import MethodSettings, Signals, get_method
-from kdlab.models import add_lora, count_parameters, hidden_width, load_model, model_config, save_model
+from kdlab.models import (
+    compute_dtype,
+    count_parameters,
+    hidden_width,
+    load_frozen,
+    load_student,
+    model_config,
+    save_model,
+)
 from kdlab.registry import RunRecord, RunSpec
 from kdlab.seeding import seed_everything
 from kdlab.stages.cache import teacher_answer, transfer_item
@@ -114,20 +122,24 @@ def train_student(study: Study, spec: RunSpec, student: StudentSettings, cache: 
     signals = method.signals(spec.params)
     folder = Path(spec.output_dir)
     seed_everything(study.seed("student", spec.seed))  # LoRA init, projections, data order
-    model = load_model(
-        study.student_path(student), device=study.device, trust_remote_code=student.trust_remote_code
+    settings = study.config.training
+    # Frozen weights in the dtype mixed precision computes in; trainable ones (LoRA, full) stay fp32.
+    dtype = compute_dtype(settings.bf16, bool((settings.model_extra or {}).get("fp16")))
+    model = load_student(
+        study.student_path(student), finetune=student.finetune, lora=student.lora, dtype=dtype,
+        device=study.device, trust_remote_code=student.trust_remote_code,
+        attn_implementation=settings.attn_implementation,
     )
-    if student.finetune == "lora":
-        model = add_lora(model, student.lora)
     pairs = [] if signals.layer_map is None else study.layer_pairs(student, signals.layer_map, spec.method)
     projections = None
     if pairs:
         width = hidden_width(model_config(study.base_teacher_path))
+        # Trainable: fp32 master weights; autocast runs their matmuls in the compute dtype.
         projections = losses.make_projections(pairs, hidden_width(model.config), width).to(study.device)
     live = None
     if study.config.cache.mode == "online" and signals.from_teacher:
-        live = load_model(study.teacher_path(spec.task), device=study.device)
-        live.requires_grad_(False)
+        live = load_frozen(study.teacher_path(spec.task), dtype=dtype, device=study.device,
+                           attn_implementation=settings.attn_implementation)
     items = train_items(study, data, signals, cache, live)
     # An interrupted run continues from its last checkpoint (training.save_steps > 0).
     trainer_dir = folder / "trainer"
@@ -154,6 +166,7 @@ def train_student(study: Study, spec: RunSpec, student: StudentSettings, cache: 
     del live
     if not study.ranks.leader:
         return {}  # the leader saves and evaluates
+    model, projections = result.model, result.projections  # [fsdp] FSDP: the copies gathered on rank 0
     atomic_write_json(folder / "log_history.json", result.log_history)
     total, trainable = count_parameters(model)
     save_model(model, study.tokenizer, folder / "model", merged=student.save == "merged")
@@ -165,16 +178,19 @@ def train_student(study: Study, spec: RunSpec, student: StudentSettings, cache: 
     # The selection split only serves to choose among grid settings: a method with one setting skips it.
     choosing = len(study.grid(spec.method)[0]) > 1
     splits = {"selection": data.selection, "eval": data.eval} if choosing else {"eval": data.eval}
-    metrics = evaluate_splits(
-        data.task,
-        model,
-        study.tokenizer,
-        splits,
-        folder,
-        label=spec.id,
-        batch_size=study.config.evaluation.batch_size,
-        dtype=study.config.evaluation.dtype,
-    )
+    # vLLM reads weights from disk: the merged model just saved is this model; an adapter-only save is not.
+    saved = str(folder / "model") if student.save == "merged" else None
+    with generation_options(_generation(study, saved)):
+        metrics = evaluate_splits(
+            data.task,
+            model,
+            study.tokenizer,
+            splits,
+            folder,
+            label=spec.id,
+            batch_size=study.config.evaluation.batch_size,
+            dtype=study.config.evaluation.dtype,
+        )
     metrics.update(
         train_runtime=round(result.train_runtime, 1),
         steps=result.steps,
@@ -183,6 +199,17 @@ def train_student(study: Study, spec: RunSpec, student: StudentSettings, cache: 
         parameters=total,
     )
     return metrics
+
+
+def _generation(study: Study, model_path: str | None) -> GenerationOptions:
+    """The study's generation settings for a model whose weights are in `model_path` (None: in memory only,
+    so the hf backend whatever `evaluation.backend` says)."""
+    ev = study.config.evaluation
+    backend = ev.backend if model_path else "hf"
+    if backend != ev.backend:
+        study.log(f"[generation] {ev.backend} needs the weights on disk; using hf for an in-memory model")
+    return GenerationOptions(backend=backend, static_cache=ev.static_cache, model_path=model_path,
+                             dtype=ev.dtype)
 
 
 def train_items(
@@ -196,12 +223,15 @@ def train_items(
     answers: dict[str, Any] = {}
     transfer_answers: dict[str, Any] = {}
     if live is not None:
-        if signals.answers:
-            raw, _ = predict(task, live, tokenizer, data.train, batch_size=batch_size, training_prompts=True)
-            policy = study.config.cache.empty_answers
-            answers = {ex.id: teacher_answer(task, ex, raw.get(ex.id, ""), policy) for ex in data.train}
-        if signals.from_teacher and data.transfer:
-            transfer_answers, _ = predict(task, live, tokenizer, data.transfer, batch_size=batch_size)
+        # The live teacher is unchanged since it was loaded, so vLLM may read its folder.
+        with generation_options(_generation(study, getattr(live, "name_or_path", None))):
+            if signals.answers:
+                raw, _ = predict(task, live, tokenizer, data.train, batch_size=batch_size,
+                                 training_prompts=True)
+                policy = study.config.cache.empty_answers
+                answers = {ex.id: teacher_answer(task, ex, raw.get(ex.id, ""), policy) for ex in data.train}
+            if signals.from_teacher and data.transfer:
+                transfer_answers, _ = predict(task, live, tokenizer, data.transfer, batch_size=batch_size)
     elif cache is not None:
         if signals.answers:
             answers = {i: cache.answer(i) for i in data.encoded}
@@ -228,21 +258,45 @@ def train_items(
     return items
 
 
+class RunExecutor(Protocol):
+    """Runs student runs somewhere else (`kdlab.ray_executor`): `run` starts one (or reports it), `wait`
+    blocks until one of those started ends (or `timeout` seconds) and records it."""
+
+    def run(self, spec: RunSpec, student: StudentSettings, cache: TeacherCache | None) -> RunRecord | None:
+        """The run's record once it is finished (done or failed); None while it is pending or running."""
+        ...
+
+    def wait(self, timeout: float) -> None: ...
+
+
 def student_run(
-    study: Study, spec: RunSpec, student: StudentSettings, cache: TeacherCache | None
+    study: Study,
+    spec: RunSpec,
+    student: StudentSettings,
+    cache: TeacherCache | None,
+    executor: RunExecutor | None = None,
 ) -> RunRecord | None:
+    """The run done here and now (local), or handed to `executor`; None while it is not finished."""
+    if executor is not None:
+        return executor.run(spec, student, cache)
     return study.runner.execute(spec, lambda: train_student(study, spec, student, cache), collective=True)
 
 
 def advance(
-    study: Study, task: str, student: StudentSettings, method: str, cache: TeacherCache | None
+    study: Study,
+    task: str,
+    student: StudentSettings,
+    method: str,
+    cache: TeacherCache | None,
+    executor: RunExecutor | None = None,
 ) -> str:
     """Move one (task, student, method) forward: grid on the first seed, then the best setting on the
-    other seeds. Returns 'done', 'waiting' (another process holds a run) or 'failed'."""
+    other seeds. Returns 'done', 'waiting' (another process holds a run, or the executor has not finished
+    it) or 'failed'. With an executor every run of a stage is started before any is waited for."""
     seeds = study.config.seeds
     points, axes = study.grid(method)
     specs = [student_spec(study, student, task, method, p, axes, seeds[0], "grid") for p in points]
-    grid_runs = [student_run(study, s, student, cache) for s in specs]
+    grid_runs = [student_run(study, s, student, cache, executor) for s in specs]
     if any(r is None for r in grid_runs):
         return "waiting"
     if any(r.status != "done" for r in grid_runs):
@@ -259,6 +313,7 @@ def advance(
             student_spec(study, student, task, method, best.params, axes, seed, "final"),
             student,
             cache,
+            executor,
         )
         for seed in seeds[1:]
     ]
@@ -267,17 +322,26 @@ def advance(
     return "done" if all(r.status == "done" for r in finals) else "failed"
 
 
-def run_sweep(study: Study, caches: dict[str, TeacherCache | None], poll_seconds: float = 5.0) -> list[str]:
-    """Every student run of the study, shared safely with other processes running the same sweep. Returns
-    the ids of failed runs."""
+def run_sweep(
+    study: Study,
+    caches: dict[str, TeacherCache | None],
+    poll_seconds: float = 5.0,
+    executor: RunExecutor | None = None,
+) -> list[str]:
+    """Every student run of the study, shared safely with other processes running the same sweep, or handed
+    to `executor` (every group's grid at once; each group's other seeds once its grid is done). Returns the
+    ids of failed runs."""
     while True:
         states = [
-            advance(study, task, student, method, caches.get(task))
+            advance(study, task, student, method, caches.get(task), executor)
             for task in study.config.tasks
             for student in study.config.students
             for method in study.config.methods
         ]
         if "waiting" not in states:
             break
-        time.sleep(poll_seconds)  # another process holds a run we depend on
+        if executor is None:
+            time.sleep(poll_seconds)  # another process holds a run we depend on
+        else:
+            executor.wait(poll_seconds)  # until one of its runs ends (or another process's may have)
     return [r.id for r in study.registry.runs(status="failed")]

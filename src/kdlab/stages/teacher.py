@@ -109,6 +109,7 @@ def run_teacher(study: Study, name: str) -> None:
         )
         if not study.ranks.leader:
             return {}
+        model = result.model  # [fsdp] under FSDP the weights gathered on rank 0, not the sharded original
         model = model.merge_and_unload() if hasattr(model, "merge_and_unload") else model
         # Saved aside and swapped in: a killed save never leaves a half-written teacher behind.
         atomic_folder(folder, lambda tmp: save_model(model, study.tokenizer, tmp), replace=True)
