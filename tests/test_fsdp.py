@@ -191,9 +191,9 @@ def test_fsdp_run_resumes_from_its_sharded_checkpoint(tmp_path: Path, tiny_data_
     loads weights without the optimizer state, and a sharded teacher whose outputs differ."""
     accelerate_config = tmp_path / "fsdp.yaml"
     accelerate_config.write_text(yaml.safe_dump(ACCELERATE_FSDP))
-    config = _study(tmp_path, save_steps=1)
+    config = _study(tmp_path, save_steps=1, teacher_sharding="shard")
     launcher = _accelerate(accelerate_config, port=29000 + os.getpid() % 1000)
-    env = {"KDLAB_TEACHER_SHARDING": "shard"}
+    env: dict[str, str] = {}
 
     crashed = _launch(tmp_path, launcher, config, tiny_data_dir, "crashed",
                       KDLAB_TEST_CRASH_AT=str(CRASH_STEP), **env)
@@ -237,9 +237,9 @@ def test_fsdp_on_gpus_through_accelerate(tmp_path: Path, tiny_data_dir: Path) ->
     """The same study on two GPUs, where accelerate enables FSDP itself (NCCL, no CPU adaptation)."""
     accelerate_config = tmp_path / "fsdp.yaml"
     accelerate_config.write_text(yaml.safe_dump(dict(ACCELERATE_FSDP, use_cpu=False)))
-    config = _study(tmp_path, device="cuda", save_steps=1)
+    config = _study(tmp_path, device="cuda", save_steps=1, teacher_sharding="shard")
     launcher = _accelerate(accelerate_config, port=29000 + os.getpid() % 1000)
-    launch = _launch(tmp_path, launcher, config, tiny_data_dir, "gpu", KDLAB_TEACHER_SHARDING="shard")
+    launch = _launch(tmp_path, launcher, config, tiny_data_dir, "gpu")
     assert launch.returncode == 0, _tail(launch.log)
     text = launch.log.read_text()
     runs = launch.runs()

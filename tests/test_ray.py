@@ -75,12 +75,17 @@ def _until(what: str, check, timeout: float = TIMEOUT, log: Path | None = None):
 
 @pytest.fixture(scope="module")
 def cluster() -> str:
-    """A local Ray cluster for the module; its address, for drivers in other processes."""
+    """A local Ray cluster for the module; its address, for drivers in other processes. What `ray.init` leaves
+    in this process (environment variables such as PYTHONBREAKPOINT, a SIGTERM handler) is undone after."""
+    environ, sigterm = dict(os.environ), signal.getsignal(signal.SIGTERM)
     ray.init(num_cpus=2, include_dashboard=False, log_to_driver=False)
     try:
         yield ray.get_runtime_context().gcs_address
     finally:
         ray.shutdown()
+        os.environ.clear()
+        os.environ.update(environ)
+        signal.signal(signal.SIGTERM, sigterm)
 
 
 # ---------------------------------------------------------------------------------------------------------
@@ -167,9 +172,12 @@ def driven(cluster: str, tiny_data_dir: Path, tmp_path_factory: pytest.TempPathF
                 if proc.poll() is not None:
                     pytest.fail(f"the driver exited ({proc.returncode}) before the kill:\n{_tail(log)}")
                 runs = registry.runs(kind="student")
-                return any(r.status == "done" for r in runs) and any(r.status == "running" for r in runs)
+                # running in the registry (claimed) and in Ray's view (a worker started it)
+                view = (registry.note("ray") or {}).get("runs", {}).values()
+                return any(r.status == "done" for r in runs) and any(r.status == "running" for r in runs) \
+                    and any(v.get("state") == "running" for v in view)
 
-            _until("a student run done and another running", mid_sweep, log=log)
+            _until("a student run done and another one running on a worker", mid_sweep, log=log)
             # In this process (another pid than the first driver's): quick, so the kill lands mid-sweep.
             second_err, status = io.StringIO(), io.StringIO()
             with contextlib.redirect_stderr(second_err):

@@ -118,7 +118,13 @@ class TrainingSettings(_LaterFields, Strict):
         "flash_attention_2, ...); None: transformers' default",
     )
 
-    _later: ClassVar[tuple[str, ...]] = ("packing", "attn_implementation")
+    teacher_sharding: Literal["replicate", "shard"] = Field(
+        "replicate",
+        description="under FSDP, what happens to a live teacher (cache.mode: online): replicate (every rank "
+        "holds it whole) or shard (FSDP2 over the ranks, for a teacher too big for one device)",
+    )
+
+    _later: ClassVar[tuple[str, ...]] = ("packing", "attn_implementation", "teacher_sharding")
 
     @model_validator(mode="after")
     def _trainer_arguments(self) -> TrainingSettings:

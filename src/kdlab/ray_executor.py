@@ -193,6 +193,10 @@ class RayExecutor:
         self._beat.start()
         self._refresh_cluster()
         self.study.log(f"[ray] driving {study.out} on {self._cluster_text()} as {self.owner}")
+        if self.cluster.get("GPU", [0, 0])[1] and not settings.num_gpus and study.config.device != "cpu":
+            # Ray hides the GPUs from a task that asked for none: the runs would train on CPUs.
+            log.warning("[ray] the cluster has GPUs but executor.num_gpus is 0: student runs get none "
+                        "(set executor.num_gpus: 1)")
         self._write_view(force=True)
 
     # -- sweep.RunExecutor -------------------------------------------------------------------------------
@@ -471,10 +475,11 @@ def status_lines(registry: Registry, now: float | None = None) -> list[str]:
     if c:
         cluster = (f"; cluster {c.get('nodes', '?')} node(s), CPU {c['CPU'][0]:g}/{c['CPU'][1]:g} in use, "
                    f"GPU {c['GPU'][0]:g}/{c['GPU'][1]:g} in use")
-    state = "driving" if running else "stopped"
+    runs = note.get("runs") or {}
+    unfinished = any(e.get("state") in ("running", "pending") for e in runs.values())
+    state = "driving" if running else "stopped" if unfinished else "finished"
     lines = [f"ray: driver {note.get('driver')} {state} (updated {now - note.get('updated', now):.0f}s ago)"
              + cluster]
-    runs = note.get("runs") or {}
     counts: dict[str, int] = {}
     for entry in runs.values():
         counts[entry.get("state", "?")] = counts.get(entry.get("state", "?"), 0) + 1
@@ -489,6 +494,6 @@ def status_lines(registry: Registry, now: float | None = None) -> list[str]:
             lines.append(f"  pending  {run_id}")
         elif attempts > 1:
             lines.append(f"  {entry.get('state'):8s} {run_id} after {attempts} attempts")
-    if not running and any(e.get("state") in ("running", "pending") for e in runs.values()):
+    if not running and unfinished:
         lines.append("  (the driver is gone: these are its last words; the next driver reclaims the runs)")
     return lines

@@ -470,16 +470,14 @@ def train(
     projections: nn.ModuleList | None = None,
     resume_from_checkpoint: str | bool | None = None,
     run_name: str | None = None,
-    teacher_sharding: str | None = None,
 ) -> TrainResult:
     """Train `student` on `items` with `method`; the caller saves `result.model` (the student itself, or
     under FSDP its gathered copy on rank 0). `run_name` names the run where the settings' `report_to`
     integrations (TensorBoard, W&B, ...) show it.
 
     FSDP comes from the launch (`accelerate launch --config_file` with `distributed_type: FSDP`) or from
-    the settings (`fsdp`, `fsdp_config`). `teacher_sharding` says what FSDP does with the live teacher:
-    "replicate" (every rank holds it whole) or "shard" (FSDP2 over the ranks); default: the environment
-    variable KDLAB_TEACHER_SHARDING, else "replicate". See docs/fsdp.md."""
+    the settings (`fsdp`, `fsdp_config`); `settings.teacher_sharding` says what FSDP does with the live
+    teacher: "replicate" (every rank holds it whole) or "shard" (FSDP2 over the ranks). See docs/fsdp.md."""
     if not items:
         raise ValueError("no training examples left after encoding (all skipped as too long?)")
     set_seed(seed)
@@ -494,9 +492,7 @@ def train(
         # gradients arrive). Every trainable tensor gets a gradient every step, so no search is needed.
         args.ddp_find_unused_parameters = False
     fsdp = bool(args.fsdp) or fsdp_launch_requested()
-    sharding = teacher_sharding or os.environ.get("KDLAB_TEACHER_SHARDING") or "replicate"
-    if sharding not in ("replicate", "shard"):
-        raise ValueError(f"teacher sharding {sharding!r}: replicate or shard")
+    sharding = settings.teacher_sharding
     if fsdp and args.save_only_model and args.save_strategy != "no":
         raise ValueError("save_only_model: FSDP checkpoints keep their weights with the optimizer's state")
     collator = TrainCollator(
