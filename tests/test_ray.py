@@ -34,6 +34,7 @@ from kdlab.registry import (
     filesystem_type,
     network_filesystem,
 )
+from kdlab.training import drop_incomplete_checkpoints
 
 ray = pytest.importorskip("ray")
 
@@ -352,9 +353,9 @@ def test_half_written_checkpoints_are_dropped_before_a_retry(tmp_path: Path) -> 
         (trainer / f"checkpoint-{step}" / "model.safetensors").write_text("x")
         if state is not None:
             (trainer / f"checkpoint-{step}" / "trainer_state.json").write_text(state)
-    assert ray_executor.drop_incomplete_checkpoints(trainer) == ["checkpoint-40", "checkpoint-60"]
+    assert drop_incomplete_checkpoints(trainer) == ["checkpoint-40", "checkpoint-60"]
     assert [p.name for p in trainer.iterdir()] == ["checkpoint-20"]
-    assert ray_executor.drop_incomplete_checkpoints(tmp_path / "absent") == []
+    assert drop_incomplete_checkpoints(tmp_path / "absent") == []
 
 
 def _held_by(registry: Registry, run: str, owner: str) -> None:

@@ -375,3 +375,24 @@ def test_student_with_another_vocabulary_is_refused_at_start(tiny_data_dir: Path
     assert main(["run", str(config), "--data-dir", str(tiny_data_dir)]) == 2
     assert "students.s9" in capsys.readouterr().err
     assert not out.exists()  # refused before any work: nothing trained, nothing written
+
+
+def test_vllm_backend_without_vllm_is_refused_before_any_work(tiny_data_dir: Path, tmp_path: Path,
+                                                              monkeypatch: pytest.MonkeyPatch,
+                                                              capsys: pytest.CaptureFixture[str]) -> None:
+    """`evaluation.backend: vllm` on a machine without vLLM: exit 2 naming the field and the install command,
+    and no study folder (not an ImportError after the teacher stages)."""
+    import importlib.util
+
+    real_find_spec = importlib.util.find_spec
+    monkeypatch.setattr(importlib.util, "find_spec",
+                        lambda name, *a: None if name == "vllm" else real_find_spec(name, *a))
+    out = tmp_path / "out"
+    data = _mini_config(out)
+    data["evaluation"] = {"backend": "vllm"}
+    config = tmp_path / "vllm.yaml"
+    config.write_text(yaml.safe_dump(data))
+    assert main(["run", str(config), "--data-dir", str(tiny_data_dir)]) == 2
+    err = capsys.readouterr().err
+    assert "evaluation.backend" in err and "kdlab[vllm]" in err
+    assert not out.exists()

@@ -74,10 +74,13 @@ def _out(args: argparse.Namespace) -> str:
 
 
 def _study(args: argparse.Namespace, *, inspect_only: bool = False, config: StudyConfig | None = None):
+    from kdlab.distributed import hide_gpus_from_cpu_study
     from kdlab.study import Study
 
+    config = config or _study_config(args)
+    hide_gpus_from_cpu_study(config.device)
     return Study(
-        config or _study_config(args),
+        config,
         output_dir=args.out,
         data_dir=args.data_dir,
         rebuild_cache=getattr(args, "rebuild_cache", False),

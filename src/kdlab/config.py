@@ -405,6 +405,8 @@ class StudyConfig(Strict):
 
     def to_yaml(self) -> str:
         data = self.model_dump(mode="json", by_alias=True)
+        if data.get("executor") == ExecutorSettings().model_dump(mode="json", by_alias=True):
+            del data["executor"]  # added later: a study folder written before it keeps its study.yaml as is
         return yaml.safe_dump(data, sort_keys=False, allow_unicode=True)
 
 

@@ -18,6 +18,15 @@ import torch
 from transformers import PreTrainedModel
 
 
+def hide_gpus_from_cpu_study(device: str) -> None:
+    """A `device: cpu` command hides the machine's GPUs from this process (before CUDA starts), since torch
+    itself still reaches for a visible GPU (pinned memory, the optimizer's stream queries) and a multi-rank
+    CPU launch then fails in the GPU driver. The CLI calls this; the Python API leaves the environment to
+    its caller."""
+    if device == "cpu" and not torch.cuda.is_initialized():
+        os.environ["CUDA_VISIBLE_DEVICES"] = ""
+
+
 def world_size() -> int:
     return int(os.environ.get("WORLD_SIZE", "1"))
 

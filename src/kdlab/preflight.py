@@ -4,6 +4,7 @@ folder exactly as it was."""
 
 from __future__ import annotations
 
+import importlib.util
 from collections.abc import Sequence
 from typing import TYPE_CHECKING
 
@@ -58,6 +59,11 @@ def preflight(study: Study) -> None:
             raise ConfigError(field_error(f"students.{student.name}", e)) from None
     for name, settings in cfg.tasks.items():
         check_task(study, name, settings)
+    if cfg.evaluation.backend == "vllm" and importlib.util.find_spec("vllm") is None:
+        raise ConfigError(
+            "evaluation.backend: vllm is not installed (pip install 'kdlab[vllm]' on a CUDA machine); "
+            "or use backend: hf"
+        )
 
 
 def check_task(study: Study, name: str, settings: TaskSettings) -> None:

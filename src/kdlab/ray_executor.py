@@ -378,7 +378,8 @@ def _note_attempt(folder: Path, submission: str) -> int:
     """Append this attempt (node, host, pid, the checkpoint it resumes from) to the run's ray_task.json;
     returns its number. Attempts of one task never overlap, so read-then-write is safe."""
     import ray
-    from transformers.trainer_utils import get_last_checkpoint
+
+    from kdlab.training import drop_incomplete_checkpoints, last_checkpoint
 
     record = read_task_record(folder)
     attempts = record["attempts"] if record and record.get("submission") == submission else []
@@ -390,29 +391,12 @@ def _note_attempt(folder: Path, submission: str) -> int:
         "ip": ray.util.get_node_ip_address(),
         "pid": os.getpid(),
         "started": time.time(),
-        "resume_from": get_last_checkpoint(str(trainer)) if trainer.is_dir() else None,
+        "resume_from": last_checkpoint(trainer),
         "dropped": dropped,
     })
     folder.mkdir(parents=True, exist_ok=True)
     atomic_write_json(folder / TASK_RECORD, {"submission": submission, "attempts": attempts}, indent=1)
     return len(attempts)
-
-
-def drop_incomplete_checkpoints(trainer: Path) -> list[str]:
-    """Remove the checkpoints a killed worker left half-written, so the retry resumes from the last whole
-    one (the Trainer writes trainer_state.json last; `get_last_checkpoint` only looks at the folder names).
-    Returns the names removed."""
-    import json
-    import shutil
-
-    dropped = []
-    for folder in sorted(trainer.glob("checkpoint-*")) if trainer.is_dir() else []:
-        try:
-            json.loads((folder / "trainer_state.json").read_text())
-        except (OSError, ValueError):
-            shutil.rmtree(folder, ignore_errors=True)
-            dropped.append(folder.name)
-    return dropped
 
 
 _STUDIES: dict[tuple[str, str, str | None], Study] = {}  # a worker process serves many runs of one study
@@ -434,8 +418,9 @@ def _worker_study(job: dict[str, Any]) -> Study:
             log.setLevel(logging.INFO)
             log.propagate = False
         config = parse_config(yaml.safe_load(job["config"]), "the study config from the Ray driver")
-        # inspect_only: nothing is checked or created, the registry is only opened read-only (never written)
-        _STUDIES[key] = Study(config, output_dir=job["out"], data_dir=job["data_dir"], inspect_only=True)
+        # Nothing is checked or created, and the registry is not opened: the driver alone uses it.
+        _STUDIES[key] = Study(config, output_dir=job["out"], data_dir=job["data_dir"], inspect_only=True,
+                              open_registry=False)
     return _STUDIES[key]
 
 

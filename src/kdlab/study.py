@@ -48,10 +48,12 @@ class Study:
         rebuild_cache: bool = False,
         force: bool = False,
         inspect_only: bool = False,
+        open_registry: bool = True,
     ):
         """`force`: redo finished runs whose settings changed (else refused); `inspect_only`: for commands
-        that only look (`kdlab cache --verify`, `kdlab run --dry-run`): no checks, nothing written, the
-        registry (if any) opened read-only."""
+        that only look (`kdlab cache --verify`, `kdlab run --dry-run`) and for Ray workers: no checks,
+        nothing written, the registry (if any) opened read-only, or not at all without `open_registry` (a
+        worker on another host must not touch SQLite over a network filesystem)."""
         # One process: a no-op; several: rank 0 leads (see distributed.py).
         self.ranks = Ranks(cpu=resolve_device(config.device).type == "cpu")
         self.config = config
@@ -67,7 +69,7 @@ class Study:
         self.written: list[Path] = []  # the report's files, after `run`
         if inspect_only:
             path = self.out / REGISTRY_NAME
-            self.registry = Registry(path, readonly=True) if path.exists() else None
+            self.registry = Registry(path, readonly=True) if open_registry and path.exists() else None
             return
         # The leader accepts or refuses the command before anything is written (`_open`); its error, if any,
         # is raised on every rank, so no rank waits for a leader that has given up.

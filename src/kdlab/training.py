@@ -7,9 +7,11 @@ from __future__ import annotations
 
 import dataclasses
 import difflib
+import json
 import logging
 import math
 import os
+import shutil
 import typing
 from collections import defaultdict
 from collections.abc import Mapping, Sequence
@@ -23,6 +25,7 @@ from safetensors.torch import load_file, save_file
 from torch import nn
 from transformers import PreTrainedModel, Trainer, TrainingArguments, set_seed
 from transformers.trainer_callback import PrinterCallback, ProgressCallback
+from transformers.trainer_utils import get_last_checkpoint
 
 from kdlab.config import TrainingSettings
 from kdlab.distributed import (
@@ -451,6 +454,27 @@ def check_packing(*models: nn.Module | None) -> None:
                 f"training.packing: {type(model).__name__} (attention {impl}) lets packed sequences attend "
                 "to each other; use attn_implementation sdpa, eager or flash_attention_2, or packing: false"
             )
+
+
+def drop_incomplete_checkpoints(trainer: Path) -> list[str]:
+    """Remove the checkpoints a killed process left half-written, so a retry resumes from the last whole
+    one (the Trainer writes trainer_state.json last; `get_last_checkpoint` only looks at the folder names).
+    Returns the names removed."""
+    dropped = []
+    for folder in sorted(trainer.glob("checkpoint-*")) if trainer.is_dir() else []:
+        try:
+            json.loads((folder / "trainer_state.json").read_text())
+        except (OSError, ValueError):
+            shutil.rmtree(folder, ignore_errors=True)
+            dropped.append(folder.name)
+    return dropped
+
+
+def last_checkpoint(trainer_dir: Path) -> str | None:
+    """The checkpoint an interrupted run resumes from: the newest whole one in `trainer_dir` (half-written
+    ones are removed first), or None."""
+    drop_incomplete_checkpoints(trainer_dir)
+    return get_last_checkpoint(str(trainer_dir)) if trainer_dir.is_dir() else None
 
 
 def train(

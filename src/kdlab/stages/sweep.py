@@ -12,7 +12,6 @@ from pathlib import Path
 from typing import TYPE_CHECKING, Any, Protocol
 
 from safetensors.torch import save_file
-from transformers.trainer_utils import get_last_checkpoint
 
 from kdlab import losses
 from kdlab.config import StudentSettings
@@ -35,7 +34,7 @@ from kdlab.stages.data import TaskData
 from kdlab.stages.selection import best_run, record_choice
 from kdlab.tasks.base import encode
 from kdlab.teacher_cache import TeacherCache, fingerprint
-from kdlab.training import TrainItem, train
+from kdlab.training import TrainItem, last_checkpoint, train
 
 if TYPE_CHECKING:
     from kdlab.study import Study
@@ -143,7 +142,7 @@ def train_student(study: Study, spec: RunSpec, student: StudentSettings, cache: 
     items = train_items(study, data, signals, cache, live)
     # An interrupted run continues from its last checkpoint (training.save_steps > 0).
     trainer_dir = folder / "trainer"
-    last = get_last_checkpoint(str(trainer_dir)) if trainer_dir.is_dir() else None
+    last = last_checkpoint(trainer_dir)
     if last:
         study.log(f"[resume] {spec.id} from {last}")
     result = train(
