@@ -207,7 +207,10 @@ def trl_gkd_step(
 ) -> Callable[[], float]:
     """TRL's GKD loss as GKDTrainer computes it off-policy (lmbda 0): both models' logits over the whole
     padded sequence, `GKDTrainer.generalized_jsd_loss` at the answer positions, backward, clip, AdamW."""
-    from trl import GKDTrainer
+    try:
+        from trl import GKDTrainer
+    except ImportError:  # TRL >= 1.0 keeps it among its experimental trainers
+        from trl.experimental.gkd import GKDTrainer
 
     from kdlab.tasks.base import collate
 
