@@ -217,6 +217,10 @@ def test_dump_keeps_every_setting_of_every_section() -> None:
         lambda d: d["methods"]["kd3"].update(loss="mse"),
         lambda d: d["tasks"]["squad"].update(max_new_tokens=9),
         lambda d: d["tasks"]["sst2"].update(label_words=[" bad", " good"]),
+        lambda d: d.update(executor={"kind": "ray", "num_gpus": 1}),
+        lambda d: d["training"].update(packing=True),
+        lambda d: d["training"].update(teacher_sharding="shard"),
+        lambda d: d.update(evaluation={"backend": "vllm"}),
     ):
         data = _base()
         change(data)
@@ -233,6 +237,17 @@ def test_yaml_round_trip(source: str) -> None:
     assert again == config
     assert again.to_yaml() == text
     assert again == config
+
+
+def test_settings_added_later_leave_older_study_files_as_they_were() -> None:
+    """executor:, training.packing / attn_implementation / teacher_sharding, evaluation.backend /
+    static_cache came after studies had run: at their defaults they are not written, so an older study.yaml
+    is unchanged (no `study.<time>.yaml` backup) and the run hashes that read the settings stay the same."""
+    data = yaml.safe_load(parse_config(_base()).to_yaml())
+    assert "executor" not in data
+    assert not {"packing", "attn_implementation", "teacher_sharding"} & set(data["training"])
+    assert not {"backend", "static_cache"} & set(data["evaluation"])
+    assert "packing" not in str(parse_config(_base()).training)
 
 
 def test_to_yaml_writes_method_settings() -> None:

@@ -396,3 +396,17 @@ def test_vllm_backend_without_vllm_is_refused_before_any_work(tiny_data_dir: Pat
     err = capsys.readouterr().err
     assert "evaluation.backend" in err and "kdlab[vllm]" in err
     assert not out.exists()
+
+
+@pytest.mark.parametrize(("device", "hidden"), [("cpu", True), ("auto", False)])
+def test_a_cpu_study_hides_the_gpus_from_its_process(device: str, hidden: bool, tiny_data_dir: Path,
+                                                     tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> None:
+    """`device: cpu` through the CLI sets CUDA_VISIBLE_DEVICES="" before torch starts CUDA (torch itself
+    reaches for a visible GPU otherwise); any other device leaves the user's choice of GPUs alone."""
+    monkeypatch.setenv("CUDA_VISIBLE_DEVICES", "0,1")
+    data = _mini_config(tmp_path / "out")
+    data["device"] = device
+    config = tmp_path / "study.yaml"
+    config.write_text(yaml.safe_dump(data))
+    assert main(["run", str(config), "--data-dir", str(tiny_data_dir), "--dry-run"]) == 0
+    assert os.environ["CUDA_VISIBLE_DEVICES"] == ("" if hidden else "0,1")
