@@ -7,6 +7,7 @@ process. The end-to-end checks, the kill/resume checks and the no-op re-run all 
 
 from __future__ import annotations
 
+import importlib.util
 import os
 import signal
 import subprocess
@@ -410,3 +411,43 @@ def test_a_cpu_study_hides_the_gpus_from_its_process(device: str, hidden: bool, 
     config.write_text(yaml.safe_dump(data))
     assert main(["run", str(config), "--data-dir", str(tiny_data_dir), "--dry-run"]) == 0
     assert os.environ["CUDA_VISIBLE_DEVICES"] == ("" if hidden else "0,1")
+
+
+def test_vllm_backend_reaches_every_generation_of_a_study(tiny_data_dir: Path, tmp_path: Path,
+                                                          monkeypatch: pytest.MonkeyPatch) -> None:
+    """`evaluation.backend: vllm` (vLLM replaced by a stand-in that records its engines): the teacher's
+    zero-shot and adapted evaluations, the cache's teacher answers (KD2) and a merged student's evaluation all
+    generate through it, each from the folder holding those weights."""
+    import types
+
+    engines: list[str] = []
+
+    class LLM:
+        def __init__(self, model: str, **kwargs: object) -> None:
+            engines.append(model)
+
+        def generate(self, prompts, params, use_tqdm=True):
+            out = types.SimpleNamespace(text=" the answer\n")
+            return [types.SimpleNamespace(outputs=[out]) for _ in prompts]
+
+    fake = types.ModuleType("vllm")
+    fake.LLM, fake.SamplingParams = LLM, lambda **kwargs: kwargs
+    monkeypatch.setitem(sys.modules, "vllm", fake)
+    monkeypatch.setattr("importlib.util.find_spec", lambda name, *a, _real=importlib.util.find_spec:
+                        object() if name == "vllm" else _real(name, *a))
+    out = tmp_path / "out"
+    data = yaml.safe_load(preset_text("smoke"))
+    data.update(output_dir=str(out), seeds=[1], methods={"kd2": {"lambda": 0.5}})
+    data["tasks"] = {"squad": data["tasks"]["squad"]}
+    data["students"][0]["save"] = "merged"
+    data["evaluation"]["backend"] = "vllm"
+    config = tmp_path / "study.yaml"
+    config.write_text(yaml.safe_dump(data))
+    assert main(["run", str(config), "--data-dir", str(tiny_data_dir)]) == 0
+    teacher = str(out / "teacher" / "squad")
+    student = str(out / "runs" / "kd2-squad-s1-lam0.5-seed1" / "model")
+    assert engines.count(teacher) == 3  # adapted teacher: selection + eval, then the cache's answers
+    assert engines.count(student) == 1  # the student has one setting: evaluated on eval only
+    assert len(engines) == 6 and len(set(engines)) == 3  # and the base teacher's zero-shot selection + eval
+    answers = Registry(out / "registry.sqlite").get("cache-squad").metrics["cache"]["answers"]
+    assert answers["total"] > 0 and answers["empty"] == 0  # every stand-in answer was " the answer"

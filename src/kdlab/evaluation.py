@@ -8,6 +8,7 @@ from __future__ import annotations
 
 import contextlib
 import contextvars
+import gc
 import logging
 import time
 from collections.abc import Iterator, Mapping, Sequence
@@ -202,6 +203,10 @@ def generate_answers_vllm(
               skip_tokenizer_init=False, seed=0)
     params = SamplingParams(temperature=0.0, max_tokens=max_new_tokens, skip_special_tokens=True)
     outputs = llm.generate([{"prompt_token_ids": list(ids)} for ids in prompt_ids], params, use_tqdm=False)
+    del llm  # the engine holds GPU memory the next training run needs
+    gc.collect()
+    if torch.cuda.is_available() and torch.cuda.is_initialized():
+        torch.cuda.empty_cache()
     return [first_answer_line(out.outputs[0].text) for out in outputs]
 
 

@@ -23,6 +23,7 @@ import pandas as pd
 
 from kdlab.config import ExecutorSettings, StudentSettings, StudyConfig
 from kdlab.distributed import Ranks
+from kdlab.evaluation import GenerationOptions
 from kdlab.files import atomic_write_json, atomic_write_text
 from kdlab.methods import Signals, get_method
 from kdlab.models import load_tokenizer, model_provenance, resolve_device, resolve_model_path
@@ -244,6 +245,16 @@ class Study:
     def cache_dir(self, task: str) -> Path:
         root = Path(self.config.cache.dir) if self.config.cache.dir else self.out / "teacher_cache"
         return root / task
+
+    def generation(self, model_path: str | None) -> GenerationOptions:
+        """How to generate with a model whose weights are in the folder `model_path` (None: in memory only,
+        so the hf backend whatever `evaluation.backend` says: vLLM reads weights from disk)."""
+        ev = self.config.evaluation
+        backend = ev.backend if model_path else "hf"
+        if backend != ev.backend:
+            self.log(f"[generation] {ev.backend} needs the weights on disk; using hf for an in-memory model")
+        return GenerationOptions(backend=backend, static_cache=ev.static_cache, model_path=model_path,
+                                 dtype=ev.dtype)
 
     def seed(self, stage: str, run_seed: int | None = None) -> int:
         return stage_seed(self.config.seeds, self.config.data_seed, stage, run_seed)

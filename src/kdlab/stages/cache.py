@@ -17,7 +17,7 @@ from torch import nn
 from transformers import PreTrainedTokenizerBase
 
 from kdlab.errors import CacheError
-from kdlab.evaluation import predict, progress
+from kdlab.evaluation import generation_options, predict, progress
 from kdlab.models import hash_model_files, load_model
 from kdlab.registry import RunSpec
 from kdlab.scored import forward_scored
@@ -368,24 +368,25 @@ def run_cache(study: Study, name: str) -> TeacherCache | None:
     def build() -> dict[str, Any]:
         study.log(f"[cache] {name}: building the teacher cache in {directory}")
         teacher = load_model(teacher_dir, dtype=study.config.evaluation.dtype, device=study.device)
-        cache = build_teacher_cache(
-            directory,
-            task=data.task,
-            teacher=teacher,
-            tokenizer=study.tokenizer,
-            examples=data.train,
-            encoded=data.encoded,
-            fingerprint_inputs=inputs,
-            top_k=contents.top_k,
-            hidden_layers=contents.hidden_layers,
-            answers=contents.answers,
-            batch_size=study.config.evaluation.batch_size,
-            hidden_dtype=study.config.cache.hidden_dtype,
-            overwrite=True,  # whatever is there failed verification: built beside, then swapped in
-            temperatures=contents.temperatures or (),
-            empty_answers=empty_answers,
-            transfer=data.transfer,
-        )
+        with generation_options(study.generation(teacher_dir)):  # the teacher's answers (KD2, transfer set)
+            cache = build_teacher_cache(
+                directory,
+                task=data.task,
+                teacher=teacher,
+                tokenizer=study.tokenizer,
+                examples=data.train,
+                encoded=data.encoded,
+                fingerprint_inputs=inputs,
+                top_k=contents.top_k,
+                hidden_layers=contents.hidden_layers,
+                answers=contents.answers,
+                batch_size=study.config.evaluation.batch_size,
+                hidden_dtype=study.config.cache.hidden_dtype,
+                overwrite=True,  # whatever is there failed verification: built beside, then swapped in
+                temperatures=contents.temperatures or (),
+                empty_answers=empty_answers,
+                transfer=data.transfer,
+            )
         stats = {"examples": len(cache), "answer_tokens": cache.num_tokens, "fields": list(cache.fields)}
         if "topk" in cache.fields:
             # Top-k arrays plus the fp32 tail of every temperature; the parts are kept too.

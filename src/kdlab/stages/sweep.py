@@ -15,7 +15,7 @@ from safetensors.torch import save_file
 
 from kdlab import losses
 from kdlab.config import StudentSettings
-from kdlab.evaluation import GenerationOptions, evaluate_splits, generation_options, predict
+from kdlab.evaluation import evaluate_splits, generation_options, predict
 from kdlab.files import atomic_write_json
 from kdlab.methods import MethodSettings, Signals, get_method
 from kdlab.models import (
@@ -179,7 +179,7 @@ def train_student(study: Study, spec: RunSpec, student: StudentSettings, cache: 
     splits = {"selection": data.selection, "eval": data.eval} if choosing else {"eval": data.eval}
     # vLLM reads weights from disk: the merged model just saved is this model; an adapter-only save is not.
     saved = str(folder / "model") if student.save == "merged" else None
-    with generation_options(_generation(study, saved)):
+    with generation_options(study.generation(saved)):
         metrics = evaluate_splits(
             data.task,
             model,
@@ -200,17 +200,6 @@ def train_student(study: Study, spec: RunSpec, student: StudentSettings, cache: 
     return metrics
 
 
-def _generation(study: Study, model_path: str | None) -> GenerationOptions:
-    """The study's generation settings for a model whose weights are in `model_path` (None: in memory only,
-    so the hf backend whatever `evaluation.backend` says)."""
-    ev = study.config.evaluation
-    backend = ev.backend if model_path else "hf"
-    if backend != ev.backend:
-        study.log(f"[generation] {ev.backend} needs the weights on disk; using hf for an in-memory model")
-    return GenerationOptions(backend=backend, static_cache=ev.static_cache, model_path=model_path,
-                             dtype=ev.dtype)
-
-
 def train_items(
     study: Study, data: TaskData, signals: Signals, cache: TeacherCache | None, live: Any
 ) -> list[TrainItem]:
@@ -223,7 +212,7 @@ def train_items(
     transfer_answers: dict[str, Any] = {}
     if live is not None:
         # The live teacher is unchanged since it was loaded, so vLLM may read its folder.
-        with generation_options(_generation(study, getattr(live, "name_or_path", None))):
+        with generation_options(study.generation(getattr(live, "name_or_path", None))):
             if signals.answers:
                 raw, _ = predict(task, live, tokenizer, data.train, batch_size=batch_size,
                                  training_prompts=True)

@@ -7,7 +7,7 @@ from __future__ import annotations
 from pathlib import Path
 from typing import TYPE_CHECKING, Any
 
-from kdlab.evaluation import evaluate_splits
+from kdlab.evaluation import evaluate_splits, generation_options
 from kdlab.files import atomic_folder
 from kdlab.methods import baseline
 from kdlab.models import add_lora, hub_snapshot_info, load_model, save_model
@@ -45,18 +45,20 @@ def run_teacher(study: Study, name: str) -> None:
     hashes = teacher_run_hashes(study, name)
     common = dict(kind="teacher", task=name, method="teacher", student="teacher", stage="teacher")
 
-    def evaluate(model: Any, folder: Path) -> dict[str, Any]:
+    def evaluate(model: Any, folder: Path, weights: str) -> dict[str, Any]:
+        """`weights`: the folder `model` was loaded from or saved to (a vLLM backend reads it)."""
         splits = {"selection": data.selection, "eval": data.eval}
-        return evaluate_splits(
-            data.task,
-            model,
-            study.tokenizer,
-            splits,
-            folder,
-            label="teacher",
-            batch_size=study.config.evaluation.batch_size,
-            dtype=study.config.evaluation.dtype,
-        )
+        with generation_options(study.generation(weights)):
+            return evaluate_splits(
+                data.task,
+                model,
+                study.tokenizer,
+                splits,
+                folder,
+                label="teacher",
+                batch_size=study.config.evaluation.batch_size,
+                dtype=study.config.evaluation.dtype,
+            )
 
     def zero_shot() -> dict[str, Any]:
         model = load_model(
@@ -65,7 +67,7 @@ def run_teacher(study: Study, name: str) -> None:
             device=study.device,
             trust_remote_code=cfg.trust_remote_code,
         )
-        return evaluate(model, study.out / "teacher" / f"{name}-zero-shot")
+        return evaluate(model, study.out / "teacher" / f"{name}-zero-shot", study.base_teacher_path)
 
     # The hub commit a hub-id teacher resolved to, recorded with its runs (params are not in the config hash).
     snapshot = hub_snapshot_info(study.base_teacher_path)
@@ -113,7 +115,7 @@ def run_teacher(study: Study, name: str) -> None:
         model = model.merge_and_unload() if hasattr(model, "merge_and_unload") else model
         # Saved aside and swapped in: a killed save never leaves a half-written teacher behind.
         atomic_folder(folder, lambda tmp: save_model(model, study.tokenizer, tmp), replace=True)
-        metrics = evaluate(model, folder.with_name(name + "-eval"))
+        metrics = evaluate(model, folder.with_name(name + "-eval"), str(folder))
         metrics["train_runtime"] = round(result.train_runtime, 1)
         return metrics
 
