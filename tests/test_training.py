@@ -488,3 +488,22 @@ def test_kd3_projection_matmul_runs_in_bf16_under_mixed_precision(setup: Setup, 
     assert set(mixed_seen) == {torch.bfloat16} and set(seen) == {torch.float32}
     a, b = _losses(mixed)[0], _losses(plain)[0]
     assert a["loss_kd"] == pytest.approx(b["loss_kd"], rel=2e-2)  # same loss, to bf16 rounding
+
+
+def test_checkpoints_of_other_settings_are_not_resumed(tmp_path: Path) -> None:
+    """A run redone under new settings (`--force`) must not continue from checkpoints made under the old
+    ones; the same settings resume from the newest whole checkpoint; a half-written one is never picked."""
+    from kdlab.training import SETTINGS_MARK, last_checkpoint
+
+    trainer = tmp_path / "trainer"
+    assert last_checkpoint(trainer, "aaa") is None  # a first run: the folder is marked for later
+    assert (trainer / SETTINGS_MARK).read_text() == "aaa"
+    for step in (2, 4):
+        (trainer / f"checkpoint-{step}").mkdir()
+        (trainer / f"checkpoint-{step}" / "trainer_state.json").write_text("{}")
+    (trainer / "checkpoint-6").mkdir()  # killed before its trainer_state.json
+    assert last_checkpoint(trainer, "aaa") == str(trainer / "checkpoint-4")
+    assert not (trainer / "checkpoint-6").exists()
+    assert last_checkpoint(trainer, "bbb") is None  # other settings: start over
+    assert not list(trainer.glob("checkpoint-*"))
+    assert (trainer / SETTINGS_MARK).read_text() == "bbb"

@@ -36,7 +36,7 @@ from kdlab.distributed import (
     reset_accelerator_state,
     shard_frozen,
 )
-from kdlab.files import atomic_write_json
+from kdlab.files import atomic_write_json, atomic_write_text
 from kdlab.methods import TEACHER_ANSWER, LossInputs, Method, Signals, TeacherBatch
 from kdlab.scored import answer_counts, forward_scored, pack, packing_respected
 from kdlab.tasks.base import Encoded, collate
@@ -470,10 +470,26 @@ def drop_incomplete_checkpoints(trainer: Path) -> list[str]:
     return dropped
 
 
-def last_checkpoint(trainer_dir: Path) -> str | None:
+SETTINGS_MARK = "kdlab_config_hash.txt"  # in a run's trainer folder: the settings of its checkpoints
+
+
+def last_checkpoint(trainer_dir: Path, config_hash: str | None = None) -> str | None:
     """The checkpoint an interrupted run resumes from: the newest whole one in `trainer_dir` (half-written
-    ones are removed first), or None."""
+    ones are removed first), or None.
+
+    With `config_hash` (the run's), checkpoints made under other settings (a run redone with `--force`) are
+    removed rather than resumed, and the folder is marked with this hash for the next resume."""
+    if config_hash is not None and trainer_dir.is_dir():
+        mark = trainer_dir / SETTINGS_MARK
+        made_with = mark.read_text().strip() if mark.is_file() else None
+        stale = sorted(trainer_dir.glob("checkpoint-*")) if made_with not in (None, config_hash) else []
+        if stale:
+            log.info(f"[resume] {trainer_dir}: {len(stale)} checkpoint(s) made with other settings removed")
+        for folder in stale:
+            shutil.rmtree(folder, ignore_errors=True)
     drop_incomplete_checkpoints(trainer_dir)
+    if config_hash is not None:
+        atomic_write_text(trainer_dir / SETTINGS_MARK, config_hash)
     return get_last_checkpoint(str(trainer_dir)) if trainer_dir.is_dir() else None
 
 

@@ -142,7 +142,8 @@ def train_student(study: Study, spec: RunSpec, student: StudentSettings, cache: 
     items = train_items(study, data, signals, cache, live)
     # An interrupted run continues from its last checkpoint (training.save_steps > 0).
     trainer_dir = folder / "trainer"
-    last = last_checkpoint(trainer_dir)
+    # The leader looks (and tidies); every rank resumes from what it found.
+    last = study.ranks.share(last_checkpoint(trainer_dir, spec.config_hash) if study.ranks.leader else None)
     if last:
         study.log(f"[resume] {spec.id} from {last}")
     result = train(
