@@ -178,3 +178,25 @@ def kdlab_messages() -> list[str]:
     yield messages
     logger.removeHandler(handler)
     logger.setLevel(level)
+
+
+@pytest.fixture
+def no_training(monkeypatch: pytest.MonkeyPatch) -> None:
+    """Finished work must not be redone: training, evaluation, cache building and deriving a student raise."""
+    import kdlab.evaluation
+    import kdlab.stages.cache
+    import kdlab.stages.students
+    import kdlab.stages.sweep
+    import kdlab.stages.teacher
+
+    def forbidden(*args: object, **kwargs: object) -> None:
+        raise AssertionError("finished work must not be redone (train, evaluate, build a cache, derive)")
+
+    for module, name in [
+        (kdlab.stages.teacher, "train"),
+        (kdlab.stages.sweep, "train"),
+        (kdlab.evaluation, "evaluate"),
+        (kdlab.stages.cache, "build_teacher_cache"),
+        (kdlab.stages.students, "derive_student"),
+    ]:
+        monkeypatch.setattr(module, name, forbidden)

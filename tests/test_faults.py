@@ -33,12 +33,8 @@ import pytest
 import torch
 import yaml
 
-import kdlab.evaluation
 import kdlab.report
 import kdlab.stages.cache
-import kdlab.stages.students
-import kdlab.stages.sweep
-import kdlab.stages.teacher
 from kdlab.cli import main
 from kdlab.config import TrainingSettings, preset_text
 from kdlab.errors import RegistryError
@@ -54,14 +50,6 @@ from kdlab.training import KDTrainer, TrainItem, train
 KD1_RUN = "kd1-sst2-s1-lam0.5-seed1"
 STUDENT_RUNS = {"sft-sst2-s1-seed1", KD1_RUN}
 
-# What a finished study must never do again: train, evaluate, build a cache, derive a student.
-FORBIDDEN_WHEN_DONE = [
-    (kdlab.stages.teacher, "train"),
-    (kdlab.stages.sweep, "train"),
-    (kdlab.evaluation, "evaluate"),
-    (kdlab.stages.cache, "build_teacher_cache"),
-    (kdlab.stages.students, "derive_student"),
-]
 
 
 
@@ -103,15 +91,6 @@ def study(mini: Mini, tmp_path: Path) -> Path:
     out = tmp_path / "study"
     shutil.copytree(mini.out, out)
     return out
-
-
-@pytest.fixture
-def no_training(monkeypatch: pytest.MonkeyPatch) -> None:
-    def forbidden(*args: Any, **kwargs: Any) -> None:
-        raise AssertionError("finished work must not be redone")
-
-    for module, name in FORBIDDEN_WHEN_DONE:
-        monkeypatch.setattr(module, name, forbidden)
 
 
 def _sweep(study: Path, mini: Mini, *flags: str) -> int:

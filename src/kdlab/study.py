@@ -15,7 +15,6 @@ from __future__ import annotations
 import json
 import logging
 import time
-from collections.abc import Sequence
 from pathlib import Path
 from typing import Any
 
@@ -195,9 +194,6 @@ class Study:
     def cache_stage(self, name: str) -> TeacherCache | None:
         return cache.run_cache(self, name)
 
-    def cache_contents(self) -> cache.CacheContents | None:
-        return cache.cache_contents(self)
-
     def verify_caches(self) -> list[tuple[str, Path, str | None]]:
         return cache.verify_caches(self)
 
@@ -214,18 +210,6 @@ class Study:
     def grid_signals(self, method: str) -> list[Signals]:
         """What each grid point of `method` reads from the teacher."""
         return [get_method(method).signals(point) for point in self.grid(method)[0]]
-
-    def student_spec(
-        self,
-        student: StudentSettings,
-        task: str,
-        method: str,
-        params: dict[str, Any],
-        axes: Sequence[str],
-        seed: int,
-        stage: str,
-    ) -> RunSpec:
-        return sweep.student_spec(self, student, task, method, params, axes, seed, stage)
 
     @property
     def base_teacher_path(self) -> str:
@@ -309,7 +293,7 @@ class Study:
         ids: list[str] = []
         for name in self.config.tasks:
             ids += list(teacher.teacher_run_hashes(self, name))
-        if self.cache_contents() is not None:
+        if cache.cache_contents(self) is not None:
             ids += [f"cache-{name}" for name in self.config.tasks]
         path = self.out / "selection.json"
         selected = json.loads(path.read_text()) if path.is_file() else {}
@@ -319,7 +303,8 @@ class Study:
                 for method in self.config.methods:
                     points, axes = self.grid(method)
                     ids += [
-                        self.student_spec(student, name, method, p, axes, seeds[0], "grid").id for p in points
+                        sweep.student_spec(self, student, name, method, p, axes, seeds[0], "grid").id
+                        for p in points
                     ]
                     best = (
                         points[0]
@@ -330,7 +315,7 @@ class Study:
                         ids.append(
                             f"{method}-{name}-{student.name}-<best>-seed{seed}"
                             if best is None
-                            else self.student_spec(student, name, method, best, axes, seed, "final").id
+                            else sweep.student_spec(self, student, name, method, best, axes, seed, "final").id
                         )
         return [(i, status.get(i, "todo")) for i in ids]
 

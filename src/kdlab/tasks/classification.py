@@ -26,9 +26,8 @@ from pydantic import Field, field_validator
 from kdlab.errors import DataError
 from kdlab.files import atomic_write_text
 from kdlab.metrics import classification_scores
-from kdlab.models import cache_root
-from kdlab.tasks.base import Example, Task, read_data_text, register_kind, template_names
-from kdlab.tasks.data import DataTaskSettings, read_examples, source_name
+from kdlab.tasks.base import Example, Task, read_data_text, register_kind
+from kdlab.tasks.data import DataFileTask, DataTaskSettings, Gold
 
 if TYPE_CHECKING:
     from torch import nn
@@ -55,14 +54,10 @@ class ClassificationSettings(DataTaskSettings):
 
 
 @register_kind
-class ClassificationTask(Task):
+class ClassificationTask(DataFileTask, Task):
     kind: ClassVar[str] = "classification"
     settings_class: ClassVar[type[DataTaskSettings]] = ClassificationSettings
     default_template: ClassVar[str] = "{text}\nLabel:"
-    eval_split: ClassVar[str] = "eval"
-    template_fields: ClassVar[frozenset[str] | None] = None
-    long_field: ClassVar[str] = "text"
-    template_setting: ClassVar[str] = "prompt"
     labels_field: ClassVar[str] = "labels"  # the setting naming the labels, for messages
 
     settings: ClassificationSettings
@@ -111,13 +106,7 @@ class ClassificationTask(Task):
 
     # -- data -------------------------------------------------------------------------------------------
 
-    def _source(self, split: str) -> Any:
-        if split not in (self.train_split, self.eval_split):
-            raise ValueError(f"{self.name}: unknown split {split!r}; expected {self.train_split} or "
-                             f"{self.eval_split}")
-        return self.settings.data.train if split == self.train_split else self.settings.data.eval
-
-    def _read(self, source: Any, split: str) -> list[Example]:
+    def gold_reader(self) -> Gold:
         labels = {value: i for i, value in enumerate(self.settings.labels)}
         column = self.settings.label
 
@@ -130,21 +119,7 @@ class ClassificationTask(Task):
                                 f"(tasks.{self.name}.labels)")
             return {"label": labels[value]}
 
-        fields = template_names(self.template, f"tasks.{self.name}.prompt")
-        return read_examples(source, split, self.settings, fields, gold, cache_root() / "datasets")
-
-    def load(self, split: str, data_dir: str | Path | None = None) -> list[Example]:
-        return self._read(self._source(split), split)
-
-    def read_references(self, path: str | Path) -> list[Example]:
-        return self._read(str(path), Path(path).stem)
-
-    def source(self, split: str, data_dir: str | Path | None = None) -> str:
-        return f"in {source_name(self._source(split))}"
-
-    def data_files(self, data_dir: str | Path | None = None) -> dict[str, Path]:
-        files = (self.settings.data.train, self.settings.data.eval)
-        return {f: Path(f).expanduser() for f in files if isinstance(f, str)}
+        return gold
 
     # -- targets ----------------------------------------------------------------------------------------
 

@@ -22,9 +22,12 @@ from pydantic import Field
 
 from kdlab.config import Strict, TaskSettings
 from kdlab.errors import DataError
+from kdlab.models import cache_root
 from kdlab.tasks.base import Example, load_hub, require_examples, template_names
 
-__all__ = ["DataFiles", "DataTaskSettings", "HubData", "read_examples", "source_name"]
+Gold = Callable[[Mapping[str, Any], str], dict[str, Any]]  # a row and where it is -> Example keywords
+
+__all__ = ["DataFileTask", "DataFiles", "DataTaskSettings", "HubData", "read_examples", "source_name"]
 
 FORMATS = {".csv": "csv", ".tsv": "csv", ".jsonl": "json", ".json": "json", ".parquet": "parquet"}
 
@@ -90,7 +93,7 @@ def read_examples(
     split: str,
     settings: DataTaskSettings,
     prompt_fields: set[str],
-    gold: Callable[[Mapping[str, Any], str], dict[str, Any]],
+    gold: Gold,
     cache_dir: Path,
 ) -> list[Example]:
     """The examples of one split: `settings.text` formatted from each row's columns, the other columns the
@@ -119,3 +122,47 @@ def read_examples(
         fields["text"] = settings.text.format(**values).strip()
         out.append(Example(id=key, fields=fields, **gold(row, where)))
     return out
+
+
+class DataFileTask:
+    """What a task kind does with the data of a YAML block (`DataTaskSettings`): its train and eval rows, read
+    with `read_examples`. A kind mixes this in before `Task` and says how a row gives its gold answer
+    (`gold_reader`); a task with its own file format (sst2.py, squad.py) overrides these methods."""
+
+    eval_split: ClassVar[str] = "eval"
+    template_fields: ClassVar[frozenset[str] | None] = None  # any column of the data
+    long_field: ClassVar[str] = "text"
+    template_setting: ClassVar[str] = "prompt"
+
+    name: str
+    template: str
+    train_split: ClassVar[str]
+    settings: DataTaskSettings
+
+    def gold_reader(self) -> Gold:
+        """The function that reads a row's gold answer as Example keyword arguments, or raises DataError."""
+        raise NotImplementedError
+
+    def _source(self, split: str) -> str | HubData:
+        if split not in (self.train_split, self.eval_split):
+            raise ValueError(f"{self.name}: unknown split {split!r}; expected {self.train_split} or "
+                             f"{self.eval_split}")
+        return self.settings.data.train if split == self.train_split else self.settings.data.eval
+
+    def _read(self, source: str | HubData, split: str) -> list[Example]:
+        fields = template_names(self.template, f"tasks.{self.name}.prompt")
+        datasets_cache = cache_root() / "datasets"
+        return read_examples(source, split, self.settings, fields, self.gold_reader(), datasets_cache)
+
+    def load(self, split: str, data_dir: str | Path | None = None) -> list[Example]:
+        return self._read(self._source(split), split)
+
+    def read_references(self, path: str | Path) -> list[Example]:
+        return self._read(str(path), Path(path).stem)
+
+    def source(self, split: str, data_dir: str | Path | None = None) -> str:
+        return f"in {source_name(self._source(split))}"
+
+    def data_files(self, data_dir: str | Path | None = None) -> dict[str, Path]:
+        files = (self.settings.data.train, self.settings.data.eval)
+        return {f: Path(f).expanduser() for f in files if isinstance(f, str)}

@@ -25,9 +25,8 @@ from pydantic import Field, model_validator
 from kdlab.errors import DataError
 from kdlab.files import atomic_write_text
 from kdlab.metrics import ANSWER_METRICS, SHORT_NAMES, answer_scores
-from kdlab.models import cache_root
-from kdlab.tasks.base import Example, Task, read_data_text, register_kind, template_names
-from kdlab.tasks.data import DataTaskSettings, read_examples, source_name
+from kdlab.tasks.base import Example, Task, read_data_text, register_kind
+from kdlab.tasks.data import DataFileTask, DataTaskSettings, Gold
 
 if TYPE_CHECKING:
     from torch import nn
@@ -55,14 +54,10 @@ class GenerationSettings(DataTaskSettings):
 
 
 @register_kind
-class GenerationTask(Task):
+class GenerationTask(DataFileTask, Task):
     kind: ClassVar[str] = "generation"
     settings_class: ClassVar[type[DataTaskSettings]] = GenerationSettings
     default_template: ClassVar[str] = "{text}\nAnswer:"
-    eval_split: ClassVar[str] = "eval"
-    template_fields: ClassVar[frozenset[str] | None] = None
-    long_field: ClassVar[str] = "text"
-    template_setting: ClassVar[str] = "prompt"
 
     settings: GenerationSettings
 
@@ -86,13 +81,7 @@ class GenerationTask(Task):
 
     # -- data -------------------------------------------------------------------------------------------
 
-    def _source(self, split: str) -> Any:
-        if split not in (self.train_split, self.eval_split):
-            raise ValueError(f"{self.name}: unknown split {split!r}; expected {self.train_split} or "
-                             f"{self.eval_split}")
-        return self.settings.data.train if split == self.train_split else self.settings.data.eval
-
-    def _read(self, source: Any, split: str) -> list[Example]:
+    def gold_reader(self) -> Gold:
         column = self.settings.answer
 
         def gold(row: Mapping[str, Any], where: str) -> dict[str, Any]:
@@ -105,21 +94,7 @@ class GenerationTask(Task):
                 raise DataError(f"{where}: no gold answer in column {column!r}")
             return {"answers": tuple(answers)}
 
-        fields = template_names(self.template, f"tasks.{self.name}.prompt")
-        return read_examples(source, split, self.settings, fields, gold, cache_root() / "datasets")
-
-    def load(self, split: str, data_dir: str | Path | None = None) -> list[Example]:
-        return self._read(self._source(split), split)
-
-    def read_references(self, path: str | Path) -> list[Example]:
-        return self._read(str(path), Path(path).stem)
-
-    def source(self, split: str, data_dir: str | Path | None = None) -> str:
-        return f"in {source_name(self._source(split))}"
-
-    def data_files(self, data_dir: str | Path | None = None) -> dict[str, Path]:
-        files = (self.settings.data.train, self.settings.data.eval)
-        return {f: Path(f).expanduser() for f in files if isinstance(f, str)}
+        return gold
 
     # -- targets ----------------------------------------------------------------------------------------
 
