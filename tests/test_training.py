@@ -329,21 +329,21 @@ def _dtypes(model: torch.nn.Module) -> tuple[set[torch.dtype], set[torch.dtype]]
 
 def test_lora_student_keeps_frozen_base_in_compute_dtype(tmp_path: Path) -> None:
     from kdlab.config import LoraSettings
-    from kdlab.models import load_frozen, load_student
+    from kdlab.models import load_frozen, load_trainable
     from kdlab.tiny import write_tiny_llama
 
     path = str(write_tiny_llama(tmp_path / "tiny", num_layers=2))
     lora = LoraSettings(r=4, alpha=8, dropout=0.0, target_modules=["q_proj", "v_proj"])
-    student = load_student(path, finetune="lora", lora=lora, dtype="bfloat16")
+    student = load_trainable(path, finetune="lora", lora=lora, dtype="bfloat16")
     assert _dtypes(student) == ({torch.bfloat16}, {torch.float32})
     assert all("lora_" in n for n, p in student.named_parameters() if p.requires_grad)
     # Full fine-tuning: every weight is a master weight, fp32 whatever the compute dtype.
-    full = load_student(path, finetune="full", lora=lora, dtype="bfloat16")
+    full = load_trainable(path, finetune="full", lora=lora, dtype="bfloat16")
     assert _dtypes(full) == (set(), {torch.float32})
     teacher = load_frozen(path, dtype="bfloat16")
     assert _dtypes(teacher) == ({torch.bfloat16}, set()) and not teacher.training
     # Without mixed precision nothing changes: fp32 throughout.
-    assert _dtypes(load_student(path, finetune="lora", lora=lora)) == ({torch.float32}, {torch.float32})
+    assert _dtypes(load_trainable(path, finetune="lora", lora=lora)) == ({torch.float32}, {torch.float32})
 
 
 def test_bf16_run_with_bf16_base_trains_the_fp32_adapters(setup: Setup, tmp_path: Path) -> None:

@@ -126,6 +126,12 @@ class TrainingSettings(_LaterFields, Strict):
 
     _later: ClassVar[tuple[str, ...]] = ("packing", "attn_implementation", "teacher_sharding")
 
+    @property
+    def compute_dtype(self) -> str:
+        """The dtype mixed precision computes in (`bf16`, or TrainingArguments' `fp16`): the dtype frozen
+        weights are stored in."""
+        return "bfloat16" if self.bf16 else "float16" if (self.model_extra or {}).get("fp16") else "float32"
+
     @model_validator(mode="after")
     def _trainer_arguments(self) -> TrainingSettings:
         if self.model_extra:

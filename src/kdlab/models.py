@@ -347,11 +347,6 @@ def load_model(
     return model.to(device)
 
 
-def compute_dtype(bf16: bool, fp16: bool = False) -> str:
-    """The dtype mixed-precision training computes in: the one frozen weights are stored in."""
-    return "bfloat16" if bf16 else "float16" if fp16 else "float32"
-
-
 # -- configs: what every family calls its text width and layer count -----------------------------------------
 
 
@@ -728,7 +723,7 @@ def add_lora(model: PreTrainedModel, lora: LoraSettings) -> nn.Module:
     return get_peft_model(model, config)
 
 
-def load_student(
+def load_trainable(
     path: str,
     *,
     finetune: str,
@@ -738,7 +733,8 @@ def load_student(
     trust_remote_code: bool = False,
     attn_implementation: str | None = None,
 ) -> nn.Module:
-    """A student ready to train under mixed precision in `dtype` (`compute_dtype`).
+    """A model to fine-tune (a student, or the teacher being adapted) under mixed precision in `dtype`
+    (`TrainingSettings.compute_dtype`).
 
     LoRA: the frozen base is loaded in `dtype` (no fp32 copy of weights that never change) and the adapters
     are fp32, which peft's `autocast_adapter_dtype` (on by default) makes them, so the optimizer updates fp32

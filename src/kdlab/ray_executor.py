@@ -374,7 +374,7 @@ def read_task_record(folder: Path) -> dict[str, Any] | None:
     return data if isinstance(data, dict) and data.get("attempts") else None
 
 
-def _note_attempt(folder: Path, submission: str) -> int:
+def _note_attempt(folder: Path, submission: str, config_hash: str) -> int:
     """Append this attempt (node, host, pid, the checkpoint it resumes from) to the run's ray_task.json;
     returns its number. Attempts of one task never overlap, so read-then-write is safe."""
     import ray
@@ -391,7 +391,7 @@ def _note_attempt(folder: Path, submission: str) -> int:
         "ip": ray.util.get_node_ip_address(),
         "pid": os.getpid(),
         "started": time.time(),
-        "resume_from": last_checkpoint(trainer),
+        "resume_from": last_checkpoint(trainer, config_hash),  # what train_student will resume
         "dropped": dropped,
     })
     folder.mkdir(parents=True, exist_ok=True)
@@ -431,7 +431,7 @@ def _train_in_worker(job: dict[str, Any]) -> dict[str, Any]:
 
     start = time.perf_counter()
     spec = RunSpec(**job["spec"])
-    attempt = _note_attempt(Path(spec.output_dir), job["submission"])
+    attempt = _note_attempt(Path(spec.output_dir), job["submission"], spec.config_hash)
     study = _worker_study(job)
     student = next(s for s in study.config.students if s.name == spec.student)
     cache = None

@@ -19,11 +19,10 @@ from kdlab.evaluation import evaluate_splits, generation_options, predict
 from kdlab.files import atomic_write_json
 from kdlab.methods import MethodSettings, Signals, get_method
 from kdlab.models import (
-    compute_dtype,
     count_parameters,
     hidden_width,
     load_frozen,
-    load_student,
+    load_trainable,
     model_config,
     save_model,
 )
@@ -123,8 +122,8 @@ def train_student(study: Study, spec: RunSpec, student: StudentSettings, cache: 
     seed_everything(study.seed("student", spec.seed))  # LoRA init, projections, data order
     settings = study.config.training
     # Frozen weights in the dtype mixed precision computes in; trainable ones (LoRA, full) stay fp32.
-    dtype = compute_dtype(settings.bf16, bool((settings.model_extra or {}).get("fp16")))
-    model = load_student(
+    dtype = settings.compute_dtype
+    model = load_trainable(
         study.student_path(student), finetune=student.finetune, lora=student.lora, dtype=dtype,
         device=study.device, trust_remote_code=student.trust_remote_code,
         attn_implementation=settings.attn_implementation,

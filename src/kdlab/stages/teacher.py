@@ -10,7 +10,7 @@ from typing import TYPE_CHECKING, Any
 from kdlab.evaluation import evaluate_splits, generation_options
 from kdlab.files import atomic_folder
 from kdlab.methods import baseline
-from kdlab.models import add_lora, hub_snapshot_info, load_model, save_model
+from kdlab.models import hub_snapshot_info, load_model, load_trainable, save_model
 from kdlab.registry import RunSpec
 from kdlab.seeding import seed_everything
 from kdlab.tasks.base import subset
@@ -88,11 +88,12 @@ def run_teacher(study: Study, name: str) -> None:
 
     def adapt() -> dict[str, Any]:
         seed_everything(seed)  # LoRA adapters are initialised from the global generator
-        model = load_model(
-            study.base_teacher_path, device=study.device, trust_remote_code=cfg.trust_remote_code
+        # As a student's: a LoRA teacher's frozen base in the compute dtype, the trained weights fp32.
+        model = load_trainable(
+            study.base_teacher_path, finetune=cfg.finetune, lora=cfg.lora, dtype=cfg.training.compute_dtype,
+            device=study.device, trust_remote_code=cfg.trust_remote_code,
+            attn_implementation=cfg.training.attn_implementation,
         )
-        if cfg.finetune == "lora":
-            model = add_lora(model, cfg.lora)
         examples = (
             subset(data.train, cfg.train_size, study.config.data_seed) if cfg.train_size else data.train
         )
