@@ -117,13 +117,8 @@ def _executor(args: argparse.Namespace) -> tuple[StudyConfig, Any]:
 
 
 def cmd_sweep(args: argparse.Namespace) -> int:
-    from kdlab.ray_executor import driving
-
     config, executor = _executor(args)
-    study = _study(args, config=config)
-    with driving(study, executor):  # a Ray driver holds the study from the teacher stages on
-        study.prepare()
-        failed = study.sweep(executor=executor)
+    failed = _study(args, config=config).sweep(executor=executor)
     if failed:
         log.error("%d run(s) failed: %s", len(failed), ", ".join(failed))
     return EXIT_FAILED if failed else EXIT_OK

@@ -121,14 +121,10 @@ class _Task:
     submitted: float
 
 
-_ACTIVE: dict[int, tuple[RayExecutor, int]] = {}  # id(study) -> (its driver, nesting depth)
-
-
 @contextlib.contextmanager
 def driving(study: Study, settings: ExecutorSettings) -> Iterator[RayExecutor | None]:
     """For the stages of one command: the study's Ray driver (claimed, connected; given up at the end), or
-    None for the local executor after checking that no other host uses the registry. Re-entrant, so `run`
-    can hold it over the teacher stages and the sweep."""
+    None for the local executor after checking that no other host uses the registry."""
     if settings.kind != "ray":
         if study.ranks.leader:
             note = check_local_sharing(study.registry)
@@ -136,27 +132,15 @@ def driving(study: Study, settings: ExecutorSettings) -> Iterator[RayExecutor | 
                 study.log(f"[registry] {note}")
         yield None
         return
-    key = id(study)
-    if key in _ACTIVE:
-        executor, depth = _ACTIVE[key]
-        _ACTIVE[key] = (executor, depth + 1)
-        try:
-            yield executor
-        finally:
-            executor, depth = _ACTIVE[key]
-            _ACTIVE[key] = (executor, depth - 1)
-        return
     if study.ranks.size > 1:
         raise ConfigError("--executor ray: start the driver as one process (Ray places each run), not under "
                           "torchrun or accelerate launch")
     executor = RayExecutor(study, settings)
-    _ACTIVE[key] = (executor, 1)
     interrupted = True
     try:
         yield executor
         interrupted = False
     finally:
-        del _ACTIVE[key]
         executor.close(interrupted=interrupted)
 
 

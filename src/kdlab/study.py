@@ -135,12 +135,14 @@ class Study:
             self.student_path(student)  # derived students are built here (vocabularies: `preflight`)
 
     def sweep(self, poll_seconds: float = 5.0, executor: ExecutorSettings | None = None) -> list[str]:
-        """The teacher caches, then every student run (shared safely with other processes running the same
-        sweep), here or as tasks on a Ray cluster (`executor`, default the config's `executor:`; see
-        `kdlab.ray_executor`). Returns the ids of failed runs (kept as `failed`)."""
+        """Everything but the report: `prepare`, the teacher caches, then every student run (shared safely
+        with other processes running the same sweep), here or as tasks on a Ray cluster (`executor`, default
+        the config's `executor:`; see `kdlab.ray_executor`, whose driver holds the study throughout). Returns
+        the ids of failed runs (kept as `failed`)."""
         from kdlab.ray_executor import driving
 
         with driving(self, executor or self.config.executor) as runs_on:
+            self.prepare()
             caches = {name: self.cache_stage(name) for name in self.config.tasks}
             self.failed = sweep.run_sweep(self, caches, poll_seconds, runs_on)
         return self.failed
@@ -148,13 +150,8 @@ class Study:
     def run(self, executor: ExecutorSettings | None = None) -> pd.DataFrame:
         """The whole study; returns the results table (`results`). `failed` holds the ids of the runs that
         failed (empty when everything is done). `executor`: as for `sweep`."""
-        from kdlab.ray_executor import driving
-
         start = time.perf_counter()
-        executor = executor or self.config.executor
-        with driving(self, executor):  # a Ray driver holds the study from the teacher stages on
-            self.prepare()
-            self.sweep(executor=executor)
+        self.sweep(executor=executor)
         if self.ranks.leader:  # inference only: one process measures and writes
             atomic_write_json(self.out / "provenance.json", self.provenance(), indent=1)
             if self.config.bench.enabled:

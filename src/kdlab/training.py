@@ -164,7 +164,7 @@ class KDTrainer(Trainer):
         batch_samples, num_items = super().get_batch_samples(epoch_iterator, num_batches, device)
         if self.signals.answers and batch_samples:
             self._teacher_answer_tokens = self._global_count(
-                sum((b[TEACHER_ANSWER + "labels"][..., 1:] != -100).sum() for b in batch_samples), device
+                sum(answer_counts(b, TEACHER_ANSWER).sum() for b in batch_samples), device
             )
         if batch_samples:
             # The task loss is normalised by the gold answer tokens only (transfer rows have no gold).
@@ -208,10 +208,10 @@ class KDTrainer(Trainer):
         student_layers = [s for s, _ in self.layer_pairs]
         num_tokens = num_items_in_batch
         if num_tokens is None:  # outside the Trainer's accumulation loop: this batch's answer tokens
-            num_tokens = int((batch["labels"][..., 1:] != -100).sum())
+            num_tokens = int(answer_counts(batch).sum())
         answer_tokens = self._teacher_answer_tokens
         if answer_tokens is None and TEACHER_ANSWER + "labels" in batch:
-            answer_tokens = int((batch[TEACHER_ANSWER + "labels"] != -100).sum())
+            answer_tokens = int(answer_counts(batch, TEACHER_ANSWER).sum())
         gold_tokens = self._gold_tokens if num_items_in_batch is not None else None
         if gold_tokens is None:
             counts = answer_counts(batch)

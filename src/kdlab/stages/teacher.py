@@ -88,9 +88,11 @@ def run_teacher(study: Study, name: str) -> None:
 
     def adapt() -> dict[str, Any]:
         seed_everything(seed)  # LoRA adapters are initialised from the global generator
-        # As a student's: a LoRA teacher's frozen base in the compute dtype, the trained weights fp32.
+        # Unlike a student's, the base stays fp32 under bf16: the adapted teacher is saved merged, and every
+        # KD signal derives from it, so its weights are not rounded to bf16 (measured on the demo: a bf16
+        # base moved the teacher by -1.8 SQuAD F1 and every KD result with it, docs/demo.md).
         model = load_trainable(
-            study.base_teacher_path, finetune=cfg.finetune, lora=cfg.lora, dtype=cfg.training.compute_dtype,
+            study.base_teacher_path, finetune=cfg.finetune, lora=cfg.lora, dtype="float32",
             device=study.device, trust_remote_code=cfg.trust_remote_code,
             attn_implementation=cfg.training.attn_implementation,
         )
