@@ -352,6 +352,8 @@ class TrainResult:
     # shards those in place) unsharded copies gathered on rank 0, and None on the other ranks.
     model: nn.Module | None = None
     projections: nn.ModuleList | None = None
+    # Where the run's time went (seconds) and how many tokens each part processed; see `KDTrainer.cost`.
+    cost: dict[str, float] = dataclasses.field(default_factory=dict)
 
 
 # TrainingArguments that kdlab sets itself, and those its own training fields stand for.
@@ -510,6 +512,7 @@ def train(
     projections: nn.ModuleList | None = None,
     resume_from_checkpoint: str | bool | None = None,
     run_name: str | None = None,
+    tokenizer: Any = None,
 ) -> TrainResult:
     """Train `student` on `items` with `method`; the caller saves `result.model` (the student itself, or
     under FSDP its gathered copy on rank 0). `run_name` names the run where the settings' `report_to`

@@ -85,10 +85,13 @@ class Signals:
     top_k: int | None = None  # top-k log-probs (a live teacher gives full logits)...
     temperature: float | None = None  # ...and the exact tail of the rest at this temperature (cached)
     layer_map: Any = None  # hidden states at the teacher layers this layer map pairs with the student's
+    # The teacher must run live whatever `cache.mode` says: what it scores (the student's own samples) is
+    # only known during training, so nothing of it can be cached.
+    live: bool = False
 
     @property
     def from_teacher(self) -> bool:
-        return self.answers or self.top_k is not None or self.layer_map is not None
+        return self.answers or self.top_k is not None or self.layer_map is not None or self.live
 
 
 # Batch keys of the sequences whose targets are the teacher's answers (prompt + answer, prompt masked).

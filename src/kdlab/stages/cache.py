@@ -287,6 +287,8 @@ def cache_contents(study: Study) -> CacheContents | None:
     answers, top_k, temperatures, layers = False, None, set(), set()
     for method in study.config.methods:
         for signals in study.grid_signals(method):
+            if signals.live:  # scored by the live teacher during training, never cached
+                continue
             answers |= signals.answers
             if signals.top_k is not None:
                 top_k = max(top_k or 0, signals.top_k)

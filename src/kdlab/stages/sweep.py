@@ -135,7 +135,7 @@ def train_student(study: Study, spec: RunSpec, student: StudentSettings, cache: 
         # Trainable: fp32 master weights; autocast runs their matmuls in the compute dtype.
         projections = losses.make_projections(pairs, hidden_width(model.config), width).to(study.device)
     live = None
-    if study.config.cache.mode == "online" and signals.from_teacher:
+    if signals.live or (study.config.cache.mode == "online" and signals.from_teacher):
         live = load_frozen(study.teacher_path(spec.task), dtype=dtype, device=study.device,
                            attn_implementation=settings.attn_implementation)
     items = train_items(study, data, signals, cache, live)
@@ -161,6 +161,7 @@ def train_student(study: Study, spec: RunSpec, student: StudentSettings, cache: 
         projections=projections,
         resume_from_checkpoint=last,
         run_name=spec.id,
+        tokenizer=study.tokenizer,
     )
     del live
     if not study.ranks.leader:
@@ -196,6 +197,7 @@ def train_student(study: Study, spec: RunSpec, student: StudentSettings, cache: 
         train_examples=len(items),
         trainable_parameters=trainable,
         parameters=total,
+        **result.cost,
     )
     return metrics
 
