@@ -41,6 +41,7 @@ from __future__ import annotations
 import math
 from collections.abc import Sequence
 from dataclasses import dataclass
+from typing import Any
 
 import numpy as np
 
@@ -51,9 +52,12 @@ __all__ = [
     "holm",
     "interval_rank",
     "mean_std",
+    "compare_systems",
     "paired_bootstrap",
     "pareto_front",
+    "seed_bootstrap",
     "significance_level",
+    "welch_df",
 ]
 
 # Index draws held in memory at once (int32): ~16 MB, whatever the evaluation set's size.
@@ -72,6 +76,15 @@ class BootstrapResult:
     n_resamples: int
     confidence: float
     seed: int = 0  # of the resampling, so the result can be recomputed
+    # "examples": test-set sampling only (`paired_bootstrap`); "seeds+examples": `seed_bootstrap`.
+    procedure: str = "examples"
+    n_seeds: tuple[int, int] = (1, 1)  # (system, baseline) seeds behind the scores
+    df: float | None = None  # the seed level's Welch-Satterthwaite degrees of freedom (seed_bootstrap)
+
+    @property
+    def seed_aware(self) -> bool:
+        """Whether the interval and p include training-seed variance (both systems had >= 2 seeds)."""
+        return self.procedure == "seeds+examples"
 
     @property
     def alpha(self) -> float:
@@ -178,17 +191,114 @@ def paired_bootstrap(
     diffs = a - b
     # Round-off of resample means that cancel out must not decide a side of 0: snap it to an exact tie.
     tol = 1e-9 * max(1.0, float(np.abs(diffs).max()))
-    delta = float(diffs.mean())
-    delta = 0.0 if abs(delta) <= tol else delta
     means = bootstrap_mean_differences(diffs, n_resamples=n_resamples, seed=seed)
+    n_seeds = (_n_seeds(system), _n_seeds(baseline))
+    return _percentile_result(float(diffs.mean()), means, tol, j, n_examples=int(a.size),
+                              confidence=confidence, seed=seed, procedure="examples", n_seeds=n_seeds)
+
+
+def _n_seeds(scores: Sequence[float] | np.ndarray) -> int:
+    arr = np.asarray(scores)
+    return int(arr.shape[0]) if arr.ndim == 2 else 1
+
+
+def _percentile_result(delta: float, means: np.ndarray, tol: float, j: int, **fields: Any) -> BootstrapResult:
+    """Δ, the order-statistic interval and the inverted p of resampled Δ* ``means`` (see the module
+    docstring): the one place both procedures turn resamples into a result, so they agree the same way."""
+    n_resamples = means.size
+    delta = 0.0 if abs(delta) <= tol else delta
     means[np.abs(means) <= tol] = 0.0
     # Order statistics j and B+1-j (0-based j-1 and B-j): no interpolation, see the module docstring.
     ends = np.partition(means, [j - 1, n_resamples - j])
     low, high = float(ends[j - 1]), float(ends[n_resamples - j])
     far = min(int(np.count_nonzero(means <= 0.0)), int(np.count_nonzero(means >= 0.0)))
     return BootstrapResult(delta=delta, low=low, high=high, p_value=_inverted_p(far, n_resamples),
-                           n_examples=int(a.size), n_resamples=int(n_resamples), confidence=confidence,
-                           seed=int(seed))
+                           n_resamples=int(n_resamples), **fields)
+
+
+def welch_df(var_a: float, n_a: int, var_b: float, n_b: int) -> float:
+    """Welch-Satterthwaite degrees of freedom of s_a²/n_a + s_b²/n_b (sample variances of n_a, n_b values).
+    n_a + n_b - 2 when both variances are 0 (the value then does not matter: the seed term is 0)."""
+    a, b = var_a / n_a, var_b / n_b
+    den = a * a / (n_a - 1) + b * b / (n_b - 1)
+    return float((a + b) ** 2 / den) if den > 0 else float(n_a + n_b - 2)
+
+
+def seed_bootstrap(
+    system: Sequence[Sequence[float]] | np.ndarray,
+    baseline: Sequence[Sequence[float]] | np.ndarray,
+    *,
+    n_resamples: int = 10_000,
+    confidence: float = 0.95,
+    seed: int = 0,
+) -> BootstrapResult:
+    """Seed-aware comparison of mean(system) - mean(baseline): a two-level paired bootstrap whose interval
+    and p include training-seed variance as well as test-set sampling (see `SEED_AWARE` in the module
+    docstring). ``system`` (seeds_a, examples) and ``baseline`` (seeds_b, examples): per-example scores of
+    each seed on the same examples, at least 2 seeds each."""
+    j = interval_rank(n_resamples, confidence)
+    a, b = np.asarray(system, dtype=float), np.asarray(baseline, dtype=float)
+    if a.ndim != 2 or b.ndim != 2:
+        raise ValueError("seed_bootstrap: expected (seeds, examples) scores for both systems")
+    if a.shape[1] != b.shape[1]:
+        raise ValueError(f"paired scores need the same examples: {a.shape[1]} vs {b.shape[1]} examples")
+    if a.shape[1] == 0:
+        raise ValueError("seed_bootstrap: no examples")
+    n_a, n_b = a.shape[0], b.shape[0]
+    if n_a < 2 or n_b < 2:
+        raise ValueError(f"seed_bootstrap needs >= 2 seeds per system, got {n_a} and {n_b}")
+    if not (np.all(np.isfinite(a)) and np.all(np.isfinite(b))):
+        raise ValueError("scores must be finite")
+    n = a.shape[1]
+    # Seed level: each seed's mean score; their sample variances give the seed part of Var(Δ).
+    acc_a, acc_b = a.mean(axis=1), b.mean(axis=1)
+    var_a, var_b = float(acc_a.var(ddof=1)), float(acc_b.var(ddof=1))
+    se_seeds = math.sqrt(var_a / n_a + var_b / n_b)
+    df = welch_df(var_a, n_a, var_b, n_b)
+    # Example level: per-example differences of the seed-averaged scores. Their spread holds the
+    # seed x example noise that the seed means' variances already count; only the rest (how the two
+    # systems differ example by example) is added, so that noise is not counted twice.
+    diffs = a.mean(axis=0) - b.mean(axis=0)
+    var_d = float(diffs.var(ddof=1)) if n > 1 else 0.0
+    noise = _residual_variance(a) / n_a + _residual_variance(b) / n_b
+    share = math.sqrt(max(0.0, 1.0 - noise / var_d)) if var_d > 0 else 0.0
+    rng = np.random.default_rng(seed)
+    # Student-t draws first, then the example resamples in fixed-size chunks: the same inputs and seed
+    # always give the same Δ*.
+    t_draws = rng.standard_t(df, size=n_resamples) if se_seeds > 0 else np.zeros(n_resamples)
+    example_part = bootstrap_mean_differences(diffs - diffs.mean(), n_resamples=n_resamples,
+                                              seed=int(rng.integers(2**63 - 1)))
+    delta = float(a.mean() - b.mean())
+    means = delta + se_seeds * t_draws + share * example_part
+    tol = 1e-9 * max(1.0, float(np.abs(diffs).max()), abs(delta))
+    return _percentile_result(delta, means, tol, j, n_examples=int(n), confidence=confidence, seed=seed,
+                              procedure="seeds+examples", n_seeds=(n_a, n_b), df=df)
+
+
+def _residual_variance(scores: np.ndarray) -> float:
+    """Seed x example variance of a (seeds, examples) matrix: what is left after the example means and the
+    seed means are removed (two-way ANOVA residual, (seeds - 1)(examples - 1) degrees of freedom)."""
+    s, n = scores.shape
+    if s < 2 or n < 2:
+        return 0.0
+    resid = scores - scores.mean(axis=0, keepdims=True) - scores.mean(axis=1, keepdims=True) + scores.mean()
+    return float((resid**2).sum() / ((s - 1) * (n - 1)))
+
+
+def compare_systems(
+    system: Sequence[float] | np.ndarray,
+    baseline: Sequence[float] | np.ndarray,
+    *,
+    n_resamples: int = 10_000,
+    confidence: float = 0.95,
+    seed: int = 0,
+) -> BootstrapResult:
+    """The report's comparison: `seed_bootstrap` when both systems have >= 2 seeds (2-D scores), else
+    `paired_bootstrap` over examples only (its result's ``seed_aware`` is False: it cannot separate the
+    method from the seed)."""
+    if _n_seeds(system) >= 2 and _n_seeds(baseline) >= 2:
+        return seed_bootstrap(system, baseline, n_resamples=n_resamples, confidence=confidence, seed=seed)
+    return paired_bootstrap(system, baseline, n_resamples=n_resamples, confidence=confidence, seed=seed)
 
 
 def holm(p_values: Sequence[float] | np.ndarray) -> np.ndarray:
@@ -224,3 +334,32 @@ def pareto_front(cost: Sequence[float] | np.ndarray, value: Sequence[float] | np
             front.append(i)
             best = v[i]
     return front
+
+
+def simulate_scores(
+    rng: np.random.Generator,
+    *,
+    n_examples: int,
+    n_seeds: int,
+    seed_logit_std: float,
+    accuracy: float = 0.8,
+    effect_logit: float = 0.0,
+    difficulty_std: float = 1.5,
+    interaction_std: float = 0.5,
+) -> tuple[np.ndarray, np.ndarray]:
+    """A synthetic study for calibrating the comparisons: (system, baseline) 0/100 correctness of shape
+    (n_seeds, n_examples) on one fresh test set. Example i, seed j of a system is right with probability
+    sigmoid(logit(accuracy) + d_i + c_i + u_j (+ effect_logit for the system)): d_i the example's difficulty
+    (shared by both systems: what makes the comparison paired), c_i the system's own per-example deviation
+    (the systems err on partly different examples), u_j the training seed's effect. Both systems have the
+    same true accuracy when ``effect_logit`` is 0."""
+    base = math.log(accuracy / (1.0 - accuracy))
+    difficulty = rng.normal(0.0, difficulty_std, n_examples)
+
+    def one(effect: float) -> np.ndarray:
+        own = rng.normal(0.0, interaction_std, n_examples)
+        shifts = rng.normal(0.0, seed_logit_std, (n_seeds, 1))
+        p = 1.0 / (1.0 + np.exp(-(base + effect + difficulty + own + shifts)))
+        return 100.0 * (rng.random((n_seeds, n_examples)) < p)
+
+    return one(effect_logit), one(0.0)
