@@ -277,7 +277,8 @@ def test_task_loss_leaves_transfer_rows_out() -> None:
     scored = Scored(logits=logits, targets=targets, hidden={}, counts=torch.tensor([2, 3]))
     x = LossInputs(
         model=torch.nn.Identity(), batch={"gold_rows": torch.tensor([True, False])},
-        forward_student=lambda: scored, teacher=None, num_tokens=5, num_gold_tokens=2, num_teacher_tokens=1,
+        forward_student=lambda prefix: scored, forward_teacher=lambda prefix: None, num_tokens=5,
+        num_gold_tokens=2, num_teacher_tokens=1,
         params={}, layer_pairs=[], projections=None, vocab_size=11,
     )
     loss, _ = get_method("sft").loss(x)

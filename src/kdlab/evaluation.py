@@ -19,7 +19,7 @@ from typing import Any
 import torch
 from torch import nn
 from tqdm.auto import tqdm
-from transformers import PreTrainedTokenizerBase, StoppingCriteria, StoppingCriteriaList
+from transformers import GenerationConfig, PreTrainedTokenizerBase, StoppingCriteria, StoppingCriteriaList
 
 from kdlab.scored import forward_scored, position_ids_for
 from kdlab.tasks.base import IGNORE_INDEX, Encoded, Example, Task, collate, collate_prompts, encode_prompts
@@ -208,6 +208,40 @@ def generate_answers_vllm(
     if torch.cuda.is_available() and torch.cuda.is_initialized():
         torch.cuda.empty_cache()
     return [first_answer_line(out.outputs[0].text) for out in outputs]
+
+
+@torch.no_grad()
+def sample_continuations(
+    model: nn.Module, prompt_ids: Sequence[list[int]], *, temperature: float, max_new_tokens: int,
+    pad_id: int, eos_id: int, seed: int,
+) -> list[list[int]]:
+    """One sampled continuation per prompt (token ids), from the model as it is, with its KV cache: pure
+    softmax sampling at `temperature` (no top-k / top-p, whatever the model's generation config says), each
+    ending at its first EOS (kept) or after `max_new_tokens`. One left-padded batch; the draw is seeded from
+    `seed` inside a forked RNG, so the caller's random state (dropout, data order) is left as it was."""
+    device = _device(model)
+    batch = collate_prompts(list(prompt_ids), pad_id)
+    width = batch["input_ids"].shape[1]
+    config = GenerationConfig(
+        do_sample=True, temperature=temperature, top_k=0, top_p=1.0, num_beams=1,
+        max_new_tokens=max_new_tokens, pad_token_id=pad_id, eos_token_id=eos_id,
+    )
+    was_training = model.training
+    model.eval()  # dropout off while sampling
+    try:
+        with torch.random.fork_rng(devices=[device] if device.type == "cuda" else []):
+            torch.manual_seed(seed)
+            generated = model.generate(
+                input_ids=batch["input_ids"].to(device), attention_mask=batch["attention_mask"].to(device),
+                generation_config=config,
+            )
+    finally:
+        model.train(was_training)
+    out = []
+    for row in generated[:, width:].tolist():
+        answer = row[: row.index(eos_id) + 1] if eos_id in row else row
+        out.append(answer)
+    return out
 
 
 def prepare_prompts(

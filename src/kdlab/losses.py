@@ -19,6 +19,10 @@ Conventions shared by every function here
   ``beta`` is the *teacher's* weight in the mixture (generalized JSD of Agarwal et al., 2024, "GKD",
   with the same convention as TRL's ``GKDTrainer``); ``beta = 0.5`` is the standard JSD, bounded by
   ``ln 2``.
+* Skew divergences (Ko et al., 2024, "DistiLLM"): ``skew_kl = KL(p || alpha*p + (1 - alpha)*q)`` and
+  ``skew_reverse_kl = KL(q || alpha*q + (1 - alpha)*p)``; ``alpha`` is the weight of the distribution
+  the KL is taken *from* (DistiLLM's convention; alpha = 0 is plain KL, larger alpha bounds the loss by
+  ``-ln alpha``). ``tvd = 1/2 * sum |p - q|`` (total variation distance, bounded by 1).
 * Top-k KD (:func:`kd_divergence_topk`) is exact at every temperature: the cache stores, besides
   the teacher's top-k log-probs, the fp32 log-sum-exp of its tempered non-top-k log-probs.
 * Feature KD (:func:`feature_loss`) compares layer-normed hidden states by default, so its scale
@@ -34,7 +38,7 @@ import torch
 import torch.nn.functional as F
 from torch import Tensor, nn
 
-DIVERGENCES = ("forward_kl", "reverse_kl", "jsd")
+DIVERGENCES = ("forward_kl", "reverse_kl", "jsd", "skew_kl", "skew_reverse_kl", "tvd")
 FEATURE_KINDS = ("mse", "cosine")
 FEATURE_NORMS = ("layernorm", "none")
 
@@ -44,7 +48,7 @@ _NumTokens = int | float | Tensor
 # --------------------------------------------------------------------------- helpers
 
 
-def _check_common(temperature: float, divergence: str, beta: float) -> None:
+def _check_common(temperature: float, divergence: str, beta: float, alpha: float = 0.1) -> None:
     if not temperature > 0:
         raise ValueError(f"temperature must be > 0, got {temperature}")
     if divergence not in DIVERGENCES:
@@ -52,6 +56,9 @@ def _check_common(temperature: float, divergence: str, beta: float) -> None:
     if divergence == "jsd" and not 0.0 < beta < 1.0:
         # beta in {0, 1} makes the mixture collapse onto one side and the loss identically 0.
         raise ValueError(f"jsd beta must be in the open interval (0, 1), got {beta}")
+    if divergence.startswith("skew") and not 0.0 <= alpha < 1.0:
+        # alpha = 1 makes the mixture the distribution itself and the loss identically 0.
+        raise ValueError(f"skew alpha must be in [0, 1), got {alpha}")
 
 
 def _normalise(total: Tensor, num_tokens: _NumTokens) -> Tensor:
@@ -72,24 +79,39 @@ def _kl_rows(log_a: Tensor, log_b: Tensor) -> Tensor:
     return (a * diff).sum(dim=-1)
 
 
-def _divergence_rows(log_p: Tensor, log_q: Tensor, divergence: str, beta: float) -> Tensor:
+def _log_mixture(log_a: Tensor, log_b: Tensor, weight_a: float) -> Tensor:
+    """``log(w*a + (1-w)*b)`` via logsumexp, so tiny a and b do not underflow to log(0). Entries outside
+    both supports are set to 0 first: logsumexp of all -inf has a NaN gradient (they contribute 0 to any
+    KL taken against the mixture)."""
+    if weight_a == 0.0:
+        return log_b
+    outside = torch.isneginf(log_a) & torch.isneginf(log_b)
+    return torch.logsumexp(
+        torch.stack(
+            [
+                log_a.masked_fill(outside, 0.0) + math.log(weight_a),
+                log_b.masked_fill(outside, 0.0) + math.log1p(-weight_a),
+            ]
+        ),
+        dim=0,
+    )
+
+
+def _divergence_rows(
+    log_p: Tensor, log_q: Tensor, divergence: str, beta: float, alpha: float = 0.1
+) -> Tensor:
     """Per-row divergence between teacher ``log_p`` and student ``log_q`` (both [N, K], fp32)."""
     if divergence == "forward_kl":
         return _kl_rows(log_p, log_q)
     if divergence == "reverse_kl":
         return _kl_rows(log_q, log_p)
-    # log m via logsumexp so tiny p and q do not underflow to log(0). Entries outside both supports
-    # are set to 0 first: logsumexp of all -inf has a NaN gradient (they contribute 0 to the KLs).
-    outside = torch.isneginf(log_p) & torch.isneginf(log_q)
-    log_m = torch.logsumexp(
-        torch.stack(
-            [
-                log_p.masked_fill(outside, 0.0) + math.log(beta),
-                log_q.masked_fill(outside, 0.0) + math.log1p(-beta),
-            ]
-        ),
-        dim=0,
-    )
+    if divergence == "skew_kl":
+        return _kl_rows(log_p, _log_mixture(log_p, log_q, alpha))
+    if divergence == "skew_reverse_kl":
+        return _kl_rows(log_q, _log_mixture(log_q, log_p, alpha))
+    if divergence == "tvd":
+        return 0.5 * (log_p.exp() - log_q.exp()).abs().sum(dim=-1)
+    log_m = _log_mixture(log_p, log_q, beta)
     return beta * _kl_rows(log_p, log_m) + (1.0 - beta) * _kl_rows(log_q, log_m)
 
 
@@ -103,6 +125,7 @@ def kd_divergence_full(
     temperature: float,
     divergence: str,
     beta: float = 0.5,
+    alpha: float = 0.1,
     num_tokens: _NumTokens,
 ) -> Tensor:
     """Distillation divergence against a full-vocabulary teacher.
@@ -117,11 +140,12 @@ def kd_divergence_full(
             they are removed from the support of **both** distributions, so the student is
             renormalised over the teacher's valid tokens. Each row needs one finite entry.
         temperature: softmax temperature ``T > 0``.
-        divergence: "forward_kl", "reverse_kl" or "jsd".
+        divergence: one of ``DIVERGENCES`` (see module doc).
         beta: mixture weight of the teacher for "jsd", in (0, 1); ignored otherwise.
+        alpha: skew weight for "skew_kl" / "skew_reverse_kl", in [0, 1); ignored otherwise.
         num_tokens: answer tokens in the global batch (see module doc).
     """
-    _check_common(temperature, divergence, beta)
+    _check_common(temperature, divergence, beta, alpha)
     if student_logits.ndim != 2 or student_logits.shape != teacher_logits.shape:
         raise ValueError(
             "student_logits and teacher_logits must both be [N, V] with the same shape, got "
@@ -132,7 +156,7 @@ def kd_divergence_full(
     student = student_logits.float().masked_fill(invalid, float("-inf")) / temperature
     log_p = F.log_softmax(teacher, dim=-1)
     log_q = F.log_softmax(student, dim=-1)
-    per_row = _divergence_rows(log_p, log_q, divergence, beta)
+    per_row = _divergence_rows(log_p, log_q, divergence, beta, alpha)
     return _normalise(per_row.sum() * temperature**2, num_tokens)
 
 
@@ -205,6 +229,7 @@ def kd_divergence_topk(
     temperature: float,
     divergence: str,
     beta: float = 0.5,
+    alpha: float = 0.1,
     num_tokens: _NumTokens,
 ) -> Tensor:
     """Distillation divergence against a teacher stored as its top-k log-probabilities plus its tail.
@@ -236,9 +261,9 @@ def kd_divergence_topk(
         tail_lse: [N] ``logsumexp`` over the non-listed tokens of ``logp / T``, at this
             ``temperature``. ``-inf`` (no possible tail token) removes the tail bucket from both
             supports.
-        temperature, divergence, beta, num_tokens: as in :func:`kd_divergence_full`.
+        temperature, divergence, beta, alpha, num_tokens: as in :func:`kd_divergence_full`.
     """
-    _check_common(temperature, divergence, beta)
+    _check_common(temperature, divergence, beta, alpha)
     if student_logits.ndim != 2:
         raise ValueError(f"student_logits must be [N, V], got {tuple(student_logits.shape)}")
     n, vocab = student_logits.shape
@@ -255,7 +280,7 @@ def kd_divergence_topk(
     if tail_lse.shape != (n,):
         raise ValueError(f"tail_lse must be [N] = [{n}], got {tuple(tail_lse.shape)}")
     log_p, log_q = _topk_buckets(student_logits, topk_indices, topk_logprobs, tail_lse, temperature)
-    per_row = _divergence_rows(log_p, log_q, divergence, beta)
+    per_row = _divergence_rows(log_p, log_q, divergence, beta, alpha)
     return _normalise(per_row.sum() * temperature**2, num_tokens)
 
 
@@ -271,6 +296,62 @@ def cross_entropy_tokens(logits: Tensor, targets: Tensor, *, num_tokens: _NumTok
         )
     total = F.cross_entropy(logits.float(), targets.long(), reduction="sum")
     return _normalise(total, num_tokens)
+
+
+# --------------------------------------------------------------------------- on-policy (sampled tokens)
+
+
+def token_logprobs(logits: Tensor, targets: Tensor, *, temperature: float = 1.0) -> Tensor:
+    """``log softmax(logits / T)[target]`` per row, fp32 ([N, V] logits, [N] targets -> [N])."""
+    if logits.ndim != 2 or targets.shape != logits.shape[:1]:
+        raise ValueError(
+            f"expected logits [N, V] and targets [N], got {tuple(logits.shape)} and {tuple(targets.shape)}"
+        )
+    log_probs = F.log_softmax(logits.float() / temperature, dim=-1)
+    return log_probs.gather(1, targets.long().unsqueeze(1)).squeeze(1)
+
+
+def reverse_kl_tokens(student_logits: Tensor, teacher_logits: Tensor) -> Tensor:
+    """KL(q || p) per row at T = 1 over the full vocabulary ([N, V] each -> [N], fp32): how far each sampled
+    position's student distribution is from the teacher's (logged with the rollouts)."""
+    log_q = F.log_softmax(student_logits.float(), dim=-1)
+    log_p = F.log_softmax(teacher_logits.float(), dim=-1)
+    return _kl_rows(log_q, log_p)
+
+
+def discounted_returns(rewards: Tensor, counts: Tensor, gamma: float) -> Tensor:
+    """Per token, ``sum_{s >= t} gamma^(s - t) * r_s`` over the rest of its own sequence.
+
+    ``rewards`` [N] are row-major over the sequences whose lengths are ``counts`` [B] (as `Scored`
+    rows); ``gamma = 0`` returns the rewards themselves, ``gamma = 1`` the sum over the rest of the answer.
+    """
+    if not 0.0 <= gamma <= 1.0:
+        raise ValueError(f"discount must be in [0, 1], got {gamma}")
+    if gamma == 0.0:
+        return rewards
+    out = torch.empty_like(rewards)
+    start = 0
+    for n in counts.tolist():
+        segment = rewards[start : start + n]
+        # A reversed cumulative sum with decay: r_t + gamma * G_{t+1}; answers are short, so a loop.
+        running = torch.zeros((), dtype=rewards.dtype, device=rewards.device)
+        for t in range(n - 1, -1, -1):
+            running = segment[t] + gamma * running
+            out[start + t] = running
+        start += n
+    return out
+
+
+def policy_gradient(logprobs: Tensor, advantages: Tensor, *, num_tokens: _NumTokens) -> Tensor:
+    """REINFORCE on sampled tokens: ``-sum_t A_t * log q(x_t) / num_tokens`` with ``A`` held constant.
+
+    Its gradient is the policy gradient of the expected advantage; with the sampled-token reward
+    ``r_t = log p(x_t) - log q(x_t)`` it is the gradient of the reverse KL(q || p) (the score-function term
+    ``E_q[grad log q]`` is 0 in expectation).
+    """
+    if logprobs.shape != advantages.shape:
+        raise ValueError(f"logprobs {tuple(logprobs.shape)} and advantages {tuple(advantages.shape)} differ")
+    return _normalise(-(advantages.detach().float() * logprobs.float()).sum(), num_tokens)
 
 
 # --------------------------------------------------------------------------- loss mixing

@@ -7,6 +7,7 @@ seeds every generator (Python, NumPy, torch on every device) right before it dra
     teacher adaptation (LoRA init, data order, dropout)  seeds[0]
     derived students' construction                       seeds[0]
     student runs (LoRA init, KD3 projections, order)     the run's own seed
+    on-policy rollouts (which steps, the samples)        the run's seed, optimizer step, micro-batch, rank
     bootstrap resampling in the report                   seeds[0]
 
 The seeds used are recorded in the registry (each run's `seed`) and in `provenance.json` (the report lists
@@ -15,7 +16,9 @@ them). `deterministic: true` additionally asks for deterministic GPU kernels (`c
 
 from __future__ import annotations
 
+import hashlib
 import os
+import random
 
 import torch
 from transformers import set_seed
@@ -34,6 +37,28 @@ def stage_seed(seeds: list[int], data_seed: int, stage: str, run_seed: int | Non
     if stage in STUDY_STAGES:
         return seeds[0]
     raise ValueError(f"unknown stage {stage!r}; expected data, student or one of {STUDY_STAGES}")
+
+
+def _mix(*parts: int) -> int:
+    # A stable 63-bit hash of integers (Python's hash() of tuples is stable too, but not documented as such).
+    digest = hashlib.sha256(",".join(str(p) for p in parts).encode()).digest()
+    return int.from_bytes(digest[:8], "little") >> 1
+
+
+def rollout_seed(run_seed: int, step: int, micro_batch: int, rank: int = 0) -> int:
+    """The seed of the student's samples for one micro-batch of one optimizer step: a run redone, resumed
+    after a kill or run in another process draws the same samples; another seed draws others."""
+    return _mix(run_seed, step, micro_batch, rank)
+
+
+def on_policy_step(run_seed: int, step: int, student_fraction: float) -> bool:
+    """Whether the student samples this optimizer step's answers (probability `student_fraction`), decided
+    from the run's seed and the step alone, so every rank and a resumed run agree."""
+    if student_fraction >= 1.0:
+        return True
+    if student_fraction <= 0.0:
+        return False
+    return random.Random(_mix(run_seed, step, -1)).random() < student_fraction
 
 
 def seed_everything(seed: int) -> None:

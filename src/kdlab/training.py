@@ -12,6 +12,7 @@ import logging
 import math
 import os
 import shutil
+import time
 import typing
 from collections import defaultdict
 from collections.abc import Mapping, Sequence
@@ -27,6 +28,7 @@ from transformers import PreTrainedModel, Trainer, TrainingArguments, set_seed
 from transformers.trainer_callback import PrinterCallback, ProgressCallback
 from transformers.trainer_utils import get_last_checkpoint
 
+from kdlab import losses, seeding
 from kdlab.config import TrainingSettings
 from kdlab.distributed import (
     fsdp_launch_requested,
@@ -36,10 +38,19 @@ from kdlab.distributed import (
     reset_accelerator_state,
     shard_frozen,
 )
+from kdlab.evaluation import sample_continuations
 from kdlab.files import atomic_write_json, atomic_write_text
-from kdlab.methods import TEACHER_ANSWER, LossInputs, Method, Signals, TeacherBatch
-from kdlab.scored import answer_counts, forward_scored, pack, packing_respected
-from kdlab.tasks.base import Encoded, collate
+from kdlab.methods import POLICY, ROLLOUT_STEP, TEACHER_ANSWER, LossInputs, Method, Signals, TeacherBatch
+from kdlab.scored import (
+    SEQ_LENGTHS,
+    Scored,
+    answer_counts,
+    forward_scored,
+    is_packed,
+    pack,
+    packing_respected,
+)
+from kdlab.tasks.base import IGNORE_INDEX, Encoded, collate
 from kdlab.teacher_cache import TeacherCache
 
 CHECKPOINT_FILE = "trainable.safetensors"
@@ -99,6 +110,7 @@ class TrainCollator:
         cache: TeacherCache | None = None,
         teacher_layers: Sequence[int] = (),
         packing: bool = False,
+        keep_ids: bool = False,
     ):
         if cache is not None and signals.top_k is not None and signals.temperature is None:
             raise ValueError("a cached top-k teacher needs the temperature of the run")
@@ -107,18 +119,21 @@ class TrainCollator:
         self.cache = cache
         self.teacher_layers = list(teacher_layers)
         self.packing = packing
+        self.keep_ids = keep_ids  # a method that samples its own answers logs them by example id
 
-    def _layout(self, sequences: Sequence[Encoded]) -> dict[str, Any]:
+    def layout(self, sequences: Sequence[Encoded]) -> dict[str, Any]:
         # Padded or packed (`scored.pack`): forward_scored reads either, in the same row order.
         return pack(sequences) if self.packing else collate(sequences, self.pad_id, padding_side="left")
 
     def __call__(self, items: Sequence[TrainItem]) -> dict[str, torch.Tensor]:
-        gold = self._layout([it.gold for it in items])
+        gold = self.layout([it.gold for it in items])
         ids = gold.pop("example_ids")
         batch = dict(gold)
+        if self.keep_ids:
+            batch["example_ids"] = ids
         batch["gold_rows"] = torch.tensor([not it.transfer for it in items])
         if self.signals.answers:
-            teacher = self._layout([it.teacher for it in items])  # type: ignore[misc]
+            teacher = self.layout([it.teacher for it in items])  # type: ignore[misc]
             for key, value in teacher.items():
                 if key != "example_ids":
                     batch[TEACHER_ANSWER + key] = value
@@ -143,15 +158,30 @@ class KDTrainer(Trainer):
         vocab_size: int,
         layer_pairs: Sequence[tuple[int, int]] = (),
         live_teacher: nn.Module | None = None,
+        tokenizer: Any = None,
+        rollouts_file: Path | None = None,
         **kwargs: Any,
     ):
         super().__init__(*args, **kwargs)
         self.method = method
         self.params = dict(params)
         self.signals = method.signals(params)
+        self.rollout = method.rollout(params)
+        if self.rollout is not None and live_teacher is None:
+            raise ValueError(f"{method.name}: a method that samples its own answers needs a live teacher")
+        if self.rollout is not None and tokenizer is None:
+            raise ValueError(f"{method.name}: sampling answers needs the tokenizer (its EOS and pad tokens)")
         self.vocab_size = vocab_size
         self.layer_pairs = list(layer_pairs)
         self.live_teacher = live_teacher
+        self.tokenizer = tokenizer
+        self.rollouts_file = rollouts_file
+        self._rollouts_trimmed = False
+        self._policy_tokens: torch.Tensor | None = None
+        # Where the time goes (see `TrainResult.cost`); the student's share is the rest of the run's time.
+        self.cost: dict[str, float] = dict.fromkeys(
+            ("rollout_seconds", "rollout_tokens", "rollout_samples", "empty_rollouts", "teacher_seconds",
+             "teacher_tokens"), 0)
         # compute_loss divides by the global number of answer tokens, so the Trainer must not also
         # divide by the accumulation steps.
         self.model_accepts_loss_kwargs = True
@@ -162,6 +192,18 @@ class KDTrainer(Trainer):
 
     def get_batch_samples(self, epoch_iterator: Any, num_batches: int, device: Any) -> Any:
         batch_samples, num_items = super().get_batch_samples(epoch_iterator, num_batches, device)
+        if self.rollout is not None and batch_samples:
+            # Once per optimizer step, before any micro-batch's backward: every sample of the step is drawn
+            # from the step's weights, and the sampled tokens are counted before they are trained on.
+            step, seed = self.state.global_step, self.args.seed
+            if seeding.on_policy_step(seed, step, self.rollout.student_fraction):
+                for i, batch in enumerate(batch_samples):
+                    self._add_rollouts(batch, seeding.rollout_seed(seed, step, i, self.args.process_index))
+            self._policy_tokens = self._global_count(
+                sum(answer_counts(b, POLICY).sum() if POLICY + "labels" in b else torch.tensor(0)
+                    for b in batch_samples),
+                device,
+            )
         if self.signals.answers and batch_samples:
             self._teacher_answer_tokens = self._global_count(
                 sum(answer_counts(b, TEACHER_ANSWER).sum() for b in batch_samples), device
@@ -177,24 +219,92 @@ class KDTrainer(Trainer):
         n = n.to(device)
         return self.accelerator.gather(n).sum() if self.args.world_size > 1 else n
 
-    def _teacher_batch(self, batch: dict[str, torch.Tensor]) -> TeacherBatch | None:
-        if self.signals.top_k is None and self.signals.layer_map is None:
-            return None
+    def _add_rollouts(self, batch: dict[str, Any], seed: int) -> None:
+        """The student's own answers to the batch's prompts, as `POLICY` sequences (prompt masked); empty
+        samples (EOS first) are counted and left out."""
+        start = time.perf_counter()
+        student = self.accelerator.unwrap_model(self.model)
+        student = student.student if isinstance(student, StudentModule) else student
+        prompts = prompt_ids(batch)
+        answers = sample_continuations(
+            student, prompts, temperature=self.rollout.temperature,
+            max_new_tokens=self.rollout.max_new_tokens, pad_id=self.tokenizer.pad_token_id,
+            eos_id=self.tokenizer.eos_token_id, seed=seed,
+        )
+        ids = batch.get("example_ids") or [str(i) for i in range(len(prompts))]
+        sequences = [
+            Encoded(id=i, input_ids=[*p, *a], labels=[IGNORE_INDEX] * len(p) + a)
+            for i, p, a in zip(ids, prompts, answers, strict=True)
+            if a and a != [self.tokenizer.eos_token_id]
+        ]
+        batch[ROLLOUT_STEP] = True
+        if sequences:
+            layout = self.data_collator.layout(sequences)
+            batch[POLICY + "example_ids"] = layout.pop("example_ids")
+            device = batch["input_ids"].device
+            batch.update({POLICY + k: v.to(device) for k, v in layout.items()})
+        self.cost["rollout_seconds"] += _elapsed(start, batch["input_ids"].device)
+        self.cost["rollout_tokens"] += sum(len(a) for a in answers)
+        self.cost["rollout_samples"] += len(answers)
+        self.cost["empty_rollouts"] += len(answers) - len(sequences)
+
+    def _teacher_on(self, batch: Mapping[str, Any], prefix: str) -> TeacherBatch | None:
+        """The teacher at the answer tokens of the sequences under `prefix`: a live teacher is run on them,
+        a cache read (it holds the gold sequences only)."""
+        if self.signals.top_k is None and self.signals.layer_map is None and not self.signals.live:
+            return None  # the run reads no teacher distribution (answers, if any, are sequences of the batch)
         teacher_layers = [t for _, t in self.layer_pairs]
         if self.live_teacher is not None:
+            start = time.perf_counter()
             # The teacher is not wrapped by accelerate, so mixed precision is entered here (a no-op without).
             with torch.no_grad(), self.accelerator.autocast():
                 out = forward_scored(
-                    self.live_teacher, batch, hidden_layers=teacher_layers, vocab_size=self.vocab_size
+                    self.live_teacher, batch, hidden_layers=teacher_layers, vocab_size=self.vocab_size,
+                    prefix=prefix,
                 )
-            logits = out.logits if self.signals.top_k is not None else None
+            self.cost["teacher_seconds"] += _elapsed(start, out.logits.device)
+            self.cost["teacher_tokens"] += int(sequence_tokens(batch, prefix))
+            logits = out.logits if self.signals.top_k is not None or self.signals.live else None
             return TeacherBatch(logits=logits, hidden=out.hidden)
+        if prefix:
+            raise ValueError(f"the cache holds the teacher on the gold answers only, not on {prefix!r} ones")
         return TeacherBatch(
-            topk_indices=batch.pop("teacher_topk_indices", None),
-            topk_logprobs=batch.pop("teacher_topk_logprobs", None),
-            tail_lse=batch.pop("teacher_topk_tail_lse", None),
-            hidden={t: batch.pop(f"teacher_hidden_{t}") for t in teacher_layers},
+            topk_indices=batch.get("teacher_topk_indices"),
+            topk_logprobs=batch.get("teacher_topk_logprobs"),
+            tail_lse=batch.get("teacher_topk_tail_lse"),
+            hidden={t: batch[f"teacher_hidden_{t}"] for t in teacher_layers},
         )
+
+    def _log_rollouts(self, batch: Mapping[str, Any], students: Mapping[str, Scored],
+                      teachers: Mapping[str, TeacherBatch | None]) -> None:
+        """A few of this step's samples with their mean per-token reverse KL(student || teacher), to
+        `rollouts.jsonl` (first micro-batch of each logging step, leader only)."""
+        step = self.state.global_step + 1
+        if (self.rollouts_file is None or POLICY not in students or not self.is_world_process_zero()
+                or (step % max(1, int(self.args.logging_steps)) and step != 1)):
+            return
+        teacher = teachers.get(POLICY)
+        if teacher is None or teacher.logits is None:
+            return
+        if not self._rollouts_trimmed:
+            # A resumed run redoes the steps after its checkpoint: their earlier records go.
+            self._rollouts_trimmed = True
+            kept = [line for line in _read_lines(self.rollouts_file) if json.loads(line)["step"] < step]
+            atomic_write_text(self.rollouts_file, "".join(kept))
+        scored = students[POLICY]
+        with torch.no_grad():
+            per_token = losses.reverse_kl_tokens(scored.logits.detach(), teacher.logits)
+        ids = batch[POLICY + "example_ids"]
+        records = []
+        start = 0
+        for i, n in enumerate(scored.counts.tolist()):
+            if i < ROLLOUTS_LOGGED:
+                answer = self.tokenizer.decode(scored.targets[start : start + n], skip_special_tokens=True)
+                records.append(dict(step=step, example_id=ids[i], answer=answer, tokens=n,
+                                    reverse_kl=round(float(per_token[start : start + n].mean()), 6)))
+            start += n
+        with open(self.rollouts_file, "a") as f:
+            f.writelines(json.dumps(r) + "\n" for r in records)
 
     def compute_loss(
         self,
@@ -204,8 +314,24 @@ class KDTrainer(Trainer):
         num_items_in_batch: torch.Tensor | int | None = None,
     ) -> Any:
         batch = dict(inputs)
-        teacher = self._teacher_batch(batch)
         student_layers = [s for s, _ in self.layer_pairs]
+        # Each set of sequences is run at most once per micro-batch, whichever loss term asks first.
+        students: dict[str, Scored] = {}
+        teachers: dict[str, TeacherBatch | None] = {}
+
+        def student_on(prefix: str) -> Scored:
+            if prefix not in students:
+                layers = () if prefix else student_layers  # hidden states are matched on the gold sequences
+                students[prefix] = forward_scored(
+                    model, batch, hidden_layers=layers, vocab_size=self.vocab_size, prefix=prefix
+                )
+            return students[prefix]
+
+        def teacher_on(prefix: str) -> TeacherBatch | None:
+            if prefix not in teachers:
+                teachers[prefix] = self._teacher_on(batch, prefix)
+            return teachers[prefix]
+
         num_tokens = num_items_in_batch
         if num_tokens is None:  # outside the Trainer's accumulation loop: this batch's answer tokens
             num_tokens = int(answer_counts(batch).sum())
@@ -225,10 +351,8 @@ class KDTrainer(Trainer):
                 LossInputs(
                     model=model,
                     batch=batch,
-                    forward_student=lambda: forward_scored(
-                        model, batch, hidden_layers=student_layers, vocab_size=self.vocab_size
-                    ),
-                    teacher=teacher,
+                    forward_student=student_on,
+                    forward_teacher=teacher_on,
                     num_tokens=num_tokens,
                     num_gold_tokens=gold_tokens,
                     num_teacher_tokens=answer_tokens if answer_tokens is not None else 1,
@@ -236,8 +360,11 @@ class KDTrainer(Trainer):
                     layer_pairs=self.layer_pairs,
                     projections=projections,
                     vocab_size=self.vocab_size,
+                    num_policy_tokens=self._policy_count(batch, num_items_in_batch),
                 )
             )
+        if self.rollout is not None:
+            self._log_rollouts(batch, students, teachers)
         # Losses are sums over the global batch's tokens; DDP averages gradients over processes.
         if (
             self.args.average_tokens_across_devices
@@ -251,6 +378,13 @@ class KDTrainer(Trainer):
             self._parts[name].append(value)
         self._check_finite_loss(float(loss.detach()), values)
         return loss
+
+    def _policy_count(self, batch: Mapping[str, Any], num_items_in_batch: Any) -> torch.Tensor | float:
+        if POLICY + "labels" not in batch:
+            return 1
+        if num_items_in_batch is not None and self._policy_tokens is not None:
+            return self._policy_tokens
+        return int(answer_counts(batch, POLICY).sum())  # outside the accumulation loop: this batch's
 
     def _check_finite_loss(self, total: float, parts: Mapping[str, float]) -> None:
         """A NaN/inf loss fails the run at once (its weights would be garbage), naming the term and step."""
@@ -319,6 +453,41 @@ class KDTrainer(Trainer):
                 logs[f"loss_{name}"] = round(sum(values) / steps, 6)
             self._parts.clear()
         super().log(logs, start_time)
+
+
+ROLLOUTS_LOGGED = 4  # samples per logging step written to rollouts.jsonl
+
+
+def _elapsed(start: float, device: torch.device) -> float:
+    # GPU kernels run asynchronously: wait for them, or the time lands on whatever syncs next.
+    if device.type == "cuda":
+        torch.cuda.synchronize(device)
+    return time.perf_counter() - start
+
+
+def _read_lines(path: Path) -> list[str]:
+    return path.read_text().splitlines(keepends=True) if path.is_file() else []
+
+
+def prompt_ids(batch: Mapping[str, Any]) -> list[list[int]]:
+    """Each sequence's prompt tokens (label -100, padding dropped), padded or packed layout alike."""
+    ids, labels = batch["input_ids"], batch["labels"]
+    if is_packed(batch):
+        rows, start = [], 0
+        for n in batch[SEQ_LENGTHS].tolist():
+            seq, lab = ids[0, start : start + n], labels[0, start : start + n]
+            rows.append(seq[lab == IGNORE_INDEX].tolist())
+            start += n
+        return rows
+    keep = (batch["attention_mask"] == 1) & (labels == IGNORE_INDEX)
+    return [row[mask].tolist() for row, mask in zip(ids, keep, strict=True)]
+
+
+def sequence_tokens(batch: Mapping[str, Any], prefix: str = "") -> int:
+    """Tokens (not padding) of the sequences under `prefix`: what one forward pass over them reads."""
+    if is_packed(batch, prefix):
+        return int(batch[prefix + SEQ_LENGTHS].sum())
+    return int(batch[prefix + "attention_mask"].sum())
 
 
 class TrainingProgress(ProgressCallback):
@@ -513,6 +682,7 @@ def train(
     resume_from_checkpoint: str | bool | None = None,
     run_name: str | None = None,
     tokenizer: Any = None,
+    rollouts_file: str | Path | None = None,
 ) -> TrainResult:
     """Train `student` on `items` with `method`; the caller saves `result.model` (the student itself, or
     under FSDP its gathered copy on rank 0). `run_name` names the run where the settings' `report_to`
@@ -544,6 +714,7 @@ def train(
         cache=cache if live_teacher is None else None,
         teacher_layers=[t for _, t in layer_pairs],
         packing=settings.packing,
+        keep_ids=method.rollout(params) is not None,
     )
     if settings.packing:
         check_packing(student, live_teacher)
@@ -559,6 +730,8 @@ def train(
             vocab_size=vocab_size,
             layer_pairs=layer_pairs,
             live_teacher=live_teacher,
+            tokenizer=tokenizer,
+            rollouts_file=Path(rollouts_file) if rollouts_file is not None else None,
         )
     if fsdp and args.world_size > 1 and not trainer.is_fsdp_enabled:
         raise ValueError("FSDP was asked for, but accelerate chose another strategy (see docs/fsdp.md)")
@@ -592,9 +765,14 @@ def train(
             load_gathered(skeleton, state, device)
             trained = skeleton
         del state
+    runtime = out.metrics.get("train_runtime", 0.0)
+    cost = {k: round(v, 3) if isinstance(v, float) else v for k, v in trainer.cost.items()}
+    cost["student_seconds"] = round(max(0.0, runtime - trainer.cost["rollout_seconds"]
+                                        - trainer.cost["teacher_seconds"]), 3)
     return TrainResult(
+        cost=cost,
         log_history=history,
-        train_runtime=out.metrics.get("train_runtime", 0.0),
+        train_runtime=runtime,
         steps=trainer.state.global_step,
         model=trained.student if trained is not None else None,
         projections=trained.projections if trained is not None and projections is not None else None,

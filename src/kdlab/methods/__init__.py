@@ -22,6 +22,8 @@ import pkgutil
 
 from kdlab.methods.base import (
     METHODS,
+    POLICY,
+    ROLLOUT_STEP,
     TEACHER_ANSWER,
     Label,
     LossInputs,
@@ -29,6 +31,7 @@ from kdlab.methods.base import (
     Method,
     MethodSettings,
     MixedSettings,
+    Rollout,
     Signals,
     TeacherBatch,
     register,
@@ -37,6 +40,8 @@ from kdlab.methods.base import (
 
 __all__ = [
     "METHODS",
+    "POLICY",
+    "ROLLOUT_STEP",
     "TEACHER_ANSWER",
     "Label",
     "LossInputs",
@@ -44,6 +49,7 @@ __all__ = [
     "Method",
     "MethodSettings",
     "MixedSettings",
+    "Rollout",
     "Signals",
     "TeacherBatch",
     "baseline",
@@ -67,7 +73,7 @@ def baseline() -> Method:
 
 def _register_package_methods() -> None:
     # The built-ins in table order, then any other module dropped into this package.
-    first = ("sft", "kd1", "kd2", "kd3")
+    first = ("sft", "kd1", "kd2", "kd3", "gkd", "opd")
     found = [m.name for m in pkgutil.iter_modules(__path__) if m.name != "base"]
     for name in [*first, *sorted(set(found) - set(first))]:
         importlib.import_module(f"{__name__}.{name}")  # its `@register` adds it

@@ -96,17 +96,65 @@ class Signals:
 
 # Batch keys of the sequences whose targets are the teacher's answers (prompt + answer, prompt masked).
 TEACHER_ANSWER = "teacher_answer_"
+# Batch keys of the sequences whose answers the student sampled itself in this training step (`Rollout`).
+POLICY = "policy_"
+# Set in a batch whose step is on-policy, even when every sample came out empty.
+ROLLOUT_STEP = "rollout_step"
+
+
+@dataclass(frozen=True)
+class Rollout:
+    """How a method that makes its own training answers samples them: with probability `student_fraction`
+    an optimizer step's answers are sampled from the student's current weights (no grad, dropout off), the
+    others keep the batch's answers. An answer ends at EOS or after `max_new_tokens`."""
+
+    student_fraction: float
+    temperature: float
+    max_new_tokens: int
 
 
 @dataclass
 class TeacherBatch:
-    """Teacher signals for the answer tokens of one batch, rows aligned with `Scored` rows."""
+    """The teacher at the answer tokens of one set of sequences, rows aligned with `Scored` rows: from the
+    cache (top-k log-probs + the exact tail at the run's temperature) or a live teacher (full logits).
+    Methods ask it for a divergence and never look at where it came from."""
 
     topk_indices: torch.Tensor | None = None  # [N, k] (cached)
     topk_logprobs: torch.Tensor | None = None  # [N, k] (cached)
     tail_lse: torch.Tensor | None = None  # [N] fp32 logsumexp of the non-top-k logp / T (cached, run's T)
     logits: torch.Tensor | None = None  # [N, V] (online)
     hidden: dict[int, torch.Tensor] = field(default_factory=dict)  # teacher layer -> [N, d_t]
+
+    def divergence(
+        self,
+        student_logits: torch.Tensor,
+        *,
+        temperature: float,
+        divergence: str,
+        num_tokens: torch.Tensor | float,
+        top_k: int | None = None,
+        beta: float = 0.5,
+        alpha: float = 0.1,
+    ) -> torch.Tensor:
+        """T²·Σ D(teacher_T, student_T) / num_tokens (`losses`): over the full vocabulary for a live
+        teacher, over the cached top-k (the first `top_k` of them) + the exact tail bucket otherwise."""
+        common = dict(temperature=temperature, divergence=divergence, beta=beta, alpha=alpha,
+                      num_tokens=num_tokens)
+        if self.logits is not None:
+            return losses.kd_divergence_full(student_logits, self.logits, **common)
+        if self.topk_indices is None or self.topk_logprobs is None or self.tail_lse is None:
+            raise ValueError("the teacher gives neither logits nor its cached top-k with the tail")
+        k = self.topk_indices.shape[-1] if top_k is None else top_k
+        idx, lp, tail = losses.topk_head(
+            self.topk_indices, self.topk_logprobs, self.tail_lse, k=k, temperature=temperature
+        )
+        return losses.kd_divergence_topk(student_logits, idx, lp, tail_lse=tail, **common)
+
+    def token_logprobs(self, targets: torch.Tensor, *, temperature: float = 1.0) -> torch.Tensor:
+        """log p_T of each row's target token [N] (a live teacher's, which on-policy methods need)."""
+        if self.logits is None:
+            raise ValueError("the teacher's log-prob of a sampled token needs a live teacher")
+        return losses.token_logprobs(self.logits, targets, temperature=temperature)
 
 
 # ---------------------------------------------------------------------------------------------------------
@@ -115,10 +163,14 @@ class TeacherBatch:
 
 @dataclass
 class LossInputs:
+    """What a method's loss gets for one micro-batch. The student and the teacher are run lazily, on the
+    sequences a loss asks for: the gold batch (`student`, `teacher`), the teacher's answers
+    (`TEACHER_ANSWER`) or the student's own samples (`POLICY`)."""
+
     model: nn.Module
     batch: Mapping[str, torch.Tensor]
-    forward_student: Callable[[], Scored]  # the student on the gold batch; run only if a loss reads it
-    teacher: TeacherBatch | None
+    forward_student: Callable[[str], Scored]  # the student on the sequences under a batch-key prefix
+    forward_teacher: Callable[[str], TeacherBatch | None]  # the teacher there (None: the run reads none)
     num_tokens: torch.Tensor | float  # answer tokens in the global batch (transfer rows included)
     num_gold_tokens: torch.Tensor | float  # answer tokens of the gold rows (not transfer) in the global batch
     num_teacher_tokens: torch.Tensor | float  # tokens of the teacher-answer sequences in the global batch
@@ -126,10 +178,25 @@ class LossInputs:
     layer_pairs: list[tuple[int, int]]
     projections: nn.ModuleList | None
     vocab_size: int
+    num_policy_tokens: torch.Tensor | float = 1  # tokens of the student's sampled answers in the global batch
 
     @cached_property
     def student(self) -> Scored:
-        return self.forward_student()
+        return self.forward_student("")
+
+    @cached_property
+    def teacher(self) -> TeacherBatch | None:
+        return self.forward_teacher("")
+
+    @property
+    def on_policy(self) -> bool:
+        """Whether this micro-batch's step is on-policy (`Rollout`): its `POLICY` sequences hold the student's
+        own samples, unless every sample came out empty (then there are none)."""
+        return bool(self.batch.get(ROLLOUT_STEP, False))
+
+    @property
+    def has_samples(self) -> bool:
+        return POLICY + "labels" in self.batch
 
 
 LossParts = tuple[torch.Tensor, dict[str, torch.Tensor]]
@@ -166,6 +233,10 @@ class Method:
     def loss(self, x: LossInputs) -> LossParts:
         """The loss to minimise and its logged parts (`ce`, `kd`, ...), sums over tokens / `x.num_tokens`."""
         raise NotImplementedError
+
+    def rollout(self, params: Mapping[str, Any]) -> Rollout | None:
+        """How a run with these params samples its own training answers (on-policy); None: it does not."""
+        return None
 
 
 METHODS: dict[str, Method] = {}  # name -> method, in registration order (the report's table order)

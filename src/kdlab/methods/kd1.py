@@ -16,13 +16,16 @@ from kdlab import losses
 from kdlab.config import as_list
 from kdlab.methods.base import Label, LossInputs, LossParts, Method, MixedSettings, Signals, register, task_ce
 
+SKEW_ALPHA = 0.1  # DistiLLM's default skew
 
-class KD1Settings(MixedSettings):
+
+class DivergenceSettings(MixedSettings):
+    """The grid of a logit divergence between teacher and student at temperature T (kd1, gkd)."""
+
     labels: ClassVar[dict[str, Label]] = {
         **MixedSettings.labels,
         "temperature": Label(run_id="T", text="T", latex="$T$", in_tables=True),
         "divergence": Label(run_id="", text="", latex="", in_tables=True),
-        "top_k": Label(run_id="k"),
     }
 
     temperature: list[float] = Field(
@@ -31,10 +34,11 @@ class KD1Settings(MixedSettings):
         description="softmax temperature T of teacher and student; every divergence is multiplied by T^2. "
         "The cache stores an exact top-k tail for each temperature listed",
     )
-    divergence: list[Literal["forward_kl", "reverse_kl", "jsd"]] = Field(
+    divergence: list[Literal["forward_kl", "reverse_kl", "jsd", "skew_kl", "skew_reverse_kl", "tvd"]] = Field(
         default_factory=lambda: ["forward_kl"],
-        description="forward_kl KL(teacher||student), reverse_kl KL(student||teacher), or jsd (generalized, "
-        "weighted by jsd_beta)",
+        description="forward_kl KL(teacher||student), reverse_kl KL(student||teacher), jsd (generalized, "
+        "weighted by jsd_beta), skew_kl KL(teacher||a*teacher+(1-a)*student) and skew_reverse_kl "
+        "KL(student||a*student+(1-a)*teacher) with a = skew_alpha (DistiLLM), or tvd (total variation)",
     )
     jsd_beta: float = Field(
         0.5,
@@ -43,26 +47,59 @@ class KD1Settings(MixedSettings):
         description="jsd: the teacher's weight in the mixture m = beta*teacher + (1-beta)*student, as in "
         "TRL's GKD (0.5: the standard JSD)",
     )
-    top_k: list[int] = Field(
-        default_factory=lambda: [32],
-        min_length=1,
-        description="teacher log-probs per token (the cache keeps the largest; smaller k read its head)",
+    # Left out of a run's params (and so of its hash) unless set, so runs made before it existed keep theirs.
+    skew_alpha: float | None = Field(
+        None,
+        ge=0,
+        lt=1,
+        exclude_if=lambda v: v is None,
+        description=f"skew_kl / skew_reverse_kl: the weight of the distribution the KL is taken from in the "
+        f"mixture, as in DistiLLM (default {SKEW_ALPHA}; 0 is plain KL)",
     )
 
-    _lists = field_validator("temperature", "divergence", "top_k", mode="before")(as_list)
-
-    @field_validator("top_k")
-    @classmethod
-    def _k_pos(cls, v: list[int]) -> list[int]:
-        if any(k <= 0 for k in v):
-            raise ValueError("top_k must be > 0")
-        return v
+    _divergence_lists = field_validator("temperature", "divergence", mode="before")(as_list)
 
     @field_validator("temperature")
     @classmethod
     def _t_pos(cls, v: list[float]) -> list[float]:
         if any(t <= 0 for t in v):
             raise ValueError("temperature must be > 0")
+        return v
+
+
+def teacher_divergence(x: LossInputs, student_logits: Any, teacher: Any, num_tokens: Any) -> Any:
+    """The run's divergence (its params) between `teacher` (a `TeacherBatch`) and the student's logits."""
+    alpha = x.params.get("skew_alpha")
+    return teacher.divergence(
+        student_logits,
+        temperature=float(x.params["temperature"]),
+        divergence=x.params["divergence"],
+        beta=float(x.params.get("jsd_beta", 0.5)),
+        alpha=SKEW_ALPHA if alpha is None else float(alpha),
+        top_k=int(x.params["top_k"]) if "top_k" in x.params else None,
+        num_tokens=num_tokens,
+    )
+
+
+class KD1Settings(DivergenceSettings):
+    labels: ClassVar[dict[str, Label]] = {
+        **DivergenceSettings.labels,
+        "top_k": Label(run_id="k"),
+    }
+
+    top_k: list[int] = Field(
+        default_factory=lambda: [32],
+        min_length=1,
+        description="teacher log-probs per token (the cache keeps the largest; smaller k read its head)",
+    )
+
+    _lists = field_validator("top_k", mode="before")(as_list)
+
+    @field_validator("top_k")
+    @classmethod
+    def _k_pos(cls, v: list[int]) -> list[int]:
+        if any(k <= 0 for k in v):
+            raise ValueError("top_k must be > 0")
         return v
 
 
@@ -81,23 +118,6 @@ class KD1(Method):
         lam = float(x.params["lam"])
         if lam == 0.0:
             return ce, {"ce": ce}
-        t = x.teacher
-        assert t is not None
-        temperature = float(x.params["temperature"])
-        common = dict(
-            temperature=temperature,
-            divergence=x.params["divergence"],
-            beta=float(x.params.get("jsd_beta", 0.5)),
-            num_tokens=x.num_tokens,
-        )
-        if t.logits is not None:
-            kd = losses.kd_divergence_full(x.student.logits, t.logits, **common)
-        else:
-            if t.topk_indices is None or t.topk_logprobs is None or t.tail_lse is None:
-                raise ValueError("kd1 with a cached teacher needs its top-k indices, log-probs and tail_lse")
-            k = int(x.params["top_k"])
-            idx, lp, tail = losses.topk_head(
-                t.topk_indices, t.topk_logprobs, t.tail_lse, k=k, temperature=temperature
-            )
-            kd = losses.kd_divergence_topk(x.student.logits, idx, lp, tail_lse=tail, **common)
+        assert x.teacher is not None
+        kd = teacher_divergence(x, x.student.logits, x.teacher, x.num_tokens)
         return losses.mix(ce, kd, lam), {"ce": ce, "kd": kd}

@@ -17,7 +17,6 @@ from kdlab.methods.base import (
     register,
     task_ce,
 )
-from kdlab.scored import forward_scored
 
 
 class KD2Settings(MixedSettings):
@@ -39,7 +38,7 @@ class KD2(Method):
         if lam == 0.0:
             ce = task_ce(x)
             return ce, {"ce": ce}
-        on_teacher = forward_scored(x.model, x.batch, vocab_size=x.vocab_size, prefix=TEACHER_ANSWER)
+        on_teacher = x.forward_student(TEACHER_ANSWER)
         kd = losses.cross_entropy_tokens(
             on_teacher.logits, on_teacher.targets, num_tokens=x.num_teacher_tokens
         )

@@ -162,6 +162,7 @@ def train_student(study: Study, spec: RunSpec, student: StudentSettings, cache: 
         resume_from_checkpoint=last,
         run_name=spec.id,
         tokenizer=study.tokenizer,
+        rollouts_file=folder / "rollouts.jsonl",
     )
     del live
     if not study.ranks.leader:

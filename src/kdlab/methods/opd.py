@@ -1,0 +1,96 @@
+"""On-policy distillation with a sampled-token reverse-KL reward (MiniLLM, Gu et al. 2024; the on-policy
+distillation recipes of Qwen3 and of Thinking Machines' Tinker cookbook):
+(1-λ)·CE(gold) + λ·PG, where the student samples an answer to every training prompt inside the step and
+each sampled token x_t gets the reward r_t = log p_teacher(x_t) − log q_student(x_t) (both at T = 1). PG is
+REINFORCE on the student's log-probs of its own tokens with the return A_t = Σ_{s≥t} γ^{s−t} r_s held
+constant: its gradient is that of the reverse KL(q ‖ p) on the student's own distribution (γ = 0: each
+token's own reward, as Tinker; γ = 1: the sum over the rest of the answer, as MiniLLM's long-term term).
+The logged `kd` is the sampled-token estimate of the reverse KL, Σ −r_t / tokens.
+"""
+
+from __future__ import annotations
+
+from collections.abc import Mapping
+from typing import Any, ClassVar
+
+from pydantic import Field, field_validator
+
+from kdlab import losses
+from kdlab.config import as_list
+from kdlab.methods.base import (
+    POLICY,
+    Label,
+    LossInputs,
+    LossParts,
+    Method,
+    MixedSettings,
+    Rollout,
+    Signals,
+    register,
+    task_ce,
+)
+
+
+class OPDSettings(MixedSettings):
+    labels: ClassVar[dict[str, Label]] = {
+        **MixedSettings.labels,
+        "discount": Label(run_id="g", text="γ", latex=r"$\gamma$", in_tables=True),
+    }
+
+    discount: list[float] = Field(
+        default_factory=lambda: [0.0],
+        min_length=1,
+        description="γ in [0, 1]: 0 rewards each token alone, 1 with the sum over the rest of the answer",
+    )
+    sample_temperature: float = Field(
+        1.0, gt=0, description="temperature the student samples at (1: exactly its own distribution)"
+    )
+    max_new_tokens: int = Field(32, gt=0, description="longest sampled answer, in tokens (EOS ends it)")
+
+    _discount_list = field_validator("discount", mode="before")(as_list)
+
+    @field_validator("discount")
+    @classmethod
+    def _discount_range(cls, v: list[float]) -> list[float]:
+        for x in v:
+            if not 0.0 <= x <= 1.0:
+                raise ValueError(f"each discount must be in [0, 1], got {x}")
+        return v
+
+
+@register
+class OPD(Method):
+    name = "opd"
+    settings = OPDSettings
+    color = "#c51b7d"
+    kd_term = "reverse KL on the student's samples (sampled-token estimate), nats"
+
+    def signals(self, params: Mapping[str, Any]) -> Signals:
+        return Signals(live=True)
+
+    def rollout(self, params: Mapping[str, Any]) -> Rollout | None:
+        return Rollout(
+            student_fraction=1.0,
+            temperature=float(params["sample_temperature"]),
+            max_new_tokens=int(params["max_new_tokens"]),
+        )
+
+    def loss(self, x: LossInputs) -> LossParts:
+        lam = float(x.params["lam"])
+        if lam == 0.0 or not x.has_samples:
+            ce = task_ce(x)
+            if not x.has_samples and lam == 1.0:
+                ce = ce * 0.0  # every sample came out empty: nothing to learn from this step
+            return ce, {"ce": ce}
+        on = x.forward_student(POLICY)
+        teacher = x.forward_teacher(POLICY)
+        assert teacher is not None
+        log_q = losses.token_logprobs(on.logits, on.targets)
+        reward = (teacher.token_logprobs(on.targets) - log_q).detach()
+        returns = losses.discounted_returns(reward, on.counts, float(x.params["discount"]))
+        pg = losses.policy_gradient(log_q, returns, num_tokens=x.num_policy_tokens)
+        reverse_kl = -reward.sum() / x.num_policy_tokens
+        if lam == 1.0:
+            return pg, {"kd": reverse_kl}
+        ce = task_ce(x)
+        return losses.mix(ce, pg, lam), {"ce": ce, "kd": reverse_kl}
