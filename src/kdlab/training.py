@@ -450,7 +450,9 @@ class KDTrainer(Trainer):
             micro_batches = max(len(values) for values in self._parts.values())
             steps = max(1, micro_batches // max(1, self.args.gradient_accumulation_steps))
             for name, values in self._parts.items():
-                logs[f"loss_{name}"] = round(sum(values) / steps, 6)
+                # Each rank holds its share of the global batch's sum (DDP, FSDP): add the shares up.
+                total = self.accelerator.reduce(torch.tensor(sum(values), device=self.args.device), "sum")
+                logs[f"loss_{name}"] = round(float(total) / steps, 6)
             self._parts.clear()
         super().log(logs, start_time)
 
