@@ -33,6 +33,7 @@ from kdlab.report import (
     write_results,
 )
 from kdlab.report import figures as report_figures
+from kdlab.resolve import resolve_config
 from kdlab.stats import (
     BootstrapResult,
     holm,
@@ -47,14 +48,18 @@ OWNER = "test-host:1"
 KD1 = {"lam": 0.5, "temperature": 2.0, "divergence": "forward_kl", "jsd_beta": 0.5, "top_k": 32}
 # Correct eval answers per run (out of the 20 examples of each tiny eval split).
 CORRECT = {
-    "sft": {42: 10, 7: 12},
+    "sft": {42: 8, 7: 9},
     "kd1-0.5": {42: 11},
     "kd1-1": {42: 18, 7: 19},
     "kd2": {42: 13},
     "teacher-zero-shot": 9,
     "teacher": 17,
 }
-N_RUNS = 4 + 2 * 7  # teachers + per task (sft x2, kd1 x3, kd2, one failed kd2 seed)
+N_RUNS = 4 + 2 * 8  # teachers + per task (cache, sft x2, kd1 x3, kd2, one failed kd2 seed)
+# Seconds the registry records: each student run's train_runtime (+1 s on seed 7), the adapted teacher's
+# train_runtime and the cache build's wall time; every student run trains on TRAIN_TOKENS tokens.
+RUNTIME = {"sft": 3.0, "kd1": 6.0, "kd2": 4.0}
+TEACHER_TRAIN_S, CACHE_WALL_S, TRAIN_TOKENS = 20.0, 30.0, 640
 
 
 def _predictions(task: str, examples: list, n_correct: int) -> dict[str, Any]:
@@ -87,7 +92,7 @@ def _log_history(kd: bool, scale: float) -> list[dict[str, Any]]:
 
 def build_study(out: Path, data_dir: Path) -> dict[str, Any]:
     """A finished fake study: registry, predictions, manifests, selection.json, logs, bench.json, config."""
-    config = parse_config({
+    config = resolve_config(parse_config({
         "name": "tiny_study", "output_dir": str(out), "data_dir": str(data_dir),
         "teacher": {"model": "tiny-teacher"},
         "students": [{"name": "s1", "derive": {"num_layers": 2}}],
@@ -95,16 +100,16 @@ def build_study(out: Path, data_dir: Path) -> dict[str, Any]:
                   "squad": {"selection_size": 4, "eval_size": 20}},
         "methods": {"sft": {}, "kd1": {"lambda": [0.5, 1.0]}, "kd2": {"lambda": 0.5}},
         "seeds": [42, 7],
-    })
+    }))
     out.mkdir(parents=True)
     (out / "study.yaml").write_text(config.to_yaml())
     reg = Registry(out / "registry.sqlite")
     expected: dict[str, Any] = {"metrics": {}}
 
-    def finish(spec: RunSpec, metrics: dict[str, Any]) -> None:
+    def finish(spec: RunSpec, metrics: dict[str, Any], wall_time: float = 12.5) -> None:
         reg.add(spec)
         assert reg.claim(spec.id, OWNER)
-        reg.finish(spec.id, metrics, 12.5, OWNER)
+        reg.finish(spec.id, metrics, wall_time, OWNER)
         expected["metrics"][spec.id] = metrics
 
     selection: dict[str, Any] = {}
@@ -125,7 +130,11 @@ def build_study(out: Path, data_dir: Path) -> dict[str, Any]:
             folder = out / "teacher" / (f"{task}-zero-shot" if "zero" in name else f"{task}-eval")
             finish(RunSpec(id=rid, kind="teacher", task=task, method="teacher", student="teacher",
                            stage="teacher", params={"adapted": "zero" not in name}, config_hash="h",
-                           output_dir=str(out / "teacher" / task)), score(CORRECT[name], folder))
+                           output_dir=str(out / "teacher" / task)),
+                   score(CORRECT[name], folder) | ({} if "zero" in name else {"train_runtime": TEACHER_TRAIN_S}))
+        finish(RunSpec(id=f"cache-{task}", kind="teacher", task=task, method="cache", student="teacher",
+                       stage="teacher", params={"fingerprint": "f"}, config_hash="f",
+                       output_dir=str(out / "teacher_cache" / task)), {"cache": {"examples": 64}}, CACHE_WALL_S)
 
         def student(method: str, params: dict[str, Any], rid_mid: str, seed: int, n_correct: int | None,
                     task: str = task, score=score, t=t) -> str:
@@ -142,8 +151,8 @@ def build_study(out: Path, data_dir: Path) -> dict[str, Any]:
             metrics = score(n_correct, folder)
             # Selection metric differs from eval so the λ=1 choice is visible in the λ figure.
             metrics["selection"][t.metric] = metrics["eval"][t.metric] - 1.0
-            metrics.update(train_runtime=3.0, steps=8, train_examples=64, trainable_parameters=1000,
-                           parameters=2000)
+            metrics.update(train_runtime=RUNTIME[method] + (seed == 7), steps=8, train_examples=64,
+                           trainable_parameters=1000, parameters=2000, train_tokens=TRAIN_TOKENS)
             logs = _log_history(method != "sft", 2.0 + seed / 100)
             (folder / "log_history.json").write_text(json.dumps(logs))
             finish(spec, metrics)

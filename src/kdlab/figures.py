@@ -28,11 +28,13 @@ from kdlab.stats import pareto_front
 
 __all__ = [
     "COLUMN_WIDTH_IN",
+    "CostPoint",
     "Curve",
     "EfficiencyPoint",
     "LambdaSeries",
     "efficiency_figure",
     "lambda_figure",
+    "cost_figure",
     "save_figure",
     "training_figure",
 ]
@@ -68,6 +70,8 @@ class LambdaSeries:
     values: list[float]
     chosen_lam: float | None = None
     student_index: int = 0
+    # The chosen λ's selection metric on every seed (the grid ran on the first only): the seeds' spread.
+    chosen_seed_values: list[float] = field(default_factory=list)
 
 
 @dataclass
@@ -78,6 +82,17 @@ class EfficiencyPoint:
     value: float  # evaluation metric (%)
     parameters: float
     latency_ms: float | None = None
+    value_std: float = 0.0  # over the seeds of a student's chosen setting (error bar)
+
+
+@dataclass
+class CostPoint:
+    """One (student, method): per seed, its evaluation metric and its total cost per run."""
+
+    label: str
+    method: str
+    values: list[float]
+    seconds: list[float]
 
 
 @dataclass
@@ -179,6 +194,9 @@ def lambda_figure(stem: Path, *, title: str, ylabel: str, series: Sequence[Lambd
                 if chosen:
                     ax.plot([s.chosen_lam], [chosen[0]], marker="o", markersize=11, markerfacecolor="none",
                             markeredgecolor=color, linestyle="none")
+                if len(s.chosen_seed_values) > 1:
+                    ax.plot([s.chosen_lam] * len(s.chosen_seed_values), s.chosen_seed_values, marker="_",
+                            markersize=9, color=color, linestyle="none")
         for i, (label, value) in enumerate((baselines or {}).items()):
             ax.axhline(value, color=method_color(baseline().name),
                        linestyle=_LINESTYLES[(i + 1) % len(_LINESTYLES)], linewidth=1.0, label=label)
@@ -216,14 +234,52 @@ def efficiency_figure(stem: Path, *, title: str, ylabel: str,
             for j, (p, x, y) in enumerate(zip(pts, xs, ys, strict=True)):
                 teacher = p.role == "teacher"
                 color = method_color("teacher" if teacher else p.method)
-                ax.plot([x], [y], linestyle="none", marker="*" if teacher else markers[j % len(markers)],
-                        markersize=10 if teacher else 6, color=color, label=p.label, zorder=3)
+                ax.errorbar([x], [y], yerr=[p.value_std] if p.value_std else None, capsize=2,
+                            linestyle="none", marker="*" if teacher else markers[j % len(markers)],
+                            markersize=10 if teacher else 6, color=color, label=p.label, zorder=3)
             _log_axis(ax, xs)
             ax.set_xlabel(xlabel)
             ax.set_ylabel(ylabel)
         axes[0].set_title(title)
         _legend_below(fig, axes)
         return save_figure(fig, stem)
+
+
+def cost_figure(stem: Path, *, title: str, ylabel: str, points: Sequence[CostPoint]) -> list[Path]:
+    """Metric against total cost per run (seconds, log scale): every seed as a small dot, the seed mean with
+    ±1 std bars on both axes, the dashed line the Pareto front of the means (no other method both cheaper
+    and better)."""
+    pts = [p for p in points if p.values and p.seconds]
+    with rc_context(STYLE):
+        fig, (ax,) = _new_figure(3.1)
+        xs = [sum(p.seconds) / len(p.seconds) for p in pts]
+        ys = [sum(p.values) / len(p.values) for p in pts]
+        front = pareto_front(xs, ys)
+        if len(front) > 1:
+            ax.plot([xs[i] for i in front], [ys[i] for i in front], linestyle="--", color="#999999",
+                    linewidth=1.0, drawstyle="steps-post", label="Pareto front", zorder=1)
+        for p, x, y in zip(pts, xs, ys, strict=True):
+            color = method_color(p.method)
+            n = min(len(p.values), len(p.seconds))
+            ax.plot(p.seconds[:n], p.values[:n], linestyle="none", marker=".", markersize=4, color=color,
+                    alpha=0.6, zorder=2)
+            ax.errorbar([x], [y], xerr=[_std(p.seconds)], yerr=[_std(p.values)], marker="o", markersize=6,
+                        color=color, capsize=2, linestyle="none", label=p.label, zorder=3)
+        _log_axis(ax, xs)
+        ax.set_xlabel("cost per run (s, log scale)")
+        ax.set_ylabel(ylabel)
+        ax.set_title(title)
+        _legend_below(fig, [ax])
+        return save_figure(fig, stem)
+
+
+def _std(values: Sequence[float]) -> float:
+    """Sample standard deviation (0 for one value): the seeds' spread the error bars show."""
+    n = len(values)
+    if n < 2:
+        return 0.0
+    mean = sum(values) / n
+    return math.sqrt(sum((v - mean) ** 2 for v in values) / (n - 1))
 
 
 def training_figure(stem: Path, *, title: str, curves: Sequence[Curve]) -> list[Path]:

@@ -48,8 +48,22 @@ from kdlab.report.compare import (
     per_example_rows,
     score_all,
 )
-from kdlab.report.figures import FigureEntry, efficiency_figures, lambda_figures, training_figures
-from kdlab.report.render import finding_sentence, report_markdown, summary_latex, summary_markdown, tex_escape
+from kdlab.report.costs import add_cost_columns, run_costs
+from kdlab.report.figures import (
+    FigureEntry,
+    cost_figures,
+    efficiency_figures,
+    lambda_figures,
+    training_figures,
+)
+from kdlab.report.render import (
+    cost_markdown,
+    finding_sentence,
+    report_markdown,
+    summary_latex,
+    summary_markdown,
+    tex_escape,
+)
 from kdlab.stages.selection import Group
 
 __all__ = [
@@ -111,7 +125,9 @@ def write_report(
     summaries = build_summaries(outputs, groups, comparisons)
     score_all(outputs, groups, scorer)
 
+    costs = run_costs(outputs)
     header, rows = results_table(outputs, groups)
+    header = add_cost_columns(header, rows, costs)
     tables = {
         "every run, one row each (metrics and params flattened)": _write_text(
             out / "results.csv", csv_text(header, rows)
@@ -135,11 +151,14 @@ def write_report(
     figures: list[FigureEntry] = []
     for make in (lambda_figures, efficiency_figures):
         figures += make(outputs, groups, fig_dir)
+    figures += cost_figures(outputs, groups, fig_dir, costs)
     figures += training_figures(outputs, groups, fig_dir, notes)
 
     env = environment(outputs.bench)
     report = _write_text(
-        out / "report.md", report_markdown(outputs, summaries, figures, tables, env, notes, data_dir)
+        out / "report.md",
+        report_markdown(outputs, summaries, figures, tables, env, notes, data_dir,
+                        extra_sections=[cost_markdown(outputs, groups, costs)]),
     )
     for note in dict.fromkeys(notes):
         echo(f"[report] note: {note}")

@@ -22,6 +22,7 @@ from typing import Any
 from kdlab.config import StudyConfig, load_config
 from kdlab.methods import METHODS
 from kdlab.registry import Registry, RunRecord
+from kdlab.resolve import resolve_config
 from kdlab.stages.selection import Group
 from kdlab.stages.selection import chosen_groups as selection_groups
 from kdlab.tasks import TASKS, Task, get_task
@@ -97,7 +98,7 @@ def load_outputs(out: str | Path) -> StudyOutputs:
     if (out / "study.yaml").is_file():
         config_text = (out / "study.yaml").read_text(encoding="utf-8")
         try:
-            config = load_config(out / "study.yaml")
+            config = resolve_config(load_config(out / "study.yaml"), str(out / "study.yaml"))
         except ValueError as e:  # ConfigError: still report, with task defaults
             notes.append(f"study.yaml could not be validated ({e}); task defaults used")
     tasks = list(config.tasks) if config is not None else []

@@ -16,8 +16,9 @@ import numpy as np
 from kdlab.methods import METHODS, MixedSettings, baseline
 from kdlab.registry import RunRecord
 from kdlab.report.collect import StudyOutputs, bootstrap_seed, run_metric
+from kdlab.report.costs import GroupCost, group_cost, run_costs
 from kdlab.stages.selection import Group
-from kdlab.stats import BootstrapResult, holm, mean_std, paired_bootstrap, significance_level
+from kdlab.stats import BootstrapResult, compare_systems, holm, mean_std, significance_level
 from kdlab.tasks import Example, Task, get_task
 
 DECIMALS = 1
@@ -46,7 +47,7 @@ class Comparison:
     method: str
     metric: str
     result: BootstrapResult | None
-    seeds: tuple[int, int] = (0, 0)  # (method, SFT) seeds averaged per example
+    seeds: tuple[int, int] = (0, 0)  # (method, SFT) seeds behind the scores
     note: str = ""
     # Holm-adjusted p over every comparison with SFT of the same student (all tasks, methods, metrics).
     holm_p: float | None = None
@@ -134,8 +135,9 @@ def compare_to_sft(
     notes: list[str] | None = None,
     scorer: Scorer | None = None,
 ) -> list[Comparison]:
-    """Paired bootstrap of every non-SFT method's chosen setting against SFT of the same student and task,
-    per metric, on per-example scores averaged over each system's seeds (see `kdlab.stats`), with p-values
+    """Every non-SFT method's chosen setting against SFT of the same student and task, per metric:
+    `stats.compare_systems` on the per-example scores of every seed (seed-aware with >= 2 seeds on each side,
+    else a paired bootstrap over examples only; see `kdlab.stats`), with p-values
     Holm-adjusted per student over all its comparisons. ``seed``: default `bootstrap_seed` (provenance.json,
     else the default); ``scorer``: to keep the per-example scores it computes (write_report writes them)."""
     notes = notes if notes is not None else []
@@ -158,7 +160,8 @@ def compare_to_sft(
             out += [Comparison(task, student, method, m, None, seeds, str(e)) for m in metrics]
             continue
         for m in metrics:
-            res = paired_bootstrap(
+            # Seed-aware (seeds + examples) when both have >= 2 seeds, else examples only (`kdlab.stats`).
+            res = compare_systems(
                 np.stack([s[m] for s in system]),
                 np.stack([s[m] for s in reference]),
                 n_resamples=n_resamples,
@@ -319,6 +322,45 @@ class Finding:
     sft_mean: float | None
     teacher: float | None  # the teacher's eval metric, on the same evaluation examples
     teacher_label: str = "adapted"  # "zero-shot" when the study did not adapt the teacher
+    method_values: list[float] = field(default_factory=list)  # eval metric of each seed
+    sft_values: list[float] = field(default_factory=list)
+    method_cost: GroupCost | None = None  # seconds / FLOPs per run (report.costs)
+    sft_cost: GroupCost | None = None
+
+    def _extra(self, kind: str) -> tuple[float, float] | None:
+        """(method, SFT) mean cost per run in seconds ("seconds") or FLOPs ("flops"), when both are known."""
+        if self.method_cost is None or self.sft_cost is None:
+            return None
+        a, b = getattr(self.method_cost, kind), getattr(self.sft_cost, kind)
+        return (float(np.mean(a)), float(np.mean(b))) if a and b else None
+
+    def gain_per_cost(self, kind: str) -> float | None:
+        """Δ per unit of extra cost over SFT per run: points per hour ("seconds") or per PFLOP ("flops");
+        None when the cost is unknown or the method costs no more than SFT."""
+        costs, delta = self._extra(kind), self.delta
+        if costs is None or delta is None or costs[0] <= costs[1]:
+            return None
+        unit = 3600.0 if kind == "seconds" else 1e15
+        return delta / ((costs[0] - costs[1]) / unit)
+
+    @property
+    def cost_text(self) -> str:
+        """The cost beside the gain, for the finding's sentence ("" when unknown)."""
+        costs = self._extra("seconds")
+        if costs is None:
+            return ""
+        text = f"Cost per run {costs[0]:.0f} s against SFT's {costs[1]:.0f} s"
+        per_hour, per_pflop = self.gain_per_cost("seconds"), self.gain_per_cost("flops")
+        if per_hour is None:
+            return text + " (no extra cost)."
+        text += f": {rate_text(per_hour)} points per extra hour"
+        return text + (f", {rate_text(per_pflop)} per extra PFLOP." if per_pflop is not None else ".")
+
+    @property
+    def seed_aware(self) -> bool:
+        """Whether Δ's interval and p include training-seed variance (>= 2 seeds on both sides)."""
+        r = self.comparison.result
+        return r is not None and r.seed_aware
 
     @property
     def delta(self) -> float | None:
@@ -361,6 +403,11 @@ class Finding:
         return 1 if r.low > 0 else -1 if r.high < 0 else 0
 
 
+def rate_text(x: float) -> str:
+    """A gain per unit of cost: 3 significant digits, without exponents for large values."""
+    return f"{x:+,.0f}" if abs(x) >= 100 else f"{x:+.3g}"
+
+
 def _teacher_reference(outputs: StudyOutputs, task: str) -> tuple[RunRecord | None, str]:
     """The teacher the students learned from: the adapted one of ``task``, else (no adaptation) the base."""
     for rid, label in ((f"teacher-{task}", "adapted"), (f"teacher-{task}-zero-shot", "zero-shot")):
@@ -370,8 +417,12 @@ def _teacher_reference(outputs: StudyOutputs, task: str) -> tuple[RunRecord | No
     return None, ""
 
 
+def _seed_values(runs: Sequence[RunRecord], metric: str) -> list[float]:
+    return [v for r in runs if (v := run_metric(r, "eval", metric)) is not None]
+
+
 def _seed_mean(runs: Sequence[RunRecord], metric: str) -> float | None:
-    values = [v for r in runs if (v := run_metric(r, "eval", metric)) is not None]
+    values = _seed_values(runs, metric)
     return float(np.mean(values)) if values else None
 
 
@@ -381,6 +432,7 @@ def build_findings(
     """A `Finding` per comparison with SFT: the chosen setting, the means behind Δ and the teacher's score.
     The teacher's registry metric is on the same examples as the students' (data/<task>.json's eval ids)."""
     out = []
+    costs = run_costs(outputs)
     for c in comparisons:
         group = groups.get((c.student, c.method, c.task))
         base = groups.get((c.student, baseline().name, c.task))
@@ -393,6 +445,10 @@ def build_findings(
                 _seed_mean(base.runs, c.metric) if base is not None else None,
                 run_metric(teacher, "eval", c.metric) if teacher is not None else None,
                 label,
+                _seed_values(group.runs, c.metric) if group is not None else [],
+                _seed_values(base.runs, c.metric) if base is not None else [],
+                group_cost(group, costs) if group is not None else None,
+                group_cost(base, costs) if base is not None else None,
             )
         )
     return out

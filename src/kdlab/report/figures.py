@@ -14,9 +14,11 @@ from typing import Any
 import numpy as np
 
 from kdlab.figures import (
+    CostPoint,
     Curve,
     EfficiencyPoint,
     LambdaSeries,
+    cost_figure,
     efficiency_figure,
     lambda_figure,
     training_figure,
@@ -26,6 +28,7 @@ from kdlab.metrics import LONG_NAMES
 from kdlab.registry import RunRecord
 from kdlab.report.collect import StudyOutputs, run_metric, setting_key, task_title
 from kdlab.report.compare import format_value, param_name, setting_parts, setting_text, student_label
+from kdlab.report.costs import RunCost
 from kdlab.stages.selection import Group
 
 METRIC_NAMES = LONG_NAMES
@@ -85,6 +88,7 @@ def lambda_figures(
                         + ")"
                     )
                 is_chosen = all(g.params.get(k) == v for k, v in other.items())
+                seed_values = [v for r in g.runs if (v := run_metric(r, "selection", metric)) is not None]
                 series.append(
                     LambdaSeries(
                         label,
@@ -93,6 +97,7 @@ def lambda_figures(
                         [float(run_metric(r, "selection", metric) or 0.0) for r in runs],
                         chosen_lam=float(g.params["lam"]) if is_chosen and "lam" in g.params else None,
                         student_index=students.index(student),
+                        chosen_seed_values=seed_values if is_chosen else [],
                     )
                 )
         if not series:
@@ -107,10 +112,28 @@ def lambda_figures(
         )
         caption = (
             f"Selection-split {METRIC_NAMES.get(metric, metric)} of the first-seed grid runs against "
-            "λ; the ring marks the chosen setting, dashed lines are SFT (no KD term)."
+            "λ; the ring marks the chosen setting, short bars its other seeds' values (the seeds' spread), "
+            "dashed lines are SFT (no KD term)."
         )
         entries.append(FigureEntry(title, caption, paths))
     return entries
+
+
+def _bench_values(
+    outputs: StudyOutputs,
+    groups: Mapping[tuple[str, str, str], Group],
+    entry: Mapping[str, Any],
+    task: str,
+    metric: str,
+) -> list[float]:
+    """Every seed's evaluation metric behind `_bench_value` (one value for a teacher or a lone run)."""
+    run = outputs.get(entry.get("run"))
+    if run is not None and run.kind == "student" and run.task == task:
+        g = groups.get((run.student, run.method, task))
+        if g is not None and run.id in {r.id for r in g.runs}:
+            return [v for r in g.runs if (v := run_metric(r, "eval", metric)) is not None]
+    value = _bench_value(outputs, groups, entry, task, metric)
+    return [] if value is None else [value]
 
 
 def _bench_value(
@@ -154,6 +177,7 @@ def efficiency_points(
         if value is None:
             continue
         latency = perf.get("latency_ms_p50")
+        seeds = _bench_values(outputs, groups, entry, task, metric)
         points.append(
             EfficiencyPoint(
                 str(label),
@@ -162,6 +186,7 @@ def efficiency_points(
                 value,
                 float(entry["parameters"]),
                 float(latency) if isinstance(latency, int | float) else None,
+                float(np.std(seeds, ddof=1)) if len(seeds) > 1 else 0.0,
             )
         )
     return points
@@ -185,7 +210,8 @@ def efficiency_figures(
         device = outputs.bench.get("device", "the bench device")
         caption = (
             f"Evaluation {METRIC_NAMES.get(metric, metric)} against parameters and median latency on "
-            f"{device} (bench.json); stars are teachers, the dashed line the frontier."
+            f"{device} (bench.json); stars are teachers, bars ±1 std over the seeds of a student's chosen "
+            "setting, the dashed line the frontier."
         )
         entries.append(FigureEntry(title, caption, paths))
     return entries
@@ -245,3 +271,46 @@ def training_figures(
     return entries
 
 
+
+
+def cost_points(
+    outputs: StudyOutputs, groups: Mapping[tuple[str, str, str], Group], task: str,
+    costs: Mapping[str, RunCost],
+) -> list[CostPoint]:
+    """Per (student, method) of ``task``: each chosen run's evaluation metric and total cost per run, seed
+    by seed (runs without a cost are left out)."""
+    metric = outputs.task(task).metric
+    many = len({g.student for g in groups.values()}) > 1
+    points = []
+    for (student, method, t), g in groups.items():
+        if t != task:
+            continue
+        pairs = [(v, c.total_s) for r in g.runs if (v := run_metric(r, "eval", metric)) is not None
+                 and (c := costs.get(r.id)) is not None and c.total_s is not None]
+        if pairs:
+            points.append(CostPoint(student_label(student, method, many), method, [p[0] for p in pairs],
+                                    [float(p[1]) for p in pairs]))
+    return points
+
+
+def cost_figures(
+    outputs: StudyOutputs, groups: Mapping[tuple[str, str, str], Group], fig_dir: Path,
+    costs: Mapping[str, RunCost],
+) -> list[FigureEntry]:
+    entries = []
+    for task in outputs.tasks:
+        points = cost_points(outputs, groups, task, costs)
+        if not points:
+            continue
+        metric = outputs.task(task).metric
+        title = f"{task_title(task)}: quality vs training cost"
+        paths = cost_figure(fig_dir / f"cost_{task}", title=title, ylabel=_metric_axis(metric, "eval"),
+                            points=points)
+        caption = (
+            f"Evaluation {METRIC_NAMES.get(metric, metric)} of each method's chosen setting against its "
+            "cost per run: training plus its share of the teacher's adaptation and cache build (registry "
+            "times; see the cost table). Small dots are seeds, large ones their mean with ±1 std bars; the "
+            "dashed line is the Pareto front of the means."
+        )
+        entries.append(FigureEntry(title, caption, paths))
+    return entries

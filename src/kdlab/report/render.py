@@ -10,6 +10,8 @@ from collections.abc import Callable, Mapping, Sequence
 from pathlib import Path
 from typing import Any
 
+import numpy as np
+
 from kdlab.figures import (
     COLUMN_WIDTH_IN,
 )
@@ -21,6 +23,7 @@ from kdlab.report.collect import (
     bootstrap_seed,
     cache_manifest,
     data_manifest,
+    run_metric,
     seed_source,
     task_title,
 )
@@ -33,11 +36,13 @@ from kdlab.report.compare import (
     Finding,
     SettingPart,
     TaskSummary,
+    rate_text,
     setting_text,
     student_label,
 )
+from kdlab.report.costs import RunCost, group_cost
 from kdlab.report.figures import FigureEntry
-from kdlab.stats import mean_std
+from kdlab.stats import mean_std, pareto_front
 
 LABELS = SHORT_NAMES  # metric names in table headers
 METRIC_NAMES = LONG_NAMES  # in sentences
@@ -96,9 +101,24 @@ def _where(task: str, metric: str) -> str:
     return f"{task_title(task)} {METRIC_NAMES.get(metric, metric)}"
 
 
+def seed_caveat(comparison: Comparison) -> str:
+    """The sentence a comparison that could not include seed variance carries (empty when it did)."""
+    r = comparison.result
+    if r is None or r.seed_aware:
+        return ""
+    n_method, n_sft = comparison.seeds
+    plural = "s" * (n_method != 1)
+    seeds = ("one training seed per system" if (n_method, n_sft) == (1, 1)
+             else f"{n_method} training seed{plural} of {comparison.method} and {n_sft} of SFT")
+    return (f"With {seeds}, this comparison covers test-set sampling only and cannot separate the method "
+            "from the training seed.")
+
+
 def finding_sentence(finding: Finding, *, many_students: bool = False) -> str:
     """What the method did, in one sentence from the numbers: beats SFT / is worse than SFT (Holm-adjusted
-    p < 0.05) or no significant difference, with Δ, its 95% interval, p and the Holm-adjusted p."""
+    p < 0.05, seed-aware) or no significant difference, with Δ, its 95% interval, p and the Holm-adjusted p.
+    Without >= 2 seeds on both sides it never says "beats": it says the difference on these evaluation
+    examples and that one seed cannot separate the method from the seed (`seed_caveat`)."""
     c = finding.comparison
     who = student_label(c.student, c.method, many_students)
     setting = Markdown().setting(finding.setting)
@@ -111,16 +131,22 @@ def finding_sentence(finding: Finding, *, many_students: bool = False) -> str:
         return f"{who} vs SFT on {where}: not computed (see the n/a notes under the {task} Δ table)."
     interval = f"[{_signed(r.low)}, {_signed(r.high)}]"
     holm_text = "" if c.holm_p is None else f"Holm {_p_num(c.holm_p)}"
+    caveat = seed_caveat(c)
+    cost = f" {finding.cost_text}" if finding.cost_text else ""
     if finding.direction:
-        verb = "beats SFT" if finding.direction > 0 else "is worse than SFT"
         stats = _p_text(r.p_value) + (f" ({holm_text})" if holm_text else "")
-        return f"{who} {verb} on {where} by {_signed(r.delta)} points {interval}, {stats}."
+        if caveat:
+            side = "above" if finding.direction > 0 else "below"
+            return (f"{who} scores {side} SFT on {where} on these evaluation examples by {_signed(r.delta)} "
+                    f"points {interval}, {stats}.{cost} {caveat}")
+        verb = "beats SFT" if finding.direction > 0 else "is worse than SFT"
+        return f"{who} {verb} on {where} by {_signed(r.delta)} points {interval}, {stats}.{cost}"
     # Significant before the correction but not after: say so, the interval alone would suggest otherwise.
     after = " after Holm correction" if r.p_value < ALPHA and c.holm_p is not None else ""
     stats = ", ".join(x for x in (_p_text(r.p_value), holm_text) if x)
     return (
         f"{who}: no significant difference from SFT on {where}{after} "
-        f"(Δ {_signed(r.delta)} {interval}, {stats})."
+        f"(Δ {_signed(r.delta)} {interval}, {stats}).{cost}" + (f" {caveat}" if caveat else "")
     )
 
 
@@ -212,7 +238,8 @@ def _results_rows(s: TaskSummary, fmt: Markdown) -> tuple[list[str], list[list[s
 
 
 def _delta_rows(s: TaskSummary, fmt: Markdown) -> tuple[list[str], list[list[str]], str]:
-    head = [fmt.text("student"), fmt.text("method"), fmt.text("seeds (method/SFT)")]
+    head = [fmt.text("student"), fmt.text("method"), fmt.text("seeds (method/SFT)"),
+            fmt.text("interval covers")]
     compared = [m for m in s.metrics if any(c.metric == m for c in s.comparisons)]
     head += [fmt.text(f"{LABELS.get(m, m)} Δ vs SFT [95% CI], p") for m in compared]
     keyed: dict[tuple[str, str], dict[str, Comparison]] = {}
@@ -222,8 +249,14 @@ def _delta_rows(s: TaskSummary, fmt: Markdown) -> tuple[list[str], list[list[str
     for (student, method), by_metric in keyed.items():
         first = next(iter(by_metric.values()))
         cells = [fmt.text(_delta_cell(by_metric[m])) if m in by_metric else "" for m in compared]
-        rows.append([fmt.text(student), fmt.text(method), f"{first.seeds[0]}/{first.seeds[1]}", *cells])
-    return head, rows, "lll" + "l" * len(compared)
+        computed = next((c.result for c in by_metric.values() if c.result is not None), None)
+        covers = "–" if computed is None else _COVERS[computed.seed_aware]
+        rows.append([fmt.text(student), fmt.text(method), f"{first.seeds[0]}/{first.seeds[1]}",
+                     fmt.text(covers), *cells])
+    return head, rows, "llll" + "l" * len(compared)
+
+
+_COVERS = {True: "seeds + examples", False: "examples only"}
 
 
 def _task_title(s: TaskSummary) -> str:
@@ -244,10 +277,12 @@ def _stats_caption(s: TaskSummary) -> str:
     )
     resamples, seed = _bootstrap_setup(s.comparisons)
     return (
-        f"Δ vs SFT of the same student: mean difference over {examples} (per-example scores averaged "
-        f"over seeds), 95% percentile interval of a paired bootstrap ({resamples} resamples, seed "
-        f"{seed}) and the two-sided p-value of the same bootstrap (the interval excludes 0 exactly when "
-        f"p < {ALPHA:g}); p is not adjusted here, the findings give the Holm-adjusted p"
+        f"Δ vs SFT of the same student: mean difference over {examples} and seeds; 95% interval and "
+        f"two-sided p of one bootstrap ({resamples} resamples, seed {seed}; the interval excludes 0 exactly "
+        f"when p < {ALPHA:g}). Seeds + examples: both systems have >= 2 seeds and the bootstrap includes "
+        "training-seed variance (Student-t seed level, paired examples); examples only: a system has one "
+        "seed, the interval covers test-set sampling only and cannot separate the method from the seed. "
+        "p is not adjusted here, the findings give the Holm-adjusted p"
     )
 
 
@@ -265,6 +300,11 @@ def _findings_rows(findings: Sequence[Finding], fmt: Markdown) -> tuple[list[str
             "Holm p",
             "teacher − SFT",
             "gap recovered",
+            "seeds (method/SFT)",
+            "method (mean ± std)",
+            "SFT (mean ± std)",
+            "s per run (method/SFT)",
+            "Δ per extra hour",
         )
     ]
     rows = []
@@ -285,9 +325,20 @@ def _findings_rows(findings: Sequence[Finding], fmt: Markdown) -> tuple[list[str
                 fmt.text("–" if c.holm_p is None else _p_num(c.holm_p)),
                 fmt.text(gap),
                 fmt.text("n/a" if f.recovered is None else f"{f.recovered:.0f}%"),
+                f"{len(f.method_values)}/{len(f.sft_values)}",
+                fmt.text(_mean_cell(f.method_values)),
+                fmt.text(_mean_cell(f.sft_values)),
+                fmt.text(_cost_pair(f)),
+                fmt.text("n/a" if (g := f.gain_per_cost("seconds")) is None else rate_text(g)),
             ]
         )
-    return head, rows, "lllll" + "l" + "rr" + "rr"
+    return head, rows, "lllll" + "l" + "rr" + "rr" + "lrrrr"
+
+
+def _cost_pair(f: Finding) -> str:
+    a = f.method_cost.seconds if f.method_cost is not None else []
+    b = f.sft_cost.seconds if f.sft_cost is not None else []
+    return f"{np.mean(a):.0f} / {np.mean(b):.0f}" if a and b else "–"
 
 
 def _findings_note(findings: Sequence[Finding]) -> str:
@@ -303,11 +354,15 @@ def _findings_note(findings: Sequence[Finding]) -> str:
     return (
         "Each KD method's chosen setting against SFT of the same student on the evaluation split, in "
         "percentage points. Δ, 95% interval and p come from one paired bootstrap of the per-example scores "
-        f"({resamples} resamples, seed {seed}; {SCORES_FILE}). Significant: Holm-adjusted p < {ALPHA:g}, "
+        f"({resamples} resamples, seed {seed}; {SCORES_FILE}): with >= 2 seeds on both sides it includes "
+        "training-seed variance; with one seed it covers test-set sampling only, and the sentence says "
+        f"so instead of calling a winner. Significant: Holm-adjusted p < {ALPHA:g}, "
         f"adjusted over all comparisons with SFT of a student, every task, method and metric ({sizes}). "
         "Teacher − SFT: the teacher's evaluation score (the adapted teacher, on the same evaluation "
         "examples) minus SFT's mean over seeds; gap recovered: Δ / (teacher − SFT), n/a when the teacher "
-        "is not ahead of SFT."
+        "is not ahead of SFT. Seconds per run: training plus the run's share of teacher adaptation and "
+        "cache build, mean over the chosen setting's seeds (see the cost table); Δ per extra hour: Δ / "
+        "(extra seconds per run over SFT / 3600), n/a when the method costs no more."
     )
 
 
@@ -626,7 +681,9 @@ def report_markdown(
     env: Mapping[str, str],
     notes: Sequence[str],
     data_dir: str | Path | None,
+    extra_sections: Sequence[str] = (),
 ) -> str:
+    """report.md; ``extra_sections`` (the cost and diagnostics sections) go after Efficiency."""
     out = outputs.out
     now = dt.datetime.now(dt.UTC).strftime("%Y-%m-%d %H:%M UTC")
     lines = [
@@ -711,6 +768,9 @@ def report_markdown(
             "again for latency, throughput and memory, and the efficiency figures.",
             "",
         ]
+    for section in extra_sections:
+        if section:
+            lines += [section, ""]
     compared = [c for su in summaries for c in su.comparisons]
     resamples, seed = _bootstrap_setup(compared, bootstrap_seed(outputs))
     scored = "; ".join(f"{task_title(t)}: {outputs.task(t).per_example_note}" for t in outputs.tasks)
@@ -756,3 +816,62 @@ def report_markdown(
     return "\n".join(lines)
 
 
+
+
+def _fmt_flops(values: Sequence[float]) -> str:
+    return f"{np.mean(values):.3g}" if values else "n/a"
+
+
+def cost_markdown(
+    outputs: StudyOutputs, groups: Mapping[tuple[str, str, str], Any], costs: Mapping[str, RunCost]
+) -> str:
+    """## Cost: per task, each method's score against its cost per run (mean ± std over the chosen setting's
+    seeds), the parts of that cost, its whole grid's seconds, and whether it is on the Pareto front."""
+    if not costs:
+        return ""
+    fmt = Markdown()
+    many = len({k[0] for k in groups}) > 1
+    lines = [
+        "## Cost",
+        "",
+        "Each method's chosen setting: its evaluation metric against its cost per run, mean ± std over "
+        "seeds. Seconds per run = training (`train_runtime`; live-teacher passes and rollouts happen inside "
+        "it) + the run's share of the teacher's adaptation (its training time over the runs that learn "
+        "from the teacher) + its share of the cache build (the cache run's wall time over the runs that "
+        "read it). FLOPs are estimated for training only (4N + 2N_trainable per token, plus 2N per live-"
+        "teacher or rollout token; README); the teacher's adaptation and cache build count in seconds "
+        "only. All runs: every grid point and seed of the method. Pareto: no other method of the task is "
+        "both cheaper per run and better on average. Per-run costs are in results.csv (`cost_*`).",
+        "",
+    ]
+    for task in outputs.tasks:
+        metric = outputs.task(task).metric
+        rows_data = []
+        for (student, method, t), g in groups.items():
+            if t != task:
+                continue
+            gc = group_cost(g, costs)
+            values = [v for r in g.runs if (v := run_metric(r, "eval", metric)) is not None]
+            parts = [costs[r.id] for r in g.runs if r.id in costs]
+            rows_data.append((student, method, g, gc, values, parts))
+        if not rows_data:
+            continue
+        means = [float(np.mean(r[3].seconds)) if r[3].seconds else float("nan") for r in rows_data]
+        scores = [float(np.mean(r[4])) if r[4] else float("nan") for r in rows_data]
+        front = set(pareto_front(means, scores))
+        head = ["model", "method", "seeds", f"{LABELS.get(metric, metric)} (%)", "s per run",
+                "training / teacher share / cache share (s)", "FLOPs per run", "all runs (s)", "Pareto"]
+        rows = []
+        for i, (student, method, _, gc, values, parts) in enumerate(rows_data):
+            split = " / ".join(
+                f"{np.mean(xs):.1f}" if xs else "–"
+                for xs in ([p.training_s for p in parts if p.training_s is not None],
+                           [p.teacher_share_s for p in parts], [p.cache_share_s for p in parts])
+            )
+            rows.append([
+                fmt.text(student_label(student, method, many) if many else student), fmt.text(method),
+                str(len(values)), _mean_cell(values), _mean_cell(gc.seconds), split, _fmt_flops(gc.flops),
+                f"{gc.grid_seconds:.0f}", "yes" if i in front else "",
+            ])
+        lines += [f"### {task_title(task)}", "", fmt.table(head, rows, "lllrrrrrl")]
+    return "\n".join(lines)
