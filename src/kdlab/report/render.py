@@ -278,8 +278,8 @@ def _stats_caption(s: TaskSummary) -> str:
     resamples, seed = _bootstrap_setup(s.comparisons)
     return (
         f"Δ vs SFT of the same student: mean difference over {examples} and seeds; 95% interval and "
-        f"two-sided p of one bootstrap ({resamples} resamples, seed {seed}; the interval excludes 0 exactly "
-        f"when p < {ALPHA:g}). Seeds + examples: both systems have >= 2 seeds and the bootstrap includes "
+        f"two-sided p of one bootstrap ({resamples} resamples, seed {seed}); the interval excludes 0 exactly "
+        f"when p < {ALPHA:g}. Seeds + examples: both systems have >= 2 seeds and the bootstrap includes "
         "training-seed variance (Student-t seed level, paired examples); examples only: a system has one "
         "seed, the interval covers test-set sampling only and cannot separate the method from the seed. "
         "p is not adjusted here, the findings give the Holm-adjusted p"
