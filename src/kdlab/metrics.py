@@ -23,6 +23,10 @@ import string
 import warnings
 from collections import Counter
 from collections.abc import Callable, Mapping, Sequence
+from typing import TYPE_CHECKING
+
+if TYPE_CHECKING:
+    import torch
 
 __all__ = [
     "ANSWER_METRICS",
@@ -31,13 +35,17 @@ __all__ = [
     "MissingPredictionsWarning",
     "UnknownPredictionsWarning",
     "accuracy",
+    "answer_agreement",
     "answer_scores",
     "classification_scores",
     "exact_match",
+    "expected_calibration_error",
     "f1",
     "normalize_answer",
     "rouge_l",
     "squad_scores",
+    "tail_mass",
+    "token_kl",
 ]
 
 # How tables (short) and sentences (long) name each metric.
@@ -217,3 +225,71 @@ def classification_scores(
         f1s.append(2 * tp / (2 * tp + wrong))
     scores["macro_f1"] = 100.0 * sum(f1s) / len(f1s)
     return scores
+
+
+# ---------------------------------------------------------------------------------------------------------
+# teacher-student diagnostics (pure functions; the model passes are in kdlab.stages.diagnostics)
+
+
+def token_kl(teacher_logits: torch.Tensor, student_logits: torch.Tensor) -> torch.Tensor:
+    """KL(p_teacher ‖ q_student) in nats per row of [N, V] logits (softmax at T = 1, computed in fp32):
+    Σ_v p_v (log p_v - log q_v)."""
+    log_p = teacher_logits.float().log_softmax(-1)
+    log_q = student_logits.float().log_softmax(-1)
+    return (log_p.exp() * (log_p - log_q)).sum(-1)
+
+
+def expected_calibration_error(
+    confidences: Sequence[float], correct: Sequence[bool], n_bins: int = 10
+) -> float:
+    """Expected calibration error in percentage points (Guo et al. 2017): the examples binned by confidence
+    into ``n_bins`` equal-width bins of [0, 1] (a confidence of exactly 1 in the last), then
+    Σ_b |B_b| / n · |accuracy(B_b) - mean confidence(B_b)|, x100."""
+    if len(confidences) != len(correct):
+        raise ValueError("expected_calibration_error: one correctness per confidence")
+    if not confidences:
+        raise ValueError("expected_calibration_error: no examples")
+    if any(not 0.0 <= c <= 1.0 for c in confidences):
+        raise ValueError("confidences must be in [0, 1]")
+    bins: dict[int, list[tuple[float, bool]]] = {}
+    for c, ok in zip(confidences, correct, strict=True):
+        bins.setdefault(min(int(c * n_bins), n_bins - 1), []).append((c, bool(ok)))
+    total = 0.0
+    for members in bins.values():
+        acc = sum(ok for _, ok in members) / len(members)
+        conf = sum(c for c, _ in members) / len(members)
+        total += len(members) * abs(acc - conf)
+    return 100.0 * total / len(confidences)
+
+
+def answer_agreement(
+    student: Mapping[str, object], teacher: Mapping[str, object], ids: Sequence[str]
+) -> float:
+    """Share of ``ids`` (percent) where the two systems give the same answer: equal labels, or generated
+    answers equal after SQuAD normalization; an id either system did not answer counts as a disagreement."""
+    if not ids:
+        raise ValueError("answer_agreement: no examples")
+
+    def same(a: object, b: object) -> bool:
+        if isinstance(a, str) and isinstance(b, str):
+            return normalize_answer(a) == normalize_answer(b)
+        return a == b
+
+    agree = sum(i in student and i in teacher and same(student[i], teacher[i]) for i in ids)
+    return 100.0 * agree / len(ids)
+
+
+def tail_mass(topk_logprobs: torch.Tensor, tail_lse: torch.Tensor | None, temperature: float) -> torch.Tensor:
+    """Per answer token, the teacher's probability mass outside its top-k at ``temperature``.
+
+    ``topk_logprobs`` [N, k]: the top-k log-probs at T = 1; ``tail_lse`` [N]: logsumexp over every other
+    token of logp / T, as the teacher cache stores it. The tempered distribution's mass outside the top-k
+    is exp(tail) / (exp(lse_k) + exp(tail)) = sigmoid(tail - lse_k), lse_k = logsumexp of the top-k logp / T.
+    At T = 1 without a stored tail it is 1 - Σ exp(top-k log-probs) (the cache's fp16 rounding included)."""
+    top = topk_logprobs.float()
+    if tail_lse is None:
+        if temperature != 1.0:
+            raise ValueError("tail_mass: a temperature other than 1 needs the stored tail")
+        return (1.0 - top.exp().sum(-1)).clamp(min=0.0)
+    lse_k = (top / temperature).logsumexp(-1)
+    return (tail_lse.float() - lse_k).sigmoid()
