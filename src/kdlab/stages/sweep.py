@@ -28,6 +28,7 @@ from kdlab.models import (
 )
 from kdlab.registry import RunRecord, RunSpec
 from kdlab.seeding import seed_everything
+from kdlab.stages import diagnostics
 from kdlab.stages.cache import teacher_answer, transfer_item
 from kdlab.stages.data import TaskData
 from kdlab.stages.selection import best_run, record_choice
@@ -192,6 +193,7 @@ def train_student(study: Study, spec: RunSpec, student: StudentSettings, cache: 
             batch_size=study.config.evaluation.batch_size,
             dtype=study.config.evaluation.dtype,
         )
+    metrics.update(diagnostics.after_training(study, spec, model, data, items))  # diagnostics.json
     metrics.update(
         train_runtime=round(result.train_runtime, 1),
         steps=result.steps,
