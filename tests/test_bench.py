@@ -24,6 +24,7 @@ from kdlab.bench import (
 from kdlab.config import parse_config
 from kdlab.models import folder_size_bytes, load_model, load_tokenizer
 from kdlab.registry import Registry, RunSpec
+from kdlab.resolve import resolve_config
 from kdlab.tasks import SquadSettings, SquadTask, SST2Settings, SST2Task
 from kdlab.tasks.base import Example
 from kdlab.tiny import write_tiny_llama
@@ -168,7 +169,7 @@ class FakeStudy:
 
     def __init__(self, out: Path, teacher: Path):
         self.out = out
-        self.config = parse_config({
+        self.config = resolve_config(parse_config({
             "device": "cpu",
             "teacher": {"model": str(teacher), "adapt": True},
             "students": [{"name": "s1", "model": str(teacher)}],
@@ -176,7 +177,7 @@ class FakeStudy:
             "methods": {"sft": {}, "kd1": {"lambda": [0.5, 1.0]}},
             "evaluation": {"batch_size": 2, "dtype": "float32"},
             "seeds": [2, 1],
-        })
+        }))
         self.registry = Registry(out / "registry.sqlite")
         self.tokenizer = load_tokenizer(str(teacher))
         self.device = torch.device("cpu")

@@ -20,6 +20,8 @@ from kdlab.config import (
 )
 from kdlab.methods.kd1 import KD1Settings
 from kdlab.methods.kd3 import KD3Settings
+from kdlab.preflight import check_training_arguments
+from kdlab.resolve import resolve_config
 from kdlab.tasks import SquadSettings, SST2Settings
 
 
@@ -38,9 +40,19 @@ def _base() -> dict[str, Any]:
     }
 
 
+def _parse(data: dict[str, Any], source: str = "<config>") -> StudyConfig:
+    """The config with its task and method sections typed (what a study reads)."""
+    return resolve_config(parse_config(data, source), source)
+
+
+def _preset(name: str) -> StudyConfig:
+    return resolve_config(load_preset(name), f"preset {name}")
+
+
 def _error(data: dict[str, Any]) -> str:
     with pytest.raises(ConfigError) as info:
-        parse_config(data, "my.yaml")
+        config = _parse(data, "my.yaml")
+        check_training_arguments(config)
     return str(info.value)
 
 
@@ -54,7 +66,7 @@ def test_presets_validate(name: str) -> None:
         preset_text(name)
     except Exception as e:  # thesis may not be written yet
         pytest.skip(f"preset {name} not available: {e}")
-    config = load_preset(name)
+    config = _preset(name)
     assert isinstance(config, StudyConfig)
     assert config.name == name
     assert config.students and config.tasks and config.methods and config.seeds
@@ -66,7 +78,7 @@ def test_unknown_preset() -> None:
 
 
 def test_smoke_preset_is_what_the_study_tests_assume() -> None:
-    config = load_preset("smoke")
+    config = _preset("smoke")
     assert config.device == "cpu" and config.teacher.model == "tiny-llama"
     assert set(config.methods) == {"sft", "kd1", "kd2", "kd3"} and set(config.tasks) == {"sst2", "squad"}
 
@@ -76,7 +88,7 @@ def test_smoke_preset_is_what_the_study_tests_assume() -> None:
 
 
 def test_valid_base() -> None:
-    config = parse_config(_base())
+    config = _parse(_base())
     kd1 = config.methods["kd1"]
     assert isinstance(kd1, KD1Settings) and kd1.lam == [0.5, 1.0] and kd1.temperature == [3.0]
     kd3 = config.methods["kd3"]
@@ -87,9 +99,9 @@ def test_valid_base() -> None:
 
 def test_unknown_key_top_level_section() -> None:
     data = _base()
-    data["training"]["learnin_rate"] = 0.1
+    data["evaluation"] = {"batch_sise": 4}
     msg = _error(data)
-    assert "my.yaml" in msg and "training.learnin_rate" in msg
+    assert "my.yaml" in msg and "evaluation.batch_sise" in msg
 
 
 def test_unknown_key_in_a_task() -> None:
@@ -208,7 +220,7 @@ def test_load_config_file_errors(tmp_path: Path) -> None:
 def test_dump_keeps_every_setting_of_every_section() -> None:
     """study.yaml (to_yaml) is what later commands read back: every setting must be in it, the settings of
     the method and task sections (subclasses of the declared field type) included."""
-    text = parse_config(_base()).to_yaml()
+    text = _parse(_base()).to_yaml()
     for change in (
         lambda d: d["training"].update(learning_rate=0.002),
         lambda d: d["training"].update(gradient_accumulation_steps=2),
@@ -224,16 +236,16 @@ def test_dump_keeps_every_setting_of_every_section() -> None:
     ):
         data = _base()
         change(data)
-        changed = parse_config(data)
+        changed = _parse(data)
         assert changed.to_yaml() != text
-        assert parse_config(yaml.safe_load(changed.to_yaml())) == changed
+        assert _parse(yaml.safe_load(changed.to_yaml())) == changed
 
 
 @pytest.mark.parametrize("source", ["base", "smoke", "demo"])
 def test_yaml_round_trip(source: str) -> None:
-    config = parse_config(_base()) if source == "base" else load_preset(source)
+    config = _parse(_base()) if source == "base" else _preset(source)
     text = config.to_yaml()
-    again = parse_config(yaml.safe_load(text))
+    again = _parse(yaml.safe_load(text))
     assert again == config
     assert again.to_yaml() == text
     assert again == config
@@ -243,22 +255,22 @@ def test_settings_added_later_leave_older_study_files_as_they_were() -> None:
     """executor:, training.packing / attn_implementation / teacher_sharding, evaluation.backend /
     static_cache came after studies had run: at their defaults they are not written, so an older study.yaml
     is unchanged (no `study.<time>.yaml` backup) and the run hashes that read the settings stay the same."""
-    data = yaml.safe_load(parse_config(_base()).to_yaml())
+    data = yaml.safe_load(_parse(_base()).to_yaml())
     assert "executor" not in data
     assert not {"packing", "attn_implementation", "teacher_sharding"} & set(data["training"])
     assert not {"backend", "static_cache"} & set(data["evaluation"])
-    assert "packing" not in str(parse_config(_base()).training)
+    assert "packing" not in str(_parse(_base()).training)
 
 
 def test_to_yaml_writes_method_settings() -> None:
     # Not only a round trip: defaults filled in on re-parse would hide settings missing from the text.
-    data = yaml.safe_load(parse_config(_base()).to_yaml())
+    data = yaml.safe_load(_parse(_base()).to_yaml())
     assert data["methods"]["kd1"]["lambda"] == [0.5, 1.0] and data["methods"]["kd1"]["top_k"] == [8]
     assert data["tasks"]["squad"]["max_new_tokens"] == 7
 
 
 def test_single_values_become_grid_lists() -> None:
-    config = parse_config(_base())
+    config = _parse(_base())
     assert config.methods["kd3"].lam == [0.25]
     assert config.methods["kd1"].grid_axes() == {"lam": [0.5, 1.0], "temperature": [3.0],
                                                  "divergence": ["forward_kl"], "top_k": [8]}
@@ -269,12 +281,12 @@ def test_layer_maps_and_k_as_grid_axes() -> None:
     data = _base()
     data["methods"]["kd3"]["layer_map"] = ["uniform", "last", [[1, 2]]]
     data["methods"]["kd1"]["top_k"] = [8, 16]
-    config = parse_config(data)
+    config = _parse(data)
     assert config.methods["kd3"].grid_axes()["layer_map"] == ["uniform", "last", [(1, 2)]]
     assert config.methods["kd1"].grid_axes()["top_k"] == [8, 16]
     data["methods"]["kd1"]["top_k"] = [0]
     with pytest.raises(ConfigError, match="methods.kd1"):
-        parse_config(data)
+        _parse(data)
 
 
 # ---------------------------------------------------------------------------------------------------------
@@ -290,9 +302,14 @@ def test_cli_run_bad_config_writes_nothing(tmp_path: Path, capsys: pytest.Captur
     out = tmp_path / "out"
     assert main(["run", str(path), "--out", str(out)]) == 2
     err = capsys.readouterr().err
-    assert "kdlab: error:" in err and "training.learnin_rate" in err and "bad.yaml" in err
+    # A TrainingArguments field is checked by preflight (the config module knows no transformers).
+    assert "kdlab: error:" in err and "training.learnin_rate" in err
     assert not out.exists() and not (tmp_path / "from_config").exists()
     assert sorted(p.name for p in tmp_path.iterdir()) == ["bad.yaml"]
+    data["training"]["batch_size"] = "eight"
+    path.write_text(yaml.safe_dump(data))
+    assert main(["run", str(path), "--out", str(out)]) == 2
+    assert "bad.yaml" in capsys.readouterr().err and not out.exists()
 
     assert main(["run", str(path)]) == 2  # the config's own output_dir is not created either
     assert not (tmp_path / "from_config").exists()
@@ -336,9 +353,9 @@ def test_trainer_arguments_are_checked_by_transformers(extra: dict[str, Any], me
 
 
 def test_trainer_arguments_change_the_dump_only_when_given() -> None:
-    plain = parse_config(_base())
+    plain = _parse(_base())
     data = _base()
     data["training"]["report_to"] = ["tensorboard"]
-    given = parse_config(data)
+    given = _parse(data)
     assert "report_to" not in plain.to_yaml() and "report_to:\n  - tensorboard" in given.to_yaml()
     assert str(plain.training) != str(given.training)  # run hashes read the settings' text

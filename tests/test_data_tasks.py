@@ -20,6 +20,7 @@ from kdlab.config import ConfigError, parse_config, preset_text
 from kdlab.errors import DataError
 from kdlab.evaluation import score_choices
 from kdlab.registry import Registry
+from kdlab.resolve import resolve_config
 from kdlab.tasks import ClassificationTask, GenerationTask, get_task
 from kdlab.tasks.base import encode_prompt
 from kdlab.tiny import build_tiny_llama
@@ -137,7 +138,8 @@ def test_csv_jsonl_and_parquet_give_the_same_examples(files: dict[str, Path], tm
     sources.append(tmp_path / "t.parquet")
     loaded = []
     for path in sources:
-        settings = parse_config(_config({"t": _tickets_section(path, path, id="ticket")})).tasks["t"]
+        config = resolve_config(parse_config(_config({"t": _tickets_section(path, path, id="ticket")})))
+        settings = config.tasks["t"]
         task = get_task("t", settings)
         assert isinstance(task, ClassificationTask)
         loaded.append(task.load("train"))
@@ -160,7 +162,7 @@ def test_hub_dataset_split(monkeypatch: pytest.MonkeyPatch) -> None:
     section = {"kind": "generation", "data": {"train": {"hub": "me/faq", "split": "train"},
                                               "eval": {"hub": "me/faq", "split": "test", "config": "en"}},
                "text": "{question}", "train_size": 2, "selection_size": 1}
-    task = get_task("faq", parse_config(_config({"faq": section})).tasks["faq"])
+    task = get_task("faq", resolve_config(parse_config(_config({"faq": section}))).tasks["faq"])
     assert isinstance(task, GenerationTask) and task.metrics == ("exact_match", "f1") and task.metric == "f1"
     examples = task.load("eval")
     assert calls[-1] == ("me/faq", ("en",), "test")
@@ -173,7 +175,8 @@ def test_own_data_errors_name_the_file_and_field(files: dict[str, Path], tmp_pat
                                                  tiny_data_dir: Path, capsys: pytest.CaptureFixture) -> None:
     def load(**changes: Any) -> None:
         section = _tickets_section(files["train"], files["test"], **changes)
-        get_task("tickets", parse_config(_config({"tickets": section})).tasks["tickets"]).load("train")
+        config = resolve_config(parse_config(_config({"tickets": section})))
+        get_task("tickets", config.tasks["tickets"]).load("train")
 
     with pytest.raises(DataError, match=r"tickets\.csv: no column\(s\) \['subjet'\]"):
         load(text="{subjet}")
@@ -188,7 +191,7 @@ def test_own_data_errors_name_the_file_and_field(files: dict[str, Path], tmp_pat
     with pytest.raises(ConfigError, match=r"tasks\.tickets\.labels"):
         load(labels={"a": " a"})
     with pytest.raises(ConfigError, match="tasks.tickets.kind: unknown kind 'regression'"):
-        parse_config(_config({"tickets": {"kind": "regression"}}))
+        resolve_config(parse_config(_config({"tickets": {"kind": "regression"}})))
     # Sizes are checked against the files before anything is written (exit 2, the folder left alone).
     out = tmp_path / "out"
     config = tmp_path / "study.yaml"

@@ -16,6 +16,7 @@ import kdlab
 from kdlab.config import ConfigError, parse_config, preset_text
 from kdlab.methods import METHODS
 from kdlab.registry import Registry
+from kdlab.resolve import resolve_config
 
 # Token-level hard-label KD: the student learns the teacher's most likely token at each answer position. It
 # reads the teacher's top-1 (cached, or a live teacher's logits) and needs nothing else from kdlab.
@@ -98,6 +99,6 @@ def test_a_new_method_is_one_module(tmp_path: Path, tiny_data_dir: Path, registr
 
 def test_a_plugin_that_cannot_be_imported_is_refused_by_name(tmp_path: Path) -> None:
     with pytest.raises(ConfigError, match="plugins: cannot import 'no_such_kdlab_plugin'"):
-        parse_config(_smoke(plugins=["no_such_kdlab_plugin"]))
+        resolve_config(parse_config(_smoke(plugins=["no_such_kdlab_plugin"])))
     with pytest.raises(ConfigError, match="unknown method 'top1'"):
-        parse_config(_smoke(methods={"top1": {}}))
+        resolve_config(parse_config(_smoke(methods={"top1": {}})))

@@ -48,17 +48,23 @@ repairs:
 
 
 def _study_config(args: argparse.Namespace) -> StudyConfig:
-    """STUDY.yaml, else --preset, else the study.yaml an earlier run left in --out, else the demo preset."""
+    """STUDY.yaml, else --preset, else the study.yaml an earlier run left in --out, else the demo preset;
+    its task and method sections typed by their registries."""
+    from kdlab.resolve import resolve_config
+
     if args.config and args.preset:
         raise ConfigError("give a STUDY.yaml or --preset, not both")
     overrides = args.set or []
     if args.config:
-        return load_config(args.config, overrides)
-    if args.preset:
-        return load_preset(args.preset, overrides)
-    if args.out and (Path(args.out) / "study.yaml").is_file():
-        return load_config(Path(args.out) / "study.yaml", overrides)
-    return load_preset("demo", overrides)
+        config, source = load_config(args.config, overrides), str(args.config)
+    elif args.preset:
+        config, source = load_preset(args.preset, overrides), f"preset {args.preset}"
+    elif args.out and (Path(args.out) / "study.yaml").is_file():
+        source = str(Path(args.out) / "study.yaml")
+        config = load_config(source, overrides)
+    else:
+        config, source = load_preset("demo", overrides), "preset demo"
+    return resolve_config(config, source)
 
 
 STATUSES = ("done", "running", "failed", "todo")
@@ -213,9 +219,10 @@ def cmd_status(args: argparse.Namespace) -> int:
 def _selection_metrics(out: Path) -> dict[str, str]:
     """The metric each task of the study in `out` chooses on, from its study.yaml (empty if unreadable)."""
     try:
+        from kdlab.resolve import resolve_config
         from kdlab.tasks import get_task
 
-        config = load_config(out / "study.yaml")
+        config = resolve_config(load_config(out / "study.yaml"))
         return {name: get_task(name, settings).metric for name, settings in config.tasks.items()}
     except (OSError, ValueError):
         return {}
@@ -242,10 +249,25 @@ def cmd_config_show(args: argparse.Namespace) -> int:
 
 
 def cmd_config_check(args: argparse.Namespace) -> int:
+    """The config checked as far as this machine can: the whole of it with kdlab's training dependencies
+    installed, else every section but the task and method settings and the TrainingArguments fields (their
+    registries and transformers need torch)."""
+    from kdlab.resolve import resolve_config
+
     config = load_config(args.config, args.set or [])
+    unchecked = ""
+    try:
+        config = resolve_config(config, str(args.config))
+        from kdlab.preflight import check_training_arguments
+    except ImportError as e:
+        unchecked = (f"; task and method settings and TrainingArguments fields not checked ({e}; they need "
+                     "kdlab's training dependencies)")
+    else:
+        check_training_arguments(config)
     print(
         f"{args.config}: valid study config ({len(config.students)} student(s), tasks "
-        f"{', '.join(config.tasks)}, methods {', '.join(config.methods)}, {len(config.seeds)} seed(s))"
+        f"{', '.join(config.tasks)}, methods {', '.join(config.methods) or '(the baseline)'}, "
+        f"{len(config.seeds)} seed(s)){unchecked}"
     )
     return EXIT_OK
 

@@ -6,10 +6,7 @@ the dotted path of the field and what was expected.
 
 from __future__ import annotations
 
-import importlib
-import importlib.util
 import re
-import sys
 from collections.abc import Callable, Sequence
 from importlib import resources
 from pathlib import Path
@@ -20,7 +17,6 @@ from pydantic import (
     BaseModel,
     ConfigDict,
     Field,
-    SerializeAsAny,
     ValidationError,
     field_validator,
     model_serializer,
@@ -88,7 +84,8 @@ class TrainingSettings(_LaterFields, Strict):
 
     Besides kdlab's own fields below, any other field of transformers' `TrainingArguments` passes through to
     the Trainer (report_to, optim, lr_scheduler_kwargs, save_total_limit, ...), type-checked against
-    TrainingArguments' annotations and then by TrainingArguments itself (`training.check_trainer_arguments`).
+    TrainingArguments' annotations and then by TrainingArguments itself (`training.check_trainer_arguments`,
+    called by preflight: the config stays free of transformers).
     """
 
     model_config = ConfigDict(extra="allow", validate_default=True, populate_by_name=True)
@@ -132,13 +129,6 @@ class TrainingSettings(_LaterFields, Strict):
         weights are stored in."""
         return "bfloat16" if self.bf16 else "float16" if (self.model_extra or {}).get("fp16") else "float32"
 
-    @model_validator(mode="after")
-    def _trainer_arguments(self) -> TrainingSettings:
-        if self.model_extra:
-            from kdlab.training import check_trainer_arguments
-
-            self.__pydantic_extra__ = check_trainer_arguments(self)
-        return self
 
 
 _REVISION = Field(
@@ -321,12 +311,6 @@ class ExecutorSettings(Strict):
     )
 
 
-def _baseline_only() -> dict[str, Any]:
-    from kdlab.methods import baseline
-
-    return {baseline().name: {}}
-
-
 class StudyConfig(Strict):
     name: str = "study"
     output_dir: str = "runs/study"
@@ -334,10 +318,13 @@ class StudyConfig(Strict):
     device: Literal["auto", "cpu", "cuda", "mps"] = "auto"
     teacher: TeacherSettings
     students: list[StudentSettings] = Field(..., min_length=1)
-    # SerializeAsAny: the sections hold subclasses (SST2Settings, KD1Settings, ...); without it model_dump
-    # (to_yaml) would write only the base class's fields and drop e.g. every method setting.
-    tasks: dict[str, SerializeAsAny[TaskSettings]] = Field(..., min_length=1)
-    methods: dict[str, SerializeAsAny[Strict]] = Field(default_factory=_baseline_only, min_length=1)
+    # Each task and method section as written (a mapping), until `kdlab.resolve.resolve_config` validates it
+    # with the settings class its registry holds (SST2Settings, KD1Settings, ...): this module knows no
+    # registry. Typed `Any` so a section dumps as whatever it holds, a subclass's fields included.
+    tasks: dict[str, Any] = Field(..., min_length=1)
+    methods: dict[str, Any] = Field(
+        default_factory=dict, description="empty: the baseline method alone (filled in by resolve_config)"
+    )
     training: TrainingSettings = Field(default_factory=TrainingSettings)
     evaluation: EvaluationSettings = Field(default_factory=EvaluationSettings)
     cache: CacheSettings = Field(default_factory=CacheSettings)
@@ -359,33 +346,19 @@ class StudyConfig(Strict):
         "paths of .py files; imported before the rest of the config is read",
     )
 
-    @model_validator(mode="before")
-    @classmethod
-    def _import_plugins(cls, data: Any) -> Any:
-        # First: the methods and tasks sections are validated by the classes the plugins register.
-        if isinstance(data, dict):
-            plugins = data.get("plugins") or []
-            for name in plugins if isinstance(plugins, list) else []:
-                import_plugin(str(name))
-        return data
-
     @field_validator("tasks", mode="before")
     @classmethod
     def _tasks(cls, raw: Any) -> Any:
-        from kdlab.tasks import settings_class
-
         for name in raw if isinstance(raw, dict) else ():
             if not _STUDENT_NAME.match(str(name)):
                 raise ValueError(f"task name {name!r} must be letters, digits and _ with single dots inside: "
                                  "it names folders (data/<task>.json, teacher/<task>) and is part of run ids")
-        return _typed_sections(raw, settings_class, "tasks")
+        return _sections(raw, "tasks")
 
     @field_validator("methods", mode="before")
     @classmethod
     def _methods(cls, raw: Any) -> Any:
-        from kdlab.methods import get_method
-
-        return _typed_sections(raw, lambda name, _body: get_method(name).settings, "methods")
+        return _sections(raw, "methods")
 
     @field_validator("seeds")
     @classmethod
@@ -416,30 +389,24 @@ class StudyConfig(Strict):
         return yaml.safe_dump(data, sort_keys=False, allow_unicode=True)
 
 
-def import_plugin(name: str) -> None:
-    """Import a plugin module (its `@register` calls add methods or tasks): a module name, or a .py file."""
-    try:
-        if name.endswith(".py"):
-            path = Path(name).expanduser()
-            spec = importlib.util.spec_from_file_location(path.stem, path)
-            if spec is None or spec.loader is None or not path.is_file():
-                raise FileNotFoundError(f"no such file {path}")
-            module = importlib.util.module_from_spec(spec)
-            sys.modules[path.stem] = module
-            spec.loader.exec_module(module)
-        else:
-            importlib.import_module(name)
-    except Exception as e:
-        raise ValueError(f"plugins: cannot import {name!r} ({type(e).__name__}: {e})") from None
-
-
-def _typed_sections(
-    raw: Any, settings_class: Callable[[str, Any], type[Strict]], where: str
-) -> Any:
-    """Validate each named section with its own class (`settings_class(name, body)`, which raises ValueError
-    for an unknown section), keeping the dotted path in errors."""
+def _sections(raw: Any, where: str) -> Any:
+    """`tasks:` / `methods:` with each section a mapping (an empty one for `name:` alone) or settings already
+    typed; what is in a section is checked by `resolve_config`."""
     if not isinstance(raw, dict):
         return raw  # pydantic reports the wrong type
+    out: dict[str, Any] = {}
+    for name, body in raw.items():
+        if body is not None and not isinstance(body, dict | BaseModel):
+            raise ValueError(f"{where}.{name}: expected a mapping of settings (got {body!r})")
+        out[name] = {} if body is None else body
+    return out
+
+
+def typed_sections(
+    raw: dict[str, Any], settings_class: Callable[[str, Any], type[Strict]], where: str
+) -> dict[str, Strict]:
+    """Validate each named section with its own class (`settings_class(name, body)`, which raises ValueError
+    for an unknown section), keeping the dotted path in errors."""
     out: dict[str, Strict] = {}
     for name, body in raw.items():
         if isinstance(body, Strict):

@@ -8,7 +8,7 @@ import importlib.util
 from collections.abc import Sequence
 from typing import TYPE_CHECKING
 
-from kdlab.config import ConfigError, TaskSettings
+from kdlab.config import ConfigError, StudyConfig, TaskSettings
 from kdlab.errors import RegistryError
 from kdlab.models import check_derivable, derive_layers, model_config, resolve_model_path
 from kdlab.registry import REGISTRY_NAME, Registry, RunRecord, find_run_records
@@ -16,6 +16,7 @@ from kdlab.stages.students import check_vocabulary
 from kdlab.stages.sweep import student_spec
 from kdlab.stages.teacher import teacher_run_hashes
 from kdlab.tasks import get_task
+from kdlab.training import check_trainer_arguments
 
 if TYPE_CHECKING:
     from kdlab.study import Study
@@ -32,6 +33,7 @@ def preflight(study: Study) -> None:
     top-k within the vocabulary, data files with their fields, subset sizes, labels. Raises ConfigError /
     DataError naming the field or file."""
     cfg = study.config
+    check_training_arguments(cfg)
     try:
         teacher_path = resolve_model_path(cfg.teacher.model, cfg.teacher.revision)
         teacher_config = model_config(teacher_path, trust_remote_code=cfg.teacher.trust_remote_code)
@@ -64,6 +66,20 @@ def preflight(study: Study) -> None:
             "evaluation.backend: vllm is not installed (pip install 'kdlab[vllm]' on a CUDA machine); "
             "or use backend: hf"
         )
+
+
+def check_training_arguments(config: StudyConfig) -> None:
+    """The TrainingArguments fields `training:` and `teacher.training:` pass through, checked against
+    transformers (names, types, TrainingArguments' own checks); ConfigError names the field."""
+    for where, settings in (("training", config.training), ("teacher.training", config.teacher.training)):
+        if not settings.model_extra:
+            continue
+        try:
+            check_trainer_arguments(settings)
+        except ValueError as e:
+            key, sep, reason = str(e).partition(": ")
+            field = f"{where}.{key}" if sep and key in settings.model_extra else where
+            raise ConfigError(f"{field}: {reason if field != where else e}") from None
 
 
 def check_task(study: Study, name: str, settings: TaskSettings) -> None:

@@ -390,6 +390,7 @@ def _worker_study(job: dict[str, Any]) -> Study:
     import yaml
 
     from kdlab.config import parse_config
+    from kdlab.resolve import resolve_config
     from kdlab.study import Study
 
     key = (job["config"], job["out"], job["data_dir"])
@@ -401,7 +402,8 @@ def _worker_study(job: dict[str, Any]) -> Study:
             log.addHandler(handler)
             log.setLevel(logging.INFO)
             log.propagate = False
-        config = parse_config(yaml.safe_load(job["config"]), "the study config from the Ray driver")
+        source = "the study config from the Ray driver"
+        config = resolve_config(parse_config(yaml.safe_load(job["config"]), source), source)
         # Nothing is checked or created, and the registry is not opened: the driver alone uses it.
         _STUDIES[key] = Study(config, output_dir=job["out"], data_dir=job["data_dir"], inspect_only=True,
                               open_registry=False)

@@ -28,6 +28,7 @@ from kdlab.methods import Signals, get_method
 from kdlab.models import load_tokenizer, model_provenance, resolve_device, resolve_model_path
 from kdlab.preflight import check_finished_runs, finished_runs, preflight
 from kdlab.registry import REGISTRY_NAME, Registry, RunSpec, rebuild_registry
+from kdlab.resolve import resolve_config
 from kdlab.runner import Runner
 from kdlab.seeding import configure_determinism, stage_seed
 from kdlab.stages import cache, students, sweep, teacher
@@ -54,6 +55,7 @@ class Study:
         that only look (`kdlab cache --verify`, `kdlab run --dry-run`) and for Ray workers: no checks,
         nothing written, the registry (if any) opened read-only, or not at all without `open_registry` (a
         worker on another host must not touch SQLite over a network filesystem)."""
+        config = resolve_config(config)  # the task and method sections typed by their registries
         # One process: a no-op; several: rank 0 leads (see distributed.py).
         self.ranks = Ranks(cpu=resolve_device(config.device).type == "cpu")
         self.config = config
