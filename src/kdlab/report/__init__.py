@@ -49,6 +49,7 @@ from kdlab.report.compare import (
     score_all,
 )
 from kdlab.report.costs import add_cost_columns, run_costs
+from kdlab.report.diagnostics import diagnostics_markdown
 from kdlab.report.figures import (
     FigureEntry,
     cost_figures,
@@ -158,7 +159,8 @@ def write_report(
     report = _write_text(
         out / "report.md",
         report_markdown(outputs, summaries, figures, tables, env, notes, data_dir,
-                        extra_sections=[cost_markdown(outputs, groups, costs)]),
+                        extra_sections=[cost_markdown(outputs, groups, costs),
+                                        diagnostics_markdown(outputs, groups, notes)]),
     )
     for note in dict.fromkeys(notes):
         echo(f"[report] note: {note}")
