@@ -6,6 +6,7 @@ import csv
 import json
 import re
 import shutil
+import sqlite3
 import statistics
 from pathlib import Path
 from types import SimpleNamespace
@@ -13,6 +14,7 @@ from typing import Any
 
 import numpy as np
 import pytest
+from test_diagnostics import write_cache
 
 from kdlab import report as report_mod
 from kdlab.config import parse_config
@@ -77,6 +79,14 @@ def _predictions(task: str, examples: list, n_correct: int) -> dict[str, Any]:
 def _write_predictions(task_obj, folder: Path, predictions: dict[str, Any]) -> None:
     for split in ("eval", "selection"):
         task_obj.write_predictions(predictions, folder / task_obj.predictions_file(split))
+
+
+def _diagnostics(task: str, n_correct: int) -> dict[str, Any]:
+    """A run's diagnostics.json, values made up from its number of right answers (checked by hand)."""
+    out: dict[str, Any] = {"split": "eval", "kl_teacher_student": 0.05 * (20 - n_correct), "kl_tokens": 40}
+    if task == "sst2":
+        out["ece"] = 30.0 - n_correct
+    return out
 
 
 def _log_history(kd: bool, scale: float) -> list[dict[str, Any]]:
@@ -158,6 +168,7 @@ def build_study(out: Path, data_dir: Path) -> dict[str, Any]:
                            trainable_parameters=1000, parameters=2000, train_tokens=TRAIN_TOKENS)
             logs = _log_history(method != "sft", 2.0 + seed / 100)
             (folder / "log_history.json").write_text(json.dumps(logs))
+            (folder / "diagnostics.json").write_text(json.dumps(_diagnostics(task, n_correct)))
             finish(spec, metrics)
             return rid
 
@@ -177,6 +188,7 @@ def build_study(out: Path, data_dir: Path) -> dict[str, Any]:
             "why": f"highest selection-split {metric}",
         }
     (out / "selection.json").write_text(json.dumps(selection, indent=1))
+    expected["tail_mass"] = write_cache(out / "teacher_cache" / "sst2", np.random.default_rng(3))
     perf = {"latency_ms_p50": 10.0, "latency_ms_p95": 12.0, "examples_per_s": 50.0, "tokens_per_s": 900.0,
             "peak_memory_bytes": 2_000_000}
     bench = {"device": "cpu: test", "models": {
@@ -738,7 +750,7 @@ def test_per_example_scores_are_written_and_recheck_the_statistics(study: Simple
 
 def _fast_report(out: Path, monkeypatch: pytest.MonkeyPatch) -> str:
     """write_report without figures (they are tested above), small bootstrap; report.md's text."""
-    for name in ("lambda_figures", "efficiency_figures", "training_figures"):
+    for name in ("lambda_figures", "efficiency_figures", "training_figures", "cost_figures"):
         monkeypatch.setattr(report_mod, name, lambda *a, **k: [])
     write_report(out, echo=lambda _: None, n_resamples=200)
     return (out / "report.md").read_text()
@@ -763,6 +775,7 @@ def test_provenance_answers_and_transfer_are_reported(study: SimpleNamespace, tm
     shutil.copytree(study.out, out)
     (out / "provenance.json").write_text(json.dumps(PROVENANCE))
     cache = out / "teacher_cache" / "sst2"
+    shutil.rmtree(cache)  # the study's small cache, replaced by a manifest alone
     cache.mkdir(parents=True)
     (cache / "manifest.json").write_text(json.dumps({
         "fingerprint": "cafe01", "hidden_dtype": "float16",
@@ -822,3 +835,74 @@ def test_paired_bootstrap_agrees_with_scipy() -> None:
     # The p-value inverts the interval: the t-test's p on the same differences is of the same order.
     t_p = scipy_stats.ttest_1samp(diffs, 0.0).pvalue
     assert (ours.p_value < 0.05) == (t_p < 0.05)
+
+
+# ---------------------------------------------------------------------------------------------------------
+# costs and diagnostics
+
+
+def test_results_csv_cost_columns(study: SimpleNamespace) -> None:
+    with (study.out / "results.csv").open() as fh:
+        rows = {r["run"]: r for r in csv.DictReader(fh)}
+    kd1 = rows["kd1-sst2-s1-lam1-seed7"]
+    # training 7 s, a quarter of the teacher's 20 s and of the cache's 30 s (4 finished KD runs of SST-2)
+    assert float(kd1["cost_training_s"]) == 7.0
+    assert float(kd1["cost_teacher_share_s"]) == TEACHER_TRAIN_S / 4
+    assert float(kd1["cost_cache_share_s"]) == CACHE_WALL_S / 4
+    assert float(kd1["cost_total_s"]) == 7.0 + (TEACHER_TRAIN_S + CACHE_WALL_S) / 4
+    # (4 N + 2 N_trainable) x tokens, N = 2000, N_trainable = 1000
+    assert float(kd1["cost_flops"]) == pytest.approx((4 * 2000 + 2 * 1000) * TRAIN_TOKENS)
+    sft = rows["sft-sst2-s1-seed42"]  # SFT learns nothing from the teacher: no share
+    assert float(sft["cost_total_s"]) == 3.0 and float(sft["cost_teacher_share_s"]) == 0.0
+    assert rows["teacher-sst2"]["cost_total_s"] == ""
+    assert rows["kd2-sst2-s1-lam0.5-seed7"]["cost_total_s"] == ""  # failed
+
+
+def test_cost_table_and_figure(study: SimpleNamespace) -> None:
+    text = (study.out / "report.md").read_text()
+    rows = {r[1]: r for r in _table_rows(text.split("## Cost", 1)[1], "### SST-2")}
+    share = (TEACHER_TRAIN_S + CACHE_WALL_S) / 4
+    assert rows["sft"][2:6] == ["2", _cell([40.0, 45.0]), _cell([3.0, 4.0]), "3.5 / 0.0 / 0.0"]
+    assert rows["kd1"][2:6] == ["2", _cell([90.0, 95.0]), _cell([6 + share, 7 + share]), "6.5 / 5.0 / 7.5"]
+    assert rows["kd2"][4] == _cell([4 + share])
+    # every grid point and seed: kd1 λ=0.5 (6 s) and λ=1 (6 and 7 s), each with its share
+    assert rows["kd1"][7] == f"{6 + 6 + 7 + 3 * share:.0f}"
+    # Pareto: sft cheapest, kd2 better than sft, kd1 best: all on the front here
+    assert [rows[m][8] for m in ("sft", "kd1", "kd2")] == ["yes", "yes", "yes"]
+    assert (study.out / "figures" / "cost_sst2.png").is_file()
+    assert "![SST-2: quality vs training cost](figures/cost_sst2.png)" in text
+
+
+def test_cost_pareto_front_drops_a_dominated_method(study: SimpleNamespace, tmp_path: Path,
+                                                    monkeypatch: pytest.MonkeyPatch) -> None:
+    # kd2 made slower than kd1 (100 s of training): kd1 is cheaper and better, so kd2 leaves the front.
+    out = tmp_path / "copy"
+    shutil.copytree(study.out, out)
+    with sqlite3.connect(out / "registry.sqlite") as db:
+        rid = "kd2-sst2-s1-lam0.5-seed42"
+        metrics = json.loads(db.execute("SELECT metrics FROM runs WHERE id = ?", (rid,)).fetchone()[0])
+        slow = json.dumps({**metrics, "train_runtime": 100.0})
+        db.execute("UPDATE runs SET metrics = ? WHERE id = ?", (slow, rid))
+    text = _fast_report(out, monkeypatch)
+    rows = {r[1]: r for r in _table_rows(text.split("## Cost", 1)[1], "### SST-2")}
+    assert [rows[m][8] for m in ("sft", "kd1", "kd2")] == ["yes", "yes", ""]
+
+
+def test_diagnostics_section(study: SimpleNamespace) -> None:
+    text = (study.out / "report.md").read_text()
+    section = text.split("## Diagnostics", 1)[1].split("\n## ", 1)[0]
+    rows = {r[1]: r for r in _table_rows(section, "### SST-2")}
+    # Agreement with the teacher (17 of 20 right; a student with n right agrees on its n right answers
+    # and on the teacher's 3 wrong ones): n + 3 of 20.
+    agree = {n: 100 * (n + 3) / 20 for n in (8, 9, 13, 18, 19)}
+    assert rows["sft"][2:6] == ["2", _cell([agree[8], agree[9]]), "0.575 ± 0.035", _cell([22.0, 21.0])]
+    kl = [0.05 * (20 - n) for n in (18, 19)]
+    assert rows["kd1"][4] == f"{statistics.fmean(kl):.3f} ± {statistics.stdev(kl):.3f}"
+    assert rows["kd1"][5] == _cell([12.0, 11.0]) and rows["kd2"][2:4] == ["1", _cell([agree[13]])]
+    squad = {r[1]: r for r in _table_rows(section, "### SQuAD")}
+    assert len(squad["kd1"]) == 5  # no ECE column for generation
+    # tail mass of the SST-2 cache, hand-computed from the full distributions it was written from
+    mass = _table_rows(section, "Teacher caches")
+    assert mass[0][:2] == ["SST-2", "4"] and int(mass[0][2]) > 0
+    for col, t in ((3, 1.0), (4, 2.0)):
+        assert float(mass[0][col]) == pytest.approx(100 * study.expected["tail_mass"][t], abs=0.2)
