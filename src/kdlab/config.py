@@ -19,7 +19,6 @@ from pydantic import (
     Field,
     ValidationError,
     field_validator,
-    model_serializer,
     model_validator,
 )
 
@@ -59,27 +58,7 @@ class LoraSettings(Strict):
         return v
 
 
-class _LaterFields(BaseModel):
-    """Fields added after studies had run are left out of `str()` (which run config hashes read) and of dumps
-    while at their default, so finished runs keep their hashes and study.yaml files stay as they were."""
-
-    _later: ClassVar[tuple[str, ...]] = ()
-
-    def __repr_args__(self) -> Any:
-        for name, value in super().__repr_args__():
-            if name not in self._later or value != type(self).model_fields[name].default:
-                yield name, value
-
-    @model_serializer(mode="wrap")
-    def _drop_later_defaults(self, handler: Any) -> dict[str, Any]:
-        data = handler(self)
-        for name in self._later:
-            if name in data and data[name] == type(self).model_fields[name].default:
-                data.pop(name)
-        return data
-
-
-class TrainingSettings(_LaterFields, Strict):
+class TrainingSettings(Strict):
     """Hugging Face Trainer settings shared by every run of a study (teacher adaptation has its own copy).
 
     Besides kdlab's own fields below, any other field of transformers' `TrainingArguments` passes through to
@@ -121,8 +100,6 @@ class TrainingSettings(_LaterFields, Strict):
         "holds it whole) or shard (FSDP2 over the ranks, for a teacher too big for one device)",
     )
 
-    _later: ClassVar[tuple[str, ...]] = ("packing", "attn_implementation", "teacher_sharding")
-
     @property
     def compute_dtype(self) -> str:
         """The dtype mixed precision computes in (`bf16`, or TrainingArguments' `fp16`): the dtype frozen
@@ -138,18 +115,7 @@ _REVISION = Field(
 )
 
 
-class _HasRevision(Strict):
-    """An unset `revision` is left out of dumps, so configs written before it existed keep their hashes."""
-
-    @model_serializer(mode="wrap")
-    def _drop_unset_revision(self, handler: Any) -> dict[str, Any]:
-        data = handler(self)
-        if data.get("revision") is None:
-            data.pop("revision", None)
-        return data
-
-
-class TeacherSettings(_HasRevision):
+class TeacherSettings(Strict):
     model: str = Field(..., description="hub id, local folder, .gguf file or built-in alias")
     revision: str | None = _REVISION
     adapt: bool = Field(True, description="fine-tune the teacher on each task before distilling")
@@ -180,7 +146,7 @@ class DeriveSettings(Strict):
 _STUDENT_NAME = re.compile(r"^[A-Za-z0-9_]+(\.[A-Za-z0-9_]+)*$")
 
 
-class StudentSettings(_HasRevision):
+class StudentSettings(Strict):
     name: str = Field(..., max_length=64, description="short name used in run ids and folders (s1, s2)")
     model: str | None = Field(None, description="hub id, local folder, .gguf or alias; omit with derive")
     revision: str | None = _REVISION
@@ -252,7 +218,7 @@ class TaskSettings(Strict):
         return self
 
 
-class EvaluationSettings(_LaterFields, Strict):
+class EvaluationSettings(Strict):
     batch_size: int = Field(16, gt=0)
     dtype: Literal["float32", "bfloat16", "float16"] = Field(
         "bfloat16", description="inference dtype (bf16 matmuls ran 2.3x faster than fp32 on the dev CPU)"
@@ -267,8 +233,6 @@ class EvaluationSettings(_LaterFields, Strict):
         description="hf backend: a static KV cache (cache_implementation='static') for generation; "
         "worth trying with torch.compile on GPUs, not measured yet",
     )
-
-    _later: ClassVar[tuple[str, ...]] = ("backend", "static_cache")
 
 
 class BenchSettings(Strict):
@@ -374,18 +338,8 @@ class StudyConfig(Strict):
             raise ValueError(f"students: names must be unique, got {names}")
         return self
 
-    @model_serializer(mode="wrap")
-    def _drop_no_plugins(self, handler: Any) -> dict[str, Any]:
-        # Configs without plugins dump as they did before the option existed (study.yaml unchanged).
-        data = handler(self)
-        if not data.get("plugins"):
-            data.pop("plugins", None)
-        return data
-
     def to_yaml(self) -> str:
         data = self.model_dump(mode="json", by_alias=True)
-        if data.get("executor") == ExecutorSettings().model_dump(mode="json", by_alias=True):
-            del data["executor"]  # added later: a study folder written before it keeps its study.yaml as is
         return yaml.safe_dump(data, sort_keys=False, allow_unicode=True)
 
 

@@ -6,15 +6,16 @@ from __future__ import annotations
 
 import importlib.util
 from collections.abc import Sequence
-from typing import TYPE_CHECKING
+from typing import TYPE_CHECKING, Any
 
 from kdlab.config import ConfigError, StudyConfig, TaskSettings
 from kdlab.errors import RegistryError
+from kdlab.identity import Rekey, run_hash, runs_to_rekey
 from kdlab.models import check_derivable, derive_layers, model_config, resolve_model_path
 from kdlab.registry import REGISTRY_NAME, Registry, RunRecord, find_run_records
 from kdlab.stages.students import check_vocabulary
-from kdlab.stages.sweep import student_spec
-from kdlab.stages.teacher import teacher_run_hashes
+from kdlab.stages.sweep import student_hash_parts, student_spec
+from kdlab.stages.teacher import teacher_hash_parts
 from kdlab.tasks import get_task
 from kdlab.training import check_trainer_arguments
 
@@ -114,15 +115,16 @@ def finished_runs(study: Study) -> list[RunRecord]:
     return find_run_records(study.out)[0] if study.out.is_dir() else []
 
 
-def check_finished_runs(study: Study, finished: Sequence[RunRecord]) -> None:
+def check_finished_runs(study: Study, finished: Sequence[RunRecord]) -> list[Rekey]:
     """Refuse a config under which a run the study finished would now be a different run (same id, other
     settings), unless --force: its result would no longer match the study. Checked up front, so the refused
-    config is never written to study.yaml."""
+    config is never written to study.yaml. Returns the finished runs recorded under kdlab 0.1.0's hash of
+    the same settings, to be re-keyed (`identity.rekey_finished_runs`)."""
     if study.force or not finished:
-        return
-    planned: dict[str, str] = {}
+        return []
+    planned: dict[str, list[Any]] = {}  # run id -> its hash's inputs
     for name in study.config.tasks:
-        planned.update(teacher_run_hashes(study, name))
+        planned.update(teacher_hash_parts(study, name))
     combos = {(r.task, r.student, r.method) for r in finished if r.kind == "student"}
     students = {st.name: st for st in study.config.students}
     seeds = study.config.seeds
@@ -134,8 +136,11 @@ def check_finished_runs(study: Study, finished: Sequence[RunRecord]) -> None:
         for seed, stage in [(seeds[0], "grid")] + [(x, "final") for x in seeds[1:]]:
             for point in points:
                 spec = student_spec(study, student, task, method, point, axes, seed, stage)
-                planned[spec.id] = spec.config_hash
-    changed = [r.id for r in finished if r.id in planned and planned[r.id] != r.config_hash]
+                planned[spec.id] = student_hash_parts(study, student, task, spec.params, seed)
+    rekeys = runs_to_rekey(finished, planned)
+    old_hashes = {r.record.id for r in rekeys}
+    changed = [r.id for r in finished if r.id in planned and r.id not in old_hashes
+               and run_hash(*planned[r.id]) != r.config_hash]
     if changed:
         shown = ", ".join(changed[:3]) + (f" and {len(changed) - 3} more" if len(changed) > 3 else "")
         raise RegistryError(
@@ -143,3 +148,4 @@ def check_finished_runs(study: Study, finished: Sequence[RunRecord]) -> None:
             f"gives them ({shown}): the study changed under finished runs. Use a new output folder, or "
             "--force to redo them; the study folder was left as it was"
         )
+    return rekeys

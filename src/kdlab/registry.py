@@ -52,6 +52,7 @@ __all__ = [
     "default_owner",
     "filesystem_type",
     "find_run_records",
+    "local_run_folder",
     "network_filesystem",
     "pid_alive",
     "read_run_record",
@@ -608,6 +609,17 @@ class Registry:
                 (run_id,),
             )
 
+    def rekey(self, run_id: str, old_hash: str, new_hash: str) -> bool:
+        """Give a finished run recorded under `old_hash` the config hash `new_hash` (the same settings,
+        hashed the way this kdlab does: `identity.rekey_finished_runs`). False if its hash is not
+        `old_hash` (any more)."""
+        with self._tx() as conn:
+            changed = conn.execute(
+                "UPDATE runs SET config_hash = ? WHERE id = ? AND config_hash = ? AND status = 'done'",
+                (new_hash, run_id, old_hash),
+            ).rowcount
+        return changed == 1
+
     def restore(self, records: Iterable[RunRecord]) -> list[str]:
         """Insert finished runs exactly as recorded (``rebuild_registry``), in one transaction; ids already
         present are left alone. Returns the ids inserted."""
@@ -886,7 +898,7 @@ def _sidecars(path: Path) -> list[Path]:
     return [path, path.with_name(path.name + "-wal"), path.with_name(path.name + "-shm")]
 
 
-def _local_folder(study: Path, output_dir: str) -> Path | None:
+def local_run_folder(study: Path, output_dir: str) -> Path | None:
     """A row's folder inside this study folder: its output_dir, or (a study folder that was moved) the same
     last two parts (runs/<id>, teacher/<task>, ...) under the study folder; None if neither exists."""
     root = study.resolve()
@@ -902,7 +914,7 @@ def _backfill(registry: Registry, study: Path) -> None:
     """Write ``run.json`` for finished runs of a readable registry that have none (runs finished before
     kdlab kept them), so rebuilding from the folders keeps them."""
     for record in registry.runs(status="done"):
-        folder = _local_folder(study, record.output_dir)
+        folder = local_run_folder(study, record.output_dir)
         if folder is not None and not (folder / RUN_RECORD).is_file() and _RUN_ID.match(record.id):
             write_run_record(folder, record)
 

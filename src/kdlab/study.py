@@ -19,11 +19,13 @@ from pathlib import Path
 from typing import Any
 
 import pandas as pd
+import yaml
 
-from kdlab.config import ExecutorSettings, StudentSettings, StudyConfig
+from kdlab.config import ExecutorSettings, StudentSettings, StudyConfig, parse_config
 from kdlab.distributed import Ranks
 from kdlab.evaluation import GenerationOptions
 from kdlab.files import atomic_write_json, atomic_write_text
+from kdlab.identity import rekey_finished_runs
 from kdlab.methods import Signals, get_method
 from kdlab.models import load_tokenizer, model_provenance, resolve_device, resolve_model_path
 from kdlab.preflight import check_finished_runs, finished_runs, preflight
@@ -34,7 +36,7 @@ from kdlab.seeding import configure_determinism, stage_seed
 from kdlab.stages import cache, students, sweep, teacher
 from kdlab.stages.data import TaskData, load_task_data
 from kdlab.tasks import get_task
-from kdlab.teacher_cache import TeacherCache, fingerprint, hash_file
+from kdlab.teacher_cache import TeacherCache, hash_file
 
 log = logging.getLogger("kdlab")
 
@@ -95,7 +97,7 @@ class Study:
         folders first, so they are not redone."""
         self.preflight()
         finished = finished_runs(self)
-        check_finished_runs(self, finished)
+        rekeys = check_finished_runs(self, finished)
         self.out.mkdir(parents=True, exist_ok=True)
         path = self.out / REGISTRY_NAME
         if not path.exists() and finished:
@@ -106,20 +108,31 @@ class Study:
                     "folder(s)"
                 )
         self.registry = Registry(path)  # refuses a read-only or broken registry before study.yaml changes
+        if rekeys:
+            done = rekey_finished_runs(self.registry, self.out, rekeys)
+            self.log(f"[registry] {len(done)} finished run(s) recorded by kdlab 0.1.0 re-keyed to today's "
+                     "config hashes (the same settings)")
         self._write_config()
 
     def _write_config(self) -> None:
         """study.yaml is the accepted config (`kdlab sweep --out` and the report read it). A changed one is
         written only once accepted; the earlier one is kept beside it, so the user sees what moved. The copy
-        comes first and the swap is atomic: study.yaml is never missing."""
+        comes first and the swap is atomic: study.yaml is never missing. One that reads as this config
+        (written by an older kdlab, without the settings added since at their defaults) is left as it is."""
         path = self.out / "study.yaml"
         text = self.config.to_yaml()
         if path.exists():
             old = path.read_text()
-            if old == text:
+            if old == text or self._same_config(old):
                 return
             atomic_write_text(self.out / f"study.{int(time.time())}.yaml", old)
         atomic_write_text(path, text)
+
+    def _same_config(self, text: str) -> bool:
+        try:
+            return resolve_config(parse_config(yaml.safe_load(text))) == self.config
+        except (ValueError, yaml.YAMLError):
+            return False
 
     # -- the recipe ---------------------------------------------------------------------------------------
 
@@ -242,10 +255,6 @@ class Study:
     def seed(self, stage: str, run_seed: int | None = None) -> int:
         return stage_seed(self.config.seeds, self.config.data_seed, stage, run_seed)
 
-    def hash(self, *parts: Any) -> str:
-        """A run's config hash: what changes its result (a finished run with another hash was another run)."""
-        return fingerprint({"parts": [json.loads(json.dumps(p, default=str)) for p in parts]})[:16]
-
     def command(self, name: str, *flags: str) -> str:
         """A `kdlab` command line for this study folder (error messages name commands that work)."""
         parts = ["kdlab", name, "--out", str(self.out)]
@@ -291,7 +300,7 @@ class Study:
         status = {r.id: r.status for r in self.registry.runs()} if self.registry is not None else {}
         ids: list[str] = []
         for name in self.config.tasks:
-            ids += list(teacher.teacher_run_hashes(self, name))
+            ids += list(teacher.teacher_hash_parts(self, name))
         if cache.cache_contents(self) is not None:
             ids += [f"cache-{name}" for name in self.config.tasks]
         path = self.out / "selection.json"

@@ -17,6 +17,7 @@ from kdlab import losses
 from kdlab.config import StudentSettings
 from kdlab.evaluation import evaluate_splits, generation_options, predict
 from kdlab.files import atomic_write_json
+from kdlab.identity import run_hash
 from kdlab.methods import MethodSettings, Signals, get_method
 from kdlab.models import (
     count_parameters,
@@ -88,17 +89,7 @@ def student_spec(
         pairs = study.layer_pairs(student, layer_map, method)
         params = dict(params, layer_pairs=[list(p) for p in pairs])
     rid = run_id(method, task, student.name, params, axes, seed)
-    config_hash = study.hash(
-        student.model_dump(mode="json"),
-        study.config.teacher.model_dump(mode="json"),
-        study.config.tasks[task].model_dump(mode="json"),
-        params,
-        study.config.training,
-        study.config.evaluation,
-        study.config.cache.mode,
-        study.config.data_seed,
-        seed,
-    )
+    config_hash = run_hash(*student_hash_parts(study, student, task, params, seed))
     return RunSpec(
         id=rid,
         kind="student",
@@ -111,6 +102,15 @@ def student_spec(
         output_dir=str(study.out / "runs" / rid),
         config_hash=config_hash,
     )
+
+
+def student_hash_parts(
+    study: Study, student: StudentSettings, task: str, params: dict[str, Any], seed: int
+) -> list[Any]:
+    """What decides a student run's result (`params` with its layer pairs): its config hash's inputs."""
+    cfg = study.config
+    return [student, cfg.teacher, cfg.tasks[task], params, cfg.training, cfg.evaluation, cfg.cache.mode,
+            cfg.data_seed, seed]
 
 
 def train_student(study: Study, spec: RunSpec, student: StudentSettings, cache: TeacherCache | None) -> dict:

@@ -9,6 +9,7 @@ from typing import TYPE_CHECKING, Any
 
 from kdlab.evaluation import evaluate_splits, generation_options
 from kdlab.files import atomic_folder
+from kdlab.identity import run_hash
 from kdlab.methods import baseline
 from kdlab.models import hub_snapshot_info, load_model, load_trainable, save_model
 from kdlab.registry import RunSpec
@@ -20,29 +21,23 @@ if TYPE_CHECKING:
     from kdlab.study import Study
 
 
-def teacher_run_hashes(study: Study, name: str) -> dict[str, str]:
-    """Config hashes of task `name`'s teacher runs (`run_teacher` records them; preflight compares)."""
-    cfg, settings = study.config.teacher, study.config.tasks[name].model_dump(mode="json")
-    hashes = {
-        f"teacher-{name}-zero-shot": study.hash(
-            cfg.model, settings, study.config.evaluation, study.config.data_seed
-        )
+def teacher_hash_parts(study: Study, name: str) -> dict[str, list[Any]]:
+    """What decides each of task `name`'s teacher runs (`run_teacher` hashes it; preflight compares)."""
+    cfg, settings = study.config.teacher, study.config.tasks[name]
+    parts: dict[str, list[Any]] = {
+        f"teacher-{name}-zero-shot": [cfg.model, settings, study.config.evaluation, study.config.data_seed]
     }
     if cfg.adapt:
-        hashes[f"teacher-{name}"] = study.hash(
-            cfg.model_dump(mode="json"),
-            settings,
-            study.config.evaluation,
-            study.config.data_seed,
-            study.seed("teacher"),
-        )
-    return hashes
+        parts[f"teacher-{name}"] = [
+            cfg, settings, study.config.evaluation, study.config.data_seed, study.seed("teacher")
+        ]
+    return parts
 
 
 def run_teacher(study: Study, name: str) -> None:
     cfg = study.config.teacher
     data = study.data(name)
-    hashes = teacher_run_hashes(study, name)
+    hashes = {run: run_hash(*parts) for run, parts in teacher_hash_parts(study, name).items()}
     common = dict(kind="teacher", task=name, method="teacher", student="teacher", stage="teacher")
 
     def evaluate(model: Any, folder: Path, weights: str) -> dict[str, Any]:
