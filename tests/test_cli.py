@@ -152,6 +152,28 @@ def test_score_missing_file(tmp_path: Path, capsys: pytest.CaptureFixture[str]) 
     assert "nope.jsonl" in capsys.readouterr().err
 
 
+@pytest.mark.parametrize("task, wrong", [("sst2", "squad"), ("squad", "sst2")])
+def test_score_with_the_other_tasks_data_is_one_line_naming_the_file(
+    task: str, wrong: str, tmp_path: Path, capsys: pytest.CaptureFixture[str]
+) -> None:
+    """`kdlab score sst2 preds.jsonl --data squad/dev-v1.1.json` (a 4.8 MB one-line JSON file) raised csv's
+    `field larger than field limit` as a traceback: it must be exit 2 and one line naming the file."""
+    squad = tmp_path / "dev-v1.1.json"
+    context = "The river of the old city. " * 6000  # one line longer than csv's 131,072-character field limit
+    squad.write_text(json.dumps({"version": "1.1", "data": [{"title": "t", "paragraphs": [
+        {"context": context, "qas": [{"id": "q1", "question": "What?",
+                                      "answers": [{"text": "river", "answer_start": 4}]}]}]}]}))
+    sst2 = tmp_path / "validation.tsv"
+    sst2.write_text("sentence\tlabel\na great film\t1\n")
+    preds = tmp_path / "predictions.jsonl"
+    preds.write_text(json.dumps({"id": "validation-0", "label": 1}) + "\n")
+    data = squad if wrong == "squad" else sst2
+    assert main(["score", task, str(preds), "--data", str(data)]) == 2
+    err = capsys.readouterr().err
+    assert len(err.strip().splitlines()) == 1 and "Traceback" not in err, err
+    assert str(data) in err and err.startswith("kdlab: error:"), err
+
+
 # ---------------------------------------------------------------------------------------------------------
 # one way to name the study folder, overrides, dry runs, status as JSON
 

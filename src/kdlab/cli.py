@@ -274,11 +274,23 @@ def cmd_config_check(args: argparse.Namespace) -> int:
 
 def cmd_score(args: argparse.Namespace) -> int:
     from kdlab.tasks import get_task
+    import csv
+
 
     task = get_task(args.task)
-    references = task.read_references(args.data)
-    predictions = task.read_predictions(args.predictions)
-    print(json.dumps(task.score(predictions, references)))
+    files = {"reference": args.data, "predictions": args.predictions}
+    read = {"reference": task.read_references, "predictions": task.read_predictions}
+    loaded: dict[str, Any] = {}
+    for what, path in files.items():
+        try:
+            loaded[what] = read[what](path)
+        except (csv.Error, UnicodeDecodeError) as e:
+            # A file of another format (SQuAD's one-line JSON read as SST-2's TSV) fails deep in a parser:
+            # one line naming the file, not a traceback.
+            reason = f"{type(e).__module__.lstrip('_')}.{type(e).__name__}: {e}"
+            raise DataError(f"{path}: not readable as the {task.title} {what} file of `kdlab score "
+                            f"{task.name}` ({reason})") from None
+    print(json.dumps(task.score(loaded["predictions"], loaded["reference"])))
     return EXIT_OK
 
 
