@@ -15,6 +15,7 @@ import numpy as np
 from kdlab.figures import (
     COLUMN_WIDTH_IN,
 )
+from kdlab.layout import STUDY_CONFIG
 from kdlab.metrics import LONG_NAMES, SHORT_NAMES
 from kdlab.report.collect import (
     BOOTSTRAP_SEED,
@@ -778,12 +779,19 @@ def report_markdown(
         "## Statistics",
         "",
         "Δ vs SFT compares each method's chosen setting with SFT of the same student on the same "
-        f"evaluation examples. Per-example scores ({scored}; all in {SCORES_FILE}) are averaged over each "
-        "system's seeds first, so Δ asks "
-        "whether the method, averaged over training seeds, beats SFT on this evaluation set; seed-to-seed "
-        f"spread is the ± std of the results tables. Examples are resampled with replacement {resamples} "
-        "times (paired: the same resample for both systems). The interval is the percentile interval of "
-        "the resampled Δ (order statistics, no interpolation), and the two-sided p-value inverts it: "
+        f"evaluation examples, averaged over examples and seeds (per-example scores: {scored}; all in "
+        f"{SCORES_FILE}). When both systems have two or more seeds, the interval and p include training-seed "
+        "variance as well as test-set sampling: a two-level paired bootstrap whose resampled Δ* = Δ + "
+        "SE_seeds · t* + r · (the mean per-example difference over resampled examples − its mean), with "
+        "SE_seeds² = s²_method / n_method + s²_SFT / n_SFT from the variances of the seeds' mean scores, "
+        "t* a Student-t draw with Welch–Satterthwaite degrees of freedom, the examples resampled with replacement "
+        "(the same resample for both systems), and r shrinking the example part so the seed × example "
+        "noise the seed variances already hold is not counted twice (`kdlab.stats.seed_bootstrap`; its "
+        "false-positive rate by simulation: bench/seed_calibration.py). With one seed on either side, "
+        "only examples are resampled: the interval covers test-set sampling only and cannot separate the "
+        f"method from the seed, and the findings say so instead of calling a winner. {resamples} "
+        "resamples; the interval is the percentile interval of the resampled Δ (order statistics, no "
+        "interpolation), and the two-sided p-value inverts it: "
         "p = 2 (1 + the number of resamples on the far side of 0) / (1 + resamples), so the interval "
         f"excludes 0 exactly when p < {ALPHA:g}. Deterministic (numpy seed {seed}, "
         f"{seed_source(outputs, seed)}). The findings adjust p for multiple comparisons with Holm's "
@@ -796,7 +804,7 @@ def report_markdown(
     lines += ["## Environment", "", "| | |", "| --- | --- |"]
     lines += [f"| {k} | {v} |" for k, v in env.items()]
     lines += ["", reproducibility_markdown(outputs)]
-    config_name = "study.yaml" if outputs.config_text is not None else "STUDY.yaml"
+    config_name = STUDY_CONFIG if outputs.config_text is not None else "STUDY.yaml"
     data_flag = f" --data-dir {data_dir}" if data_dir else " --data-dir DATA"
     lines += [
         "",
