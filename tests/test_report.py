@@ -906,3 +906,17 @@ def test_diagnostics_section(study: SimpleNamespace) -> None:
     assert mass[0][:2] == ["SST-2", "4"] and int(mass[0][2]) > 0
     for col, t in ((3, 1.0), (4, 2.0)):
         assert float(mass[0][col]) == pytest.approx(100 * study.expected["tail_mass"][t], abs=0.2)
+
+
+def test_report_names_the_chosen_run_and_every_method(study: SimpleNamespace) -> None:
+    text = (study.out / "report.md").read_text()
+    chosen = {r[0]: r for r in _table_rows(text, "## Chosen settings")}
+    # kd1's λ=1 run has the higher selection accuracy (it is chosen although λ=0.5 was also trained)
+    assert chosen["kd1-sst2-s1"][1:] == ["`kd1-sst2-s1-lam1-seed42`", "highest selection-split accuracy"]
+    assert chosen["kd1-squad-s1"][1] == "`kd1-squad-s1-lam1-seed42`"
+    # every method has its row in the results, Δ, cost and diagnostics tables, with its seed count
+    results = {r[1]: r for r in _table_rows(text, "### SST-2 (accuracy") if r[0] == "s1"}
+    assert {m: results[m][-1] for m in ("sft", "kd1", "kd2")} == {"sft": "2", "kd1": "2", "kd2": "1"}
+    cost = {r[1]: r[2] for r in _table_rows(text.split("## Cost", 1)[1], "### SST-2")}
+    diag = {r[1]: r[2] for r in _table_rows(text.split("## Diagnostics", 1)[1], "### SST-2")}
+    assert cost == diag == {"sft": "2", "kd1": "2", "kd2": "1"}
