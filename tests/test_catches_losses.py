@@ -58,7 +58,8 @@ class Data:
         self.items: list[TrainItem] = []
         for n, (g, t) in enumerate(zip(gold_lens, teacher_lens, strict=True)):
             prompt = [1] + [rng.randrange(4, VOCAB) for _ in range(rng.randrange(3, 12))]
-            self.items.append(TrainItem(gold=_seq(rng, f"g{n}", prompt, g), teacher=_seq(rng, f"g{n}", prompt, t)))
+            gold, teacher = _seq(rng, f"g{n}", prompt, g), _seq(rng, f"g{n}", prompt, t)
+            self.items.append(TrainItem(gold=gold, teacher=teacher))
         for n, t in enumerate([8, 13]):
             prompt = [1] + [rng.randrange(4, VOCAB) for _ in range(rng.randrange(3, 12))]
             item = _seq(rng, f"t{n}", prompt, t)
@@ -319,7 +320,8 @@ def test_student_equal_to_teacher_gets_zero_kd1_loss_from_a_top_k_cache(
     cache = _build_cache(tmp_path / "cache", teacher, 16, TEMPERATURES)
     _, encoded = _cache_examples()
     items = [Item(gold=e) for e in encoded.values()]
-    params = {"lam": 1.0, "temperature": temperature, "divergence": "forward_kl", "jsd_beta": 0.5, "top_k": 16}
+    params = {"lam": 1.0, "temperature": temperature, "divergence": "forward_kl", "jsd_beta": 0.5,
+              "top_k": 16}
     result = train(
         copy.deepcopy(teacher), items, method=METHODS["kd1"], params=params,
         settings=_settings(batch_size=3, gradient_accumulation_steps=2), output_dir=tmp_path / "run", seed=1,

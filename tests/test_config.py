@@ -63,10 +63,6 @@ def _error(data: dict[str, Any]) -> str:
 
 @pytest.mark.parametrize("name", ["demo", "thesis", "smoke"])
 def test_presets_validate(name: str) -> None:
-    try:
-        preset_text(name)
-    except Exception as e:  # thesis may not be written yet
-        pytest.skip(f"preset {name} not available: {e}")
     config = _preset(name)
     assert isinstance(config, StudyConfig)
     assert config.name == name

