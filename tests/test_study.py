@@ -400,21 +400,10 @@ def test_vllm_backend_reaches_every_generation_of_a_study(tiny_data_dir: Path, t
     """`evaluation.backend: vllm` (vLLM replaced by a stand-in that records its engines): the teacher's
     zero-shot and adapted evaluations, the cache's teacher answers (KD2) and a merged student's evaluation all
     generate through it, each from the folder holding those weights."""
-    import types
+    from vllm_standin import VLLMStandIn
 
-    engines: list[str] = []
-
-    class LLM:
-        def __init__(self, model: str, **kwargs: object) -> None:
-            engines.append(model)
-
-        def generate(self, prompts, params, use_tqdm=True):
-            out = types.SimpleNamespace(text=" the answer\n")
-            return [types.SimpleNamespace(outputs=[out]) for _ in prompts]
-
-    fake = types.ModuleType("vllm")
-    fake.LLM, fake.SamplingParams = LLM, lambda **kwargs: kwargs
-    monkeypatch.setitem(sys.modules, "vllm", fake)
+    standin = VLLMStandIn(answer=lambda ids: " the answer\n")  # vLLM's documented keyword arguments only
+    monkeypatch.setitem(sys.modules, "vllm", standin.module)
     monkeypatch.setattr("importlib.util.find_spec", lambda name, *a, _real=importlib.util.find_spec:
                         object() if name == "vllm" else _real(name, *a))
     out = tmp_path / "out"
@@ -426,6 +415,7 @@ def test_vllm_backend_reaches_every_generation_of_a_study(tiny_data_dir: Path, t
     config = tmp_path / "study.yaml"
     config.write_text(yaml.safe_dump(data))
     assert main(["run", str(config), "--data-dir", str(tiny_data_dir)]) == 0
+    engines = [engine["model"] for engine in standin.engines]
     teacher = str(out / "teacher" / "squad")
     student = str(out / "runs" / "kd2-squad-s1-lam0.5-seed1" / "model")
     assert engines.count(teacher) == 3  # adapted teacher: selection + eval, then the cache's answers
