@@ -22,6 +22,7 @@ from kdlab.bench import (
     write_bench,
 )
 from kdlab.config import parse_config
+from kdlab.layout import Layout
 from kdlab.models import folder_size_bytes, load_model, load_tokenizer
 from kdlab.registry import Registry, RunSpec
 from kdlab.resolve import resolve_config
@@ -169,6 +170,7 @@ class FakeStudy:
 
     def __init__(self, out: Path, teacher: Path):
         self.out = out
+        self.layout = Layout(out)
         self.config = resolve_config(parse_config({
             "device": "cpu",
             "teacher": {"model": str(teacher), "adapt": True},

@@ -35,7 +35,6 @@ from kdlab.tasks.base import Example, Task
 
 log = logging.getLogger("kdlab")
 
-BENCH_FILE = "bench.json"
 # Written beside a student's weights but only used in training: not part of the model one deploys.
 TRAINING_ONLY_FILES = (PROJECTIONS_FILE,)
 DEFAULT_EXAMPLES = 32
@@ -474,7 +473,7 @@ def study_entries(study: Any) -> list[BenchEntry]:
     # The chosen setting of each student/method/task is decided exactly as the report decides it.
     from kdlab.report import StudyOutputs, chosen_groups
 
-    path = study.out / "selection.json"
+    path = study.layout.selection
     selection = json.loads(path.read_text()) if path.exists() else {}
     outputs = StudyOutputs(study.out, study.registry.runs(), selection, cfg, None, None, list(cfg.tasks))
     students = {s.name: s for s in cfg.students}
@@ -519,7 +518,7 @@ def write_bench(
     examples = settings.examples if examples is None else examples
     warmup = settings.warmup if warmup is None else warmup
     repeats = settings.repeats if repeats is None else repeats
-    path = study.out / BENCH_FILE
+    path = study.layout.bench
     entries = study_entries(study)
     wanted = {
         "models": sorted([e.label, e.run] for e in entries),

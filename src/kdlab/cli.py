@@ -23,6 +23,7 @@ from kdlab.errors import (
     RegistryError,
     StudyError,
 )
+from kdlab.layout import Layout
 
 EPILOG = """examples:
   kdlab run                                  # the demo study (2-core CPU, under 20 minutes)
@@ -59,8 +60,8 @@ def _study_config(args: argparse.Namespace) -> StudyConfig:
         config, source = load_config(args.config, overrides), str(args.config)
     elif args.preset:
         config, source = load_preset(args.preset, overrides), f"preset {args.preset}"
-    elif args.out and (Path(args.out) / "study.yaml").is_file():
-        source = str(Path(args.out) / "study.yaml")
+    elif args.out and Layout(Path(args.out)).study_config.is_file():
+        source = str(Layout(Path(args.out)).study_config)
         config = load_config(source, overrides)
     else:
         config, source = load_preset("demo", overrides), "preset demo"
@@ -169,12 +170,12 @@ def cmd_report(args: argparse.Namespace) -> int:
 
 
 def cmd_status(args: argparse.Namespace) -> int:
-    from kdlab.registry import REGISTRY_NAME, Registry
+    from kdlab.registry import Registry
 
     out = Path(_out(args))
     if not out.is_dir():
         raise FileNotFoundError(f"{out}: no such study folder")
-    registry = Registry(out / REGISTRY_NAME, readonly=True)  # status never writes
+    registry = Registry(Layout(out).registry, readonly=True)  # status never writes
     if args.run:
         record = registry.get(args.run)
         if record is None:
@@ -222,7 +223,7 @@ def _selection_metrics(out: Path) -> dict[str, str]:
         from kdlab.resolve import resolve_config
         from kdlab.tasks import get_task
 
-        config = resolve_config(load_config(out / "study.yaml"))
+        config = resolve_config(load_config(Layout(out).study_config))
         return {name: get_task(name, settings).metric for name, settings in config.tasks.items()}
     except (OSError, ValueError):
         return {}
@@ -237,7 +238,7 @@ def cmd_registry_rebuild(args: argparse.Namespace) -> int:
         print(f"old registry kept as {result.backup}")
     for line in result.skipped:
         print(f"skipped {line}", file=sys.stderr)
-    registry = Path(_out(args)) / "registry.sqlite"
+    registry = Layout(Path(_out(args))).registry
     print(f"{registry}: {len(result.restored)} finished run(s) restored; the next `kdlab run` or "
           "`kdlab sweep` adds and runs the rest")
     return EXIT_OK
@@ -273,9 +274,9 @@ def cmd_config_check(args: argparse.Namespace) -> int:
 
 
 def cmd_score(args: argparse.Namespace) -> int:
-    from kdlab.tasks import get_task
     import csv
 
+    from kdlab.tasks import get_task
 
     task = get_task(args.task)
     files = {"reference": args.data, "predictions": args.predictions}

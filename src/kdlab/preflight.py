@@ -12,7 +12,7 @@ from kdlab.config import ConfigError, StudyConfig, TaskSettings
 from kdlab.errors import RegistryError
 from kdlab.identity import Rekey, run_hash, runs_to_rekey
 from kdlab.models import check_derivable, derive_layers, model_config, resolve_model_path
-from kdlab.registry import REGISTRY_NAME, Registry, RunRecord, find_run_records
+from kdlab.registry import Registry, RunRecord, find_run_records
 from kdlab.stages.students import check_vocabulary
 from kdlab.stages.sweep import student_hash_parts, student_spec
 from kdlab.stages.teacher import teacher_hash_parts
@@ -109,7 +109,7 @@ def check_task(study: Study, name: str, settings: TaskSettings) -> None:
 def finished_runs(study: Study) -> list[RunRecord]:
     """The study's finished runs, read without writing: from the registry, or from the run folders' records
     when the registry file is gone."""
-    path = study.out / REGISTRY_NAME
+    path = study.layout.registry
     if path.exists():
         return Registry(path, readonly=True).runs(status="done")
     return find_run_records(study.out)[0] if study.out.is_dir() else []

@@ -32,7 +32,8 @@ from typing import TYPE_CHECKING, Any
 from kdlab.config import ConfigError, ExecutorSettings, StudentSettings, StudyConfig
 from kdlab.errors import RegistryError
 from kdlab.files import atomic_write_json
-from kdlab.registry import REGISTRY_NAME, Registry, RunRecord, RunSpec, check_local_sharing, default_owner
+from kdlab.layout import Layout
+from kdlab.registry import Registry, RunRecord, RunSpec, check_local_sharing, default_owner
 
 if TYPE_CHECKING:
     from kdlab.study import Study
@@ -99,7 +100,7 @@ def refuse_second_driver(registry: Registry, owner: str | None = None) -> None:
 def precheck(out: Path, settings: ExecutorSettings) -> None:
     """Before a command touches the study folder: refuse a second Ray driver, or a local process on a
     registry that another host is using (`check_local_sharing`). Reads only."""
-    path = out / REGISTRY_NAME
+    path = Layout(Path(out)).registry
     if not path.is_file():
         return
     registry = Registry(path, readonly=True)

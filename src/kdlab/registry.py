@@ -36,6 +36,7 @@ from typing import Any
 
 from kdlab.errors import RegistryError
 from kdlab.files import atomic_write_text
+from kdlab.layout import REGISTRY, Layout
 
 __all__ = [
     "KINDS",
@@ -65,7 +66,7 @@ KINDS = ("teacher", "student")
 STAGES = ("grid", "final", "teacher")
 STATUSES = ("todo", "running", "done", "failed")
 MAX_ERROR_CHARS = 4000
-REGISTRY_NAME = "registry.sqlite"
+REGISTRY_NAME = REGISTRY  # the file's name (kdlab.layout owns it)
 RUN_RECORD = "run.json"  # a finished run's registry row, kept in its folder
 # Run ids are folder names: letters, digits and - _ . + (as run_id builds them), never '..'.
 _RUN_ID = re.compile(r"^[A-Za-z0-9][A-Za-z0-9_.+=-]*$")
@@ -944,7 +945,7 @@ def rebuild_registry(study_dir: str | Path, *, only_if_missing: bool = False) ->
     study = Path(study_dir)
     if not study.is_dir():
         raise RegistryError(f"{study}: no such study folder")
-    path = study / REGISTRY_NAME
+    path = Layout(study).registry
     with _study_lock(study):
         if only_if_missing and path.exists():
             return None

@@ -26,10 +26,11 @@ from kdlab.distributed import Ranks
 from kdlab.evaluation import GenerationOptions
 from kdlab.files import atomic_write_json, atomic_write_text
 from kdlab.identity import rekey_finished_runs
+from kdlab.layout import Layout
 from kdlab.methods import Signals, get_method
 from kdlab.models import load_tokenizer, model_provenance, resolve_device, resolve_model_path
 from kdlab.preflight import check_finished_runs, finished_runs, preflight
-from kdlab.registry import REGISTRY_NAME, Registry, RunSpec, rebuild_registry
+from kdlab.registry import Registry, RunSpec, rebuild_registry
 from kdlab.resolve import resolve_config
 from kdlab.runner import Runner
 from kdlab.seeding import configure_determinism, stage_seed
@@ -62,6 +63,7 @@ class Study:
         self.ranks = Ranks(cpu=resolve_device(config.device).type == "cpu")
         self.config = config
         self.out = Path(output_dir or config.output_dir)
+        self.layout = Layout.of(self.out, config.cache.dir)  # every path of the study folder
         self.data_dir = data_dir if data_dir is not None else config.data_dir
         self.rebuild_cache = rebuild_cache
         self.force = force
@@ -72,7 +74,7 @@ class Study:
         self.failed: list[str] = []  # ids of the runs that failed, after `sweep` / `run`
         self.written: list[Path] = []  # the report's files, after `run`
         if inspect_only:
-            path = self.out / REGISTRY_NAME
+            path = self.layout.registry
             self.registry = Registry(path, readonly=True) if open_registry and path.exists() else None
             return
         # The leader accepts or refuses the command before anything is written (`_open`); its error, if any,
@@ -87,7 +89,7 @@ class Study:
         if error is not None:
             raise error
         if not self.ranks.leader:
-            self.registry = Registry(self.out / REGISTRY_NAME)  # read only on these ranks
+            self.registry = Registry(self.layout.registry)  # read only on these ranks
         self.runner = Runner(self.registry, self.ranks, self.out, force=force, describe=self._describe)
 
     def _open(self) -> None:
@@ -99,7 +101,7 @@ class Study:
         finished = finished_runs(self)
         rekeys = check_finished_runs(self, finished)
         self.out.mkdir(parents=True, exist_ok=True)
-        path = self.out / REGISTRY_NAME
+        path = self.layout.registry
         if not path.exists() and finished:
             rebuilt = rebuild_registry(self.out, only_if_missing=True)
             if rebuilt is not None:
@@ -119,13 +121,13 @@ class Study:
         written only once accepted; the earlier one is kept beside it, so the user sees what moved. The copy
         comes first and the swap is atomic: study.yaml is never missing. One that reads as this config
         (written by an older kdlab, without the settings added since at their defaults) is left as it is."""
-        path = self.out / "study.yaml"
+        path = self.layout.study_config
         text = self.config.to_yaml()
         if path.exists():
             old = path.read_text()
             if old == text or self._same_config(old):
                 return
-            atomic_write_text(self.out / f"study.{int(time.time())}.yaml", old)
+            atomic_write_text(self.layout.earlier_study_config(int(time.time())), old)
         atomic_write_text(path, text)
 
     def _same_config(self, text: str) -> bool:
@@ -168,7 +170,7 @@ class Study:
         start = time.perf_counter()
         self.sweep(executor=executor)
         if self.ranks.leader:  # inference only: one process measures and writes
-            atomic_write_json(self.out / "provenance.json", self.provenance(), indent=1)
+            atomic_write_json(self.layout.provenance, self.provenance(), indent=1)
             if self.config.bench.enabled:
                 from kdlab.bench import write_bench
 
@@ -198,7 +200,7 @@ class Study:
                 get_task(name, settings), settings, self.tokenizer, self.data_dir, self.config.data_seed
             )
             if self.ranks.leader:
-                atomic_write_json(self.out / "data" / f"{name}.json", data.manifest(self.config.data_seed))
+                atomic_write_json(self.layout.data_manifest(name), data.manifest(self.config.data_seed))
             self.log(data.summary())
             self._data[name] = data
         return self._data[name]
@@ -236,11 +238,8 @@ class Study:
         return self._tokenizer
 
     def teacher_path(self, task: str) -> str:
-        return str(self.out / "teacher" / task) if self.config.teacher.adapt else self.base_teacher_path
+        return str(self.layout.teacher(task)) if self.config.teacher.adapt else self.base_teacher_path
 
-    def cache_dir(self, task: str) -> Path:
-        root = Path(self.config.cache.dir) if self.config.cache.dir else self.out / "teacher_cache"
-        return root / task
 
     def generation(self, model_path: str | None) -> GenerationOptions:
         """How to generate with a model whose weights are in the folder `model_path` (None: in memory only,
@@ -303,7 +302,7 @@ class Study:
             ids += list(teacher.teacher_hash_parts(self, name))
         if cache.cache_contents(self) is not None:
             ids += [f"cache-{name}" for name in self.config.tasks]
-        path = self.out / "selection.json"
+        path = self.layout.selection
         selected = json.loads(path.read_text()) if path.is_file() else {}
         seeds = self.config.seeds
         for name in self.config.tasks:

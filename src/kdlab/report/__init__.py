@@ -36,7 +36,6 @@ from kdlab.report.collect import (
 )
 from kdlab.report.compare import (
     N_RESAMPLES,
-    SCORES_FILE,
     Comparison,
     Finding,
     Scorer,
@@ -111,7 +110,7 @@ def write_report(
     """
     echo = echo or log.info
     outputs = load_outputs(out_dir)
-    out = outputs.out
+    layout = outputs.layout
     notes = list(outputs.notes)
     if data_dir is None and outputs.config is not None:
         data_dir = outputs.config.data_dir
@@ -131,24 +130,24 @@ def write_report(
     header = add_cost_columns(header, rows, costs)
     tables = {
         "every run, one row each (metrics and params flattened)": _write_text(
-            out / "results.csv", csv_text(header, rows)
+            layout.results, csv_text(header, rows)
         ),
         "findings and results tables with Δ vs SFT (Markdown)": _write_text(
-            out / "summary.md", f"# {outputs.name}: summary\n\n" + summary_markdown(summaries)
+            layout.summary_markdown, f"# {outputs.name}: summary\n\n" + summary_markdown(summaries)
         ),
         "the same tables for LaTeX (booktabs)": _write_text(
-            out / "summary.tex", summary_latex(summaries, outputs.name)
+            layout.summary_latex, summary_latex(summaries, outputs.name)
         ),
     }
     if scorer.scored:  # without references nothing was scored: no file rather than an empty one
         header, rows = per_example_rows(outputs, scorer)
         tables["per-example evaluation scores (x100) behind Δ, p and the interval"] = _write_text(
-            out / SCORES_FILE, csv_text(header, rows)
+            layout.per_example_scores, csv_text(header, rows)
         )
-    if (out / "selection.json").is_file():
-        tables["chosen grid settings and their candidates"] = out / "selection.json"
+    if layout.selection.is_file():
+        tables["chosen grid settings and their candidates"] = layout.selection
 
-    fig_dir = out / "figures"
+    fig_dir = layout.figures
     figures: list[FigureEntry] = []
     for make in (lambda_figures, efficiency_figures):
         figures += make(outputs, groups, fig_dir)
@@ -157,7 +156,7 @@ def write_report(
 
     env = environment(outputs.bench)
     report = _write_text(
-        out / "report.md",
+        layout.report,
         report_markdown(outputs, summaries, figures, tables, env, notes, data_dir,
                         extra_sections=[cost_markdown(outputs, groups, costs),
                                         diagnostics_markdown(outputs, groups, notes)]),
@@ -166,7 +165,7 @@ def write_report(
         echo(f"[report] note: {note}")
     echo(summary_markdown(summaries))
     paths = [*tables.values(), *(p for f in figures for p in f.paths), report]
-    return [p for p in paths if p.name != "selection.json"]
+    return [p for p in paths if p != layout.selection]
 
 
 def write_results(study: Any) -> list[Path]:

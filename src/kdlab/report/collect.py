@@ -20,6 +20,7 @@ from pathlib import Path
 from typing import Any
 
 from kdlab.config import StudyConfig, load_config
+from kdlab.layout import PROVENANCE, Layout
 from kdlab.methods import METHODS
 from kdlab.registry import Registry, RunRecord
 from kdlab.resolve import resolve_config
@@ -66,7 +67,12 @@ class StudyOutputs:
     def run_dir(self, run: RunRecord) -> Path:
         # Built from the (validated) run id inside the study folder, never from the registry row's absolute
         # output_dir: that breaks when a folder is moved, and a tampered row must not lead outside the study.
-        return self.out / "runs" / run.id
+        return self.layout.run(run.id)
+
+    @property
+    def layout(self) -> Layout:
+        """The study folder's paths (kdlab.layout)."""
+        return Layout.of(self.out, self.config.cache.dir if self.config is not None else None)
 
     @property
     def name(self) -> str:
@@ -85,20 +91,21 @@ def _read_json(path: Path, notes: list[str]) -> Any:
 
 def load_outputs(out: str | Path) -> StudyOutputs:
     out = Path(out)
-    if not (out / "registry.sqlite").is_file():
-        raise FileNotFoundError(f"{out}: no registry.sqlite here; not a kdlab study output folder")
+    layout = Layout(out)
+    if not layout.registry.is_file():
+        raise FileNotFoundError(f"{out}: no {layout.registry.name} here; not a kdlab study output folder")
     notes: list[str] = []
-    runs = Registry(out / "registry.sqlite").runs()
-    selection = _read_json(out / "selection.json", notes) or {}
-    bench = _read_json(out / "bench.json", notes)
+    runs = Registry(layout.registry).runs()
+    selection = _read_json(layout.selection, notes) or {}
+    bench = _read_json(layout.bench, notes)
     if bench is not None and not isinstance(bench.get("models"), dict):
         notes.append("bench.json has no `models` mapping; efficiency results skipped")
         bench = None
     config, config_text = None, None
-    if (out / "study.yaml").is_file():
-        config_text = (out / "study.yaml").read_text(encoding="utf-8")
+    if layout.study_config.is_file():
+        config_text = layout.study_config.read_text(encoding="utf-8")
         try:
-            config = resolve_config(load_config(out / "study.yaml"), str(out / "study.yaml"))
+            config = resolve_config(load_config(layout.study_config), str(layout.study_config))
         except ValueError as e:  # ConfigError: still report, with task defaults
             notes.append(f"study.yaml could not be validated ({e}); task defaults used")
     tasks = list(config.tasks) if config is not None else []
@@ -108,7 +115,7 @@ def load_outputs(out: str | Path) -> StudyOutputs:
     if unknown:  # runs of a task this kdlab does not know: listed in results.csv, left out of the tables
         notes.append(f"unknown task(s) {', '.join(unknown)}: only in results.csv")
     tasks = [t for t in tasks if t in known]
-    provenance = _read_json(out / "provenance.json", notes)
+    provenance = _read_json(layout.provenance, notes)
     if provenance is not None and not isinstance(provenance, dict):
         notes.append("provenance.json is not a JSON object; ignored")
         provenance = None
@@ -129,7 +136,7 @@ def bootstrap_seed(outputs: StudyOutputs) -> int:
 
 def seed_source(outputs: StudyOutputs, seed: int) -> str:
     recorded = as_mapping(as_mapping(outputs.provenance).get("seeds")).get("bootstrap")
-    return "provenance.json" if recorded is not None and recorded == seed else "default"
+    return PROVENANCE if recorded is not None and recorded == seed else "default"
 
 
 def task_title(task: str) -> str:
@@ -313,13 +320,10 @@ def _read_manifest(path: Path) -> dict[str, Any]:
 
 
 def data_manifest(outputs: StudyOutputs, task: str) -> dict[str, Any]:
-    return _read_manifest(outputs.out / "data" / f"{task}.json")
+    return _read_manifest(outputs.layout.data_manifest(task))
 
 
 def cache_manifest(outputs: StudyOutputs, task: str) -> dict[str, Any]:
-    config = outputs.config
-    custom = config.cache.dir if config is not None else None
-    root = Path(custom) if custom else outputs.out / "teacher_cache"
-    return _read_manifest(root / task / "manifest.json")
+    return _read_manifest(outputs.layout.teacher_cache(task) / "manifest.json")
 
 

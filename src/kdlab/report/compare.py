@@ -13,6 +13,7 @@ from typing import Any, NamedTuple
 
 import numpy as np
 
+from kdlab.layout import PER_EXAMPLE_SCORES
 from kdlab.methods import METHODS, MixedSettings, baseline
 from kdlab.registry import RunRecord
 from kdlab.report.collect import StudyOutputs, bootstrap_seed, run_metric
@@ -25,7 +26,7 @@ DECIMALS = 1
 N_RESAMPLES = 10_000
 CONFIDENCE = 0.95
 ALPHA = significance_level(CONFIDENCE)  # findings call a difference significant when Holm-adjusted p < ALPHA
-SCORES_FILE = "per_example_scores.csv"
+SCORES_FILE = PER_EXAMPLE_SCORES.name  # the name, for the report text
 # The registry's eval metric and the mean of the per-example scores must agree to this many points (%).
 CONSISTENCY_TOL = 0.01
 
@@ -76,7 +77,7 @@ class Scorer:
     def _load(self, task: str) -> tuple[Task, list[Example]]:
         config = self.outputs.config
         t = get_task(task, config.tasks.get(task) if config is not None else None)
-        manifest = self.outputs.out / "data" / f"{task}.json"
+        manifest = self.outputs.layout.data_manifest(task)
         if not manifest.is_file():
             raise FileNotFoundError(f"{manifest} not found (it lists the evaluation example ids)")
         ids = [str(i) for i in json.loads(manifest.read_text())["eval"]]
@@ -106,8 +107,9 @@ class Scorer:
         teacher/<task>-zero-shot or teacher/<task>-eval (the adapted teacher's own folder holds the model)."""
         if run.kind != "teacher":
             return self.outputs.run_dir(run)
-        name = f"{run.task}-zero-shot" if run.id.endswith("-zero-shot") else f"{run.task}-eval"
-        return self.outputs.out / "teacher" / name  # inside the study folder, as run_dir
+        layout = self.outputs.layout  # inside the study folder, as run_dir
+        zero_shot = run.id.endswith("-zero-shot")
+        return layout.teacher_zero_shot(run.task) if zero_shot else layout.teacher_eval(run.task)
 
     def _score(self, run: RunRecord) -> dict[str, np.ndarray]:
         task, examples = self.references(run.task)
@@ -302,7 +304,7 @@ def build_summaries(
                           for m in metrics}
                 rows.append(SummaryRow(student, method, setting_parts(g), values))
         n_examples = None
-        manifest = outputs.out / "data" / f"{task}.json"
+        manifest = outputs.layout.data_manifest(task)
         if manifest.is_file():
             with contextlib.suppress(ValueError, KeyError, TypeError):
                 n_examples = len(json.loads(manifest.read_text())["eval"])

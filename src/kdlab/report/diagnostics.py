@@ -26,10 +26,12 @@ class DiagnosticsRow:
 def _teacher_predictions(outputs: StudyOutputs, task: str) -> Path | None:
     """The evaluation predictions of the teacher the students learned from (adapted, else zero-shot)."""
     t = outputs.task(task)
-    candidates = ((f"teacher-{task}", f"{task}-eval"), (f"teacher-{task}-zero-shot", f"{task}-zero-shot"))
+    layout = outputs.layout
+    candidates = ((f"teacher-{task}", layout.teacher_eval(task)),
+                  (f"teacher-{task}-zero-shot", layout.teacher_zero_shot(task)))
     for rid, folder in candidates:
         run = outputs.get(rid)
-        path = outputs.out / "teacher" / folder / t.predictions_file("eval")
+        path = folder / t.predictions_file("eval")
         if run is not None and run.done and path.is_file():
             return path
     return None
@@ -67,9 +69,7 @@ def diagnostics_rows(
 
 
 def cache_dir(outputs: StudyOutputs, task: str) -> Path:
-    config = outputs.config
-    custom = config.cache.dir if config is not None else None
-    return (Path(custom) if custom else outputs.out / "teacher_cache") / task
+    return outputs.layout.teacher_cache(task)
 
 
 def tail_masses(outputs: StudyOutputs, notes: list[str]) -> dict[str, dict[str, Any]]:

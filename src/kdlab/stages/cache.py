@@ -309,7 +309,7 @@ def verify_caches(study: Study) -> list[tuple[str, Path, str | None]]:
         return []
     results: list[tuple[str, Path, str | None]] = []
     for name in study.config.tasks:
-        directory = study.cache_dir(name)
+        directory = study.layout.teacher_cache(name)
         try:
             TeacherCache.open(directory, verify="hash")
             results.append((name, directory, None))
@@ -350,7 +350,7 @@ def run_cache(study: Study, name: str) -> TeacherCache | None:
         empty_answers=empty_answers,
         transfer_ids=[e.id for e in data.transfer],
     )
-    directory = study.cache_dir(name)
+    directory = study.layout.teacher_cache(name)
     expected = fingerprint(inputs)
     # A cache that fails verification (another fingerprint, a missing, truncated or corrupt file) is
     # rebuilt when asked, else refused with the command that rebuilds it; one that never finished (no

@@ -13,9 +13,8 @@ from pathlib import Path
 from typing import Any
 
 from kdlab.files import atomic_write_json
+from kdlab.layout import SELECTION
 from kdlab.registry import RunRecord
-
-SELECTION_FILE = "selection.json"
 
 
 def selection_value(run: RunRecord, metric: str) -> float | None:
@@ -29,9 +28,8 @@ def best_run(runs: Sequence[RunRecord], metric: str) -> RunRecord:
     return max(runs, key=lambda r: -math.inf if (v := selection_value(r, metric)) is None else v)
 
 
-def record_choice(out: Path, key: str, best: RunRecord, runs: Sequence[RunRecord], metric: str) -> None:
-    """Add the choice of `key` (method-task-student) to the study's selection.json."""
-    path = out / SELECTION_FILE
+def record_choice(path: Path, key: str, best: RunRecord, runs: Sequence[RunRecord], metric: str) -> None:
+    """Add the choice of `key` (method-task-student) to the study's selection file `path`."""
     chosen = json.loads(path.read_text()) if path.exists() else {}
     chosen[key] = {
         "metric": f"selection {metric}",
@@ -95,7 +93,7 @@ def chosen_groups(
         )
         entry = selection.get(f"{method}-{task}-{student}")
         if isinstance(entry, dict) and isinstance(entry.get("chosen"), dict):
-            params, source = entry["chosen"], "selection.json"
+            params, source = entry["chosen"], SELECTION
         elif len(settings) == 1:
             params, source = next(iter(settings.values())), "single setting"
         elif grid:

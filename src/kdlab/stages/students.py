@@ -37,7 +37,7 @@ def student_path(study: Study, student: StudentSettings) -> str:
     (derived_from.json beside it names the teacher blocks it copied)."""
     if student.model is not None:
         return resolve_model_path(student.model, student.revision)
-    folder = study.out / "students" / student.name / "init"
+    folder = study.layout.student_init(student.name)
     if study.ranks.share((folder / "config.json").is_file()):
         return str(folder)
     cfg = study.config.teacher

@@ -99,7 +99,7 @@ def student_spec(
         stage=stage,
         params=params,
         seed=seed,
-        output_dir=str(study.out / "runs" / rid),
+        output_dir=str(study.layout.run(rid)),
         config_hash=config_hash,
     )
 
@@ -299,7 +299,7 @@ def advance(
         metric = study.data(task).task.metric
         best = best_run(grid_runs, metric)
         if study.ranks.leader:
-            record_choice(study.out, f"{method}-{task}-{student.name}", best, grid_runs, metric)
+            record_choice(study.layout.selection, f"{method}-{task}-{student.name}", best, grid_runs, metric)
     finals = [
         student_run(
             study,

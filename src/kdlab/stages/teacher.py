@@ -62,7 +62,7 @@ def run_teacher(study: Study, name: str) -> None:
             device=study.device,
             trust_remote_code=cfg.trust_remote_code,
         )
-        return evaluate(model, study.out / "teacher" / f"{name}-zero-shot", study.base_teacher_path)
+        return evaluate(model, study.layout.teacher_zero_shot(name), study.base_teacher_path)
 
     # The hub commit a hub-id teacher resolved to, recorded with its runs (params are not in the config hash).
     snapshot = hub_snapshot_info(study.base_teacher_path)
@@ -72,7 +72,7 @@ def run_teacher(study: Study, name: str) -> None:
         params={"adapted": False, **origin},
         seed=None,
         config_hash=hashes[f"teacher-{name}-zero-shot"],
-        output_dir=str(study.out / "teacher" / f"{name}-zero-shot"),
+        output_dir=str(study.layout.teacher_zero_shot(name)),
         **common,
     )
     study.runner.execute_required(zero_shot_spec, zero_shot)
@@ -101,7 +101,7 @@ def run_teacher(study: Study, name: str) -> None:
             method=baseline(),  # plain fine-tuning on the gold answers
             params={},
             settings=cfg.training,
-            output_dir=folder.with_name(folder.name + "-trainer"),
+            output_dir=study.layout.teacher_trainer(name),
             seed=seed,
             pad_id=study.tokenizer.pad_token_id,
             vocab_size=len(study.tokenizer),
@@ -113,7 +113,7 @@ def run_teacher(study: Study, name: str) -> None:
         model = model.merge_and_unload() if hasattr(model, "merge_and_unload") else model
         # Saved aside and swapped in: a killed save never leaves a half-written teacher behind.
         atomic_folder(folder, lambda tmp: save_model(model, study.tokenizer, tmp), replace=True)
-        metrics = evaluate(model, folder.with_name(name + "-eval"), str(folder))
+        metrics = evaluate(model, study.layout.teacher_eval(name), str(folder))
         metrics["train_runtime"] = round(result.train_runtime, 1)
         return metrics
 
