@@ -31,6 +31,7 @@ from kdlab.methods import METHODS, POLICY, LossInputs
 from kdlab.methods.gkd import GKD
 from kdlab.models import derive_student
 from kdlab.resolve import resolve_config
+from kdlab.scored import answer_counts
 from kdlab.tasks.base import Encoded
 from kdlab.tiny import build_tiny_llama, build_tiny_tokenizer
 from kdlab.training import TrainItem, train
@@ -104,6 +105,7 @@ class SpyGKD(GKD):
 
     def __init__(self) -> None:
         self.calls: list[dict[str, Any]] = []
+        self.teacher_graphs: list[bool] = []
 
     def loss(self, x: LossInputs):
         prefixes: list[str] = []
@@ -115,8 +117,14 @@ class SpyGKD(GKD):
 
         x.forward_student = recording
         out = super().loss(x)
+        policy = POLICY + "labels" in x.batch
+        if policy:
+            teacher = x.forward_teacher(POLICY)
+            self.teacher_graphs.append(teacher.logits.requires_grad or teacher.logits.grad_fn is not None)
         self.calls.append(dict(on_policy=x.on_policy, prefixes=prefixes,
-                               policy_labels=x.batch.get(POLICY + "labels"), gold_labels=x.batch["labels"]))
+                               policy_labels=x.batch.get(POLICY + "labels"), gold_labels=x.batch["labels"],
+                               policy_tokens=int(answer_counts(x.batch, POLICY).sum()) if policy else 0,
+                               normaliser=float(x.num_policy_tokens)))
         return out
 
 
@@ -132,9 +140,50 @@ def test_student_fraction_one_trains_only_on_sampled_answers(models: Models, tmp
     assert result.cost["teacher_tokens"] > 0 and result.cost["student_seconds"] > 0
 
 
+def test_empty_samples_are_counted_not_trained_on(models: Models, tmp_path: Path,
+                                                   monkeypatch: pytest.MonkeyPatch) -> None:
+    import kdlab.training
+
+    real = kdlab.training.sample_continuations
+    eos = models.tokenizer.eos_token_id
+
+    def half_empty(*args: Any, **kwargs: Any) -> list[list[int]]:
+        answers = real(*args, **kwargs)
+        return [[eos] if i % 2 else a for i, a in enumerate(answers)]  # every second sample is EOS alone
+
+    monkeypatch.setattr(kdlab.training, "sample_continuations", half_empty)
+    spy = SpyGKD()
+    _, result = _train(models, tmp_path, spy, dict(GKD_PARAMS, lam=1.0, student_fraction=1.0), max_steps=2)
+    assert result.cost["rollout_samples"] == 8 and result.cost["empty_rollouts"] == 4
+    for call in spy.calls:
+        assert call["policy_labels"].shape[0] == 2  # two of each batch's four samples are trained on
+
+    # Every sample empty: the step trains nothing (λ = 1), the weights stay where they were.
+    monkeypatch.setattr(kdlab.training, "sample_continuations", lambda *a, **k: [[eos]] * len(a[1]))
+    student, result = _train(models, tmp_path / "empty", METHODS["gkd"],
+                             dict(GKD_PARAMS, lam=1.0, student_fraction=1.0), max_steps=2)
+    assert result.cost["empty_rollouts"] == 8
+    assert _same_weights(student, models.student)
+
+
+def test_sampled_tokens_normalise_over_the_global_batch(models: Models, tmp_path: Path) -> None:
+    """With gradient accumulation the KD term on samples is divided by the sampled answer tokens of the
+    whole optimizer step (both micro-batches), not of one micro-batch nor by the gold tokens."""
+    spy = SpyGKD()
+    _train(models, tmp_path, spy, dict(GKD_PARAMS, lam=1.0, student_fraction=1.0), max_steps=2,
+           batch_size=2, gradient_accumulation_steps=2)
+    assert len(spy.calls) == 4
+    for first, second in (spy.calls[0:2], spy.calls[2:4]):
+        total = first["policy_tokens"] + second["policy_tokens"]
+        assert first["normaliser"] == second["normaliser"] == total
+        assert first["policy_tokens"] != total
+
+
 def test_student_fraction_half_follows_the_seeded_coin(models: Models, tmp_path: Path) -> None:
     spy = SpyGKD()
     _train(models, tmp_path, spy, dict(GKD_PARAMS, student_fraction=0.5), max_steps=8, seed=11)
+    share = sum(seeding.on_policy_step(11, step, 0.25) for step in range(2000)) / 2000
+    assert share == pytest.approx(0.25, abs=0.03)
     expected = [seeding.on_policy_step(11, step, 0.5) for step in range(8)]
     assert [c["on_policy"] for c in spy.calls] == expected
     assert 0 < sum(expected) < 8  # both kinds of step occur
@@ -154,10 +203,12 @@ def test_no_gradient_reaches_the_teacher_or_the_sampling_pass(models: Models, tm
         return real_generate(self, *args, **kwargs)
 
     monkeypatch.setattr(type(models.student), "generate", spying_generate)
-    for method, params in (("gkd", dict(GKD_PARAMS, student_fraction=1.0, divergence="reverse_kl")),
-                           ("opd", OPD_PARAMS)):
-        _train(models, tmp_path / method, METHODS[method], params, teacher=teacher)
+    spy = SpyGKD()
+    on_policy = dict(GKD_PARAMS, student_fraction=1.0, divergence="reverse_kl")
+    for name, method, params in (("gkd", spy, on_policy), ("opd", METHODS["opd"], OPD_PARAMS)):
+        _train(models, tmp_path / name, method, params, teacher=teacher)
     assert seen and all(not grad and not training for grad, training in seen)  # no grad, dropout off
+    assert spy.teacher_graphs and not any(spy.teacher_graphs)  # the teacher's pass builds no graph
     assert all(p.grad is None for p in teacher.parameters())
     assert all(torch.equal(v, teacher.state_dict()[k]) for k, v in before.items())
 
@@ -195,7 +246,6 @@ SCRIPT = textwrap.dedent(
     from kdlab.config import TrainingSettings
     from kdlab.methods import METHODS
     from kdlab.models import derive_student
-from kdlab.resolve import resolve_config
     from kdlab.tasks.base import Encoded
     from kdlab.tiny import build_tiny_llama, build_tiny_tokenizer
     import kdlab.training as training
@@ -210,13 +260,13 @@ from kdlab.resolve import resolve_config
         p = [1] + [rng.randrange(4, len(tok)) for _ in range(rng.randrange(4, 12))]
         a = [rng.randrange(4, len(tok)) for _ in range(3)] + [2]
         items.append(training.TrainItem(gold=Encoded(f"ex{i}", p + a, [-100] * len(p) + a)))
-    if kill_at:
-        real = training.KDTrainer.get_batch_samples
+    if kill_at:  # killed after step kill_at logged its samples, before its checkpoint is written
+        real = training.KDTrainer._save_checkpoint
         def killing(self, *args, **kwargs):
             if self.state.global_step == kill_at:
                 os.kill(os.getpid(), signal.SIGKILL)
             return real(self, *args, **kwargs)
-        training.KDTrainer.get_batch_samples = killing
+        training.KDTrainer._save_checkpoint = killing
     settings = TrainingSettings(learning_rate=5e-3, batch_size=4, max_steps=5, warmup_ratio=0.0,
                                 logging_steps=1, lr_scheduler="constant", save_steps=1)
     params = dict(lam=0.5, temperature=1.0, divergence="reverse_kl", jsd_beta=0.5, student_fraction=0.6,
@@ -241,17 +291,19 @@ def _script_run(tmp: Path, out: Path, seed: int, kill_at: int = 0) -> int:
 
 def test_rollouts_are_reproducible_across_processes_and_a_kill(tmp_path: Path,
                                                               monkeypatch: pytest.MonkeyPatch) -> None:
-    """The same run in three fresh processes (one uninterrupted; one SIGKILLed at the start of step 4 and
-    resumed from checkpoint-3 by another) draws the same samples and ends with the same weights; another
-    seed draws other samples (run in this process)."""
+    """The same run in three fresh processes (one uninterrupted; one SIGKILLed after step 4 logged its
+    samples but before checkpoint-4, and resumed from checkpoint-3 by another, which redoes step 4) draws the
+    same samples, records each once, and ends with the same weights; another seed draws other samples."""
     import runpy
 
     from safetensors.torch import load_file
 
     a, killed, other = (tmp_path / n for n in ("a", "killed", "other"))
     assert _script_run(tmp_path, a, seed=3) == 0
-    assert _script_run(tmp_path, killed, seed=3, kill_at=3) == -signal.SIGKILL
-    assert (killed / "trainer" / "checkpoint-3").is_dir() and not (killed / "student.safetensors").exists()
+    assert _script_run(tmp_path, killed, seed=3, kill_at=4) == -signal.SIGKILL
+    trainer = killed / "trainer"
+    assert (trainer / "checkpoint-3").is_dir() and not (trainer / "checkpoint-4").exists()
+    assert '"step": 4' in (killed / "rollouts.jsonl").read_text()  # step 4's samples were logged
     assert _script_run(tmp_path, killed, seed=3) == 0  # resumed from checkpoint-3
     monkeypatch.setattr(sys, "argv", ["rollout_run.py", str(other), "4", "0"])
     runpy.run_path(str(tmp_path / "rollout_run.py"), run_name="__main__")
@@ -261,7 +313,7 @@ def test_rollouts_are_reproducible_across_processes_and_a_kill(tmp_path: Path,
 
     reference = rollouts(a)
     steps = {r["step"] for r in reference}
-    assert min(steps) <= 3 < max(steps)  # on-policy steps both before and after the kill
+    assert min(steps) <= 3 and 4 in steps  # on-policy steps before the kill and at the redone step
     assert rollouts(killed) == reference  # the resumed steps drew the same samples, recorded once
     weights = load_file(a / "student.safetensors")
     resumed = load_file(killed / "student.safetensors")
