@@ -107,6 +107,10 @@ PARAMS = {
     "sft": {},
     "kd1": {"lam": 0.5, "temperature": 2.0, "divergence": "forward_kl", "top_k": 32},
     "kd3": {"lam": 0.5, "loss": "mse", "layer_map": "uniform"},
+    # On-policy: every step samples the student's own answers (16 tokens at most) for the live teacher.
+    "gkd": {"lam": 0.5, "temperature": 1.0, "divergence": "reverse_kl", "jsd_beta": 0.5,
+            "student_fraction": 1.0, "seq_kd": False, "sample_temperature": 1.0, "max_new_tokens": 16},
+    "opd": {"lam": 0.5, "discount": 0.0, "sample_temperature": 1.0, "max_new_tokens": 16},
 }
 
 
@@ -125,6 +129,9 @@ class StepRunner:
         begin = time.perf_counter()
         batch = self.trainer.data_collator(list(items))
         num_items = (batch["labels"][..., 1:] != -100).sum()
+        if self.trainer.rollout is not None:  # on-policy: the student samples this step's answers first
+            batch = self.trainer._prepare_inputs(batch)
+            self.trainer.prepare_rollouts([batch], self.device)
         self.trainer.training_step(self.module, batch, num_items_in_batch=num_items)
         torch.nn.utils.clip_grad_norm_(self.module.parameters(), self.max_grad_norm)
         self.optimizer.step()
@@ -137,7 +144,7 @@ def step_runner(method_name: str, student: nn.Module, *, pad_id: int, vocab_size
                 cache: TeacherCache | None, pairs: Sequence[tuple[int, int]], teacher_width: int,
                 workdir: Path, params: dict[str, Any] | None = None, device: str = "cpu",
                 settings: TrainingSettings | None = None,
-                live_teacher: nn.Module | None = None) -> StepRunner:
+                live_teacher: nn.Module | None = None, tokenizer: Any = None) -> StepRunner:
     """A KDTrainer for `method_name` on `student` (KD3 gets its learned projections), with its optimizer.
 
     `student` (and `live_teacher`) must already be on `device`; `settings` default to the study's (AdamW,
@@ -152,9 +159,10 @@ def step_runner(method_name: str, student: nn.Module, *, pad_id: int, vocab_size
     module = StudentModule(student, projections)
     settings = settings or TrainingSettings()
     collator = TrainCollator(pad_id, signals=signals, cache=cache if live_teacher is None else None,
-                             teacher_layers=[t for _, t in use_pairs], packing=settings.packing)
+                             teacher_layers=[t for _, t in use_pairs], packing=settings.packing,
+                             keep_ids=method.rollout(params) is not None)
     args = training_arguments(settings, workdir / method_name, 0, use_cpu=torch.device(device).type == "cpu")
     trainer = KDTrainer(model=module, args=args, train_dataset=[], data_collator=collator, method=method,
                         params=params, vocab_size=vocab_size,
-                        layer_pairs=use_pairs, live_teacher=live_teacher)
+                        layer_pairs=use_pairs, live_teacher=live_teacher, tokenizer=tokenizer)
     return StepRunner(trainer, module, trainer.create_optimizer(module), settings.max_grad_norm, device)

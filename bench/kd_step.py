@@ -1,5 +1,7 @@
-"""Training step time with a cached teacher: SFT vs KD1 (top-k from a TeacherCache) vs KD3 (cached hidden
-states, uniform layer map), same student, same batch. Target: KD1 and KD3 within 1.15x of SFT.
+"""Training step time: SFT vs KD1 (top-k from a TeacherCache) vs KD3 (cached hidden states, uniform layer
+map) vs the on-policy GKD and OPD (the student samples each step's answers, a live teacher scores them), same
+student, same batch. Target: KD1 and KD3 within 1.15x of SFT. On-policy steps are split into rollout (the
+student's sampling), teacher (its forward on the samples) and student (forward, loss, backward, AdamW) time.
 
 A step is what the Trainer does per batch: the collator (cache look-ups included), `KDTrainer.training_step`
 (forward through `forward_scored`, the method's loss, backward), gradient clipping and the AdamW step. The
@@ -38,7 +40,8 @@ from kdlab.seeding import configure_determinism
 from kdlab.stages.cache import build_teacher_cache
 from kdlab.training import TrainItem
 
-METHODS = ("sft", "kd1", "kd3")  # the methods this bench times
+METHODS = ("sft", "kd1", "kd3", "gkd", "opd")  # the methods this bench times
+ON_POLICY = ("gkd", "opd")
 
 
 def parse_args(argv: list[str] | None) -> argparse.Namespace:
@@ -56,8 +59,12 @@ def parse_args(argv: list[str] | None) -> argparse.Namespace:
     p.add_argument("--deterministic", action="store_true",
                    help="deterministic kernels, as the study's `deterministic: true` (to measure its cost)")
     p.add_argument("--target", type=float, default=1.15, help="largest KD/SFT step-time ratio that passes")
+    p.add_argument("--methods", nargs="+", choices=METHODS, default=list(METHODS),
+                   help="rows to time (sft always runs: the ratios are to it)")
     add_device_argument(p)
-    return p.parse_args(argv)
+    args = p.parse_args(argv)
+    args.methods = ["sft", *[m for m in args.methods if m != "sft"]]
+    return args
 
 
 def main(argv: list[str] | None = None) -> int:
@@ -86,21 +93,28 @@ def main(argv: list[str] | None = None) -> int:
         cache_s = time.perf_counter() - start
         teacher_name = "tiny-llama" if args.tiny else "SmolLM2-135M-Instruct"
         t_layers, width = teacher.config.num_hidden_layers, teacher.config.hidden_size
+        live = teacher.eval().requires_grad_(False) if set(args.methods) & set(ON_POLICY) else None
         del teacher
         if args.finetune == "lora":
             student = add_lora(student, LoraSettings())
+        methods = args.methods
         runners = {name: step_runner(name, student, pad_id=tokenizer.pad_token_id, vocab_size=len(tokenizer),
                                      cache=cache, pairs=pairs, teacher_width=width, workdir=work,
                                      device=args.device,
-                                     params=dict(PARAMS[name], top_k=args.top_k) if name == "kd1" else None)
-                   for name in METHODS}
+                                     params=dict(PARAMS[name], top_k=args.top_k) if name == "kd1" else None,
+                                     live_teacher=live if name in ON_POLICY else None, tokenizer=tokenizer)
+                   for name in methods}
         for _ in range(args.warmup):
-            for name in METHODS:
+            for name in methods:
                 runners[name].step(items)
-        times: dict[str, list[float]] = {name: [] for name in METHODS}
+        times: dict[str, list[float]] = {name: [] for name in methods}
+        parts: dict[str, list[tuple[float, float]]] = {name: [] for name in methods}  # rollout, teacher
         for _ in range(args.repeats):
-            for name in METHODS:  # round-robin: drift in background load hits every method alike
+            for name in methods:  # round-robin: drift in background load hits every method alike
+                cost = runners[name].trainer.cost
+                before = (cost["rollout_seconds"], cost["teacher_seconds"])
                 times[name].append(runners[name].step(items))
+                parts[name].append((cost["rollout_seconds"] - before[0], cost["teacher_seconds"] - before[1]))
 
     n_params = sum(p.numel() for p in student.parameters())
     prompt_tokens = [len(e.input_ids) for e in encoded.values()]
@@ -116,17 +130,24 @@ def main(argv: list[str] | None = None) -> int:
     print(f"deterministic kernels: {'on' if args.deterministic else 'off'}")
     print(f"warm-up {args.warmup}, then {args.repeats} timed steps per method, round-robin")
     sft = statistics.median(times["sft"])
-    print(f"\n{'method':<8}{'median ms':>11}{'min ms':>9}{'max ms':>9}{'vs SFT':>9}{'paired':>9}")
+    print(f"\n{'method':<8}{'median ms':>11}{'min ms':>9}{'max ms':>9}{'vs SFT':>9}{'paired':>9}"
+          f"{'rollout':>10}{'teacher':>10}{'student':>10}")
     ratios = {}
-    for name in METHODS:
+    for name in methods:
         med = statistics.median(times[name])
         ratios[name] = med / sft
         # Median of per-round ratios: each compares steps taken seconds apart, so slow drift cancels.
         paired = statistics.median(t / s for t, s in zip(times[name], times["sft"], strict=True))
+        rollout = statistics.median(r for r, _ in parts[name])
+        teacher_s = statistics.median(t for _, t in parts[name])
+        student_s = statistics.median(t - r - te for t, (r, te) in zip(times[name], parts[name], strict=True))
         print(f"{name:<8}{med * 1e3:>11.1f}{min(times[name]) * 1e3:>9.1f}{max(times[name]) * 1e3:>9.1f}"
-              f"{ratios[name]:>8.3f}x{paired:>8.3f}x")
-    print("(vs SFT: ratio of medians; paired: median over rounds of step time / that round's SFT step)\n")
-    for name in ("kd1", "kd3"):
+              f"{ratios[name]:>8.3f}x{paired:>8.3f}x{rollout * 1e3:>10.1f}{teacher_s * 1e3:>10.1f}"
+              f"{student_s * 1e3:>10.1f}")
+    print("(vs SFT: ratio of medians; paired: median over rounds of step time / that round's SFT step;\n"
+          " rollout / teacher / student: median ms per step of the student's sampling, the live teacher's\n"
+          " forward passes, and the rest: the student's forward, loss, backward and AdamW step)\n")
+    for name in [m for m in ("kd1", "kd3") if m in methods]:
         ok = ratios[name] <= args.target
         print(f"target {name} step <= {args.target:.2f}x SFT step: {ratios[name]:.3f}x  {verdict(ok)}")
     return 0  # a figure, not a test: the verdict is in the output

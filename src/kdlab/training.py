@@ -193,17 +193,7 @@ class KDTrainer(Trainer):
     def get_batch_samples(self, epoch_iterator: Any, num_batches: int, device: Any) -> Any:
         batch_samples, num_items = super().get_batch_samples(epoch_iterator, num_batches, device)
         if self.rollout is not None and batch_samples:
-            # Once per optimizer step, before any micro-batch's backward: every sample of the step is drawn
-            # from the step's weights, and the sampled tokens are counted before they are trained on.
-            step, seed = self.state.global_step, self.args.seed
-            if seeding.on_policy_step(seed, step, self.rollout.student_fraction):
-                for i, batch in enumerate(batch_samples):
-                    self._add_rollouts(batch, seeding.rollout_seed(seed, step, i, self.args.process_index))
-            self._policy_tokens = self._global_count(
-                sum(answer_counts(b, POLICY).sum() if POLICY + "labels" in b else torch.tensor(0)
-                    for b in batch_samples),
-                device,
-            )
+            self.prepare_rollouts(batch_samples, device)
         if self.signals.answers and batch_samples:
             self._teacher_answer_tokens = self._global_count(
                 sum(answer_counts(b, TEACHER_ANSWER).sum() for b in batch_samples), device
@@ -218,6 +208,21 @@ class KDTrainer(Trainer):
     def _global_count(self, n: torch.Tensor, device: Any) -> torch.Tensor:
         n = n.to(device)
         return self.accelerator.gather(n).sum() if self.args.world_size > 1 else n
+
+    def prepare_rollouts(self, batch_samples: list[dict[str, Any]], device: Any) -> None:
+        """The student's samples for one optimizer step's micro-batches (a method with a `Rollout`): drawn
+        once per step, before any micro-batch's backward, so every sample comes from the step's weights and
+        the sampled tokens are counted (over every rank) before they are trained on."""
+        assert self.rollout is not None
+        step, seed = self.state.global_step, self.args.seed
+        if seeding.on_policy_step(seed, step, self.rollout.student_fraction):
+            for i, batch in enumerate(batch_samples):
+                self._add_rollouts(batch, seeding.rollout_seed(seed, step, i, self.args.process_index))
+        self._policy_tokens = self._global_count(
+            sum(answer_counts(b, POLICY).sum() if POLICY + "labels" in b else torch.tensor(0)
+                for b in batch_samples),
+            device,
+        )
 
     def _add_rollouts(self, batch: dict[str, Any], seed: int) -> None:
         """The student's own answers to the batch's prompts, as `POLICY` sequences (prompt masked); empty
