@@ -299,7 +299,8 @@ def test_family_study(family: str, tmp_path: Path, tiny_data_dir: Path) -> None:
     assert json.loads((init / "config.json").read_text())["model_type"] == family
     kd3 = runs[f"kd3-{task}-d-lam0.5-seed1"]
     assert kd3.params["layer_pairs"] == [[1, 1], [2, 4]]
-    assert runs[f"kd3-{task}-s-lam0.5-seed1"].params["layer_pairs"]  # uniform map for the separate student
+    # The separate student (2 blocks) is paired uniformly with the teacher's 4: block 1 -> 2, block 2 -> 4.
+    assert runs[f"kd3-{task}-s-lam0.5-seed1"].params["layer_pairs"] == [[1, 2], [2, 4]]
     provenance = study.provenance()
     assert provenance["models"]["students.s"]["fingerprint"]
     print(f"{family} study: {time.perf_counter() - start:.1f}s")

@@ -9,6 +9,7 @@ import sys
 from pathlib import Path
 
 import pytest
+import torch
 import yaml
 
 from kdlab.config import preset_text
@@ -33,14 +34,19 @@ def _tiny_study(path: Path, *, transfer: bool) -> Path:
     return path
 
 
-def _run(config: Path, out: Path, data_dir: Path) -> None:
+def _run(config: Path, outs: list[Path], data_dir: Path) -> None:
+    """One `kdlab run` process per folder, all at once (one torch thread each: on two cores they take the
+    time of one, and processes running side by side must not disturb each other's numbers either)."""
     env = dict(os.environ, PYTHONHASHSEED="random")  # nothing may depend on the process's hash seed
-    cmd = [sys.executable, "-m", "kdlab.cli", "run", str(config), "--out", str(out),
-           "--data-dir", str(data_dir)]
-    proc = subprocess.run(
-        cmd, capture_output=True, text=True, env=env, cwd=out.parent, timeout=900,
-    )
-    assert proc.returncode == 0, proc.stdout[-3000:] + proc.stderr[-3000:]
+    procs = []
+    for out in outs:
+        cmd = [sys.executable, "-m", "kdlab.cli", "run", str(config), "--out", str(out),
+               "--data-dir", str(data_dir)]
+        log = out.with_suffix(".log")
+        procs.append((subprocess.Popen(cmd, stdout=log.open("w"), stderr=subprocess.STDOUT, env=env,
+                                       cwd=out.parent), log))
+    for proc, log in procs:
+        assert proc.wait(timeout=900) == 0, log.read_text()[-5000:]
 
 
 def _strip_timing(value):
@@ -60,8 +66,7 @@ def _weight_files(out: Path) -> dict[str, bytes]:
 def test_same_config_gives_bit_identical_study_in_two_processes(tiny_data_dir: Path, tmp_path: Path) -> None:
     config = _tiny_study(tmp_path / "study.yaml", transfer=True)
     outs = [tmp_path / "a", tmp_path / "b"]
-    for out in outs:
-        _run(config, out, tiny_data_dir)
+    _run(config, outs, tiny_data_dir)
     first, second = (_weight_files(out) for out in outs)
     assert any("teacher/" in name for name in first), sorted(first)
     assert any(name.startswith("runs/") and name.endswith(".safetensors") for name in first)
@@ -98,19 +103,23 @@ def test_stage_seeds_come_from_the_config() -> None:
         stage_seed([5], 99, "nonsense")
 
 
-def test_deterministic_option_turns_on_deterministic_kernels() -> None:
-    # In a fresh process: the setting is global to torch and must not leak into other tests.
-    code = (
-        "import os, torch\n"
-        "from kdlab.config import parse_config, preset_text\n"
-        "import yaml\n"
-        "data = yaml.safe_load(preset_text('smoke')); data['deterministic'] = True\n"
-        "config = parse_config(data)\n"
-        "from kdlab.seeding import configure_determinism\n"
-        "assert not torch.are_deterministic_algorithms_enabled()\n"
-        "configure_determinism(config.deterministic)\n"
-        "print(torch.are_deterministic_algorithms_enabled(), os.environ['CUBLAS_WORKSPACE_CONFIG'])\n"
-    )
-    proc = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, timeout=120)
-    assert proc.returncode == 0, proc.stderr[-2000:]
-    assert proc.stdout.split() == ["True", ":4096:8"]
+def test_deterministic_option_turns_on_deterministic_kernels(monkeypatch: pytest.MonkeyPatch) -> None:
+    """In process (was a fresh one, 18 s of imports): torch's setting is restored after, and the environment
+    variable is undone by monkeypatch. That a study's `deterministic: true` reaches training is checked in
+    tests/test_catches_study.py."""
+    from kdlab.config import parse_config
+    from kdlab.seeding import configure_determinism
+
+    data = yaml.safe_load(preset_text("smoke"))
+    data["deterministic"] = True
+    config = parse_config(data)
+    monkeypatch.delenv("CUBLAS_WORKSPACE_CONFIG", raising=False)
+    before = torch.are_deterministic_algorithms_enabled(), torch.backends.cudnn.deterministic
+    assert not before[0]
+    try:
+        configure_determinism(config.deterministic)
+        assert torch.are_deterministic_algorithms_enabled() and torch.backends.cudnn.deterministic
+        assert os.environ["CUBLAS_WORKSPACE_CONFIG"] == ":4096:8"
+    finally:
+        torch.use_deterministic_algorithms(before[0])
+        torch.backends.cudnn.deterministic = before[1]

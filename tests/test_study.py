@@ -8,6 +8,7 @@ process. The end-to-end checks, the kill/resume checks and the no-op re-run all 
 from __future__ import annotations
 
 import importlib.util
+import json
 import os
 import signal
 import subprocess
@@ -25,6 +26,7 @@ from kdlab.cli import main
 from kdlab.config import parse_config, preset_text
 from kdlab.registry import Registry, RunRecord
 from kdlab.study import Study
+from kdlab.tasks import get_task
 
 KILL_TIMEOUT = 240  # seconds to reach the first finished student run (about 15 s on an idle 2-core CPU)
 
@@ -117,13 +119,24 @@ def test_smoke_study_end_to_end(smoke: SmokeStudy) -> None:
         assert r.metrics is not None and "eval" in r.metrics
         # Only kd1 has several settings to choose from: the others skip the selection split.
         assert ("selection" in r.metrics) == (r.method == "kd1")
-        metric = "accuracy" if r.task == "sst2" else "f1"
-        assert 0.0 <= r.metrics["eval"][metric] <= 100.0
+    # Every recorded eval metric is what its predictions file scores against the data's eval examples.
+    for r in students.values():
+        task = get_task(r.task)
+        eval_ids = set(json.loads((smoke.out / "data" / f"{r.task}.json").read_text())["eval"])
+        reference = smoke.data_dir / {"sst2": "sst2/validation.tsv", "squad": "squad/dev-v1.1.json"}[r.task]
+        examples = [ex for ex in task.read_references(reference) if ex.id in eval_ids]
+        assert len(examples) == len(eval_ids)
+        predictions = task.read_predictions(Path(r.output_dir) / task.predictions_file("eval"))
+        scored = task.score(predictions, examples)
+        for metric, value in scored.items():
+            assert r.metrics["eval"][metric] == pytest.approx(value, abs=1e-6), (r.id, metric)
 
     out = smoke.out
     assert (out / "results.csv").is_file()
-    # The brief named results.md; the report stage writes summary.md / report.md now.
-    assert any((out / name).is_file() for name in ("results.md", "summary.md", "report.md"))
+    summary, report = (out / "summary.md").read_text(), (out / "report.md").read_text()
+    for method in ("sft", "kd1", "kd2", "kd3"):
+        assert method in summary.lower(), method
+    assert "summary.md" in report
     assert (out / "study.yaml").is_file()
     for rid, r in students.items():
         folder = out / "runs" / rid
@@ -171,7 +184,6 @@ def test_rerun_does_no_training(smoke: SmokeStudy, no_training: None) -> None:
     assert (results["status"] == "done").all()
     after = {r.id: (r.status, r.attempts, r.finished_at, r.metrics) for r in smoke.registry().runs()}
     assert after == before
-    assert seconds < 60
 
 
 def _mini_config(out: Path):
@@ -222,7 +234,8 @@ def test_two_sweeps_share_the_study(tiny_data_dir: Path, tmp_path: Path) -> None
     out = tmp_path / "out"
     data = _mini_config(out)
     data["teacher"]["adapt"] = True
-    data["methods"] = {"sft": {}, "kd1": {"lambda": [0.5, 1.0], "top_k": 8}, "kd3": {"lambda": 0.5}}
+    # (KD3 was here too: the smoke study covers its path; it added two runs and nothing to the sharing.)
+    data["methods"] = {"sft": {}, "kd1": {"lambda": [0.5, 1.0], "top_k": 8}}
     data["seeds"] = [1, 2]
     config = tmp_path / "shared.yaml"
     config.write_text(yaml.safe_dump(data))
@@ -234,7 +247,7 @@ def test_two_sweeps_share_the_study(tiny_data_dir: Path, tmp_path: Path) -> None
         assert proc.wait(timeout=600) == 0, _tail(log)
     runs = Registry(out / "registry.sqlite").runs()
     ids = {r.id for r in runs}
-    assert {"teacher-sst2", "cache-sst2", "sft-sst2-s1-seed2", "kd3-sst2-s1-lam0.5-seed2"} <= ids
+    assert {"teacher-sst2", "cache-sst2", "sft-sst2-s1-seed1", "sft-sst2-s1-seed2"} <= ids
     # the best kd1 setting also ran on the second seed, after both grid runs had finished
     assert any(r.id.startswith("kd1-sst2-s1-") and r.seed == 2 for r in runs)
     assert all(r.status == "done" for r in runs), [(r.id, r.status) for r in runs]
