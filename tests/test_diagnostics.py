@@ -12,7 +12,13 @@ import torch
 
 from kdlab.evaluation import score_choices
 from kdlab.metrics import answer_agreement, expected_calibration_error, tail_mass, token_kl
-from kdlab.stages.diagnostics import cache_tail_mass, kl_on_answers, label_probabilities
+from kdlab.stages.diagnostics import (
+    answer_logprobs,
+    cache_tail_mass,
+    kl_on_answers,
+    label_probabilities,
+    length_batches,
+)
 from kdlab.tasks.base import Encoded
 from kdlab.teacher_cache import TeacherCacheWriter
 from kdlab.tiny import build_tiny_llama
@@ -103,8 +109,11 @@ def test_kl_on_answers_against_unpadded_forward(tiny_tokenizer) -> None:
     encoded = [Encoded("a", [5, 6, 7, 8, 9], [-100, -100, -100, 8, 9]),
                Encoded("b", [10, 11, 12], [-100, 12, 2]),
                Encoded("c", [13, 14, 15, 16], [-100, -100, -100, 16])]
-    total, count = kl_on_answers(teacher, student, encoded, pad_id=0, batch_size=2,
-                                 vocab_size=len(tiny_tokenizer))
+    batches = length_batches(encoded, 2)
+    total, count, _ = kl_on_answers(teacher, student, batches, pad_id=0, vocab_size=len(tiny_tokenizer))
+    # the same with the teacher's log-probs computed beforehand (the in-process memo's path)
+    lp = answer_logprobs(teacher, batches, pad_id=0, vocab_size=len(tiny_tokenizer))
+    assert kl_on_answers(lp, student, batches, pad_id=0, vocab_size=len(tiny_tokenizer))[:2] == (total, count)
     # By hand: each sequence alone (no padding), logits at the positions that predict the answer tokens.
     expected, n = 0.0, 0
     for e in encoded:
@@ -119,7 +128,7 @@ def test_kl_on_answers_against_unpadded_forward(tiny_tokenizer) -> None:
                 n += 1
     assert count == n == 5
     assert total / count == pytest.approx(expected / n, rel=1e-3)
-    same, _ = kl_on_answers(teacher, teacher, encoded, pad_id=0, batch_size=2, vocab_size=len(tiny_tokenizer))
+    same, _, _ = kl_on_answers(teacher, teacher, batches, pad_id=0, vocab_size=len(tiny_tokenizer))
     assert abs(same) < 1e-5
 
 
@@ -140,3 +149,19 @@ def test_label_probabilities_match_score_choices(tiny_tokenizer) -> None:
         sums.append(sum(float(logp[len(prompts[0]) - 1 + j, tok]) for j, tok in enumerate(choice)))
     expected = torch.tensor(sums).softmax(-1).tolist()
     assert probs[0] == pytest.approx(expected, abs=1e-4)
+
+
+def test_single_token_label_probabilities_from_the_kl_pass(tiny_tokenizer) -> None:
+    # Prompt + gold label + eos: the student's label probabilities at the first answer position equal the
+    # per-label scoring pass's (what ECE uses when every label is one token).
+    teacher = build_tiny_llama(tiny_tokenizer, num_layers=2, hidden_size=32, seed=4).eval()
+    student = build_tiny_llama(tiny_tokenizer, num_layers=2, hidden_size=32, seed=5).eval()
+    prompts = [[5, 6, 7], [8, 9], [10, 11, 12, 13], [14], [15, 16]]
+    labels, gold = [30, 31], [0, 1, 1, 0, 1]
+    encoded = [Encoded(f"e{i}", [*p, labels[g], 2], [-100] * len(p) + [labels[g], 2])
+               for i, (p, g) in enumerate(zip(prompts, gold, strict=True))]
+    _, _, probs = kl_on_answers(teacher, student, length_batches(encoded, 2), pad_id=0,
+                                vocab_size=len(tiny_tokenizer), label_tokens=labels)
+    expected = label_probabilities(student, prompts, [[t] for t in labels], pad_id=0, batch_size=4)
+    for i, e in enumerate(expected):
+        assert probs[f"e{i}"] == pytest.approx(e, abs=1e-5)

@@ -58,36 +58,63 @@ def after_training(study: Study, spec: RunSpec, model: nn.Module, data: TaskData
 
 def student_diagnostics(study: Study, spec: RunSpec, model: nn.Module, data: TaskData) -> dict[str, Any]:
     """KL(teacher ‖ student) on the gold answers and (classification) ECE of ``model`` on the eval split."""
-    from kdlab.models import load_frozen
-
     start = time.perf_counter()
     task, tokenizer = data.task, study.tokenizer
     batch_size = study.config.evaluation.batch_size
-    vocab = len(tokenizer)
     gold = gold_encodings(task, tokenizer, data.eval)
-    teacher = load_frozen(study.teacher_path(spec.task), dtype=study.config.evaluation.dtype,
-                          device=study.device)
-    kl_sum, kl_tokens = kl_on_answers(teacher, model, gold, pad_id=tokenizer.pad_token_id,
-                                      batch_size=batch_size, vocab_size=vocab)
-    del teacher
+    batches = length_batches(gold, batch_size)
+    teacher_path = study.teacher_path(spec.task)
+    teacher_lp = _teacher_logprobs(study, teacher_path, batches, len(tokenizer))
+    choices = task.choice_ids(tokenizer) if hasattr(task, "choice_ids") else None
+    # Single-token labels: the label probabilities come from the same student pass (its first answer
+    # position), as `evaluation.score_choices` scores them; longer labels need a pass per label.
+    first = [c[0] for c in choices] if choices is not None and all(len(c) == 1 for c in choices) else None
+    kl_sum, kl_tokens, probs = kl_on_answers(teacher_lp, model, batches, pad_id=tokenizer.pad_token_id,
+                                             vocab_size=len(tokenizer), label_tokens=first)
     out: dict[str, Any] = {
         "split": "eval",
-        "teacher": study.teacher_path(spec.task),
+        "teacher": teacher_path,
         "kl_teacher_student": kl_sum / kl_tokens if kl_tokens else None,
         "kl_tokens": kl_tokens,
         "kl_examples": len(gold),
     }
-    choice_ids = getattr(task, "choice_ids", None)
-    if choice_ids is not None:  # classification
-        pairs, prompt_ids, _ = prepare_prompts(task, tokenizer, data.eval)
-        probs = label_probabilities(model, prompt_ids, choice_ids(tokenizer), pad_id=tokenizer.pad_token_id,
-                                    batch_size=batch_size)
-        confidence = [max(p) for p in probs]
-        correct = [p.index(max(p)) == ex.label for (ex, _), p in zip(pairs, probs, strict=True)]
+    if choices is not None:  # classification
+        labels = {ex.id: ex.label for ex in data.eval}
+        if first is None:
+            pairs, prompt_ids, _ = prepare_prompts(task, tokenizer, data.eval)
+            by_id = label_probabilities(model, prompt_ids, choices, pad_id=tokenizer.pad_token_id,
+                                        batch_size=batch_size)
+            probs = {ex.id: p for (ex, _), p in zip(pairs, by_id, strict=True)}
+        confidence = [max(p) for p in probs.values()]
+        correct = [p.index(max(p)) == labels[i] for i, p in probs.items()]
         out.update(ece=expected_calibration_error(confidence, correct, ECE_BINS), ece_bins=ECE_BINS,
                    mean_confidence=100.0 * sum(confidence) / len(confidence))
     out["seconds"] = round(time.perf_counter() - start, 2)
     return out
+
+
+# The teacher's answer-token log-probs of the last task diagnosed, kept while the runs of that task follow
+# one another in this process (one teacher pass per task, not per run), when they fit in MEMO_BYTES.
+MEMO_BYTES = 512 * 2**20
+_memo: dict[tuple[Any, ...], list[torch.Tensor]] = {}
+
+
+def _teacher_logprobs(study: Study, path: str, batches: Sequence[Sequence[Encoded]],
+                      vocab: int) -> list[torch.Tensor]:
+    from kdlab.models import load_frozen
+
+    config = Path(path) / "config.json"
+    stamp = config.stat().st_mtime_ns if config.is_file() else None  # a re-adapted teacher is another key
+    key = (path, stamp, vocab, tuple(e.id for b in batches for e in b), study.config.evaluation.dtype)
+    if key in _memo:
+        return _memo[key]
+    teacher = load_frozen(path, dtype=study.config.evaluation.dtype, device=study.device)
+    lp = answer_logprobs(teacher, batches, pad_id=study.tokenizer.pad_token_id, vocab_size=vocab)
+    del teacher
+    _memo.clear()
+    if sum(t.numel() * t.element_size() for t in lp) <= MEMO_BYTES:
+        _memo[key] = lp
+    return lp
 
 
 def training_tokens(items: Sequence[TrainItem]) -> int:
@@ -101,30 +128,62 @@ def gold_encodings(task: Task, tokenizer: Any, examples: Sequence[Any]) -> list[
     return [enc for ex, prompt in pairs if (enc := encode(task, ex, prompt, tokenizer)) is not None]
 
 
+def length_batches(encoded: Sequence[Encoded], batch_size: int) -> list[list[Encoded]]:
+    """Batches of similar lengths (longest first), so little compute goes to padding."""
+    order = sorted(encoded, key=lambda e: -len(e.input_ids))
+    return [order[i:i + batch_size] for i in range(0, len(order), batch_size)]
+
+
 def _device(model: nn.Module) -> torch.device:
     return next(model.parameters()).device
 
 
+def _tensors(batch: Sequence[Encoded], pad_id: int, device: torch.device) -> dict[str, torch.Tensor]:
+    collated = collate(batch, pad_id, padding_side="left")
+    return {k: v.to(device) for k, v in collated.items() if k != "example_ids"}
+
+
 @torch.no_grad()
-def kl_on_answers(teacher: nn.Module, student: nn.Module, encoded: Sequence[Encoded], *, pad_id: int,
-                  batch_size: int, vocab_size: int) -> tuple[float, int]:
-    """(Σ over answer tokens of KL(teacher ‖ student), number of answer tokens) on ``encoded``."""
+def answer_logprobs(model: nn.Module, batches: Sequence[Sequence[Encoded]], *, pad_id: int,
+                    vocab_size: int) -> list[torch.Tensor]:
+    """Per batch, the fp32 log-softmax of ``model`` at every answer token ([N_b, V], rows in order)."""
+    was_training = model.training
+    model.eval()
+    try:
+        return [forward_scored(model, _tensors(b, pad_id, _device(model)), vocab_size=vocab_size)
+                .logits.float().log_softmax(-1).cpu() for b in batches]
+    finally:
+        model.train(was_training)
+
+
+@torch.no_grad()
+def kl_on_answers(teacher: nn.Module | Sequence[torch.Tensor], student: nn.Module,
+                  batches: Sequence[Sequence[Encoded]], *, pad_id: int, vocab_size: int,
+                  label_tokens: Sequence[int] | None = None
+                  ) -> tuple[float, int, dict[str, list[float]]]:
+    """(Σ over answer tokens of KL(teacher ‖ student), number of answer tokens, label probabilities) on
+    ``batches``. ``teacher``: a model, or its `answer_logprobs` on the same batches. ``label_tokens``: the
+    labels' (single) tokens, for each example's label probabilities at its first answer position."""
+    if isinstance(teacher, nn.Module):
+        teacher = answer_logprobs(teacher, batches, pad_id=pad_id, vocab_size=vocab_size)
     total, count = 0.0, 0
+    probs: dict[str, list[float]] = {}
     was_training = student.training
     student.eval()
     try:
-        for start in range(0, len(encoded), batch_size):
-            batch = collate(encoded[start:start + batch_size], pad_id, padding_side="left")
-            t = forward_scored(teacher, {k: v.to(_device(teacher)) for k, v in batch.items()
-                                         if k != "example_ids"}, vocab_size=vocab_size)
-            s = forward_scored(student, {k: v.to(_device(student)) for k, v in batch.items()
-                                         if k != "example_ids"}, vocab_size=vocab_size)
-            kl = token_kl(t.logits.to(s.logits.device), s.logits)
+        for batch, log_p in zip(batches, teacher, strict=True):
+            s = forward_scored(student, _tensors(batch, pad_id, _device(student)), vocab_size=vocab_size)
+            log_q = s.logits.float().log_softmax(-1).cpu()
+            kl = token_kl(log_p, log_q)  # log-softmax of log-probs is the identity
             total += float(kl.sum())
             count += int(kl.numel())
+            if label_tokens is not None:
+                starts = torch.cumsum(s.counts.cpu(), 0) - s.counts.cpu()  # each example's first answer row
+                rows = log_q[starts][:, list(label_tokens)].softmax(-1)
+                probs.update({e.id: r.tolist() for e, r in zip(batch, rows, strict=True)})
     finally:
         student.train(was_training)
-    return total, count
+    return total, count, probs
 
 
 @torch.no_grad()
