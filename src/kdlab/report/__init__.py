@@ -1,15 +1,19 @@
 """The study report, written from the output folder alone (so `kdlab report OUT` works in a fresh process).
 
-    results.csv   every run, one row each (flattened metrics and params)
+    results.csv   every run, one row each (flattened metrics and params; student runs' costs: report.costs)
     summary.md    findings first (per task and KD method: Δ vs SFT with its 95% interval, p and Holm-adjusted
-                  p, the teacher-SFT gap and the share of it recovered, and a sentence saying what KD did);
+                  p, seed-aware with >= 2 seeds per system and said to cover test-set sampling only with one,
+                  the teacher-SFT gap and the share of it recovered, mean ± std and seeds of both systems,
+                  the cost per run and Δ per extra hour, and a sentence saying what KD did);
                   then per task: teacher rows, each (student, method)'s chosen setting with mean ± std over
                   seeds, and Δ vs SFT with a paired-bootstrap 95% interval and p-value
     summary.tex   the same tables for LaTeX (booktabs)
     per_example_scores.csv  the per-example evaluation scores the statistics use (run, example, score), so
                   every Δ and p can be recomputed
-    figures/      λ sensitivity, efficiency frontier (with bench.json), training curves; PNG and PDF
-    report.md     links to all of it, the data sizes, the environment and what reproducing the study needs
+    figures/      λ sensitivity, efficiency frontier (with bench.json), metric vs cost per run with the Pareto
+                  front, training curves; the seeds' spread as bars or points; PNG and PDF
+    report.md     links to all of it, the data sizes, the cost table, the teacher-student diagnostics
+                  (report.diagnostics), the environment and what reproducing the study needs
                   (versions, device, dtypes, determinism, seeds, fingerprints: provenance.json when the study
                   wrote one), the study config and how to reproduce it
 
