@@ -85,8 +85,12 @@ def test_a_new_method_is_one_module(tmp_path: Path, tiny_data_dir: Path, registr
     runs = {r.id: r for r in Registry(out / "registry.sqlite").runs(kind="student")}
     assert set(runs) == {"sft-sst2-s1-seed1", "top1-sst2-s1-lam0.5-seed1", "top1-sst2-s1-lam1-seed1"}
     assert all(r.status == "done" for r in runs.values())
-    # The grid of the new method was chosen on the selection split like any other's.
-    assert json.loads((out / "selection.json").read_text())["top1-sst2-s1"]["run"] in runs
+    # The grid of the new method was chosen on the selection split like any other's: the chosen run has the
+    # highest selection accuracy of the two.
+    chosen = json.loads((out / "selection.json").read_text())["top1-sst2-s1"]["run"]
+    selection = {i: r.metrics["selection"]["accuracy"] for i, r in runs.items() if i.startswith("top1-")}
+    assert selection[chosen] == max(selection.values()), (chosen, selection)
+    assert top1.set_index("run").loc[chosen, "chosen"]
     # The cache holds what the plugin asked for: top-1 and its exact tail at T = 1.
     manifest = json.loads((out / "teacher_cache" / "sst2" / "manifest.json").read_text())
     assert manifest["top_k"] == 1 and manifest["fingerprint_inputs"]["temperatures"] == [1.0]
