@@ -166,6 +166,26 @@ def test_empty_samples_are_counted_not_trained_on(models: Models, tmp_path: Path
     assert _same_weights(student, models.student)
 
 
+def test_packed_batches_train_as_padded_ones(models: Models, tmp_path: Path) -> None:
+    """`training.packing`: the samples (drawn from left-padded prompts either way) are packed like the gold
+    rows, and the run ends where the padded one does."""
+    params = dict(GKD_PARAMS, lam=0.5, student_fraction=1.0, divergence="jsd")
+    padded, padded_result = _train(models, tmp_path / "padded", METHODS["gkd"], params)
+    packed, packed_result = _train(models, tmp_path / "packed", METHODS["gkd"], params, packing=True)
+    assert packed_result.cost["rollout_tokens"] == padded_result.cost["rollout_tokens"] > 0
+    losses_of = [[e["loss"] for e in r.log_history if "loss" in e] for r in (padded_result, packed_result)]
+    assert losses_of[0] == pytest.approx(losses_of[1], rel=1e-5)
+    for a, b in zip(padded.state_dict().values(), packed.state_dict().values(), strict=True):
+        # Adam turns float-rounding differences of near-zero gradients into steps of up to ~lr/100.
+        torch.testing.assert_close(a, b, rtol=1e-4, atol=1e-4)
+    assert not _same_weights(padded, models.student)
+
+
+def test_on_policy_under_fsdp_is_refused(models: Models, tmp_path: Path) -> None:
+    with pytest.raises(ValueError, match="FSDP"):
+        _train(models, tmp_path, METHODS["opd"], OPD_PARAMS, fsdp="full_shard")
+
+
 def test_sampled_tokens_normalise_over_the_global_batch(models: Models, tmp_path: Path) -> None:
     """With gradient accumulation the KD term on samples is divided by the sampled answer tokens of the
     whole optimizer step (both micro-batches), not of one micro-batch nor by the gold tokens."""

@@ -712,6 +712,11 @@ def train(
         # gradients arrive). Every trainable tensor gets a gradient every step, so no search is needed.
         args.ddp_find_unused_parameters = False
     fsdp = bool(args.fsdp) or fsdp_launch_requested()
+    if fsdp and method.rollout(params) is not None:
+        # Sampling runs a different number of forward passes on each rank (answers end at different
+        # lengths), which a sharded model cannot do without keeping every rank in lockstep.
+        raise ValueError(f"{method.name}: on-policy sampling under FSDP is not supported yet; use DDP "
+                         "(torchrun / accelerate launch without FSDP) or one process")
     sharding = settings.teacher_sharding
     if fsdp and args.save_only_model and args.save_strategy != "no":
         raise ValueError("save_only_model: FSDP checkpoints keep their weights with the optimizer's state")
