@@ -53,7 +53,7 @@ def test_a_study_folder_of_kdlab_0_1_0_is_rekeyed_once(old_study: Path, tiny_dat
     for run in (i for i in before if i.startswith("cache-")):
         assert after[run] == before[run]  # ...but the caches', a fingerprint of their inputs all along
     # Nothing is left to do, and nothing was redone or written besides the hashes.
-    assert {status for _, status in study.plan()} == {"done"}
+    assert {status for _, status in study.run_statuses()} == {"done"}
     assert (old_study / "study.yaml").read_text() == study_yaml  # the same config: not rewritten
     assert not list(old_study.glob("study.*.yaml"))
 
@@ -66,25 +66,22 @@ def test_the_old_hashes_are_reproduced_exactly(old_study: Path, tiny_data_dir: P
     """legacy_run_hash gives every run of the 0.1.0 folder the hash 0.1.0 recorded (a teacher run, a grid
     run, a final run with layer pairs, under a TrainingArguments pass-through field)."""
     from kdlab.preflight import finished_runs
-    from kdlab.stages.sweep import student_hash_parts, student_spec
-    from kdlab.stages.teacher import teacher_hash_parts
 
     recorded = _hashes(old_study)
     config = resolve_config(load_config(old_study / "study.yaml"))
     # Opened on another folder, so nothing is re-keyed: the fixture's hashes are compared as recorded.
     study = Study(config, output_dir=old_study.parent / "elsewhere", data_dir=tiny_data_dir)
     assert finished_runs(study) == []
-    parts = teacher_hash_parts(study, "sst2")
-    assert legacy_run_hash(*parts["teacher-sst2"]) == recorded["teacher-sst2"]
-    assert legacy_run_hash(*parts["teacher-sst2-zero-shot"]) == recorded["teacher-sst2-zero-shot"]
-    student = config.students[0]
-    for method, params, seed, stage in (("kd1", {"lam": 1.0}, 1, "grid"), ("kd3", {}, 2, "final")):
-        points, axes = study.grid(method)
-        point = next(p for p in points if params.items() <= p.items())
-        spec = student_spec(study, student, "squad", method, point, axes, seed, stage)
-        assert spec.config_hash == run_hash(*student_hash_parts(study, student, "squad", spec.params, seed))
-        assert legacy_run_hash(*student_hash_parts(study, student, "squad", spec.params, seed)) \
-            == recorded[spec.id]
+    teacher = {run.id: run for run in study.plan.teacher["sst2"]}
+    for rid in ("teacher-sst2", "teacher-sst2-zero-shot"):
+        assert legacy_run_hash(*teacher[rid].hash_parts) == recorded[rid]
+    kd1, kd3 = study.plan.group("squad", "s1", "kd1"), study.plan.group("squad", "s1", "kd3")
+    lam1 = next(run for run in kd1.grid if run.spec.params["lam"] == 1.0)  # a grid run
+    final = kd3.finals(kd3.grid[0].spec.params)[0]  # a final run (seed 2) with layer pairs
+    assert final.spec.seed == 2 and final.layer_pairs
+    for run in (lam1, final):
+        assert run.spec.config_hash == run_hash(*run.hash_parts)
+        assert legacy_run_hash(*run.hash_parts) == recorded[run.id]
 
 
 def test_a_changed_setting_under_old_runs_is_still_refused(old_study: Path, tiny_data_dir: Path) -> None:

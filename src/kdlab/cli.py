@@ -100,7 +100,7 @@ def cmd_run(args: argparse.Namespace) -> int:
     if args.dry_run:
         study = _study(args, inspect_only=True)
         study.preflight()
-        for run_id, status in study.plan():
+        for run_id, status in study.run_statuses():
             print(f"{status:8s} {run_id}")
         return EXIT_OK
     config, executor = _executor(args)
@@ -182,34 +182,43 @@ def cmd_status(args: argparse.Namespace) -> int:
             raise ValueError(f"--run {args.run}: no such run in {registry.path}")
         print(json.dumps(dataclasses.asdict(record), indent=1, default=str))
         return EXIT_OK
+    from kdlab.stages.selection import best_run, selection_value
+
     metrics = _selection_metrics(out)
-    runs, best = [], {}
+    runs, grids = [], {}
     for r in registry.runs():
         ev = (r.metrics or {}).get("eval", {})
         metric = metrics.get(r.task) or next((k for k in ev if k not in ("n", "truncated", "seconds")), None)
         value = ev.get(metric) if metric else None
         runs.append({"id": r.id, "kind": r.kind, "task": r.task, "method": r.method, "student": r.student,
                      "status": r.status, "metric": metric if value is not None else None, "value": value})
-        if value is not None and r.kind == "student":
-            key = (r.task, r.method)
-            if key not in best or value > best[key]["value"]:
-                best[key] = dict(task=r.task, method=r.method, metric=metric, value=value, run=r.id)
+        if r.kind == "student" and r.stage == "grid" and r.done and metric:
+            grids.setdefault((r.task, r.method, r.student), []).append(r)
+    # Each group's setting as the sweep chooses it (the one selection rule: the highest selection-split
+    # metric among its finished grid runs), with that run's evaluation result.
+    best = []
+    for (task, method, student), grid_runs in sorted(grids.items()):
+        metric = metrics.get(task) or next(r for r in runs if r["id"] == grid_runs[0].id)["metric"]
+        chosen = best_run(grid_runs, metric)
+        value = ((chosen.metrics or {}).get("eval") or {}).get(metric)
+        if value is not None:
+            best.append(dict(task=task, method=method, student=student, metric=metric, value=value,
+                             selection=selection_value(chosen, metric), run=chosen.id))
     counts = registry.counts()
     if args.json:
         # "ray": Ray's view of the runs as the study's Ray driver last wrote it (absent for a local study)
         extra = {"ray": ray_view} if (ray_view := registry.note("ray")) else {}
         print(json.dumps({"study": str(out), "counts": {k: counts.get(k, 0) for k in STATUSES},
-                          "runs": runs, "best": [best[k] for k in sorted(best)], **extra}, indent=1))
+                          "runs": runs, "best": best, **extra}, indent=1))
         return EXIT_OK
     print(f"{out}: " + ", ".join(f"{counts.get(k, 0)} {k}" for k in STATUSES))
     for run in runs:
         shown = f"{run['metric']} {run['value']:.1f}" if run["value"] is not None else ""
         print(f"  {run['status']:8s} {run['id']:45s} {shown}")
     if best:
-        print("best so far (eval split):")
-        for key in sorted(best):
-            b = best[key]
-            print(f"  {b['task']:6s} {b['method']:4s} {b['value']:6.1f}  {b['run']}")
+        print("chosen so far (highest selection-split metric of each grid; eval split shown):")
+        for b in best:
+            print(f"  {b['task']:6s} {b['method']:4s} {b['student']:6s} {b['value']:6.1f}  {b['run']}")
     from kdlab.ray_executor import status_lines  # needs no Ray: the driver's note in the registry
 
     for line in status_lines(registry):
@@ -425,7 +434,7 @@ def build_parser() -> argparse.ArgumentParser:
     )
     report.set_defaults(func=cmd_report)
 
-    status = sub.add_parser("status", help="runs done / running / failed / to do, and the best so far")
+    status = sub.add_parser("status", help="runs done / running / failed / to do, and each grid's choice")
     folder_args(status)
     status.add_argument("--run", help="show one run in full (params, metrics, error)")
     status.add_argument("--json", action="store_true", help="the counts, every run and the best as JSON")

@@ -6,7 +6,7 @@ from __future__ import annotations
 
 import importlib.util
 from collections.abc import Sequence
-from typing import TYPE_CHECKING, Any
+from typing import TYPE_CHECKING
 
 from kdlab.config import ConfigError, StudyConfig, TaskSettings
 from kdlab.errors import RegistryError
@@ -14,8 +14,6 @@ from kdlab.identity import Rekey, run_hash, runs_to_rekey
 from kdlab.models import check_derivable, derive_layers, model_config, resolve_model_path
 from kdlab.registry import Registry, RunRecord, find_run_records
 from kdlab.stages.students import check_vocabulary
-from kdlab.stages.sweep import student_hash_parts, student_spec
-from kdlab.stages.teacher import teacher_hash_parts
 from kdlab.tasks import get_task
 from kdlab.training import check_trainer_arguments
 
@@ -122,21 +120,8 @@ def check_finished_runs(study: Study, finished: Sequence[RunRecord]) -> list[Rek
     the same settings, to be re-keyed (`identity.rekey_finished_runs`)."""
     if study.force or not finished:
         return []
-    planned: dict[str, list[Any]] = {}  # run id -> its hash's inputs
-    for name in study.config.tasks:
-        planned.update(teacher_hash_parts(study, name))
-    combos = {(r.task, r.student, r.method) for r in finished if r.kind == "student"}
-    students = {st.name: st for st in study.config.students}
-    seeds = study.config.seeds
-    for task, name, method in sorted(combos):
-        student = students.get(name)
-        if task not in study.config.tasks or method not in study.config.methods or student is None:
-            continue  # not part of this study any more: nothing to compare
-        points, axes = study.grid(method)
-        for seed, stage in [(seeds[0], "grid")] + [(x, "final") for x in seeds[1:]]:
-            for point in points:
-                spec = student_spec(study, student, task, method, point, axes, seed, stage)
-                planned[spec.id] = student_hash_parts(study, student, task, spec.params, seed)
+    # Every run the config plans (the final runs of every grid point: which one was chosen does not matter).
+    planned = {run.id: run.hash_parts for run in study.plan.runs()}
     rekeys = runs_to_rekey(finished, planned)
     old_hashes = {r.record.id for r in rekeys}
     changed = [r.id for r in finished if r.id in planned and r.id not in old_hashes

@@ -12,6 +12,7 @@ share: the config, the folder, the tokenizer, the registry, and where things are
 
 from __future__ import annotations
 
+import functools
 import json
 import logging
 import time
@@ -29,6 +30,7 @@ from kdlab.identity import rekey_finished_runs
 from kdlab.layout import Layout
 from kdlab.methods import Signals, get_method
 from kdlab.models import load_tokenizer, model_provenance, resolve_device, resolve_model_path
+from kdlab.plan import Plan, build_plan, grid
 from kdlab.preflight import check_finished_runs, finished_runs, preflight
 from kdlab.registry import Registry, RunSpec, rebuild_registry
 from kdlab.resolve import resolve_config
@@ -219,7 +221,7 @@ class Study:
 
     def grid(self, method: str) -> tuple[list[dict[str, Any]], list[str]]:
         """Every setting of `method`'s grid, and the axes its run ids show."""
-        return sweep.grid(self.config.methods[method])
+        return grid(self.config.methods[method])
 
     def grid_signals(self, method: str) -> list[Signals]:
         """What each grid point of `method` reads from the teacher."""
@@ -292,38 +294,30 @@ class Study:
         header, rows = results_table(outputs, chosen_groups(outputs))
         return pd.DataFrame(rows, columns=header)
 
-    def plan(self) -> list[tuple[str, str]]:
+    @functools.cached_property
+    def plan(self) -> Plan:
+        """Every run of the study (`kdlab.plan`), computed once from the config and the model configs."""
+        return build_plan(self.config, self.layout, self.layer_pairs)
+
+    def run_statuses(self) -> list[tuple[str, str]]:
         """(run id, status) of every run the study needs, in the order it does them, without doing or
         writing anything (`kdlab run --dry-run`). The other seeds of a grid with several settings run its
         best setting, unknown until the grid is done: shown as `<best>`."""
         status = {r.id: r.status for r in self.registry.runs()} if self.registry is not None else {}
-        ids: list[str] = []
-        for name in self.config.tasks:
-            ids += list(teacher.teacher_hash_parts(self, name))
-        if cache.cache_contents(self) is not None:
-            ids += [f"cache-{name}" for name in self.config.tasks]
+        ids = [run.id for runs in self.plan.teacher.values() for run in runs]
+        ids += [f"cache-{name}" for name in self.plan.cached_tasks]
         path = self.layout.selection
         selected = json.loads(path.read_text()) if path.is_file() else {}
-        seeds = self.config.seeds
-        for name in self.config.tasks:
-            for student in self.config.students:
-                for method in self.config.methods:
-                    points, axes = self.grid(method)
-                    ids += [
-                        sweep.student_spec(self, student, name, method, p, axes, seeds[0], "grid").id
-                        for p in points
-                    ]
-                    best = (
-                        points[0]
-                        if len(points) == 1
-                        else selected.get(f"{method}-{name}-{student.name}", {}).get("chosen")
-                    )
-                    for seed in seeds[1:]:
-                        ids.append(
-                            f"{method}-{name}-{student.name}-<best>-seed{seed}"
-                            if best is None
-                            else sweep.student_spec(self, student, name, method, best, axes, seed, "final").id
-                        )
+        for group in self.plan.groups:
+            ids += [run.id for run in group.grid]
+            chosen = selected.get(group.key, {}).get("chosen")
+            best = chosen if group.choosing else group.grid[0].spec.params
+            try:
+                ids += [run.id for run in group.finals(best)] if best is not None else []
+            except KeyError:  # chosen under another grid: the choice is made again
+                best = None
+            if best is None:
+                ids += [f"{group.key}-<best>-seed{seed}" for seed in self.config.seeds[1:]]
         return [(i, status.get(i, "todo")) for i in ids]
 
     def provenance(self) -> dict[str, Any]:

@@ -285,17 +285,16 @@ def cache_contents(study: Study) -> CacheContents | None:
     if study.config.cache.mode == "online":
         return None
     answers, top_k, temperatures, layers = False, None, set(), set()
-    for method in study.config.methods:
-        for signals in study.grid_signals(method):
+    for group in study.plan.groups:
+        for run in group.grid:
+            signals = run.signals
             if signals.live:  # scored by the live teacher during training, never cached
                 continue
             answers |= signals.answers
             if signals.top_k is not None:
                 top_k = max(top_k or 0, signals.top_k)
                 temperatures.add(float(signals.temperature))
-            if signals.layer_map is not None:
-                for student in study.config.students:
-                    layers |= {t for _, t in study.layer_pairs(student, signals.layer_map, method)}
+            layers |= {t for _, t in run.layer_pairs}
     if not (answers or top_k or layers):
         return None
     return CacheContents(answers, top_k, sorted(temperatures) if top_k else None, sorted(layers))

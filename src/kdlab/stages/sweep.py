@@ -5,9 +5,7 @@ registry, so several `kdlab sweep` processes share the work.
 
 from __future__ import annotations
 
-import itertools
 import time
-from collections.abc import Sequence
 from pathlib import Path
 from typing import TYPE_CHECKING, Any, Protocol
 
@@ -17,8 +15,7 @@ from kdlab import losses
 from kdlab.config import StudentSettings
 from kdlab.evaluation import evaluate_splits, generation_options, predict
 from kdlab.files import atomic_write_json
-from kdlab.identity import run_hash
-from kdlab.methods import MethodSettings, Signals, get_method
+from kdlab.methods import Signals, get_method
 from kdlab.models import (
     count_parameters,
     hidden_width,
@@ -27,6 +24,7 @@ from kdlab.models import (
     model_config,
     save_model,
 )
+from kdlab.plan import RunGroup
 from kdlab.registry import RunRecord, RunSpec
 from kdlab.seeding import seed_everything
 from kdlab.stages import diagnostics
@@ -34,7 +32,7 @@ from kdlab.stages.cache import teacher_answer, transfer_item
 from kdlab.stages.data import TaskData
 from kdlab.stages.selection import best_run, record_choice
 from kdlab.tasks.base import encode
-from kdlab.teacher_cache import TeacherCache, fingerprint
+from kdlab.teacher_cache import TeacherCache
 from kdlab.training import TrainItem, last_checkpoint, train
 
 if TYPE_CHECKING:
@@ -42,75 +40,6 @@ if TYPE_CHECKING:
 
 # Learned feature projections, kept beside the model (named after KD3, which introduced them).
 PROJECTIONS_FILE = "kd3_projections.safetensors"
-
-
-def grid(settings: MethodSettings) -> tuple[list[dict[str, Any]], list[str]]:
-    """Every point of a method's grid (its list-valued settings crossed, the fixed ones added), and the axes
-    its run ids show: those with several values, and those its labels always show (λ)."""
-    axes = settings.grid_axes()
-    fixed = {k: v for k, v in settings.model_dump().items() if k not in axes}
-    names = list(axes)
-    points = [
-        dict(fixed, **dict(zip(names, values, strict=True))) for values in itertools.product(*axes.values())
-    ]
-    shown = [n for n in names if len(axes[n]) > 1 or settings.label(n).in_run_id]
-    return points, shown
-
-
-def run_id(
-    method: str, task: str, student: str, params: dict[str, Any], axes: Sequence[str], seed: int
-) -> str:
-    """Readable, deterministic: `kd3-sst2-s1-lam0.5-seed42` (grid axes with one value are left out; each
-    axis is tagged as its method's settings label it)."""
-    settings = get_method(method).settings
-    parts = [method, task, student]
-    for axis in axes:
-        value = params[axis]
-        if isinstance(value, list):  # e.g. an explicit layer map: a short stable tag
-            value = "pairs" + fingerprint({"map": value})[:6]
-        tag = settings.label(axis).run_id
-        parts.append(f"{axis if tag is None else tag}{f'{value:g}' if isinstance(value, float) else value}")
-    parts.append(f"seed{seed}")
-    return "-".join(parts)
-
-
-def student_spec(
-    study: Study,
-    student: StudentSettings,
-    task: str,
-    method: str,
-    params: dict[str, Any],
-    axes: Sequence[str],
-    seed: int,
-    stage: str,
-) -> RunSpec:
-    layer_map = get_method(method).signals(params).layer_map
-    if layer_map is not None:  # the exact pairs a map resolves to, recorded with the run
-        pairs = study.layer_pairs(student, layer_map, method)
-        params = dict(params, layer_pairs=[list(p) for p in pairs])
-    rid = run_id(method, task, student.name, params, axes, seed)
-    config_hash = run_hash(*student_hash_parts(study, student, task, params, seed))
-    return RunSpec(
-        id=rid,
-        kind="student",
-        task=task,
-        method=method,
-        student=student.name,
-        stage=stage,
-        params=params,
-        seed=seed,
-        output_dir=str(study.layout.run(rid)),
-        config_hash=config_hash,
-    )
-
-
-def student_hash_parts(
-    study: Study, student: StudentSettings, task: str, params: dict[str, Any], seed: int
-) -> list[Any]:
-    """What decides a student run's result (`params` with its layer pairs): its config hash's inputs."""
-    cfg = study.config
-    return [student, cfg.teacher, cfg.tasks[task], params, cfg.training, cfg.evaluation, cfg.cache.mode,
-            cfg.data_seed, seed]
 
 
 def train_student(study: Study, spec: RunSpec, student: StudentSettings, cache: TeacherCache | None) -> dict:
@@ -129,7 +58,7 @@ def train_student(study: Study, spec: RunSpec, student: StudentSettings, cache: 
         device=study.device, trust_remote_code=student.trust_remote_code,
         attn_implementation=settings.attn_implementation,
     )
-    pairs = [] if signals.layer_map is None else study.layer_pairs(student, signals.layer_map, spec.method)
+    pairs = [tuple(p) for p in spec.params.get("layer_pairs", [])]  # resolved by the plan
     projections = None
     if pairs:
         width = hidden_width(model_config(study.base_teacher_path))
@@ -178,7 +107,7 @@ def train_student(study: Study, spec: RunSpec, student: StudentSettings, cache: 
     if hasattr(model, "merge_and_unload"):
         model = model.merge_and_unload()
     # The selection split only serves to choose among grid settings: a method with one setting skips it.
-    choosing = len(study.grid(spec.method)[0]) > 1
+    choosing = study.plan.group(spec.task, spec.student, spec.method).choosing
     splits = {"selection": data.selection, "eval": data.eval} if choosing else {"eval": data.eval}
     # vLLM reads weights from disk: the merged model just saved is this model; an adapter-only save is not.
     saved = str(folder / "model") if student.save == "merged" else None
@@ -276,40 +205,23 @@ def student_run(
 
 
 def advance(
-    study: Study,
-    task: str,
-    student: StudentSettings,
-    method: str,
-    cache: TeacherCache | None,
-    executor: RunExecutor | None = None,
+    study: Study, group: RunGroup, cache: TeacherCache | None, executor: RunExecutor | None = None
 ) -> str:
     """Move one (task, student, method) forward: grid on the first seed, then the best setting on the
     other seeds. Returns 'done', 'waiting' (another process holds a run, or the executor has not finished
     it) or 'failed'. With an executor every run of a stage is started before any is waited for."""
-    seeds = study.config.seeds
-    points, axes = study.grid(method)
-    specs = [student_spec(study, student, task, method, p, axes, seeds[0], "grid") for p in points]
-    grid_runs = [student_run(study, s, student, cache, executor) for s in specs]
+    grid_runs = [student_run(study, r.spec, group.student, cache, executor) for r in group.grid]
     if any(r is None for r in grid_runs):
         return "waiting"
     if any(r.status != "done" for r in grid_runs):
         return "failed"
     best = grid_runs[0]
-    if len(grid_runs) > 1:
-        metric = study.data(task).task.metric
+    if group.choosing:
+        metric = study.data(group.task).task.metric
         best = best_run(grid_runs, metric)
         if study.ranks.leader:
-            record_choice(study.layout.selection, f"{method}-{task}-{student.name}", best, grid_runs, metric)
-    finals = [
-        student_run(
-            study,
-            student_spec(study, student, task, method, best.params, axes, seed, "final"),
-            student,
-            cache,
-            executor,
-        )
-        for seed in seeds[1:]
-    ]
+            record_choice(study.layout.selection, group.key, best, grid_runs, metric)
+    finals = [student_run(study, r.spec, group.student, cache, executor) for r in group.finals(best.params)]
     if any(r is None for r in finals):
         return "waiting"
     return "done" if all(r.status == "done" for r in finals) else "failed"
@@ -325,12 +237,7 @@ def run_sweep(
     to `executor` (every group's grid at once; each group's other seeds once its grid is done). Returns the
     ids of failed runs."""
     while True:
-        states = [
-            advance(study, task, student, method, caches.get(task), executor)
-            for task in study.config.tasks
-            for student in study.config.students
-            for method in study.config.methods
-        ]
+        states = [advance(study, group, caches.get(group.task), executor) for group in study.plan.groups]
         if "waiting" not in states:
             break
         if executor is None:

@@ -4,15 +4,14 @@ teacher/<task> for the cache and the online KD runs."""
 
 from __future__ import annotations
 
+from dataclasses import replace
 from pathlib import Path
 from typing import TYPE_CHECKING, Any
 
 from kdlab.evaluation import evaluate_splits, generation_options
 from kdlab.files import atomic_folder
-from kdlab.identity import run_hash
 from kdlab.methods import baseline
 from kdlab.models import hub_snapshot_info, load_model, load_trainable, save_model
-from kdlab.registry import RunSpec
 from kdlab.seeding import seed_everything
 from kdlab.tasks.base import subset
 from kdlab.training import TrainItem, train
@@ -21,24 +20,10 @@ if TYPE_CHECKING:
     from kdlab.study import Study
 
 
-def teacher_hash_parts(study: Study, name: str) -> dict[str, list[Any]]:
-    """What decides each of task `name`'s teacher runs (`run_teacher` hashes it; preflight compares)."""
-    cfg, settings = study.config.teacher, study.config.tasks[name]
-    parts: dict[str, list[Any]] = {
-        f"teacher-{name}-zero-shot": [cfg.model, settings, study.config.evaluation, study.config.data_seed]
-    }
-    if cfg.adapt:
-        parts[f"teacher-{name}"] = [
-            cfg, settings, study.config.evaluation, study.config.data_seed, study.seed("teacher")
-        ]
-    return parts
-
-
 def run_teacher(study: Study, name: str) -> None:
     cfg = study.config.teacher
     data = study.data(name)
-    hashes = {run: run_hash(*parts) for run, parts in teacher_hash_parts(study, name).items()}
-    common = dict(kind="teacher", task=name, method="teacher", student="teacher", stage="teacher")
+    planned = {run.id: run.spec for run in study.plan.teacher[name]}
 
     def evaluate(model: Any, folder: Path, weights: str) -> dict[str, Any]:
         """`weights`: the folder `model` was loaded from or saved to (a vLLM backend reads it)."""
@@ -67,14 +52,8 @@ def run_teacher(study: Study, name: str) -> None:
     # The hub commit a hub-id teacher resolved to, recorded with its runs (params are not in the config hash).
     snapshot = hub_snapshot_info(study.base_teacher_path)
     origin = {"model_repo": snapshot[0], "model_commit": snapshot[1]} if snapshot else {}
-    zero_shot_spec = RunSpec(
-        id=f"teacher-{name}-zero-shot",
-        params={"adapted": False, **origin},
-        seed=None,
-        config_hash=hashes[f"teacher-{name}-zero-shot"],
-        output_dir=str(study.layout.teacher_zero_shot(name)),
-        **common,
-    )
+    zero_shot_spec = planned[f"teacher-{name}-zero-shot"]
+    zero_shot_spec = replace(zero_shot_spec, params={**zero_shot_spec.params, **origin})
     study.runner.execute_required(zero_shot_spec, zero_shot)
     if not cfg.adapt:
         return
@@ -117,13 +96,6 @@ def run_teacher(study: Study, name: str) -> None:
         metrics["train_runtime"] = round(result.train_runtime, 1)
         return metrics
 
-    spec = RunSpec(
-        id=f"teacher-{name}",
-        params={"adapted": True, **origin},
-        seed=seed,
-        config_hash=hashes[f"teacher-{name}"],
-        output_dir=str(folder),
-        **common,
-    )
+    spec = replace(planned[f"teacher-{name}"], params={**planned[f"teacher-{name}"].params, **origin})
     study.runner.redo_if_lost(spec, folder.is_dir())
     study.runner.execute_required(spec, adapt, collective=True)
