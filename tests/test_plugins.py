@@ -36,8 +36,7 @@ class TopOne(Method):
 
     def loss(self, x: LossInputs):
         ce = task_ce(x)
-        t = x.teacher
-        target = t.logits.argmax(-1) if t.logits is not None else t.topk_indices[:, 0]
+        target = x.teacher.top_tokens(1)[:, 0]  # cached or live alike
         kd = losses.cross_entropy_tokens(x.student.logits, target, num_tokens=x.num_tokens)
         return losses.mix(ce, kd, float(x.params["lam"])), {"ce": ce, "kd": kd}
 '''

@@ -150,6 +150,14 @@ class TeacherBatch:
         )
         return losses.kd_divergence_topk(student_logits, idx, lp, tail_lse=tail, **common)
 
+    def top_tokens(self, k: int = 1) -> torch.Tensor:
+        """The teacher's `k` most likely tokens per row [N, k], most likely first (cache or live alike)."""
+        if self.logits is not None:
+            return self.logits.topk(k, dim=-1).indices
+        if self.topk_indices is None or self.topk_indices.shape[-1] < k:
+            raise ValueError(f"the teacher gives no top-{k} tokens (cache a top_k of at least {k})")
+        return self.topk_indices[:, :k].long()
+
     def token_logprobs(self, targets: torch.Tensor, *, temperature: float = 1.0) -> torch.Tensor:
         """log p_T of each row's target token [N] (a live teacher's, which on-policy methods need)."""
         if self.logits is None:
