@@ -886,6 +886,25 @@ def test_cost_pareto_front_drops_a_dominated_method(study: SimpleNamespace, tmp_
     text = _fast_report(out, monkeypatch)
     rows = {r[1]: r for r in _table_rows(text.split("## Cost", 1)[1], "### SST-2")}
     assert [rows[m][8] for m in ("sft", "kd1", "kd2")] == ["yes", "yes", ""]
+    assert "live teacher / rollouts" not in text  # no method recorded them
+
+
+def test_cost_table_shows_live_teacher_and_rollout_time_when_recorded(
+        study: SimpleNamespace, tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> None:
+    out = tmp_path / "copy"
+    shutil.copytree(study.out, out)
+    with sqlite3.connect(out / "registry.sqlite") as db:
+        for rid, seconds in (("kd1-sst2-s1-lam1-seed42", 1.0), ("kd1-sst2-s1-lam1-seed7", 2.0)):
+            metrics = json.loads(db.execute("SELECT metrics FROM runs WHERE id = ?", (rid,)).fetchone()[0])
+            metrics.update(teacher_seconds=seconds, teacher_tokens=100, rollout_seconds=0.0,
+                           rollout_tokens=50)
+            db.execute("UPDATE runs SET metrics = ? WHERE id = ?", (json.dumps(metrics), rid))
+    text = _fast_report(out, monkeypatch)
+    rows = {r[1]: r for r in _table_rows(text.split("## Cost", 1)[1], "### SST-2")}
+    assert rows["kd1"][6] == "1.5 / 0.0" and rows["sft"][6] == "– / –"
+    # FLOPs add 2 N per rollout token; the live teacher's need its size (bench.json: 135M parameters)
+    flops = (4 * 2000 + 2 * 1000) * TRAIN_TOKENS + 2 * 2000 * 50 + 2 * 135_000_000 * 100
+    assert rows["kd1"][7] == f"{flops:.3g}"
 
 
 def test_diagnostics_section(study: SimpleNamespace) -> None:

@@ -870,6 +870,11 @@ def cost_markdown(
         front = set(pareto_front(means, scores))
         head = ["model", "method", "seeds", f"{LABELS.get(metric, metric)} (%)", "s per run",
                 "training / teacher share / cache share (s)", "FLOPs per run", "all runs (s)", "Pareto"]
+        # Methods that record where their training time went (live teacher, rollouts): shown when any does.
+        inside = any(p.teacher_pass_s is not None or p.rollout_s is not None
+                     for *_, ps in rows_data for p in ps)
+        if inside:
+            head.insert(6, "of training: live teacher / rollouts (s)")
         rows = []
         for i, (student, method, _, gc, values, parts) in enumerate(rows_data):
             split = " / ".join(
@@ -877,10 +882,17 @@ def cost_markdown(
                 for xs in ([p.training_s for p in parts if p.training_s is not None],
                            [p.teacher_share_s for p in parts], [p.cache_share_s for p in parts])
             )
-            rows.append([
+            row = [
                 fmt.text(student_label(student, method, many) if many else student), fmt.text(method),
                 str(len(values)), _mean_cell(values), _mean_cell(gc.seconds), split, _fmt_flops(gc.flops),
                 f"{gc.grid_seconds:.0f}", "yes" if i in front else "",
-            ])
-        lines += [f"### {task_title(task)}", "", fmt.table(head, rows, "lllrrrrrl")]
+            ]
+            if inside:
+                row.insert(6, " / ".join(
+                    f"{np.mean(xs):.1f}" if xs else "–"
+                    for xs in ([p.teacher_pass_s for p in parts if p.teacher_pass_s is not None],
+                               [p.rollout_s for p in parts if p.rollout_s is not None])))
+            rows.append(row)
+        align = "lllrr" + "r" * (len(head) - 6) + "l"
+        lines += [f"### {task_title(task)}", "", fmt.table(head, rows, align)]
     return "\n".join(lines)
