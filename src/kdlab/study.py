@@ -151,7 +151,7 @@ class Study:
         for name in self.config.tasks:
             teacher.run_teacher(self, name)
         for student in self.config.students:
-            self.student_path(student)  # derived students are built here (vocabularies: `preflight`)
+            students.build_student(self, student)  # derived students (vocabularies: `preflight`)
 
     def sweep(self, poll_seconds: float = 5.0, executor: ExecutorSettings | None = None) -> list[str]:
         """Everything but the report: `prepare`, the teacher caches, then every student run (shared safely
@@ -213,8 +213,9 @@ class Study:
     def verify_caches(self) -> list[tuple[str, Path, str | None]]:
         return cache.verify_caches(self)
 
-    def student_path(self, student: StudentSettings) -> str:
-        return students.student_path(self, student)
+    def initial_weights(self, student: StudentSettings) -> str:
+        """The folder `student`'s runs start from (a derived one is built by `prepare`, never by a run)."""
+        return students.initial_weights(self, student)
 
     def layer_pairs(self, student: StudentSettings, layer_map: Any, method: str) -> list[tuple[int, int]]:
         return students.layer_pairs(self, student, layer_map, method)

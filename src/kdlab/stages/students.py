@@ -12,6 +12,7 @@ from transformers import PreTrainedTokenizerBase
 
 from kdlab import losses
 from kdlab.config import StudentSettings
+from kdlab.errors import StudyError
 from kdlab.files import atomic_folder
 from kdlab.models import (
     check_derivable,
@@ -32,14 +33,26 @@ if TYPE_CHECKING:
     from kdlab.study import Study
 
 
-def student_path(study: Study, student: StudentSettings) -> str:
-    """The student's initial weights: its model's folder, or the derived student, built here the first time
-    (derived_from.json beside it names the teacher blocks it copied)."""
+def initial_weights(study: Study, student: StudentSettings) -> str:
+    """The folder a student's runs start from: its model's, or the derived student `build_student` made
+    (a run never builds one)."""
     if student.model is not None:
         return resolve_model_path(student.model, student.revision)
     folder = study.layout.student_init(student.name)
+    if not (folder / "config.json").is_file():
+        raise StudyError(f"students.{student.name}: the derived student {folder} is not built; the students "
+                         "stage builds it (`kdlab run`, `kdlab sweep`)")
+    return str(folder)
+
+
+def build_student(study: Study, student: StudentSettings) -> None:
+    """The students stage: a derived student's initial weights, built once under students/<name>/init
+    (derived_from.json beside them names the teacher blocks it copied); nothing for a student of its own."""
+    if student.model is not None:
+        return
+    folder = study.layout.student_init(student.name)
     if study.ranks.share((folder / "config.json").is_file()):
-        return str(folder)
+        return
     cfg = study.config.teacher
     teacher_path = resolve_model_path(cfg.model, cfg.revision)
     # Checked on the config alone (meta device), so an unsupported family fails before the teacher loads.
@@ -66,7 +79,6 @@ def student_path(study: Study, student: StudentSettings) -> str:
         f"[student] {student.name}: {len(layers)} of {n} teacher layers {layers}, "
         f"{count_parameters(model)[0] / 1e6:.1f}M parameters"
     )
-    return str(folder)
 
 
 def check_vocabulary(student: StudentSettings, path: str, teacher_tokenizer: PreTrainedTokenizerBase) -> None:

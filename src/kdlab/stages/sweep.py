@@ -54,7 +54,7 @@ def train_student(study: Study, spec: RunSpec, student: StudentSettings, cache: 
     # Frozen weights in the dtype mixed precision computes in; trainable ones (LoRA, full) stay fp32.
     dtype = settings.compute_dtype
     model = load_trainable(
-        study.student_path(student), finetune=student.finetune, lora=student.lora, dtype=dtype,
+        study.initial_weights(student), finetune=student.finetune, lora=student.lora, dtype=dtype,
         device=study.device, trust_remote_code=student.trust_remote_code,
         attn_implementation=settings.attn_implementation,
     )
