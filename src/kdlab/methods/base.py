@@ -67,10 +67,30 @@ class MixedSettings(MethodSettings):
     @field_validator("lam")
     @classmethod
     def _lam_range(cls, v: list[float]) -> list[float]:
-        for x in v:
-            if not 0.0 <= x <= 1.0:
-                raise ValueError(f"each lambda must be in [0, 1], got {x}")
-        return v
+        return in_unit_interval(v, "lambda")
+
+
+def in_unit_interval(values: list[float], name: str) -> list[float]:
+    """A grid axis whose every value must lie in [0, 1] (a validator body: ValueError names the setting)."""
+    for x in values:
+        if not 0.0 <= x <= 1.0:
+            raise ValueError(f"each {name} must be in [0, 1], got {x}")
+    return values
+
+
+class SamplingSettings(MixedSettings):
+    """Settings of a method whose student samples its own training answers (see `Rollout`)."""
+
+    sample_temperature: float = Field(
+        1.0, gt=0, description="temperature the student samples at (1: exactly its own distribution)"
+    )
+    max_new_tokens: int = Field(32, gt=0, description="longest sampled answer, in tokens (EOS ends it)")
+
+    @staticmethod
+    def rollout_of(params: Mapping[str, Any], student_fraction: float) -> Rollout:
+        """The `Rollout` of a run with these params."""
+        return Rollout(student_fraction=student_fraction, temperature=float(params["sample_temperature"]),
+                       max_new_tokens=int(params["max_new_tokens"]))
 
 
 # ---------------------------------------------------------------------------------------------------------

@@ -24,14 +24,16 @@ from kdlab.methods.base import (
     LossParts,
     Method,
     Rollout,
+    SamplingSettings,
     Signals,
+    in_unit_interval,
     register,
     task_ce,
 )
 from kdlab.methods.kd1 import DivergenceSettings, teacher_divergence
 
 
-class GKDSettings(DivergenceSettings):
+class GKDSettings(DivergenceSettings, SamplingSettings):
     labels: ClassVar[dict[str, Label]] = {
         **DivergenceSettings.labels,
         "student_fraction": Label(run_id="on", text="λ_on", latex=r"$\lambda_{\mathrm{on}}$", in_tables=True),
@@ -53,18 +55,13 @@ class GKDSettings(DivergenceSettings):
         "others train on the gold answers (or the teacher's, with seq_kd)",
     )
     seq_kd: bool = Field(False, description="off-policy steps train on the teacher's greedy answers")
-    sample_temperature: float = Field(1.0, gt=0, description="temperature the student samples at")
-    max_new_tokens: int = Field(32, gt=0, description="longest sampled answer, in tokens (EOS ends it)")
 
     _fraction_list = field_validator("student_fraction", mode="before")(as_list)
 
     @field_validator("student_fraction")
     @classmethod
     def _fraction_range(cls, v: list[float]) -> list[float]:
-        for x in v:
-            if not 0.0 <= x <= 1.0:
-                raise ValueError(f"each student_fraction must be in [0, 1], got {x}")
-        return v
+        return in_unit_interval(v, "student_fraction")
 
 
 @register
@@ -78,11 +75,7 @@ class GKD(Method):
         return Signals(answers=bool(params.get("seq_kd")), live=True)
 
     def rollout(self, params: Mapping[str, Any]) -> Rollout | None:
-        return Rollout(
-            student_fraction=float(params["student_fraction"]),
-            temperature=float(params["sample_temperature"]),
-            max_new_tokens=int(params["max_new_tokens"]),
-        )
+        return SamplingSettings.rollout_of(params, float(params["student_fraction"]))
 
     def loss(self, x: LossInputs) -> LossParts:
         lam = float(x.params["lam"])

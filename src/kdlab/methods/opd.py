@@ -23,17 +23,18 @@ from kdlab.methods.base import (
     LossInputs,
     LossParts,
     Method,
-    MixedSettings,
     Rollout,
+    SamplingSettings,
     Signals,
+    in_unit_interval,
     register,
     task_ce,
 )
 
 
-class OPDSettings(MixedSettings):
+class OPDSettings(SamplingSettings):
     labels: ClassVar[dict[str, Label]] = {
-        **MixedSettings.labels,
+        **SamplingSettings.labels,
         "discount": Label(run_id="g", text="γ", latex=r"$\gamma$", in_tables=True),
     }
 
@@ -42,20 +43,13 @@ class OPDSettings(MixedSettings):
         min_length=1,
         description="γ in [0, 1]: 0 rewards each token alone, 1 with the sum over the rest of the answer",
     )
-    sample_temperature: float = Field(
-        1.0, gt=0, description="temperature the student samples at (1: exactly its own distribution)"
-    )
-    max_new_tokens: int = Field(32, gt=0, description="longest sampled answer, in tokens (EOS ends it)")
 
     _discount_list = field_validator("discount", mode="before")(as_list)
 
     @field_validator("discount")
     @classmethod
     def _discount_range(cls, v: list[float]) -> list[float]:
-        for x in v:
-            if not 0.0 <= x <= 1.0:
-                raise ValueError(f"each discount must be in [0, 1], got {x}")
-        return v
+        return in_unit_interval(v, "discount")
 
 
 @register
@@ -69,11 +63,7 @@ class OPD(Method):
         return Signals(live=True)
 
     def rollout(self, params: Mapping[str, Any]) -> Rollout | None:
-        return Rollout(
-            student_fraction=1.0,
-            temperature=float(params["sample_temperature"]),
-            max_new_tokens=int(params["max_new_tokens"]),
-        )
+        return SamplingSettings.rollout_of(params, 1.0)
 
     def loss(self, x: LossInputs) -> LossParts:
         lam = float(x.params["lam"])
