@@ -152,10 +152,6 @@ class Plan:
     def group(self, task: str, student: str, method: str) -> RunGroup:
         return next(g for g in self.groups if (g.task, g.student.name, g.method) == (task, student, method))
 
-    def method_grid(self, method: str) -> list[PlannedRun]:
-        """The first group's grid runs of `method` (its points are the same in every group)."""
-        return next(g.grid for g in self.groups if g.method == method)
-
 
 def student_run(
     config: StudyConfig,
