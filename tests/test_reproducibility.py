@@ -17,7 +17,7 @@ from kdlab.registry import Registry
 from kdlab.seeding import stage_seed
 
 # Fields of a run's metrics that measure time, not results.
-TIMING_KEYS = {"seconds", "train_runtime"}
+TIMING_KEYS = {"seconds", "train_runtime", "student_seconds", "teacher_seconds", "rollout_seconds"}
 
 
 def _tiny_study(path: Path, *, transfer: bool) -> Path:
