@@ -463,3 +463,22 @@ def test_study_with_cached_kd1_and_live_gkd(tmp_path: Path, tiny_data_dir: Path)
         assert column in results.columns
     summary = (out / "summary.md").read_text()
     assert "gkd" in summary and "kd1" in summary
+
+
+def test_a_method_can_run_on_some_tasks_only(tmp_path: Path, tiny_data_dir: Path) -> None:
+    """`methods.<name>.tasks` (the demo runs gkd on SQuAD alone): no run of it is planned on other tasks, its
+    runs' params and hashes do not carry the list, and an unknown task is refused naming the field."""
+    from kdlab.layout import Layout
+    from kdlab.plan import build_plan
+
+    data = yaml.safe_load(preset_text("smoke"))
+    data["methods"] = {"sft": {}, "gkd": {"lambda": 0.5, "tasks": ["squad"]}}
+    config = resolve_config(parse_config(data))
+    plan = build_plan(config, Layout(tmp_path), lambda student, layer_map, method: [])
+    groups = {(g.task, g.method) for g in plan.groups}
+    assert ("squad", "gkd") in groups and ("sst2", "gkd") not in groups and ("sst2", "sft") in groups
+    gkd = next(g for g in plan.groups if g.method == "gkd")
+    assert "tasks" not in gkd.grid[0].spec.params
+    data["methods"]["gkd"]["tasks"] = ["squad", "mnli"]
+    with pytest.raises(ConfigError, match=r"methods\.gkd\.tasks: 'mnli'"):
+        resolve_config(parse_config(data))

@@ -34,7 +34,8 @@ def grid(settings: MethodSettings) -> tuple[list[dict[str, Any]], list[str]]:
     """Every point of a method's grid (its list-valued settings crossed, the fixed ones added), and the axes
     its run ids show: those with several values, and those its labels always show (λ)."""
     axes = settings.grid_axes()
-    fixed = {k: v for k, v in settings.model_dump().items() if k not in axes}
+    # `tasks` says where a method runs, not how: it is no part of any run's params.
+    fixed = {k: v for k, v in settings.model_dump().items() if k not in axes and k != "tasks"}
     names = list(axes)
     points = [
         dict(fixed, **dict(zip(names, values, strict=True))) for values in itertools.product(*axes.values())
@@ -197,6 +198,8 @@ def build_plan(config: StudyConfig, layout: Layout, layer_pairs: LayerPairs) -> 
     for task in config.tasks:
         for student in config.students:
             for method in config.methods:
+                if not config.methods[method].runs_on(task):
+                    continue
                 points, axes = grid(config.methods[method])
                 make = lambda p, seed, stage: student_run(  # noqa: E731 - the arguments every run shares
                     config, layout, layer_pairs, student, task, method, p, axes, seed, stage  # noqa: B023

@@ -56,4 +56,9 @@ def resolve_config(config: StudyConfig, source: str = "<config>") -> StudyConfig
         )
     except ValueError as e:
         raise ConfigError(f"{source}: invalid study config: {e}") from None
+    for name, settings in methods.items():
+        unknown = [t for t in getattr(settings, "tasks", None) or [] if t not in tasks]
+        if unknown:
+            raise ConfigError(f"{source}: invalid study config: methods.{name}.tasks: {unknown[0]!r} is not "
+                              f"a task of this study ({', '.join(tasks)})")
     return config.model_copy(update={"tasks": tasks, "methods": methods})

@@ -41,12 +41,23 @@ class MethodSettings(Strict):
 
     labels: ClassVar[dict[str, Label]] = {}
 
+    # Not a grid axis; left out of a run's params (and so of its hash) unless set.
+    tasks: list[str] | None = Field(
+        None,
+        min_length=1,
+        exclude_if=lambda v: v is None,
+        description="the study's tasks this method runs on (default: every task)",
+    )
+
     def grid_axes(self) -> dict[str, list[Any]]:
         return {
             name: getattr(self, name)
             for name in type(self).model_fields
-            if isinstance(getattr(self, name), list)
+            if name != "tasks" and isinstance(getattr(self, name), list)
         }
+
+    def runs_on(self, task: str) -> bool:
+        return self.tasks is None or task in self.tasks
 
     @classmethod
     def label(cls, name: str) -> Label:
