@@ -127,3 +127,27 @@ def test_old_hashes_of_settings_the_fixture_does_not_cover() -> None:
     assert legacy_run_hash(config.evaluation) == "24128a4a15e46d4e"
     assert legacy_run_hash(config.teacher) == "e286268d5d7dabb4"
     assert legacy_run_hash(config.students[0]) == "cb544ac3d3947b73"
+
+
+def test_an_interrupted_run_of_0_1_0_keeps_its_checkpoints(old_study: Path, tiny_data_dir: Path) -> None:
+    """A run killed under 0.1.0 marked its checkpoints with its 0.1.0 hash; today's kdlab re-marks them, so
+    the run resumes (`training.last_checkpoint` would remove checkpoints of another hash)."""
+    import sqlite3
+
+    from kdlab.training import SETTINGS_MARK, last_checkpoint
+
+    run = "kd1-sst2-s1-lam1-seed1"
+    old_hash = _hashes(old_study)[run]
+    with sqlite3.connect(old_study / "registry.sqlite") as conn:  # as if it had been killed mid-training
+        conn.execute("DELETE FROM runs WHERE id = ?", (run,))
+    conn.close()
+    trainer = old_study / "runs" / run / "trainer"
+    (old_study / "runs" / run / RUN_RECORD).unlink()
+    (trainer / "checkpoint-2").mkdir(parents=True)
+    (trainer / "checkpoint-2" / "trainer_state.json").write_text("{}")
+    (trainer / SETTINGS_MARK).write_text(old_hash)
+
+    study = Study(load_config(old_study / "study.yaml"), output_dir=old_study, data_dir=tiny_data_dir)
+    new_hash = next(r.spec.config_hash for r in study.plan.runs() if r.id == run)
+    assert (trainer / SETTINGS_MARK).read_text() == new_hash != old_hash
+    assert last_checkpoint(trainer, new_hash) == str(trainer / "checkpoint-2")

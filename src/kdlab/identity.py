@@ -11,7 +11,7 @@ instead of refused as changed.
 from __future__ import annotations
 
 import json
-from collections.abc import Mapping, Sequence
+from collections.abc import Iterable, Mapping, Sequence
 from dataclasses import dataclass, replace
 from pathlib import Path
 from typing import Any
@@ -20,6 +20,7 @@ from pydantic import BaseModel
 from pydantic_core import to_jsonable_python
 
 from kdlab.config import EvaluationSettings, StudentSettings, TeacherSettings, TrainingSettings
+from kdlab.files import atomic_write_text
 from kdlab.registry import Registry, RunRecord, local_run_folder, write_run_record
 from kdlab.teacher_cache import fingerprint
 
@@ -122,6 +123,21 @@ def runs_to_rekey(finished: Sequence[RunRecord], planned: Mapping[str, Sequence[
         if record.config_hash != new and record.config_hash == legacy_run_hash(*parts):
             out.append(Rekey(record, new))
     return out
+
+
+def rekey_checkpoints(runs: Iterable[tuple[Path, Sequence[Any]]]) -> list[Path]:
+    """An interrupted run's checkpoints are marked with its config hash (`training.last_checkpoint` removes
+    those of other settings): a mark holding the 0.1.0 hash of the run's inputs gets today's hash, so the run
+    resumes instead of starting over. `runs`: (run folder, hash inputs). Returns the folders re-marked."""
+    from kdlab.training import SETTINGS_MARK
+
+    done = []
+    for folder, parts in runs:
+        mark = folder / "trainer" / SETTINGS_MARK
+        if mark.is_file() and mark.read_text().strip() == legacy_run_hash(*parts):
+            atomic_write_text(mark, run_hash(*parts))
+            done.append(folder)
+    return done
 
 
 def rekey_finished_runs(registry: Registry, study_dir: Path, rekeys: Sequence[Rekey]) -> list[str]:

@@ -26,7 +26,7 @@ from kdlab.config import ExecutorSettings, StudentSettings, StudyConfig, parse_c
 from kdlab.distributed import Ranks
 from kdlab.evaluation import GenerationOptions
 from kdlab.files import atomic_write_json, atomic_write_text
-from kdlab.identity import rekey_finished_runs
+from kdlab.identity import rekey_checkpoints, rekey_finished_runs
 from kdlab.layout import Layout
 from kdlab.methods import Signals, get_method
 from kdlab.models import load_tokenizer, model_provenance, resolve_device, resolve_model_path
@@ -113,9 +113,13 @@ class Study:
                 )
         self.registry = Registry(path)  # refuses a read-only or broken registry before study.yaml changes
         if rekeys:
-            done = rekey_finished_runs(self.registry, self.out, rekeys)
-            self.log(f"[registry] {len(done)} finished run(s) recorded by kdlab 0.1.0 re-keyed to today's "
+            rekeyed = rekey_finished_runs(self.registry, self.out, rekeys)
+            self.log(f"[registry] {len(rekeyed)} finished run(s) recorded by kdlab 0.1.0 re-keyed to today's "
                      "config hashes (the same settings)")
+        done = {r.id for r in finished}
+        unfinished = [run for run in self.plan.runs() if run.spec.kind == "student" and run.id not in done]
+        if rekey_checkpoints((Path(run.spec.output_dir), run.hash_parts) for run in unfinished):
+            self.log("[resume] interrupted runs of kdlab 0.1.0 keep their checkpoints (re-keyed)")
         self._write_config()
 
     def _write_config(self) -> None:
