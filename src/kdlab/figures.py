@@ -24,7 +24,7 @@ from matplotlib.ticker import FixedLocator, FuncFormatter, NullFormatter
 
 from kdlab.files import atomic_output
 from kdlab.methods import METHODS, baseline
-from kdlab.stats import pareto_front
+from kdlab.stats import mean_std, pareto_front
 
 __all__ = [
     "COLUMN_WIDTH_IN",
@@ -263,23 +263,14 @@ def cost_figure(stem: Path, *, title: str, ylabel: str, points: Sequence[CostPoi
             n = min(len(p.values), len(p.seconds))
             ax.plot(p.seconds[:n], p.values[:n], linestyle="none", marker=".", markersize=4, color=color,
                     alpha=0.6, zorder=2)
-            ax.errorbar([x], [y], xerr=[_std(p.seconds)], yerr=[_std(p.values)], marker="o", markersize=6,
-                        color=color, capsize=2, linestyle="none", label=p.label, zorder=3)
+            ax.errorbar([x], [y], xerr=[mean_std(p.seconds)[1]], yerr=[mean_std(p.values)[1]], marker="o",
+                        markersize=6, color=color, capsize=2, linestyle="none", label=p.label, zorder=3)
         _log_axis(ax, xs)
         ax.set_xlabel("cost per run (s, log scale)")
         ax.set_ylabel(ylabel)
         ax.set_title(title)
         _legend_below(fig, [ax])
         return save_figure(fig, stem)
-
-
-def _std(values: Sequence[float]) -> float:
-    """Sample standard deviation (0 for one value): the seeds' spread the error bars show."""
-    n = len(values)
-    if n < 2:
-        return 0.0
-    mean = sum(values) / n
-    return math.sqrt(sum((v - mean) ** 2 for v in values) / (n - 1))
 
 
 def training_figure(stem: Path, *, title: str, curves: Sequence[Curve]) -> list[Path]:
