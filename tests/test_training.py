@@ -310,7 +310,8 @@ def test_trainer_arguments_pass_through() -> None:
     from kdlab.training import training_arguments
 
     settings = TrainingSettings(report_to="tensorboard", optim="adafactor", save_total_limit="2")
-    assert settings.model_extra == {"report_to": "tensorboard", "optim": "adafactor", "save_total_limit": 2}
+    # The config keeps what the YAML said (it imports no transformers); the Trainer gets converted values.
+    assert settings.model_extra == {"report_to": "tensorboard", "optim": "adafactor", "save_total_limit": "2"}
     args = training_arguments(settings, "unused", 3, use_cpu=True, run_name="kd1-sst2-s1-lam0.5-seed3")
     assert args.run_name == "kd1-sst2-s1-lam0.5-seed3" and args.report_to == ["tensorboard"]
     assert args.optim == "adafactor" and args.save_total_limit == 2 and args.seed == 3

@@ -592,13 +592,14 @@ def training_arguments(
         use_cpu=use_cpu,
         disable_tqdm=False,
     )
-    arguments.update(settings.model_extra or {})
+    arguments.update(passthrough_fields(settings))
     return TrainingArguments(**arguments)
 
 
-def check_trainer_arguments(settings: TrainingSettings) -> dict[str, Any]:
-    """The TrainingArguments fields `settings` passes through, checked against TrainingArguments' type
-    annotations (values converted) and by constructing TrainingArguments; ValueError names the field."""
+def passthrough_fields(settings: TrainingSettings) -> dict[str, Any]:
+    """The TrainingArguments fields `settings` passes through (`report_to`, `optim`, ...), converted to
+    the types TrainingArguments annotates (YAML's "2" for an int field becomes 2); ValueError names the
+    field."""
     hints = typing.get_type_hints(TrainingArguments)
     known = {f.name for f in dataclasses.fields(TrainingArguments) if f.init}
     checked: dict[str, Any] = {}
@@ -618,10 +619,15 @@ def check_trainer_arguments(settings: TrainingSettings) -> dict[str, Any]:
             checked[name] = TypeAdapter(hints[name]).validate_python(value)
         except ValidationError as e:
             raise ValueError(f"{name}: {e.errors()[0]['msg']} (got {value!r})") from None
-    trial = settings.model_copy()
-    trial.__pydantic_extra__ = checked
+    return checked
+
+
+def check_trainer_arguments(settings: TrainingSettings) -> dict[str, Any]:
+    """`passthrough_fields`, then TrainingArguments built from the settings (transformers' own checks: valid
+    optimizer names, strategies that fit, ...); ValueError names the field or the reason."""
+    checked = passthrough_fields(settings)
     try:
-        training_arguments(trial, "kdlab-check", 0, use_cpu=True)
+        training_arguments(settings, "kdlab-check", 0, use_cpu=True)
     except Exception as e:  # transformers' own checks (valid optimizer names, strategies that fit, ...)
         reason = (str(e).strip().splitlines() or [type(e).__name__])[0]
         raise ValueError(f"TrainingArguments refused it: {reason}") from None
