@@ -130,7 +130,7 @@ class StepRunner:
         batch = self.trainer.data_collator(list(items))
         num_items = (batch["labels"][..., 1:] != -100).sum()
         if self.trainer.rollout is not None:  # on-policy: the student samples this step's answers first
-            batch = self.trainer._prepare_inputs(batch)
+            batch = {k: v.to(self.device) if isinstance(v, torch.Tensor) else v for k, v in batch.items()}
             self.trainer.prepare_rollouts([batch], self.device)
         self.trainer.training_step(self.module, batch, num_items_in_batch=num_items)
         torch.nn.utils.clip_grad_norm_(self.module.parameters(), self.max_grad_norm)
