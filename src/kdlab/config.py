@@ -233,6 +233,57 @@ class EvaluationSettings(Strict):
         description="hf backend: a static KV cache (cache_implementation='static') for generation; "
         "worth trying with torch.compile on GPUs, not measured yet",
     )
+    # Left out of study.yaml while unset, and never part of a run's config hash (`scoring`): adding a
+    # benchmark to a finished study redoes no training.
+    benchmarks: BenchmarkSettings | None = Field(
+        None,
+        exclude_if=lambda v: v is None,
+        description="general-ability benchmarks through lm-evaluation-harness (None: none)",
+    )
+
+    def scoring(self) -> EvaluationSettings:
+        """These settings without the benchmarks: what decides the task metrics (the runs' hashes)."""
+        return self.model_copy(update={"benchmarks": None})
+
+
+# lm-eval task and group names as its registry spells them (arc_easy, mmlu, lambada_openai, ...): they also
+# name the study's benchmark runs and folders, so nothing that could leave a folder.
+_BENCHMARK_NAME = re.compile(r"^[A-Za-z0-9_][A-Za-z0-9_.\-]*$")
+
+
+class BenchmarkSettings(Strict):
+    """General-ability benchmarks through EleutherAI's lm-evaluation-harness (`pip install 'kdlab[eval]'`):
+    the teacher (zero-shot and adapted) and every final student are evaluated on them in-process
+    (`kdlab.stages.benchmarks`). Changing these settings redoes only the benchmark evaluations."""
+
+    tasks: list[str] = Field(
+        ..., min_length=1,
+        description="lm-eval task or group names (hellaswag, arc_easy, mmlu, or a task of `include_path`)",
+    )
+    num_fewshot: int | None = Field(None, ge=0, description="few-shot examples; None: each task's default")
+    limit: int | None = Field(
+        None, gt=0,
+        description="only the first N documents of each task (lm-eval's --limit: for quick checks; numbers "
+        "on a subset are not the benchmark's)",
+    )
+    include_path: str | None = Field(
+        None,
+        description="a folder of your own lm-eval YAML tasks (data in local JSONL/CSV files works offline, "
+        "HF_HUB_OFFLINE=1); hub tasks need their datasets in the Hugging Face cache",
+    )
+
+    @field_validator("tasks")
+    @classmethod
+    def _task_names(cls, v: list[str]) -> list[str]:
+        bad = [t for t in v if not _BENCHMARK_NAME.match(t)]
+        if bad:
+            raise ValueError(
+                f"benchmark name(s) {bad} must be an lm-eval task or group name: letters, digits, _ . and - "
+                "(they name the benchmark runs and their folders)"
+            )
+        if len(set(v)) != len(v):
+            raise ValueError(f"benchmark names must be distinct, got {v}")
+        return v
 
 
 class BenchSettings(Strict):

@@ -50,7 +50,7 @@ def run_hash(*parts: Any) -> str:
 # run); the text of the settings is pydantic 2's repr as 0.1.0 saw it.
 _LATER = {
     TrainingSettings: ("packing", "attn_implementation", "teacher_sharding"),
-    EvaluationSettings: ("backend", "static_cache"),
+    EvaluationSettings: ("backend", "static_cache", "benchmarks"),
 }
 
 

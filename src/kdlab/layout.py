@@ -10,6 +10,8 @@ owns. Pure paths: nothing here reads or writes.
     students/<name>/init      a derived student's initial weights
     runs/<id>                 a student run: model, predictions, log, run.json
     selection.json            the grid settings chosen on the selection split
+    benchmarks/<model>/<name> an lm-eval benchmark of one model (teacher-base, teacher-<task>, a student
+                              run id): its per-document scores and answers, run.json
     provenance.json bench.json results.csv report.md ...   what `kdlab run` writes last
 """
 
@@ -26,6 +28,7 @@ BENCH = "bench.json"
 RESULTS = "results.csv"
 REPORT = "report.md"
 PER_EXAMPLE_SCORES = Path("per_example_scores.csv")
+BENCHMARK_SCORES = "scores.json"
 
 
 @dataclass(frozen=True)
@@ -80,6 +83,15 @@ class Layout:
     def run(self, run_id: str) -> Path:
         """A student run's folder."""
         return self.root / "runs" / run_id
+
+    def benchmark(self, model: str, name: str) -> Path:
+        """The benchmark `name` (an lm-eval task or group) of `model`: teacher-base, teacher-<task> or a
+        student run id."""
+        return self.root / "benchmarks" / model / name
+
+    def benchmark_scores(self, model: str, name: str) -> Path:
+        """Its per-document scores and answers (what the report's paired comparison reads)."""
+        return self.benchmark(model, name) / BENCHMARK_SCORES
 
     @property
     def selection(self) -> Path:

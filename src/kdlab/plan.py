@@ -65,7 +65,7 @@ def student_hash_parts(
     config: StudyConfig, student: StudentSettings, task: str, params: dict[str, Any], seed: int
 ) -> list[Any]:
     """What decides a student run's result (`params` with its layer pairs): its config hash's inputs."""
-    return [student, config.teacher, config.tasks[task], params, config.training, config.evaluation,
+    return [student, config.teacher, config.tasks[task], params, config.training, config.evaluation.scoring(),
             config.cache.mode, config.data_seed, seed]
 
 
@@ -73,11 +73,11 @@ def teacher_hash_parts(config: StudyConfig, task: str) -> dict[str, list[Any]]:
     """What decides each of `task`'s teacher runs, by run id: their config hashes' inputs."""
     teacher, settings = config.teacher, config.tasks[task]
     parts: dict[str, list[Any]] = {
-        f"teacher-{task}-zero-shot": [teacher.model, settings, config.evaluation, config.data_seed]
+        f"teacher-{task}-zero-shot": [teacher.model, settings, config.evaluation.scoring(), config.data_seed]
     }
     if teacher.adapt:
         seed = stage_seed(config.seeds, config.data_seed, "teacher")
-        parts[f"teacher-{task}"] = [teacher, settings, config.evaluation, config.data_seed, seed]
+        parts[f"teacher-{task}"] = [teacher, settings, config.evaluation.scoring(), config.data_seed, seed]
     return parts
 
 

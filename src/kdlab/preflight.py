@@ -8,6 +8,7 @@ import importlib.util
 from collections.abc import Sequence
 from typing import TYPE_CHECKING
 
+from kdlab.benchmarks import check_benchmarks
 from kdlab.config import ConfigError, StudyConfig, TaskSettings
 from kdlab.errors import RegistryError
 from kdlab.identity import Rekey, run_hash, runs_to_rekey
@@ -65,6 +66,8 @@ def preflight(study: Study) -> None:
             "evaluation.backend: vllm is not installed (pip install 'kdlab[vllm]' on a CUDA machine); "
             "or use backend: hf"
         )
+    if cfg.evaluation.benchmarks is not None:
+        check_benchmarks(cfg.evaluation.benchmarks)  # lm-eval installed (else how to), names known
 
 
 def check_training_arguments(config: StudyConfig) -> None:

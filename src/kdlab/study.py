@@ -4,7 +4,7 @@ one study.
 
     preflight → data → teacher (zero-shot, adaptation) → students' initial weights → teacher cache
     → sweep (grid on the first seed → best setting on the selection split → the other seeds)
-    → provenance, bench, report
+    → provenance, benchmarks (lm-eval, `evaluation.benchmarks`), bench, report
 
 The stages live in `kdlab.stages`; the runner (`kdlab.runner`) runs each run once. `Study` holds what they
 share: the config, the folder, the tokenizer, the registry, and where things are.
@@ -36,7 +36,7 @@ from kdlab.registry import Registry, RunSpec, rebuild_registry
 from kdlab.resolve import resolve_config
 from kdlab.runner import Runner
 from kdlab.seeding import configure_determinism, stage_seed
-from kdlab.stages import cache, students, sweep, teacher
+from kdlab.stages import benchmarks, cache, students, sweep, teacher
 from kdlab.stages.data import TaskData, load_task_data
 from kdlab.tasks import get_task
 from kdlab.teacher_cache import TeacherCache, hash_file
@@ -175,8 +175,10 @@ class Study:
         failed (empty when everything is done). `executor`: as for `sweep`."""
         start = time.perf_counter()
         self.sweep(executor=executor)
-        if self.ranks.leader:  # inference only: one process measures and writes
+        if self.ranks.leader:
             atomic_write_json(self.layout.provenance, self.provenance(), indent=1)
+        self.failed += benchmarks.run_benchmarks(self)  # every rank: the leader decides and evaluates
+        if self.ranks.leader:  # inference only: one process measures and writes
             if self.config.bench.enabled:
                 from kdlab.bench import write_bench
 

@@ -1,0 +1,235 @@
+"""The benchmark stage (`evaluation.benchmarks`): what the models kept of the base model's general ability.
+The base teacher, the teacher adapted to each task and every final student (each chosen setting, every seed)
+are evaluated on lm-eval benchmarks in-process (`kdlab.benchmarks`), on the study's device, in its
+evaluation dtype, with its batch size.
+
+Each (model, benchmark) is a run of the registry, `benchmark-<name>-<model>`, so a finished evaluation is not
+redone, two processes never do the same one, and one that fails is recorded while the others go on. Its
+hash covers the benchmark's settings, the files of `include_path`, lm-eval's version, the dtype and batch
+size, and the evaluated run's own hash: changing any of them (or retraining the model) redoes it, and
+nothing else. lm-eval's version and every task's version and hash go into provenance.json.
+"""
+
+from __future__ import annotations
+
+import json
+import logging
+from collections.abc import Callable
+from dataclasses import dataclass
+from pathlib import Path
+from typing import TYPE_CHECKING, Any
+
+from kdlab.benchmarks import BenchmarkResult, evaluate_benchmark, lm_eval_version, require_lm_eval
+from kdlab.config import BenchmarkSettings
+from kdlab.files import atomic_write_json
+from kdlab.identity import run_hash
+from kdlab.registry import RunRecord, RunSpec
+from kdlab.teacher_cache import hash_file
+
+if TYPE_CHECKING:
+    from kdlab.stages.shared import StudyView
+
+log = logging.getLogger("kdlab")
+
+METHOD = "benchmarks"  # the registry's method of benchmark runs (kind "teacher": no student grid sees them)
+BASE_TEACHER = "teacher-base"  # the base teacher's model key: one model, whatever the task
+
+
+@dataclass(frozen=True)
+class BenchmarkModel:
+    """A model the stage evaluates: `key` names it in run ids and folders (teacher-base, teacher-<task>, a
+    student run id); `path` is the folder its weights are in; `source_hash` the config hash of the run that
+    made it (the base teacher: its spec's)."""
+
+    key: str
+    path: str
+    task: str
+    student: str
+    seed: int | None
+    source_hash: str
+    trust_remote_code: bool = False
+
+
+def run_id(name: str, model: str) -> str:
+    return f"benchmark-{name}-{model}"
+
+
+def is_benchmark_run(run: RunRecord) -> bool:
+    return run.method == METHOD
+
+
+def _has_weights(folder: Path) -> bool:
+    return (folder / "config.json").is_file() or (folder / "adapter_config.json").is_file()
+
+
+def benchmark_models(study: StudyView) -> list[BenchmarkModel]:
+    """The base teacher, the adapted teacher of each task, and every run of each (student, method, task)'s
+    chosen setting (as the report and the bench choose it), for the models whose weights are there."""
+    from kdlab.report.collect import StudyOutputs, chosen_groups
+
+    cfg = study.config
+    trust = cfg.teacher.trust_remote_code
+    first_task = next(iter(cfg.tasks))
+    models = [BenchmarkModel(BASE_TEACHER, study.base_teacher_path, first_task, "teacher", None,
+                             run_hash(cfg.teacher.model, cfg.teacher.revision), trust)]
+    if cfg.teacher.adapt:
+        for task in cfg.tasks:
+            record = study.registry.get(f"teacher-{task}")
+            folder = Path(study.teacher_path(task))
+            if record is not None and record.done and _has_weights(folder):
+                models.append(BenchmarkModel(f"teacher-{task}", str(folder), task, "teacher", record.seed,
+                                             record.config_hash, trust))
+    path = study.layout.selection
+    selection = json.loads(path.read_text()) if path.is_file() else {}
+    outputs = StudyOutputs(study.out, study.registry.runs(), selection, cfg, None, None, list(cfg.tasks))
+    students = {s.name: s for s in cfg.students}
+    for (student, _method, task), group in chosen_groups(outputs).items():
+        for run in group.runs:
+            folder = outputs.run_dir(run) / "model"
+            if not _has_weights(folder):
+                study.log(f"[benchmarks] {run.id}: no saved model in {folder}; not evaluated")
+                continue
+            settings = students.get(student)
+            models.append(BenchmarkModel(run.id, str(folder), task, student, run.seed, run.config_hash,
+                                         settings.trust_remote_code if settings is not None else False))
+    return models
+
+
+def include_path_hash(settings: BenchmarkSettings) -> str | None:
+    """The files of `include_path` (task YAML and local data), hashed: editing a task redoes it."""
+    if not settings.include_path:
+        return None
+    root = Path(settings.include_path)
+    files = sorted(p for p in root.rglob("*") if p.is_file() and not p.name.startswith("."))
+    return run_hash({str(p.relative_to(root)): hash_file(p) for p in files})
+
+
+def benchmark_spec(study: StudyView, model: BenchmarkModel, name: str, include_hash: str | None) -> RunSpec:
+    settings = study.config.evaluation.benchmarks
+    assert settings is not None
+    ev = study.config.evaluation
+    params = {"model": model.key, "benchmark": name, "num_fewshot": settings.num_fewshot,
+              "limit": settings.limit}
+    return RunSpec(
+        id=run_id(name, model.key),
+        kind="teacher",
+        task=model.task,
+        method=METHOD,
+        student=model.student,
+        stage="teacher",
+        params=params,
+        seed=model.seed,
+        config_hash=run_hash(params, settings.include_path, include_hash, lm_eval_version(), ev.dtype,
+                             ev.batch_size, model.source_hash),
+        output_dir=str(study.layout.benchmark(model.key, name)),
+    )
+
+
+class _LoadedModel:
+    """A model loaded on first use and released after its benchmarks: nothing is loaded when every
+    benchmark of it is already done."""
+
+    def __init__(self, study: StudyView, model: BenchmarkModel):
+        self.study, self.model = study, model
+        self._loaded: tuple[Any, Any] | None = None
+
+    def get(self) -> tuple[Any, Any]:
+        if self._loaded is None:
+            from kdlab.models import load_model, load_tokenizer
+
+            m, study = self.model, self.study
+            model = load_model(m.path, dtype=study.config.evaluation.dtype, device=study.device,
+                               trust_remote_code=m.trust_remote_code)
+            if hasattr(model, "merge_and_unload"):  # a student saved as an adapter: evaluated merged
+                model = model.merge_and_unload()
+            model.eval()
+            # A model folder with its own tokenizer is read with it (a student of another vocabulary).
+            own = (Path(m.path) / "tokenizer_config.json").is_file()
+            tokenizer = (load_tokenizer(m.path, trust_remote_code=m.trust_remote_code) if own
+                         else study.tokenizer)
+            self._loaded = (model, tokenizer)
+        return self._loaded
+
+    def release(self) -> None:
+        self._loaded = None
+
+
+def _body(study: StudyView, loaded: _LoadedModel, name: str) -> Callable[[], dict[str, Any]]:
+    settings = study.config.evaluation.benchmarks
+    assert settings is not None
+
+    def evaluate() -> dict[str, Any]:
+        model, tokenizer = loaded.get()
+        result = evaluate_benchmark(model, tokenizer, name, settings,
+                                    batch_size=study.config.evaluation.batch_size)
+        write_scores(study.layout.benchmark_scores(loaded.model.key, name), result)
+        return {"benchmarks": result.metrics,
+                "lm_eval": {"version": lm_eval_version(), "tasks": result.tasks}}
+
+    return evaluate
+
+
+def write_scores(path: Path, result: BenchmarkResult) -> None:
+    atomic_write_json(path, {"scores": result.scores, "responses": result.responses})
+
+
+def run_benchmarks(study: StudyView) -> list[str]:
+    """Every benchmark of every model not evaluated yet (on every rank of a launch: the leader decides and
+    evaluates); then provenance.json's `benchmarks` section. Returns the ids of the benchmark runs that
+    failed."""
+    settings = study.config.evaluation.benchmarks
+    if settings is None:
+        return []
+    require_lm_eval()
+    include_hash = include_path_hash(settings)
+    failed: list[str] = []
+    for model in benchmark_models(study):
+        loaded = _LoadedModel(study, model)
+        for name in settings.tasks:
+            spec = benchmark_spec(study, model, name, include_hash)
+            # The scores file gone: the comparison cannot be made, so the evaluation is redone.
+            study.runner.redo_if_lost(spec, study.layout.benchmark_scores(model.key, name).is_file())
+            # force: changed settings redo a finished evaluation (it is cheap, and nothing depends on it)
+            record = study.runner.execute(spec, _body(study, loaded, name), force=True)
+            if record is not None and record.status == "failed":
+                failed.append(spec.id)
+        loaded.release()
+    if study.ranks.leader:
+        write_provenance(study)
+    return failed
+
+
+def benchmark_provenance(runs: list[RunRecord]) -> dict[str, Any]:
+    """lm-eval's version and, per lm-eval task, its version, few-shot count, documents and hash, from the
+    finished benchmark runs (a task whose hash differs between models lists every hash: it should not)."""
+    versions: set[str] = set()
+    tasks: dict[str, dict[str, Any]] = {}
+    for run in runs:
+        if not (is_benchmark_run(run) and run.done):
+            continue
+        info = (run.metrics or {}).get("lm_eval") or {}
+        if info.get("version"):
+            versions.add(str(info["version"]))
+        for task, facts in (info.get("tasks") or {}).items():
+            entry = tasks.setdefault(task, {k: v for k, v in facts.items() if k != "hash"} | {"hash": []})
+            if facts.get("hash") not in entry["hash"]:
+                entry["hash"].append(facts.get("hash"))
+    for entry in tasks.values():
+        entry["hash"] = entry["hash"][0] if len(entry["hash"]) == 1 else entry["hash"]
+    version = sorted(versions)[0] if len(versions) == 1 else sorted(versions)
+    return {"lm_eval": version, "tasks": dict(sorted(tasks.items()))}
+
+
+def write_provenance(study: StudyView) -> None:
+    """provenance.json with its `benchmarks` section from the registry (the rest as the study wrote it)."""
+    path = study.layout.provenance
+    data: dict[str, Any] = {}
+    if path.is_file():
+        try:
+            data = json.loads(path.read_text())
+        except ValueError:
+            data = {}
+    if not isinstance(data, dict) or not data:
+        data = study.provenance()
+    data["benchmarks"] = benchmark_provenance(study.registry.runs())
+    atomic_write_json(path, data, indent=1)
