@@ -8,6 +8,8 @@ and the teacher stage read it; nothing else lists runs.
     student runs   per (task, student, method): the grid on the first seed, then the chosen grid point on
                    every other seed. Which point is chosen is known once the grid is done, so the plan holds
                    the final runs of every point (`RunGroup.finals(point)`).
+    benchmark runs per (model, lm-eval benchmark) of `evaluation.benchmarks`: which students are evaluated is
+                   known once the sweep chose them, so the plan gives `benchmark_run` for the stage to call
 """
 
 from __future__ import annotations
@@ -79,6 +81,29 @@ def teacher_hash_parts(config: StudyConfig, task: str) -> dict[str, list[Any]]:
         seed = stage_seed(config.seeds, config.data_seed, "teacher")
         parts[f"teacher-{task}"] = [teacher, settings, config.evaluation.scoring(), config.data_seed, seed]
     return parts
+
+
+BENCHMARK_METHOD = "benchmarks"  # the registry's method of benchmark runs (kind "teacher": no grid sees them)
+
+
+def benchmark_run(
+    config: StudyConfig, layout: Layout, name: str, model: str, *, task: str, student: str,
+    seed: int | None, source_hash: str, include_hash: str | None, lm_eval: str | None,
+) -> RunSpec:
+    """The run that evaluates `model` (teacher-base, teacher-<task> or a student run id, made by the run
+    whose config hash is `source_hash`) on the lm-eval benchmark `name`. Its hash: the benchmark settings,
+    the files of include_path (`include_hash`), lm-eval's version, the evaluation dtype and batch size, and
+    `source_hash`, so a retrained model or a changed benchmark is evaluated again, and nothing else is."""
+    settings, ev = config.evaluation.benchmarks, config.evaluation
+    assert settings is not None
+    params = {"model": model, "benchmark": name, "num_fewshot": settings.num_fewshot, "limit": settings.limit}
+    return RunSpec(
+        id=f"benchmark-{name}-{model}", kind="teacher", task=task, method=BENCHMARK_METHOD, student=student,
+        stage="teacher", params=params, seed=seed,
+        config_hash=run_hash(params, settings.include_path, include_hash, lm_eval, ev.dtype, ev.batch_size,
+                             source_hash),
+        output_dir=str(layout.benchmark(model, name)),
+    )
 
 
 @dataclass(frozen=True)

@@ -23,7 +23,8 @@ from kdlab.benchmarks import BenchmarkResult, evaluate_benchmark, lm_eval_versio
 from kdlab.config import BenchmarkSettings
 from kdlab.files import atomic_write_json
 from kdlab.identity import run_hash
-from kdlab.registry import RunRecord, RunSpec
+from kdlab.plan import BENCHMARK_METHOD, benchmark_run
+from kdlab.registry import RunRecord
 from kdlab.teacher_cache import hash_file
 
 if TYPE_CHECKING:
@@ -31,7 +32,6 @@ if TYPE_CHECKING:
 
 log = logging.getLogger("kdlab")
 
-METHOD = "benchmarks"  # the registry's method of benchmark runs (kind "teacher": no student grid sees them)
 BASE_TEACHER = "teacher-base"  # the base teacher's model key: one model, whatever the task
 
 
@@ -50,12 +50,8 @@ class BenchmarkModel:
     trust_remote_code: bool = False
 
 
-def run_id(name: str, model: str) -> str:
-    return f"benchmark-{name}-{model}"
-
-
 def is_benchmark_run(run: RunRecord) -> bool:
-    return run.method == METHOD
+    return run.method == BENCHMARK_METHOD
 
 
 def _has_weights(folder: Path) -> bool:
@@ -102,27 +98,6 @@ def include_path_hash(settings: BenchmarkSettings) -> str | None:
     root = Path(settings.include_path)
     files = sorted(p for p in root.rglob("*") if p.is_file() and not p.name.startswith("."))
     return run_hash({str(p.relative_to(root)): hash_file(p) for p in files})
-
-
-def benchmark_spec(study: StudyView, model: BenchmarkModel, name: str, include_hash: str | None) -> RunSpec:
-    settings = study.config.evaluation.benchmarks
-    assert settings is not None
-    ev = study.config.evaluation
-    params = {"model": model.key, "benchmark": name, "num_fewshot": settings.num_fewshot,
-              "limit": settings.limit}
-    return RunSpec(
-        id=run_id(name, model.key),
-        kind="teacher",
-        task=model.task,
-        method=METHOD,
-        student=model.student,
-        stage="teacher",
-        params=params,
-        seed=model.seed,
-        config_hash=run_hash(params, settings.include_path, include_hash, lm_eval_version(), ev.dtype,
-                             ev.batch_size, model.source_hash),
-        output_dir=str(study.layout.benchmark(model.key, name)),
-    )
 
 
 class _LoadedModel:
@@ -180,13 +155,15 @@ def run_benchmarks(study: StudyView) -> list[str]:
     settings = study.config.evaluation.benchmarks
     if settings is None:
         return []
-    require_lm_eval()
+    version = require_lm_eval()
     include_hash = include_path_hash(settings)
     failed: list[str] = []
     for model in benchmark_models(study):
         loaded = _LoadedModel(study, model)
         for name in settings.tasks:
-            spec = benchmark_spec(study, model, name, include_hash)
+            spec = benchmark_run(study.config, study.layout, name, model.key, task=model.task,
+                                 student=model.student, seed=model.seed, source_hash=model.source_hash,
+                                 include_hash=include_hash, lm_eval=version)
             # The scores file gone: the comparison cannot be made, so the evaluation is redone.
             study.runner.redo_if_lost(spec, study.layout.benchmark_scores(model.key, name).is_file())
             # force: changed settings redo a finished evaluation (it is cheap, and nothing depends on it)
