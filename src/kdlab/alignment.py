@@ -200,8 +200,7 @@ def token_bytes(tokenizer: PreTrainedTokenizerBase) -> list[bytes | None]:
     """The bytes each token id stands for (None: a special or added token, or a piece that is not text)."""
     vocab = tokenizer.get_vocab()
     out: list[bytes | None] = [None] * (max(vocab.values()) + 1)
-    special = set(tokenizer.all_special_ids) | {
-        i for t, i in vocab.items() if t in getattr(tokenizer, "added_tokens_encoder", {})}
+    special = _special_ids(tokenizer)
     byte_level = _is_byte_level(tokenizer)
     alphabet = _byte_level_alphabet()
     for text, i in vocab.items():
@@ -262,6 +261,14 @@ def vocabulary_map(student: PreTrainedTokenizerBase, teacher: PreTrainedTokenize
         if t is not None and t not in used:
             pairs[i] = t
             used.add(t)
+    # Special and added tokens by their text (<pad> with <pad>), EOS by role whatever its text.
+    t_special, s_special = _special_ids(teacher), _special_ids(student)
+    teacher_special = {t: i for t, i in teacher.get_vocab().items() if i in t_special}
+    for text, i in student.get_vocab().items():
+        t = teacher_special.get(text)
+        if i in s_special and t is not None and t not in used:
+            pairs[i] = t
+            used.add(t)
     if student.eos_token_id is not None and teacher.eos_token_id is not None:
         pairs = {s: t for s, t in pairs.items() if t != teacher.eos_token_id}
         pairs[student.eos_token_id] = teacher.eos_token_id
@@ -272,6 +279,13 @@ def vocabulary_map(student: PreTrainedTokenizerBase, teacher: PreTrainedTokenize
         student_vocab=len(student),
         teacher_vocab=len(teacher),
     )
+
+
+def _special_ids(tokenizer: PreTrainedTokenizerBase) -> set[int]:
+    """Special and added tokens: matched by their text, not their bytes."""
+    vocab = tokenizer.get_vocab()
+    added = getattr(tokenizer, "added_tokens_encoder", {})
+    return set(tokenizer.all_special_ids) | {i for t, i in vocab.items() if t in added}
 
 
 def _is_byte_piece(tokenizer: PreTrainedTokenizerBase, token_id: int) -> bool:

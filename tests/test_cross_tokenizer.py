@@ -1,0 +1,212 @@
+"""Cross-tokenizer losses (kdlab.cross_tokenizer) against an independent float64 computation at vocabularies
+of >= 32,000 tokens (teacher and student of different sizes), and their identities: student = teacher gives
+0, and hybrid with one tokenizer on both sides is ordinary KD."""
+
+from __future__ import annotations
+
+import numpy as np
+import pytest
+import torch
+
+from kdlab import losses
+from kdlab.cross_tokenizer import (
+    MATCHED_WEIGHT,
+    UNMATCHED_WEIGHT,
+    cached_head,
+    full_head,
+    head_token_logprob,
+    hybrid_loss,
+    uld_loss,
+)
+
+V_S, V_T = 32_000, 33_280  # student and teacher vocabularies (different sizes)
+T = 2.0
+
+
+def softmax64(z: np.ndarray) -> np.ndarray:
+    z = z.astype(np.float64)
+    e = np.exp(z - z.max(-1, keepdims=True))
+    return e / e.sum(-1, keepdims=True)
+
+
+def sorted_l1_64(a: np.ndarray, b: np.ndarray) -> float:
+    n = max(len(a), len(b))
+    a = np.sort(np.pad(a, (0, n - len(a))))[::-1]
+    b = np.sort(np.pad(b, (0, n - len(b))))[::-1]
+    return float(np.abs(a - b).sum())
+
+
+def logits(n: int, vocab: int, seed: int, scale: float = 3.0) -> torch.Tensor:
+    return torch.randn(n, vocab, generator=torch.Generator().manual_seed(seed)) * scale
+
+
+@pytest.mark.parametrize("sizes", [(V_S, V_T), (V_T, V_S)])
+def test_uld_full_teacher_matches_float64(sizes) -> None:
+    vs, vt = sizes
+    s, t = logits(4, vs, 0), logits(4, vt, 1)
+    got = uld_loss(s, *full_head(t, T), temperature=T, num_tokens=3)
+    ps, pt = softmax64(s.numpy() / T), softmax64(t.numpy() / T)
+    want = T**2 * sum(sorted_l1_64(ps[i], pt[i]) for i in range(4)) / 3
+    assert got.dtype == torch.float32
+    assert float(got) == pytest.approx(want, rel=2e-5)
+
+
+def test_uld_cached_top_k_matches_float64() -> None:
+    s, t = logits(3, V_S, 2), logits(3, V_T, 3)
+    k = 64
+    logp1 = torch.log_softmax(t, dim=-1)
+    top = logp1.topk(k, dim=-1)
+    rest = logp1.scatter(1, top.indices, float("-inf"))
+    tail_lse = torch.logsumexp(rest / T, dim=-1)  # what the cache stores at temperature T
+    got = uld_loss(s, *cached_head(top.indices, top.values, tail_lse, T), temperature=T, num_tokens=1)
+    ps, pt = softmax64(s.numpy() / T), softmax64(t.numpy() / T)
+    want = 0.0
+    for i in range(3):
+        a = np.sort(ps[i])[::-1]
+        b = np.sort(pt[i])[::-1][:k]
+        want += np.abs(a[:k] - b).sum() + abs(a[k:].sum() - (1 - b.sum()))
+    assert float(got) == pytest.approx(T**2 * want, rel=2e-5)
+
+
+def test_cached_head_over_every_token_is_the_live_head() -> None:
+    t = logits(2, 500, 4)
+    logp1 = torch.log_softmax(t, dim=-1)
+    idx = logp1.argsort(dim=-1, descending=True)
+    cached = cached_head(idx, logp1.gather(1, idx), torch.full((2,), float("-inf")), T)
+    live = full_head(t, T)
+    torch.testing.assert_close(cached[1].gather(1, idx.argsort(dim=-1)), live[1], rtol=0, atol=1e-5)
+    s = logits(2, 400, 5)
+    torch.testing.assert_close(uld_loss(s, *cached, temperature=T, num_tokens=1),
+                               uld_loss(s, *live, temperature=T, num_tokens=1), rtol=1e-5, atol=1e-6)
+
+
+def test_uld_is_zero_for_the_same_distribution_and_sorts() -> None:
+    t = logits(3, V_S, 6)
+    assert float(uld_loss(t, *full_head(t, T), temperature=T, num_tokens=1)) == pytest.approx(0, abs=1e-6)
+    # A permuted vocabulary has the same sorted probabilities: ULD ignores token identity.
+    perm = torch.randperm(V_S, generator=torch.Generator().manual_seed(0))
+    assert float(uld_loss(t[:, perm], *full_head(t, T), temperature=T, num_tokens=1)) == pytest.approx(
+        0, abs=1e-6)
+    assert float(uld_loss(t, *full_head(logits(3, V_S, 7), T), temperature=T, num_tokens=1)) > 0.1
+
+
+def random_map(seed: int, matched: int) -> tuple[torch.Tensor, torch.Tensor]:
+    g = torch.Generator().manual_seed(seed)
+    s_ids = torch.randperm(V_S, generator=g)[:matched]
+    t_ids = torch.randperm(V_T, generator=g)[:matched]
+    table = torch.full((V_T,), -1, dtype=torch.long)
+    table[t_ids] = s_ids
+    mask = torch.zeros(V_S, dtype=torch.bool)
+    mask[s_ids] = True
+    return table, mask
+
+
+def hybrid64(s, t, table, mask, merged, first, rest_logp, divergence="forward_kl") -> float:
+    """The hybrid loss of one batch, row by row in float64 from its definition."""
+    ps, pt = softmax64(s.numpy() / T), softmax64(t.numpy() / T)
+    table, mask = table.numpy(), mask.numpy()
+    total = 0.0
+    for i in range(len(ps)):
+        p_t = pt[i].copy()
+        q = np.zeros(V_S)
+        in_a = mask.copy()
+        if merged[i] >= 0:
+            chain = p_t[first[i]] * np.exp(float(rest_logp[i]))
+            p_t[first[i]] -= chain
+            q[merged[i]] += chain
+            in_a[merged[i]] = True
+        t_matched = table >= 0
+        q[table[t_matched]] += p_t[t_matched]
+        rest_t = p_t[~t_matched].sum()
+        rest_s = ps[i][~in_a].sum()
+        p_a, q_a = ps[i][in_a], q[in_a]
+        buckets_t = np.append(q_a, rest_t)
+        buckets_s = np.append(p_a, rest_s)
+        if divergence == "forward_kl":
+            pos = buckets_t > 0
+            d = float((buckets_t[pos] * np.log(buckets_t[pos] / buckets_s[pos])).sum())
+        else:  # reverse_kl
+            pos = buckets_s > 0
+            d = float((buckets_s[pos] * np.log(buckets_s[pos] / buckets_t[pos])).sum())
+        uld = sorted_l1_64(ps[i][~in_a], p_t[~t_matched])
+        total += MATCHED_WEIGHT * d + UNMATCHED_WEIGHT * uld
+    return T**2 * total
+
+
+@pytest.mark.parametrize("divergence", ["forward_kl", "reverse_kl"])
+def test_hybrid_matches_float64(divergence) -> None:
+    n = 4
+    s, t = logits(n, V_S, 10), logits(n, V_T, 11)
+    table, mask = random_map(0, 20_000)
+    matched_s = torch.nonzero(mask).squeeze(1)
+    unmatched_s = torch.nonzero(~mask).squeeze(1)
+    matched_t = torch.nonzero(table >= 0).squeeze(1)
+    unmatched_t = torch.nonzero(table < 0).squeeze(1)
+    # Row 0: no merge; row 1: an unmatched student token spelled by a matched first piece and more; row 2: a
+    # matched student token by an unmatched first piece; row 3: first piece maps to the merged token itself.
+    merged = torch.tensor([-1, int(unmatched_s[5]), int(matched_s[7]), int(table[matched_t[9]])])
+    first = torch.tensor([-1, int(matched_t[3]), int(unmatched_t[4]), int(matched_t[9])])
+    rest_logp = torch.tensor([0.0, -0.7, -2.5, -0.01])
+    got = hybrid_loss(
+        s, *full_head(t, T), teacher_to_student=table, student_matched=mask, merged_student_token=merged,
+        merged_first_piece=first, merged_rest_logprob=rest_logp, temperature=T, divergence=divergence,
+        num_tokens=1)
+    want = hybrid64(s, t, table, mask, merged.tolist(), first.tolist(), rest_logp.tolist(), divergence)
+    assert float(got) == pytest.approx(want, rel=1e-4)
+
+
+@pytest.mark.parametrize("divergence", losses.DIVERGENCES)
+def test_hybrid_with_one_tokenizer_is_ordinary_kd(divergence) -> None:
+    s, t = logits(5, V_S, 20), logits(5, V_S, 21)
+    identity = torch.arange(V_S)
+    common = dict(temperature=T, divergence=divergence, num_tokens=4)
+    got = hybrid_loss(s, *full_head(t, T), teacher_to_student=identity,
+                      student_matched=torch.ones(V_S, dtype=torch.bool), **common)
+    torch.testing.assert_close(got, losses.kd_divergence_full(s, t, **common), rtol=1e-5, atol=1e-7)
+    # The same with a cached top-k teacher: ordinary KD over the top-k and its tail bucket.
+    logp1 = torch.log_softmax(t, dim=-1)
+    top = logp1.topk(32, dim=-1)
+    tail = torch.logsumexp(logp1.scatter(1, top.indices, float("-inf")) / T, dim=-1)
+    got = hybrid_loss(s, *cached_head(top.indices, top.values, tail, T), teacher_to_student=identity,
+                      student_matched=torch.ones(V_S, dtype=torch.bool), **common)
+    want = losses.kd_divergence_topk(s, top.indices, top.values, tail_lse=tail, **common)
+    torch.testing.assert_close(got, want, rtol=1e-5, atol=1e-7)
+
+
+def test_hybrid_is_zero_when_the_student_is_the_teacher() -> None:
+    t = logits(3, V_S, 30)
+    identity = torch.arange(V_S)
+    got = hybrid_loss(t, *full_head(t, T), teacher_to_student=identity,
+                      student_matched=torch.ones(V_S, dtype=torch.bool), temperature=T, num_tokens=1)
+    assert float(got) == pytest.approx(0, abs=1e-5)
+
+
+def test_hybrid_gradient_is_finite_and_reaches_the_student() -> None:
+    s = logits(2, 300, 40).requires_grad_(True)
+    t = logits(2, 350, 41)
+    table = torch.full((350,), -1, dtype=torch.long)
+    table[:200] = torch.arange(200)
+    mask = torch.zeros(300, dtype=torch.bool)
+    mask[:200] = True
+    loss = hybrid_loss(s, *full_head(t, T), teacher_to_student=table, student_matched=mask,
+                       merged_student_token=torch.tensor([250, -1]), merged_first_piece=torch.tensor([3, -1]),
+                       merged_rest_logprob=torch.tensor([-1.0, 0.0]), temperature=T, num_tokens=2)
+    loss.backward()
+    assert torch.isfinite(s.grad).all() and s.grad.abs().sum() > 0
+
+
+def test_head_token_logprob_reads_listed_tokens_only() -> None:
+    idx = torch.tensor([[4, 2, 9]])
+    lp = torch.tensor([[-0.1, -2.0, -3.0]])
+    assert head_token_logprob(idx, lp, torch.tensor([2])).item() == pytest.approx(-2.0)
+    assert head_token_logprob(idx, lp, torch.tensor([5])).item() == float("-inf")
+
+
+def test_bad_shapes_are_refused() -> None:
+    with pytest.raises(ValueError, match="tail must be"):
+        uld_loss(torch.zeros(2, 5), torch.zeros(2, 3, dtype=torch.long), torch.zeros(2, 3), torch.zeros(3),
+                 temperature=1.0, num_tokens=1)
+    with pytest.raises(ValueError, match="divergence must be one of"):
+        hybrid_loss(torch.zeros(1, 5), *full_head(torch.zeros(1, 5), 1.0), teacher_to_student=torch.arange(5),
+                    student_matched=torch.ones(5, dtype=torch.bool), temperature=1.0, divergence="kl",
+                    num_tokens=1)
