@@ -228,9 +228,9 @@ def kdlab_messages() -> list[str]:
 def no_training(monkeypatch: pytest.MonkeyPatch) -> None:
     """Finished work must not be redone: training, evaluation, cache building and deriving a student raise."""
     import kdlab.evaluation
+    import kdlab.job
     import kdlab.stages.cache
     import kdlab.stages.students
-    import kdlab.stages.sweep
     import kdlab.stages.teacher
 
     def forbidden(*args: object, **kwargs: object) -> None:
@@ -238,7 +238,7 @@ def no_training(monkeypatch: pytest.MonkeyPatch) -> None:
 
     for module, name in [
         (kdlab.stages.teacher, "train"),
-        (kdlab.stages.sweep, "train"),
+        (kdlab.job, "train"),
         (kdlab.evaluation, "evaluate"),
         (kdlab.stages.cache, "build_teacher_cache"),
         (kdlab.stages.students, "derive_student"),

@@ -203,12 +203,12 @@ def test_failed_run_is_recorded_and_redone(tiny_data_dir: Path, tmp_path: Path,
     out = tmp_path / "out"
     config = tmp_path / "mini.yaml"
     config.write_text(yaml.safe_dump(_mini_config(out)))
-    real = kdlab.stages.sweep.train_student
+    real = kdlab.stages.sweep.run_job
 
-    def broken(study, spec, student, cache):
+    def broken(job, ranks=None, **held):
         raise RuntimeError("boom: simulated crash")
 
-    monkeypatch.setattr(kdlab.stages.sweep, "train_student", broken)
+    monkeypatch.setattr(kdlab.stages.sweep, "run_job", broken)
     argv = ["run", str(config), "--data-dir", str(tiny_data_dir)]
     assert main(argv) == 1  # the study finishes what it can and reports the failure
     registry = Registry(out / "registry.sqlite")
@@ -218,7 +218,7 @@ def test_failed_run_is_recorded_and_redone(tiny_data_dir: Path, tmp_path: Path,
     assert registry.get("teacher-sst2-zero-shot").status == "done"
     assert "sft-sst2-s1-seed1" in capsys.readouterr().err  # status on stderr
 
-    monkeypatch.setattr(kdlab.stages.sweep, "train_student", real)
+    monkeypatch.setattr(kdlab.stages.sweep, "run_job", real)
     assert main(argv) == 0
     run = registry.get("sft-sst2-s1-seed1")
     assert run.status == "done" and run.attempts == 2 and run.error is None

@@ -383,19 +383,19 @@ def test_study_loads_frozen_weights_in_bf16(tiny_data_dir: Path, tmp_path: Path,
     and a bf16 live teacher (cache.mode online), and the run finishes."""
     import yaml
 
-    import kdlab.stages.sweep
+    import kdlab.job
     from kdlab.cli import main
     from kdlab.config import preset_text
 
     seen: list[tuple[Any, Any]] = []
-    real_train = kdlab.stages.sweep.train
+    real_train = kdlab.job.train
 
     def spy(student: torch.nn.Module, items: Any, **kwargs: Any) -> Any:
         teacher = kwargs.get("live_teacher")
         seen.append((_dtypes(student), None if teacher is None else _dtypes(teacher)))
         return real_train(student, items, **kwargs)
 
-    monkeypatch.setattr(kdlab.stages.sweep, "train", spy)
+    monkeypatch.setattr(kdlab.job, "train", spy)
     data = yaml.safe_load(preset_text("smoke"))
     data["teacher"]["adapt"] = False
     data["tasks"] = {"sst2": data["tasks"]["sst2"]}

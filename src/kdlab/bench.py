@@ -29,8 +29,8 @@ from transformers import PreTrainedTokenizerBase
 
 from kdlab import evaluation
 from kdlab.files import atomic_write_json
+from kdlab.job import PROJECTIONS_FILE
 from kdlab.models import count_parameters, folder_size_bytes, load_model
-from kdlab.stages.sweep import PROJECTIONS_FILE
 from kdlab.tasks.base import Example, Task
 
 log = logging.getLogger("kdlab")

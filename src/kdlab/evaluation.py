@@ -151,6 +151,18 @@ def generation_options(options: GenerationOptions) -> Iterator[None]:
         _GENERATION.reset(token)
 
 
+def generation_for(settings: Any, model_path: str | None) -> GenerationOptions:
+    """How to generate with a model whose weights are in the folder `model_path`, under the study's
+    `evaluation:` settings (None: in memory only, so the hf backend whatever `backend` says: vLLM reads
+    weights from disk)."""
+    backend = settings.backend if model_path else "hf"
+    if backend != settings.backend:
+        log.info(f"[generation] {settings.backend} needs the weights on disk; using hf for an in-memory "
+                 "model")
+    return GenerationOptions(backend=backend, static_cache=settings.static_cache, model_path=model_path,
+                             dtype=settings.dtype)
+
+
 @torch.no_grad()
 def generate_answers(
     model: nn.Module, tokenizer: PreTrainedTokenizerBase, prompt_ids: Sequence[list[int]], *,

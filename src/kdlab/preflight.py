@@ -19,7 +19,7 @@ from kdlab.tasks import get_task
 from kdlab.training import check_trainer_arguments
 
 if TYPE_CHECKING:
-    from kdlab.study import Study
+    from kdlab.stages.shared import StudyView
 
 
 def field_error(where: str, error: Exception) -> str:
@@ -28,7 +28,7 @@ def field_error(where: str, error: Exception) -> str:
     return text if text.startswith(where) else f"{where}: {text}"
 
 
-def preflight(study: Study) -> None:
+def preflight(study: StudyView) -> None:
     """Model paths, tokenizers (students share the teacher's vocabulary), derivable students and layer maps,
     top-k within the vocabulary, data files with their fields, subset sizes, labels. Raises ConfigError /
     DataError naming the field or file."""
@@ -84,7 +84,7 @@ def check_training_arguments(config: StudyConfig) -> None:
             raise ConfigError(f"{field}: {reason if field != where else e}") from None
 
 
-def check_task(study: Study, name: str, settings: TaskSettings) -> None:
+def check_task(study: StudyView, name: str, settings: TaskSettings) -> None:
     """A task's template and labels, and its data: every file loaded (and so checked: encoding, columns,
     fields, not empty) and large enough for the subsets the config asks for."""
     try:
@@ -107,7 +107,7 @@ def check_task(study: Study, name: str, settings: TaskSettings) -> None:
         )
 
 
-def finished_runs(study: Study) -> list[RunRecord]:
+def finished_runs(study: StudyView) -> list[RunRecord]:
     """The study's finished runs, read without writing: from the registry, or from the run folders' records
     when the registry file is gone."""
     path = study.layout.registry
@@ -116,7 +116,7 @@ def finished_runs(study: Study) -> list[RunRecord]:
     return find_run_records(study.out)[0] if study.out.is_dir() else []
 
 
-def check_finished_runs(study: Study, finished: Sequence[RunRecord]) -> list[Rekey]:
+def check_finished_runs(study: StudyView, finished: Sequence[RunRecord]) -> list[Rekey]:
     """Refuse a config under which a run the study finished would now be a different run (same id, other
     settings), unless --force: its result would no longer match the study. Checked up front, so the refused
     config is never written to study.yaml. Returns the finished runs recorded under kdlab 0.1.0's hash of

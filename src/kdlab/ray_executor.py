@@ -2,9 +2,9 @@
 
 One process, the driver, owns the study: it alone reads and writes the registry (SQLite must not be shared
 across hosts), runs the teacher stages and caches, claims each student run and hands it to Ray as a task
-with the resources the config asks (`executor:`), and records what comes back. A task receives plain data
-(the config as YAML, the study folder, the run's spec), rebuilds the study there and calls the same
-`train_student` a local sweep calls; results and models land in the study folder, which every node must
+with the resources the config asks (`executor:`), and records what comes back. A task receives the run's
+`Job` (plain, frozen data: spec, settings, paths) and calls the same `run_job` a local sweep calls; it never
+builds a `Study` or opens the registry. Results and models land in the study folder, which every node must
 mount at the same path (docs/cluster.md says why). Ray schedules the tasks over the cluster and runs one
 again when its worker or node dies (`max_retries`); the run then resumes from its last checkpoint
 (`training.save_steps`).
@@ -29,15 +29,15 @@ from collections.abc import Iterator
 from pathlib import Path
 from typing import TYPE_CHECKING, Any
 
-from kdlab.config import ConfigError, ExecutorSettings, StudentSettings, StudyConfig
+from kdlab.config import ConfigError, ExecutorSettings, StudyConfig
 from kdlab.errors import RegistryError
 from kdlab.files import atomic_write_json
+from kdlab.job import Job, with_absolute_paths
 from kdlab.layout import Layout
 from kdlab.registry import Registry, RunRecord, RunSpec, check_local_sharing, default_owner
 
 if TYPE_CHECKING:
-    from kdlab.study import Study
-    from kdlab.teacher_cache import TeacherCache
+    from kdlab.stages.shared import StudyView
 
 log = logging.getLogger("kdlab")
 
@@ -123,7 +123,7 @@ class _Task:
 
 
 @contextlib.contextmanager
-def driving(study: Study, settings: ExecutorSettings) -> Iterator[RayExecutor | None]:
+def driving(study: StudyView, settings: ExecutorSettings) -> Iterator[RayExecutor | None]:
     """For the stages of one command: the study's Ray driver (claimed, connected; given up at the end), or
     None for the local executor after checking that no other host uses the registry."""
     if settings.kind != "ray":
@@ -148,7 +148,7 @@ def driving(study: Study, settings: ExecutorSettings) -> Iterator[RayExecutor | 
 class RayExecutor:
     """Hands student runs to Ray and records them (`sweep.RunExecutor`): the registry's only writer."""
 
-    def __init__(self, study: Study, settings: ExecutorSettings):
+    def __init__(self, study: StudyView, settings: ExecutorSettings):
         self.ray = require_ray()
         self.study = study
         self.settings = settings
@@ -161,7 +161,6 @@ class RayExecutor:
         self._lock = threading.Lock()
         self._stop = threading.Event()
         self._last_view = 0.0
-        self._config_text = study.config.to_yaml()
         held = self.registry.claim_driver({"address": settings.address, "executor": "ray"}, self.owner)
         if held is not None:
             raise driver_taken(study.out, held)
@@ -186,7 +185,8 @@ class RayExecutor:
 
     # -- sweep.RunExecutor -------------------------------------------------------------------------------
 
-    def run(self, spec: RunSpec, student: StudentSettings, cache: TeacherCache | None) -> RunRecord | None:
+    def run(self, job: Job) -> RunRecord | None:
+        spec = job.spec
         if spec.id in self.tasks:
             return None
         decision = self.study.runner.begin(spec)
@@ -195,14 +195,7 @@ class RayExecutor:
         if decision == "busy":
             return None  # another process (a local sweep on this host) holds it: asked again after `wait`
         submission = uuid.uuid4().hex
-        job = {
-            "config": self._config_text,
-            "out": str(self.study.out.resolve()),
-            "data_dir": None if self.study.data_dir is None else str(Path(self.study.data_dir).resolve()),
-            "spec": dataclasses.asdict(spec),
-            "cache": None if cache is None else [str(Path(cache.directory).resolve()), cache.fingerprint],
-            "submission": submission,
-        }
+        job = with_absolute_paths(job)  # every node mounts the study folder at the same path
         options: dict[str, Any] = {
             "num_cpus": self.settings.num_cpus,
             "num_gpus": self.settings.num_gpus,
@@ -212,7 +205,7 @@ class RayExecutor:
         }
         if self.settings.memory_gb is not None:
             options["memory"] = int(self.settings.memory_gb * 2**30)
-        ref = self._remote.options(**options).remote(job)
+        ref = self._remote.options(**options).remote(job, submission)
         with self._lock:
             self.tasks[spec.id] = _Task(spec, ref, submission, time.time())
         self.view[spec.id] = {"state": "pending", "attempts": 0, "submitted": time.time()}
@@ -376,7 +369,7 @@ def _note_attempt(folder: Path, submission: str, config_hash: str) -> int:
         "ip": ray.util.get_node_ip_address(),
         "pid": os.getpid(),
         "started": time.time(),
-        "resume_from": last_checkpoint(trainer, config_hash),  # what train_student will resume
+        "resume_from": last_checkpoint(trainer, config_hash),  # what run_job will resume
         "dropped": dropped,
     })
     folder.mkdir(parents=True, exist_ok=True)
@@ -384,49 +377,20 @@ def _note_attempt(folder: Path, submission: str, config_hash: str) -> int:
     return len(attempts)
 
 
-_STUDIES: dict[tuple[str, str, str | None], Study] = {}  # a worker process serves many runs of one study
-
-
-def _worker_study(job: dict[str, Any]) -> Study:
-    import yaml
-
-    from kdlab.config import parse_config
-    from kdlab.resolve import resolve_config
-    from kdlab.study import Study
-
-    key = (job["config"], job["out"], job["data_dir"])
-    if key not in _STUDIES:
-        _STUDIES.clear()
-        if not log.handlers:  # the status lines ("[resume] ...") in the worker's log, forwarded by Ray
-            handler = logging.StreamHandler()
-            handler.setFormatter(logging.Formatter("%(message)s"))
-            log.addHandler(handler)
-            log.setLevel(logging.INFO)
-            log.propagate = False
-        source = "the study config from the Ray driver"
-        config = resolve_config(parse_config(yaml.safe_load(job["config"]), source), source)
-        # Nothing is checked or created, and the registry is not opened: the driver alone uses it.
-        _STUDIES[key] = Study(config, output_dir=job["out"], data_dir=job["data_dir"], inspect_only=True,
-                              open_registry=False)
-    return _STUDIES[key]
-
-
-def _train_in_worker(job: dict[str, Any]) -> dict[str, Any]:
+def _train_in_worker(job: Job, submission: str) -> dict[str, Any]:
     """One student run in a Ray worker; returns its metrics (the driver records them)."""
-    from kdlab.stages.sweep import train_student
-    from kdlab.teacher_cache import TeacherCache
+    from kdlab.job import run_job
 
+    if not log.handlers:  # the status lines ("[resume] ...") in the worker's log, forwarded by Ray
+        handler = logging.StreamHandler()
+        handler.setFormatter(logging.Formatter("%(message)s"))
+        log.addHandler(handler)
+        log.setLevel(logging.INFO)
+        log.propagate = False
     start = time.perf_counter()
-    spec = RunSpec(**job["spec"])
-    attempt = _note_attempt(Path(spec.output_dir), job["submission"], spec.config_hash)
-    study = _worker_study(job)
-    student = next(s for s in study.config.students if s.name == spec.student)
-    cache = None
-    if job["cache"] is not None:
-        directory, expected = job["cache"]
-        # The driver verified every hash before the sweep; sizes are enough here.
-        cache = TeacherCache.open(directory, expected_fingerprint=expected, verify="size")
-    metrics = train_student(study, spec, student, cache)
+    spec = job.spec
+    attempt = _note_attempt(Path(spec.output_dir), submission, spec.config_hash)
+    metrics = run_job(job)
     return {"metrics": metrics, "wall": time.perf_counter() - start, "attempt": attempt}
 
 

@@ -24,7 +24,7 @@ import yaml
 
 from kdlab.config import ExecutorSettings, StudentSettings, StudyConfig, parse_config
 from kdlab.distributed import Ranks
-from kdlab.evaluation import GenerationOptions
+from kdlab.evaluation import GenerationOptions, generation_for
 from kdlab.files import atomic_write_json, atomic_write_text
 from kdlab.identity import rekey_checkpoints, rekey_finished_runs
 from kdlab.layout import Layout
@@ -251,14 +251,8 @@ class Study:
 
 
     def generation(self, model_path: str | None) -> GenerationOptions:
-        """How to generate with a model whose weights are in the folder `model_path` (None: in memory only,
-        so the hf backend whatever `evaluation.backend` says: vLLM reads weights from disk)."""
-        ev = self.config.evaluation
-        backend = ev.backend if model_path else "hf"
-        if backend != ev.backend:
-            self.log(f"[generation] {ev.backend} needs the weights on disk; using hf for an in-memory model")
-        return GenerationOptions(backend=backend, static_cache=ev.static_cache, model_path=model_path,
-                                 dtype=ev.dtype)
+        """How to generate with a model whose weights are in the folder `model_path` (`generation_for`)."""
+        return generation_for(self.config.evaluation, model_path)
 
     def seed(self, stage: str, run_seed: int | None = None) -> int:
         return stage_seed(self.config.seeds, self.config.data_seed, stage, run_seed)

@@ -273,9 +273,7 @@ def _git(args: Sequence[str], cwd: Path) -> str | None:
 def git_commit() -> tuple[str | None, bool | None]:
     """(commit, has uncommitted changes) of the kdlab checkout, or (None, None) when kdlab is not run from a
     git checkout (e.g. installed from a wheel: the enclosing repository would be someone else's)."""
-    import kdlab
-
-    src = Path(kdlab.__file__).resolve().parent
+    src = Path(__file__).resolve().parent.parent  # the kdlab package
     if _git(["ls-files", "--error-unmatch", "__init__.py"], src) is None:
         return None, None
     commit = _git(["rev-parse", "HEAD"], src)

@@ -25,7 +25,7 @@ from kdlab.tasks.base import Encoded, Example, Task, collate, encode
 from kdlab.teacher_cache import REBUILD_HINT, TeacherCache, TeacherCacheWriter, fingerprint
 
 if TYPE_CHECKING:
-    from kdlab.study import Study
+    from kdlab.stages.shared import StudyView
 
 # 2: exact top-k tails per temperature (fp32) and the empty-answer policy of answer targets.
 CACHE_FORMAT = 2
@@ -279,7 +279,7 @@ class CacheContents:
     hidden_layers: list[int]  # hidden states at these teacher layers
 
 
-def cache_contents(study: Study) -> CacheContents | None:
+def cache_contents(study: StudyView) -> CacheContents | None:
     """What the teacher cache must hold for every grid point of every method and every student; None: no
     method reads the teacher, or the teacher runs live (`cache.mode: online`)."""
     if study.config.cache.mode == "online":
@@ -300,7 +300,7 @@ def cache_contents(study: Study) -> CacheContents | None:
     return CacheContents(answers, top_k, sorted(temperatures) if top_k else None, sorted(layers))
 
 
-def verify_caches(study: Study) -> list[tuple[str, Path, str | None]]:
+def verify_caches(study: StudyView) -> list[tuple[str, Path, str | None]]:
     """`kdlab cache --verify`: hash every file of each task's teacher cache against its manifest.
     (task, folder, None when intact, else the error naming the file and the repair command). Integrity
     only: whether a cache still fits the config is checked when a run uses it."""
@@ -317,7 +317,7 @@ def verify_caches(study: Study) -> list[tuple[str, Path, str | None]]:
     return results
 
 
-def repair_hint(study: Study, message: str) -> str:
+def repair_hint(study: StudyView, message: str) -> str:
     """A cache error naming the command that rebuilds this study's cache."""
     return message.replace(
         REBUILD_HINT,
@@ -325,7 +325,7 @@ def repair_hint(study: Study, message: str) -> str:
     )
 
 
-def run_cache(study: Study, name: str) -> TeacherCache | None:
+def run_cache(study: StudyView, name: str) -> TeacherCache | None:
     """Task `name`'s teacher cache, built if it is missing (or, asked to, rebuilt if it fails verification);
     None when the study needs none."""
     contents = cache_contents(study)

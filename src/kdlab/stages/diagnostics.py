@@ -1,10 +1,10 @@
 """Teacher-student diagnostics of a trained student on the evaluation split, computed right after its
-evaluation (`sweep.train_student`) and written to ``runs/<run id>/diagnostics.json`` so the report only reads
+evaluation (`job.run_job`) and written to ``runs/<run id>/diagnostics.json`` so the report only reads
 files:
 
 - ``kl_teacher_student``: mean over the gold answer tokens (target + eos) of every evaluation example of
   KL(p_teacher ‖ q_student) at T = 1, full vocabulary, nats per token (`metrics.token_kl`); the teacher is the
-  one the students learn from (`Study.teacher_path`).
+  one the students learn from (`Job.teacher`).
 - ``ece`` (classification): expected calibration error of the student's label probabilities (softmax over
   the labels' summed continuation log-probs, as answers are chosen), 10 bins, percentage points.
 - ``train_tokens``: tokens the run trained on (every training sequence's length x epochs), returned to the
@@ -16,6 +16,7 @@ the prediction files and the caches (`teacher_agreement`, `cache_tail_mass`).
 
 from __future__ import annotations
 
+import logging
 import math
 import time
 from collections.abc import Sequence
@@ -28,43 +29,44 @@ from torch import nn
 from kdlab.evaluation import prepare_prompts
 from kdlab.files import atomic_write_json
 from kdlab.metrics import answer_agreement, expected_calibration_error, tail_mass, token_kl
-from kdlab.registry import RunSpec
 from kdlab.scored import forward_scored
 from kdlab.tasks.base import IGNORE_INDEX, Encoded, Task, collate, encode
 
 if TYPE_CHECKING:
     from kdlab.stages.data import TaskData
-    from kdlab.study import Study
     from kdlab.training import TrainItem
 
+log = logging.getLogger("kdlab")
 DIAGNOSTICS_FILE = "diagnostics.json"
 ECE_BINS = 10
 
 
-def after_training(study: Study, spec: RunSpec, model: nn.Module, data: TaskData,
-                   items: Sequence[TrainItem]) -> dict[str, Any]:
-    """Compute and write the run's diagnostics.json; returns the metrics the run records with it. A failure
-    here is written into the file and logged, never fails the run (the diagnostics are not its result)."""
-    epochs = study.config.training.epochs
+def after_training(folder: Path, model: nn.Module, data: TaskData, items: Sequence[TrainItem], tokenizer: Any,
+                   *, teacher: str, epochs: float, batch_size: int, dtype: str,
+                   device: torch.device) -> dict[str, Any]:
+    """Compute and write the diagnostics.json of the run in `folder` (its student ``model``, trained on
+    ``items`` for ``epochs``, against ``teacher``, a model folder); returns the metrics the run records with
+    it. A failure here is written into the file and logged, never fails the run (the diagnostics are not
+    its result)."""
     recorded = {"train_tokens": int(round(epochs * training_tokens(items)))}
     try:
-        out = student_diagnostics(study, spec, model, data)
+        out = student_diagnostics(model, data, tokenizer, teacher=teacher, batch_size=batch_size, dtype=dtype,
+                                  device=device)
     except Exception as e:  # noqa: BLE001 - reported in the file and the log
-        study.log(f"[diagnostics] {spec.id}: not computed ({type(e).__name__}: {e})")
+        log.info(f"[diagnostics] {folder.name}: not computed ({type(e).__name__}: {e})")
         out = {"error": f"{type(e).__name__}: {e}"}
-    atomic_write_json(Path(spec.output_dir) / DIAGNOSTICS_FILE, out)
+    atomic_write_json(folder / DIAGNOSTICS_FILE, out)
     return recorded
 
 
-def student_diagnostics(study: Study, spec: RunSpec, model: nn.Module, data: TaskData) -> dict[str, Any]:
+def student_diagnostics(model: nn.Module, data: TaskData, tokenizer: Any, *, teacher: str, batch_size: int,
+                        dtype: str, device: torch.device) -> dict[str, Any]:
     """KL(teacher ‖ student) on the gold answers and (classification) ECE of ``model`` on the eval split."""
     start = time.perf_counter()
-    task, tokenizer = data.task, study.tokenizer
-    batch_size = study.config.evaluation.batch_size
+    task = data.task
     gold = gold_encodings(task, tokenizer, data.eval)
     batches = length_batches(gold, batch_size)
-    teacher_path = study.teacher_path(spec.task)
-    teacher_lp = _teacher_logprobs(study, teacher_path, batches, len(tokenizer))
+    teacher_lp = _teacher_logprobs(teacher, batches, tokenizer, dtype, device)
     choices = task.choice_ids(tokenizer) if hasattr(task, "choice_ids") else None
     # Single-token labels: the label probabilities come from the same student pass (its first answer
     # position), as `evaluation.score_choices` scores them; longer labels need a pass per label.
@@ -73,7 +75,7 @@ def student_diagnostics(study: Study, spec: RunSpec, model: nn.Module, data: Tas
                                              vocab_size=len(tokenizer), label_tokens=first)
     out: dict[str, Any] = {
         "split": "eval",
-        "teacher": teacher_path,
+        "teacher": teacher,
         "kl_teacher_student": kl_sum / kl_tokens if kl_tokens else None,
         "kl_tokens": kl_tokens,
         "kl_examples": len(gold),
@@ -99,17 +101,18 @@ MEMO_BYTES = 512 * 2**20
 _memo: dict[tuple[Any, ...], list[torch.Tensor]] = {}
 
 
-def _teacher_logprobs(study: Study, path: str, batches: Sequence[Sequence[Encoded]],
-                      vocab: int) -> list[torch.Tensor]:
+def _teacher_logprobs(path: str, batches: Sequence[Sequence[Encoded]], tokenizer: Any, dtype: str,
+                      device: torch.device) -> list[torch.Tensor]:
     from kdlab.models import load_frozen
 
     config = Path(path) / "config.json"
     stamp = config.stat().st_mtime_ns if config.is_file() else None  # a re-adapted teacher is another key
-    key = (path, stamp, vocab, tuple(e.id for b in batches for e in b), study.config.evaluation.dtype)
+    vocab = len(tokenizer)
+    key = (path, stamp, vocab, tuple(e.id for b in batches for e in b), dtype)
     if key in _memo:
         return _memo[key]
-    teacher = load_frozen(path, dtype=study.config.evaluation.dtype, device=study.device)
-    lp = answer_logprobs(teacher, batches, pad_id=study.tokenizer.pad_token_id, vocab_size=vocab)
+    teacher = load_frozen(path, dtype=dtype, device=device)
+    lp = answer_logprobs(teacher, batches, pad_id=tokenizer.pad_token_id, vocab_size=vocab)
     del teacher
     _memo.clear()
     if sum(t.numel() * t.element_size() for t in lp) <= MEMO_BYTES:

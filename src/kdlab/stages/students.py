@@ -30,10 +30,10 @@ from kdlab.models import (
 from kdlab.seeding import seed_everything
 
 if TYPE_CHECKING:
-    from kdlab.study import Study
+    from kdlab.stages.shared import StudyView
 
 
-def initial_weights(study: Study, student: StudentSettings) -> str:
+def initial_weights(study: StudyView, student: StudentSettings) -> str:
     """The folder a student's runs start from: its model's, or the derived student `build_student` made
     (a run never builds one)."""
     if student.model is not None:
@@ -45,7 +45,7 @@ def initial_weights(study: Study, student: StudentSettings) -> str:
     return str(folder)
 
 
-def build_student(study: Study, student: StudentSettings) -> None:
+def build_student(study: StudyView, student: StudentSettings) -> None:
     """The students stage: a derived student's initial weights, built once under students/<name>/init
     (derived_from.json beside them names the teacher blocks it copied); nothing for a student of its own."""
     if student.model is not None:
@@ -90,7 +90,7 @@ def check_vocabulary(student: StudentSettings, path: str, teacher_tokenizer: Pre
         )
 
 
-def layer_counts(study: Study, student: StudentSettings) -> tuple[list[int] | None, int, int]:
+def layer_counts(study: StudyView, student: StudentSettings) -> tuple[list[int] | None, int, int]:
     """(a derived student's teacher blocks or None, student layers, teacher layers), from the configs
     alone, so layer maps resolve before the derived student is built."""
     # Layer counts from each family's config (num_hidden_layers, n_layer, ...; the text part of multimodal
@@ -106,7 +106,9 @@ def layer_counts(study: Study, student: StudentSettings) -> tuple[list[int] | No
     return None, num_layers(model_config(path, trust_remote_code=trust)), t_layers
 
 
-def layer_pairs(study: Study, student: StudentSettings, layer_map: Any, method: str) -> list[tuple[int, int]]:
+def layer_pairs(
+    study: StudyView, student: StudentSettings, layer_map: Any, method: str
+) -> list[tuple[int, int]]:
     """(student, teacher) hidden-state pairs of `method`'s layer map for this student."""
     kept, s_layers, t_layers = layer_counts(study, student)
     return resolve_layer_pairs(layer_map, kept, s_layers, t_layers, f"methods.{method}.layer_map")

@@ -17,10 +17,10 @@ from kdlab.tasks.base import subset
 from kdlab.training import TrainItem, train
 
 if TYPE_CHECKING:
-    from kdlab.study import Study
+    from kdlab.stages.shared import StudyView
 
 
-def run_teacher(study: Study, name: str) -> None:
+def run_teacher(study: StudyView, name: str) -> None:
     cfg = study.config.teacher
     data = study.data(name)
     planned = {run.id: run.spec for run in study.plan.teacher[name]}
