@@ -96,6 +96,16 @@ class CostPoint:
 
 
 @dataclass
+class RetentionPoint:
+    """One (student, method), or the adapted teacher: per seed, its task metric and benchmark retention."""
+
+    label: str
+    method: str
+    values: list[float]
+    retention: list[float]
+
+
+@dataclass
 class Curve:
     """Training losses of one run: (step, value) pairs per loss name (``ce``, ``kd``)."""
 
@@ -267,6 +277,29 @@ def cost_figure(stem: Path, *, title: str, ylabel: str, points: Sequence[CostPoi
                         markersize=6, color=color, capsize=2, linestyle="none", label=p.label, zorder=3)
         _log_axis(ax, xs)
         ax.set_xlabel("cost per run (s, log scale)")
+        ax.set_ylabel(ylabel)
+        ax.set_title(title)
+        _legend_below(fig, [ax])
+        return save_figure(fig, stem)
+
+
+def retention_figure(stem: Path, *, title: str, xlabel: str, ylabel: str,
+                     points: Sequence[RetentionPoint]) -> list[Path]:
+    """Task metric against benchmark retention: every seed as a small dot, the seed mean with ±1 std bars on
+    both axes (up and right: better on the task, more general ability kept)."""
+    pts = [p for p in points if p.values and p.retention]
+    with rc_context(STYLE):
+        fig, (ax,) = _new_figure(3.1)
+        for p in pts:
+            color = method_color(p.method)
+            n = min(len(p.values), len(p.retention))
+            ax.plot(p.retention[:n], p.values[:n], linestyle="none", marker=".", markersize=4, color=color,
+                    alpha=0.6, zorder=2)
+            ax.errorbar([mean_std(p.retention)[0]], [mean_std(p.values)[0]],
+                        xerr=[mean_std(p.retention)[1]], yerr=[mean_std(p.values)[1]],
+                        marker="s" if p.method == "teacher" else "o", markersize=6, color=color, capsize=2,
+                        linestyle="none", label=p.label, zorder=3)
+        ax.set_xlabel(xlabel)
         ax.set_ylabel(ylabel)
         ax.set_title(title)
         _legend_below(fig, [ax])

@@ -11,9 +11,11 @@
     per_example_scores.csv  the per-example evaluation scores the statistics use (run, example, score), so
                   every Δ and p can be recomputed
     figures/      λ sensitivity, efficiency frontier (with bench.json), metric vs cost per run with the Pareto
-                  front, training curves; the seeds' spread as bars or points; PNG and PDF
+                  front, training curves, task metric vs benchmark retention (`evaluation.benchmarks`); the
+                  seeds' spread as bars or points; PNG and PDF
     report.md     links to all of it, the data sizes, the cost table, the teacher-student diagnostics
-                  (report.diagnostics), the environment and what reproducing the study needs
+                  (report.diagnostics), the General ability tables (report.benchmarks: lm-eval benchmarks),
+                  the environment and what reproducing the study needs
                   (versions, device, dtypes, determinism, seeds, fingerprints: provenance.json when the study
                   wrote one), the study config and how to reproduce it
 
@@ -29,6 +31,12 @@ from pathlib import Path
 from typing import Any
 
 from kdlab.files import atomic_write_text
+from kdlab.report.benchmarks import (
+    general_ability,
+    general_ability_latex,
+    general_ability_markdown,
+    retention_figures,
+)
 from kdlab.report.collect import (
     StudyOutputs,
     bootstrap_seed,
@@ -128,6 +136,7 @@ def write_report(
     )
     summaries = build_summaries(outputs, groups, comparisons)
     score_all(outputs, groups, scorer)
+    general = general_ability(outputs, groups, n_resamples=n_resamples)  # None without benchmarks
 
     costs = run_costs(outputs)
     header, rows = results_table(outputs, groups)
@@ -138,9 +147,11 @@ def write_report(
         ),
         "findings and results tables with Δ vs SFT (Markdown)": _write_text(
             layout.summary_markdown, f"# {outputs.name}: summary\n\n" + summary_markdown(summaries)
+            + general_ability_markdown(general)
         ),
         "the same tables for LaTeX (booktabs)": _write_text(
             layout.summary_latex, summary_latex(summaries, outputs.name)
+            + general_ability_latex(general, outputs.name)
         ),
     }
     if scorer.scored:  # without references nothing was scored: no file rather than an empty one
@@ -157,13 +168,15 @@ def write_report(
         figures += make(outputs, groups, fig_dir)
     figures += cost_figures(outputs, groups, fig_dir, costs)
     figures += training_figures(outputs, groups, fig_dir, notes)
+    figures += retention_figures(outputs, general, groups, fig_dir)
 
     env = environment(outputs.bench)
     report = _write_text(
         layout.report,
         report_markdown(outputs, summaries, figures, tables, env, notes, data_dir,
                         extra_sections=[cost_markdown(outputs, groups, costs),
-                                        diagnostics_markdown(outputs, groups, notes)]),
+                                        diagnostics_markdown(outputs, groups, notes),
+                                        general_ability_markdown(general)]),
     )
     for note in dict.fromkeys(notes):
         echo(f"[report] note: {note}")

@@ -24,6 +24,7 @@ from kdlab.layout import PROVENANCE, Layout
 from kdlab.methods import METHODS
 from kdlab.registry import Registry, RunRecord
 from kdlab.resolve import resolve_config
+from kdlab.stages.benchmarks import BASE_TEACHER, is_benchmark_run
 from kdlab.stages.selection import Group
 from kdlab.stages.selection import chosen_groups as selection_groups
 from kdlab.tasks import TASKS, Task, get_task
@@ -204,6 +205,8 @@ def results_table(
     param_cols: dict[str, None] = {}
     metric_cols: dict[str, None] = dict.fromkeys(_CSV_METRICS)
     for r in outputs.runs:
+        if is_benchmark_run(r):
+            continue  # its metrics go on its model's row (`benchmark_columns`)
         row: dict[str, Any] = {
             "run": r.id,
             "kind": r.kind,
@@ -229,7 +232,30 @@ def results_table(
     # Fixed columns first (a stable schema for scripts), then whatever else the runs recorded, sorted.
     extra = sorted(c for c in metric_cols if c not in _CSV_METRICS)
     header = _CSV_HEAD + sorted(param_cols) + _CSV_METRICS + extra + _CSV_TAIL
-    return header, rows
+    return benchmark_columns(outputs.runs, header, rows)
+
+
+def benchmark_columns(
+    runs: Sequence[RunRecord], header: list[str], rows: list[dict[str, Any]]
+) -> tuple[list[str], list[dict[str, Any]]]:
+    """Each finished benchmark run's metrics on the row of the model it evaluated, `bench_<entry>_<metric>`
+    (lm-eval's stderr: `bench_<entry>_<metric>_stderr`; the base teacher's on each zero-shot teacher row),
+    after the other metrics (`results_table` leaves the benchmark runs' own rows out: `kdlab status` lists
+    them)."""
+    by_model: dict[str, dict[str, Any]] = {}
+    for r in runs:
+        if is_benchmark_run(r) and r.done:
+            for entry, metrics in ((r.metrics or {}).get("benchmarks") or {}).items():
+                for metric, value in metrics.items():
+                    by_model.setdefault(str(r.params.get("model")), {})[f"bench_{entry}_{metric}"] = value
+    columns: dict[str, None] = {}
+    for row in rows:
+        zero_shot = row["kind"] == "teacher" and str(row["run"]).endswith("-zero-shot")
+        values = by_model.get(BASE_TEACHER if zero_shot else str(row["run"]), {})
+        row.update(values)
+        columns.update(dict.fromkeys(values))
+    at = header.index(_CSV_TAIL[0])
+    return header[:at] + sorted(columns) + header[at:], rows
 
 
 def csv_text(header: Sequence[str], rows: Sequence[Mapping[str, Any]]) -> str:
