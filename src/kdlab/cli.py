@@ -29,6 +29,7 @@ EPILOG = """examples:
   kdlab run                                  # the demo study (2-core CPU, under 20 minutes)
   kdlab run --preset thesis --out runs/thesis --data-dir ../shared/data
   kdlab config show thesis > my_study.yaml   # copy a preset, edit it, then: kdlab run my_study.yaml
+  kdlab eval runs/thesis --set 'evaluation.benchmarks.tasks=[arc_easy]'   # lm-eval benchmarks only
   kdlab score squad predictions.json --data ../shared/data/squad/dev-v1.1.json
   kdlab score sst2 predictions.jsonl --data ../shared/data/sst2/validation.tsv
 
@@ -159,6 +160,28 @@ def cmd_bench(args: argparse.Namespace) -> int:
 
     print(write_bench(_study(args), examples=args.examples, warmup=args.warmup, repeats=args.repeats))
     return EXIT_OK
+
+
+def cmd_eval(args: argparse.Namespace) -> int:
+    """Only the benchmark stage on a study folder (e.g. after adding a benchmark with --set), then the
+    report; finished evaluations are kept."""
+    from kdlab.report import write_report
+    from kdlab.stages.benchmarks import run_benchmarks
+
+    args.out = _out(args)
+    config = _study_config(args)
+    if config.evaluation.benchmarks is None:
+        raise ConfigError(
+            f"evaluation.benchmarks: not set in the study config of {args.out}; add it there or with "
+            "--set 'evaluation.benchmarks.tasks=[hellaswag]' (README: General ability)"
+        )
+    study = _study(args, config=config)
+    failed = run_benchmarks(study)
+    for path in write_report(Path(args.out), data_dir=study.data_dir):
+        print(path)
+    if failed:
+        log.error("%d benchmark evaluation(s) failed: %s", len(failed), ", ".join(failed))
+    return EXIT_FAILED if failed else EXIT_OK
 
 
 def cmd_report(args: argparse.Namespace) -> int:
@@ -424,6 +447,24 @@ def build_parser() -> argparse.ArgumentParser:
     bench.add_argument("--warmup", type=int, help="untimed calls before timing (default: bench.warmup)")
     bench.add_argument("--repeats", type=int, help="timed passes over the examples (default: bench.repeats)")
     bench.set_defaults(func=cmd_bench)
+
+    evaluate = sub.add_parser(
+        "eval",
+        help="re-run only the benchmark stage (lm-eval, evaluation.benchmarks) on a study folder",
+        description="Evaluates the base and adapted teachers and every final student on the lm-eval "
+        "benchmarks of the study's evaluation.benchmarks (OUT/study.yaml, changed with --set), keeping the "
+        "evaluations already done, then rewrites the report. Needs pip install 'kdlab[eval]'.",
+    )
+    folder_args(evaluate)
+    evaluate.add_argument(
+        "--data-dir",
+        default=os.environ.get("KDLAB_DATA_DIR"),
+        help="folder with sst2/ and squad/ files (default: $KDLAB_DATA_DIR, else the hub)",
+    )
+    evaluate.add_argument("--set", action="append", metavar="KEY.SUB=VALUE",
+                          help="change one config setting, e.g. "
+                          "--set 'evaluation.benchmarks.tasks=[arc_easy]'")
+    evaluate.set_defaults(func=cmd_eval, config=None, preset=None)
 
     report = sub.add_parser("report", help="write tables, statistics and figures of a study folder")
     folder_args(report)

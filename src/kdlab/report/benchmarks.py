@@ -69,8 +69,8 @@ def collect_evaluations(outputs: StudyOutputs) -> Evaluations:
     runs = {(r.params.get("model"), r.params.get("benchmark")): r
             for r in benchmark_runs(outputs.runs) if r.done}
     settings = outputs.config.evaluation.benchmarks if outputs.config is not None else None
-    order = list(settings.tasks) if settings is not None else []
-    order += sorted({b for _, b in runs if b not in order})
+    # The config's benchmarks (one taken out of it is no longer reported), else whatever was evaluated.
+    order = list(settings.tasks) if settings is not None else sorted({b for _, b in runs})
     columns: list[Column] = []
     for name in order:
         entries: dict[str, dict[str, None]] = {}
