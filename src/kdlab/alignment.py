@@ -295,3 +295,46 @@ def _is_byte_piece(tokenizer: PreTrainedTokenizerBase, token_id: int) -> bool:
 def same_vocabulary(a: PreTrainedTokenizerBase, b: PreTrainedTokenizerBase) -> bool:
     """Whether two tokenizers share one vocabulary (then KD needs no alignment)."""
     return a.get_vocab() == b.get_vocab()
+
+
+# ---------------------------------------------------------------------------------------------------------
+# a batch of aligned answers
+
+# Batch keys of the teacher's own encoding of the gold sequences (prompt + answer in its tokenizer).
+TEACHER_VIEW = "teacher_view_"
+# Batch keys of the alignment (`batch_alignment`), rows indexing the student's and teacher's answer rows.
+ALIGNMENT_KEYS = ("xt_pair_student", "xt_pair_teacher", "xt_merged_student", "xt_merged_first",
+                  "xt_merge_rows", "xt_merge_tokens", "xt_merge_owner")
+
+
+def batch_alignment(
+    alignments: list[AnswerAlignment],
+    student_targets: list[list[int]],
+    teacher_targets: list[list[int]],
+) -> dict[str, torch.Tensor]:
+    """The alignments of a batch's examples as index tensors over the batch's answer rows (row-major, as
+    `scored.forward_scored` gathers them): per pair its student row and teacher row, the student token a
+    chain merge spells (-1: none) and its first teacher token, and per later piece of a merge its teacher
+    row, its teacher token and the pair it belongs to. `*_targets`: each example's answer tokens (+ EOS)."""
+    pair_s, pair_t, merged, first, m_rows, m_tokens, m_owner = [], [], [], [], [], [], []
+    s_offset = t_offset = 0
+    for a, s_ids, t_ids in zip(alignments, student_targets, teacher_targets, strict=True):
+        if (a.student_tokens, a.teacher_tokens) != (len(s_ids), len(t_ids)):
+            raise ValueError(f"alignment of {a.student_tokens}/{a.teacher_tokens} answer tokens for an "
+                             f"example of {len(s_ids)}/{len(t_ids)}")
+        merges = dict(a.merges())
+        for s_pos, t_pos in a.pairs():
+            pieces = merges.get(s_pos)
+            if pieces is not None:
+                for t in pieces[1:]:
+                    m_rows.append(t_offset + t)
+                    m_tokens.append(t_ids[t])
+                    m_owner.append(len(pair_s))
+            merged.append(s_ids[s_pos] if pieces is not None else -1)
+            first.append(t_ids[t_pos] if pieces is not None else -1)
+            pair_s.append(s_offset + s_pos)
+            pair_t.append(t_offset + t_pos)
+        s_offset += len(s_ids)
+        t_offset += len(t_ids)
+    values = (pair_s, pair_t, merged, first, m_rows, m_tokens, m_owner)
+    return {key: torch.tensor(v, dtype=torch.long) for key, v in zip(ALIGNMENT_KEYS, values, strict=True)}

@@ -40,12 +40,14 @@ positive negative good bad great terrible best worst love hate fun funny sad hap
 
 
 def build_tiny_tokenizer(
-    vocab_size: int = 512, *, add_bos: bool = False, add_eos: bool = False
+    vocab_size: int = 512, *, add_bos: bool = False, add_eos: bool = False, corpus: str | None = None
 ) -> PreTrainedTokenizerFast:
     """A deterministic byte-level BPE tokenizer (special tokens <pad> <s> </s> <unk>).
 
     ``add_bos`` / ``add_eos``: whether encoding with special tokens puts <s> first / </s> last, to mimic
     Llama-style and eos-appending tokenizers. The default adds neither (what the tiny-llama alias saves).
+    ``corpus``: the text it is trained on (default: the built-in one). Two tokenizers trained on different
+    corpora cut the same text differently both ways (teacher and student of different tokenizers).
     """
     from tokenizers import Tokenizer, decoders, models, pre_tokenizers, processors, trainers
 
@@ -58,7 +60,7 @@ def build_tiny_tokenizer(
         initial_alphabet=pre_tokenizers.ByteLevel.alphabet(),
         show_progress=False,
     )
-    tok.train_from_iterator(_CORPUS.splitlines(), trainer=trainer)
+    tok.train_from_iterator((_CORPUS if corpus is None else corpus).splitlines(), trainer=trainer)
     if add_bos or add_eos:
         single = " ".join([*(["<s>"] if add_bos else []), "$A", *(["</s>"] if add_eos else [])])
         tok.post_processor = processors.TemplateProcessing(

@@ -29,6 +29,14 @@ from transformers.trainer_callback import PrinterCallback, ProgressCallback
 from transformers.trainer_utils import get_last_checkpoint
 
 from kdlab import losses, seeding
+from kdlab.alignment import (
+    ALIGNMENT_KEYS,
+    TEACHER_VIEW,
+    AnswerAlignment,
+    VocabularyMap,
+    align_texts,
+    batch_alignment,
+)
 from kdlab.config import TrainingSettings
 from kdlab.distributed import (
     fsdp_launch_requested,
@@ -64,6 +72,35 @@ class TrainItem:
     teacher: Encoded | None = None  # the same prompt with the teacher's answer as target (answers signal)
     # A transfer-set example: `gold` holds the teacher's answer, so only the KD losses may read it.
     transfer: bool = False
+    # A teacher with its own tokenizer: `gold` in the teacher's tokens, and its answer matched to the
+    # student's (`with_teacher_view`).
+    teacher_view: Encoded | None = None
+    alignment: AnswerAlignment | None = None
+
+
+def answer_tokens(encoded: Encoded) -> list[int]:
+    """The answer tokens of a sequence (target + EOS): its labels other than -100."""
+    return [t for t in encoded.labels if t != IGNORE_INDEX]
+
+
+def with_teacher_view(
+    item: TrainItem,
+    teacher_view: Encoded,
+    answer: str,
+    student_tokenizer: Any,
+    teacher_tokenizer: Any,
+) -> TrainItem:
+    """`item` for a teacher with its own tokenizer: `teacher_view` is the same prompt and `answer` (the target
+    text both encodings end with) in the teacher's tokens; the answers are aligned here, once per example.
+    ValueError when an encoding's answer is not the answer text tokenized (+ EOS)."""
+    alignment = align_texts(answer, student_tokenizer, teacher_tokenizer)
+    for name, enc, n in (("student", item.gold, alignment.student_tokens),
+                         ("teacher", teacher_view, alignment.teacher_tokens)):
+        got = len(answer_tokens(enc))
+        if got != n:
+            raise ValueError(f"example {enc.id!r}: the {name}'s encoding has {got} answer tokens, its "
+                             f"tokenizer cuts {answer!r} into {n - 1} (+ EOS)")
+    return dataclasses.replace(item, teacher_view=teacher_view, alignment=alignment)
 
 
 class StudentModule(nn.Module):
@@ -111,19 +148,23 @@ class TrainCollator:
         teacher_layers: Sequence[int] = (),
         packing: bool = False,
         keep_ids: bool = False,
+        teacher_pad_id: int | None = None,
     ):
         if cache is not None and signals.top_k is not None and signals.temperature is None:
             raise ValueError("a cached top-k teacher needs the temperature of the run")
         self.pad_id = pad_id
+        self.teacher_pad_id = pad_id if teacher_pad_id is None else teacher_pad_id  # a teacher view's padding
         self.signals = signals
         self.cache = cache
         self.teacher_layers = list(teacher_layers)
         self.packing = packing
         self.keep_ids = keep_ids  # a method that samples its own answers logs them by example id
 
-    def layout(self, sequences: Sequence[Encoded]) -> dict[str, Any]:
+    def layout(self, sequences: Sequence[Encoded], pad_id: int | None = None) -> dict[str, Any]:
         # Padded or packed (`scored.pack`): forward_scored reads either, in the same row order.
-        return pack(sequences) if self.packing else collate(sequences, self.pad_id, padding_side="left")
+        if self.packing:
+            return pack(sequences)
+        return collate(sequences, self.pad_id if pad_id is None else pad_id, padding_side="left")
 
     def __call__(self, items: Sequence[TrainItem]) -> dict[str, torch.Tensor]:
         gold = self.layout([it.gold for it in items])
@@ -137,6 +178,17 @@ class TrainCollator:
             for key, value in teacher.items():
                 if key != "example_ids":
                     batch[TEACHER_ANSWER + key] = value
+        views = [it.teacher_view for it in items]
+        if any(v is not None for v in views):
+            if any(v is None or it.alignment is None for v, it in zip(views, items, strict=True)):
+                raise ValueError("a batch mixes examples with and without the teacher's own encoding")
+            teacher = self.layout(views, self.teacher_pad_id)  # type: ignore[arg-type]
+            for key, value in teacher.items():
+                if key != "example_ids":
+                    batch[TEACHER_VIEW + key] = value
+            batch.update(batch_alignment([it.alignment for it in items],  # type: ignore[misc]
+                                         [answer_tokens(it.gold) for it in items],
+                                         [answer_tokens(v) for v in views]))  # type: ignore[arg-type]
         if self.cache is not None and self.signals.top_k is not None:
             assert self.signals.temperature is not None  # checked in __init__
             idx, lp, tail = self.cache.batch_topk_tail(ids, self.signals.temperature)
@@ -160,9 +212,13 @@ class KDTrainer(Trainer):
         live_teacher: nn.Module | None = None,
         tokenizer: Any = None,
         rollouts_file: Path | None = None,
+        teacher_vocab_size: int | None = None,
+        vocabulary: VocabularyMap | None = None,
         **kwargs: Any,
     ):
         super().__init__(*args, **kwargs)
+        self.teacher_vocab_size = vocab_size if teacher_vocab_size is None else teacher_vocab_size
+        self.vocabulary = vocabulary  # a teacher with its own tokenizer: the matched vocabulary
         self.method = method
         self.params = dict(params)
         self.signals = method.signals(params)
@@ -259,18 +315,23 @@ class KDTrainer(Trainer):
         if self.signals.top_k is None and self.signals.layer_map is None and not self.signals.live:
             return None  # the run reads no teacher distribution (answers, if any, are sequences of the batch)
         teacher_layers = [t for _, t in self.layer_pairs]
+        # A teacher with its own tokenizer reads the gold sequences in its own tokens (the teacher view).
+        own_view = not prefix and TEACHER_VIEW + "labels" in batch
+        alignment = {k: batch[k] for k in ALIGNMENT_KEYS} if own_view else None
+        vocabulary = self.vocabulary if own_view else None
         if self.live_teacher is not None:
             start = time.perf_counter()
+            read = TEACHER_VIEW if own_view else prefix
             # The teacher is not wrapped by accelerate, so mixed precision is entered here (a no-op without).
             with torch.no_grad(), self.accelerator.autocast():
                 out = forward_scored(
-                    self.live_teacher, batch, hidden_layers=teacher_layers, vocab_size=self.vocab_size,
-                    prefix=prefix,
+                    self.live_teacher, batch, hidden_layers=teacher_layers,
+                    vocab_size=self.teacher_vocab_size, prefix=read,
                 )
             self.cost["teacher_seconds"] += _elapsed(start, out.logits.device)
-            self.cost["teacher_tokens"] += int(sequence_tokens(batch, prefix))
+            self.cost["teacher_tokens"] += int(sequence_tokens(batch, read))
             logits = out.logits if self.signals.top_k is not None or self.signals.live else None
-            return TeacherBatch(logits=logits, hidden=out.hidden)
+            return TeacherBatch(logits=logits, hidden=out.hidden, alignment=alignment, vocabulary=vocabulary)
         if prefix:
             raise ValueError(f"the cache holds the teacher on the gold answers only, not on {prefix!r} ones")
         return TeacherBatch(
@@ -278,6 +339,8 @@ class KDTrainer(Trainer):
             topk_logprobs=batch.get("teacher_topk_logprobs"),
             tail_lse=batch.get("teacher_topk_tail_lse"),
             hidden={t: batch[f"teacher_hidden_{t}"] for t in teacher_layers},
+            alignment=alignment,
+            vocabulary=vocabulary,
         )
 
     def _log_rollouts(self, batch: Mapping[str, Any], students: Mapping[str, Scored],
@@ -701,6 +764,9 @@ def train(
     run_name: str | None = None,
     tokenizer: Any = None,
     rollouts_file: str | Path | None = None,
+    teacher_pad_id: int | None = None,
+    teacher_vocab_size: int | None = None,
+    vocabulary: VocabularyMap | None = None,
 ) -> TrainResult:
     """Train `student` on `items` with `method`; the caller saves `result.model` (the student itself, or
     under FSDP its gathered copy on rank 0). `run_name` names the run where the settings' `report_to`
@@ -708,7 +774,10 @@ def train(
 
     FSDP comes from the launch (`accelerate launch --config_file` with `distributed_type: FSDP`) or from
     the settings (`fsdp`, `fsdp_config`); `settings.teacher_sharding` says what FSDP does with the live
-    teacher: "replicate" (every rank holds it whole) or "shard" (FSDP2 over the ranks). See docs/fsdp.md."""
+    teacher: "replicate" (every rank holds it whole) or "shard" (FSDP2 over the ranks). See docs/fsdp.md.
+
+    A teacher with its own tokenizer: `items` carry its view of each example (`with_teacher_view`),
+    `teacher_pad_id` and `teacher_vocab_size` are its tokenizer's, `vocabulary` the matched vocabulary."""
     if not items:
         raise ValueError("no training examples left after encoding (all skipped as too long?)")
     set_seed(seed)
@@ -738,6 +807,7 @@ def train(
         teacher_layers=[t for _, t in layer_pairs],
         packing=settings.packing,
         keep_ids=method.rollout(params) is not None,
+        teacher_pad_id=teacher_pad_id,
     )
     if settings.packing:
         check_packing(student, live_teacher)
@@ -755,6 +825,8 @@ def train(
             live_teacher=live_teacher,
             tokenizer=tokenizer,
             rollouts_file=Path(rollouts_file) if rollouts_file is not None else None,
+            teacher_vocab_size=teacher_vocab_size,
+            vocabulary=vocabulary,
         )
     if fsdp and args.world_size > 1 and not trainer.is_fsdp_enabled:
         raise ValueError("FSDP was asked for, but accelerate chose another strategy (see docs/fsdp.md)")

@@ -17,7 +17,8 @@ import torch
 from pydantic import Field, field_validator
 from torch import nn
 
-from kdlab import losses
+from kdlab import cross_tokenizer, losses
+from kdlab.alignment import VocabularyMap
 from kdlab.config import Strict, as_list
 from kdlab.scored import Scored
 
@@ -155,6 +156,14 @@ class TeacherBatch:
     tail_lse: torch.Tensor | None = None  # [N] fp32 logsumexp of the non-top-k logp / T (cached, run's T)
     logits: torch.Tensor | None = None  # [N, V] (online)
     hidden: dict[int, torch.Tensor] = field(default_factory=dict)  # teacher layer -> [N, d_t]
+    # A teacher with its own tokenizer: its rows are its own answer tokens, matched to the student's by
+    # `alignment.batch_alignment` (the batch's `xt_*` tensors) and the matched vocabulary.
+    alignment: Mapping[str, torch.Tensor] | None = None
+    vocabulary: VocabularyMap | None = None
+
+    @property
+    def cross_tokenizer(self) -> bool:
+        return self.alignment is not None
 
     def divergence(
         self,
@@ -166,11 +175,18 @@ class TeacherBatch:
         top_k: int | None = None,
         beta: float = 0.5,
         alpha: float = 0.1,
+        cross_tokenizer: str = "auto",
     ) -> torch.Tensor:
         """T²·Σ D(teacher_T, student_T) / num_tokens (`losses`): over the full vocabulary for a live
-        teacher, over the cached top-k (the first `top_k` of them) + the exact tail bucket otherwise."""
+        teacher, over the cached top-k (the first `top_k` of them) + the exact tail bucket otherwise.
+
+        `cross_tokenizer` ("uld", "hybrid", "auto": hybrid): how a teacher with its own tokenizer is compared
+        (`kdlab.cross_tokenizer`, over the aligned pairs); with one tokenizer, "uld" compares row by row and
+        the others are the plain divergence."""
         common = dict(temperature=temperature, divergence=divergence, beta=beta, alpha=alpha,
                       num_tokens=num_tokens)
+        if self.cross_tokenizer or cross_tokenizer == "uld":
+            return self._cross_divergence(student_logits, cross_tokenizer, top_k, **common)
         if self.logits is not None:
             return losses.kd_divergence_full(student_logits, self.logits, **common)
         if self.topk_indices is None or self.topk_logprobs is None or self.tail_lse is None:
@@ -180,6 +196,48 @@ class TeacherBatch:
             self.topk_indices, self.topk_logprobs, self.tail_lse, k=k, temperature=temperature
         )
         return losses.kd_divergence_topk(student_logits, idx, lp, tail_lse=tail, **common)
+
+    def head(self, temperature: float, top_k: int | None = None) -> tuple[torch.Tensor, ...]:
+        """The teacher's rows as a `cross_tokenizer` head at `temperature`: every token of a live teacher,
+        the cached top-k (its first `top_k`) with the tail otherwise."""
+        if self.logits is not None:
+            return cross_tokenizer.full_head(self.logits, temperature)
+        if self.topk_indices is None or self.topk_logprobs is None or self.tail_lse is None:
+            raise ValueError("the teacher gives neither logits nor its cached top-k with the tail")
+        k = self.topk_indices.shape[-1] if top_k is None else top_k
+        idx, lp, tail = losses.topk_head(self.topk_indices, self.topk_logprobs, self.tail_lse, k=k,
+                                         temperature=temperature)
+        return cross_tokenizer.cached_head(idx, lp, tail, temperature)
+
+    def _cross_divergence(
+        self, student_logits: torch.Tensor, mode: str, top_k: int | None, *, temperature: float,
+        divergence: str, beta: float, alpha: float, num_tokens: torch.Tensor | float,
+    ) -> torch.Tensor:
+        """ULD or hybrid over the aligned (student row, teacher row) pairs (every row with one tokenizer)."""
+        all_idx, all_lp, all_tail = self.head(temperature, top_k)
+        if self.alignment is None:  # one tokenizer: ULD row by row
+            return cross_tokenizer.uld_loss(student_logits, all_idx, all_lp, all_tail,
+                                            temperature=temperature, num_tokens=num_tokens)
+        a = {k: v.to(student_logits.device) for k, v in self.alignment.items()}
+        rows_s, rows_t = a["xt_pair_student"], a["xt_pair_teacher"]
+        student, idx, lp, tail = student_logits[rows_s], all_idx[rows_t], all_lp[rows_t], all_tail[rows_t]
+        if mode == "uld":
+            return cross_tokenizer.uld_loss(student, idx, lp, tail, temperature=temperature,
+                                            num_tokens=num_tokens)
+        if self.vocabulary is None:
+            raise ValueError("hybrid cross-tokenizer KD needs the matched vocabulary")
+        # The chain rule: each later piece's own tempered log-prob (at its own teacher row), summed per pair.
+        m_rows = a["xt_merge_rows"]
+        piece = cross_tokenizer.head_token_logprob(all_idx[m_rows], all_lp[m_rows], a["xt_merge_tokens"])
+        rest = torch.zeros(len(rows_s), device=student.device).index_add(0, a["xt_merge_owner"], piece)
+        return cross_tokenizer.hybrid_loss(
+            student, idx, lp, tail,
+            teacher_to_student=self.vocabulary.teacher_to_student().to(student.device),
+            student_matched=self.vocabulary.student_matched().to(student.device),
+            merged_student_token=a["xt_merged_student"], merged_first_piece=a["xt_merged_first"],
+            merged_rest_logprob=rest, temperature=temperature, divergence=divergence, beta=beta,
+            alpha=alpha, num_tokens=num_tokens,
+        )
 
     def top_tokens(self, k: int = 1) -> torch.Tensor:
         """The teacher's `k` most likely tokens per row [N, k], most likely first (cache or live alike)."""
@@ -264,6 +322,8 @@ class Method:
     baseline: ClassVar[bool] = False  # the method every other is compared with in the report
     color: ClassVar[str] = ""  # in figures ("": one from a spare palette)
     kd_term: ClassVar[str] = ""  # what its logged `loss_kd` measures (figure captions)
+    # Whether it works for a student whose tokenizer differs from the teacher's (preflight refuses others).
+    across_tokenizers: ClassVar[bool] = False
 
     def signals(self, params: Mapping[str, Any]) -> Signals:
         """What a run with these params (one grid point) reads from the teacher; none by default."""

@@ -1,6 +1,8 @@
 """KD1, logit KD: (1-λ)·CE(gold) + λ·T²·D(teacher_T ‖ student_T) over the answer tokens.
 
-A cached teacher is compared over its top-k tokens plus one exact tail bucket (the cache stores the tail's
+A teacher with another tokenizer is compared over the aligned answer tokens by ULD or the hybrid
+(`cross_tokenizer`, kdlab.cross_tokenizer). A cached teacher is compared over its top-k tokens plus one exact
+tail bucket (the cache stores the tail's
 log-sum-exp at every temperature of the grid); a run using fewer than the cached k folds the dropped entries
 into the tail (`losses.topk_head`). A live teacher gives its full distribution.
 """
@@ -68,7 +70,8 @@ class DivergenceSettings(MixedSettings):
 
 
 def teacher_divergence(x: LossInputs, student_logits: Any, teacher: Any, num_tokens: Any) -> Any:
-    """The run's divergence (its params) between `teacher` (a `TeacherBatch`) and the student's logits."""
+    """The run's divergence (its params) between `teacher` (a `TeacherBatch`) and the student's logits; a
+    teacher with its own tokenizer is compared as `cross_tokenizer` says (`TeacherBatch.divergence`)."""
     alpha = x.params.get("skew_alpha")
     return teacher.divergence(
         student_logits,
@@ -78,6 +81,7 @@ def teacher_divergence(x: LossInputs, student_logits: Any, teacher: Any, num_tok
         alpha=SKEW_ALPHA if alpha is None else float(alpha),
         top_k=int(x.params["top_k"]) if "top_k" in x.params else None,
         num_tokens=num_tokens,
+        cross_tokenizer=x.params.get("cross_tokenizer", "auto"),
     )
 
 
@@ -91,6 +95,16 @@ class KD1Settings(DivergenceSettings):
         default_factory=lambda: [32],
         min_length=1,
         description="teacher log-probs per token (the cache keeps the largest; smaller k read its head)",
+    )
+
+    # Left out of a run's params (and so of its hash) when "auto", so runs made before it existed keep theirs.
+    cross_tokenizer: Literal["auto", "uld", "hybrid"] = Field(
+        "auto",
+        exclude_if=lambda v: v == "auto",
+        description="a student whose tokenizer differs from the teacher's: uld (sorted probability vectors, "
+        "Boizard et al.), hybrid (the run's divergence on the vocabulary both share, chain-rule merges of "
+        "teacher pieces, ULD on the rest; see kdlab.cross_tokenizer) or auto (hybrid across tokenizers, "
+        "plain KD with one tokenizer). uld with one tokenizer compares the sorted vectors row by row",
     )
 
     _lists = field_validator("top_k", mode="before")(as_list)
@@ -107,6 +121,7 @@ class KD1Settings(DivergenceSettings):
 class KD1(Method):
     name = "kd1"
     settings = KD1Settings
+    across_tokenizers = True
     color = "#2166ac"
     kd_term = "T²-scaled divergence, nats"
 

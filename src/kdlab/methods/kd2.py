@@ -26,6 +26,7 @@ class KD2Settings(MixedSettings):
 @register
 class KD2(Method):
     name = "kd2"
+    across_tokenizers = True  # the teacher's answers are text, encoded with the student's tokenizer
     settings = KD2Settings
     color = "#e08214"
     kd_term = "cross-entropy on the teacher's answers, nats"

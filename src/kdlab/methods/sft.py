@@ -12,6 +12,7 @@ class SFTSettings(MethodSettings):
 @register
 class SFT(Method):
     name = "sft"
+    across_tokenizers = True  # no teacher signal
     settings = SFTSettings
     baseline = True
     color = "#404040"
