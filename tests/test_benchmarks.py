@@ -1,0 +1,322 @@
+"""General ability through lm-evaluation-harness (`evaluation.benchmarks`, issue 22): the config, the refusal
+without lm-eval, kdlab's numbers against `lm_eval.simple_evaluate` run directly on the same saved weights, a
+study that writes the columns, the report table, the figure and provenance and redoes nothing on a rerun, and
+the comparison against SFT on per-document scores."""
+
+from __future__ import annotations
+
+import csv
+import importlib.util
+import json
+from pathlib import Path
+from typing import Any
+
+import numpy as np
+import pytest
+import yaml
+
+from kdlab.benchmarks import lm_eval_version
+from kdlab.config import BenchmarkSettings, ConfigError, parse_config, preset_text
+from kdlab.plan import build_plan
+
+lm_eval = pytest.importorskip("lm_eval", reason="lm-eval is not installed (pip install 'kdlab[eval]')")
+
+
+@pytest.fixture(autouse=True)
+def _offline(monkeypatch: pytest.MonkeyPatch) -> None:
+    """Local YAML tasks over local files must work without the hub (this machine cannot reach it anyway)."""
+    monkeypatch.setenv("HF_HUB_OFFLINE", "1")
+
+# The documents both local tasks read: distinct sentences, so a random tiny model's choices differ.
+WORDS = ["river", "city", "bridge", "king", "queen", "castle", "garden", "music", "painter", "village"]
+
+
+def write_tasks(folder: Path, n: int = 16) -> Path:
+    """An include_path: a multiple-choice log-likelihood task and a generation task over one local JSONL."""
+    folder.mkdir(parents=True, exist_ok=True)
+    rows = [{"text": " ".join(WORDS[(i * k) % len(WORDS)] for k in range(1, 5 + i % 3)), "label": i % 2}
+            for i in range(n)]
+    data = folder / "docs.jsonl"
+    data.write_text("".join(json.dumps(r) + "\n" for r in rows))
+    common = {"dataset_path": "json", "dataset_kwargs": {"data_files": {"test": str(data)}},
+              "test_split": "test", "doc_to_text": "Review: {{text}}\nSentiment:"}
+    (folder / "tiny_mc.yaml").write_text(yaml.safe_dump({
+        "task": "tiny_mc", **common, "output_type": "multiple_choice",
+        "doc_to_choice": ["negative", "positive"], "doc_to_target": "label",
+        "metric_list": [{"metric": "acc", "aggregation": "mean", "higher_is_better": True},
+                        {"metric": "acc_norm", "aggregation": "mean", "higher_is_better": True}],
+        "metadata": {"version": 1.0},
+    }))
+    (folder / "tiny_gen.yaml").write_text(yaml.safe_dump({
+        "task": "tiny_gen", **common, "output_type": "generate_until",
+        "doc_to_target": "{{['negative', 'positive'][label]}}",
+        "generation_kwargs": {"until": ["\n"], "max_gen_toks": 6, "do_sample": False},
+        "metric_list": [{"metric": "exact_match", "aggregation": "mean", "higher_is_better": True}],
+        "metadata": {"version": 2.0},
+    }))
+    return folder
+
+
+def direct(model_folder: str | Path, tasks: list[str], include_path: Path, limit: int | None,
+           batch_size: int) -> dict[str, Any]:
+    """lm-eval run directly on saved weights, as a user would: its own HF loading, nothing of kdlab."""
+    from lm_eval.tasks import TaskManager
+
+    return lm_eval.simple_evaluate(
+        model="hf", model_args={"pretrained": str(model_folder), "dtype": "float32", "device": "cpu"},
+        tasks=tasks, limit=limit, batch_size=batch_size, log_samples=True,
+        task_manager=TaskManager(include_path=str(include_path), include_defaults=False),
+    )
+
+
+def assert_same_numbers(kdlab_metrics: dict[str, dict[str, float]], results: dict[str, Any]) -> None:
+    """Every metric and stderr lm-eval reports, equal in kdlab's record."""
+    for task, values in results["results"].items():
+        for key, value in values.items():
+            metric, sep, filter_name = key.partition(",")
+            if not sep or not isinstance(value, float):
+                continue
+            assert filter_name == "none"
+            assert kdlab_metrics[task][metric] == pytest.approx(value, abs=1e-12), (task, metric)
+
+
+# ---------------------------------------------------------------------------------------------------------
+# config
+
+
+def _mini(out: Path, **benchmarks: Any) -> dict[str, Any]:
+    data = yaml.safe_load(preset_text("smoke"))
+    data["teacher"]["adapt"] = False
+    data["tasks"] = {"sst2": data["tasks"]["sst2"]}
+    data["methods"] = {"sft": {}}
+    data["seeds"] = [1]
+    data["output_dir"] = str(out)
+    if benchmarks:
+        data["evaluation"]["benchmarks"] = benchmarks
+    return data
+
+
+@pytest.mark.parametrize(("benchmarks", "message"), [
+    ({"tasks": []}, "evaluation.benchmarks.tasks"),
+    ({"tasks": ["../up"]}, "must be an lm-eval task or group name"),
+    ({"tasks": ["arc_easy", "arc_easy"]}, "distinct"),
+    ({"tasks": ["arc_easy"], "num_fewshot": -1}, "evaluation.benchmarks.num_fewshot"),
+    ({"tasks": ["arc_easy"], "limit": 0}, "evaluation.benchmarks.limit"),
+    ({"tasks": ["arc_easy"], "shots": 5}, "evaluation.benchmarks.shots"),
+    ({"num_fewshot": 5}, "evaluation.benchmarks.tasks"),
+])
+def test_bad_benchmark_settings_name_the_field(tmp_path: Path, benchmarks: dict[str, Any],
+                                                message: str) -> None:
+    with pytest.raises(ConfigError, match=message.replace(".", r"\.")):
+        parse_config(_mini(tmp_path, **benchmarks))
+
+
+def test_benchmarks_change_no_run_hash_and_stay_out_of_an_unset_config(tmp_path: Path) -> None:
+    """Adding a benchmark to a finished study must redo no training: every teacher and student run keeps its
+    hash. A config without benchmarks writes study.yaml as before (no `benchmarks: null`)."""
+    from kdlab.layout import Layout
+    from kdlab.resolve import resolve_config
+
+    plain = resolve_config(parse_config(_mini(tmp_path)))
+    with_benchmarks = resolve_config(parse_config(_mini(tmp_path, tasks=["tiny_mc"], limit=3)))
+    layout = Layout.of(tmp_path)
+    hashes = [{r.id: r.spec.config_hash for r in build_plan(c, layout, lambda *a: []).runs()}
+              for c in (plain, with_benchmarks)]
+    assert hashes[0] == hashes[1] and hashes[0]
+    assert "benchmarks" not in yaml.safe_load(plain.to_yaml())["evaluation"]
+    assert parse_config(yaml.safe_load(with_benchmarks.to_yaml())).evaluation.benchmarks == \
+        BenchmarkSettings(tasks=["tiny_mc"], limit=3)
+
+
+def test_a_study_asking_for_benchmarks_without_lm_eval_is_refused_before_any_work(
+        tiny_data_dir: Path, tmp_path: Path, monkeypatch: pytest.MonkeyPatch,
+        capsys: pytest.CaptureFixture[str]) -> None:
+    from kdlab.cli import main
+
+    real_find_spec = importlib.util.find_spec
+    monkeypatch.setattr(importlib.util, "find_spec",
+                        lambda name, *a: None if name == "lm_eval" else real_find_spec(name, *a))
+    out = tmp_path / "out"
+    config = tmp_path / "study.yaml"
+    config.write_text(yaml.safe_dump(_mini(out, tasks=["tiny_mc"])))
+    assert main(["run", str(config), "--data-dir", str(tiny_data_dir)]) == 2
+    err = capsys.readouterr().err
+    assert "evaluation.benchmarks" in err and "pip install 'kdlab[eval]'" in err
+    assert not out.exists()
+
+
+def test_an_unknown_benchmark_is_refused_before_any_work(tiny_data_dir: Path, tmp_path: Path,
+                                                         capsys: pytest.CaptureFixture[str]) -> None:
+    from kdlab.cli import main
+
+    out = tmp_path / "out"
+    tasks = write_tasks(tmp_path / "tasks")
+    config = tmp_path / "study.yaml"
+    config.write_text(yaml.safe_dump(_mini(out, tasks=["tiny_mc", "tiny_mcq"], include_path=str(tasks))))
+    assert main(["run", str(config), "--data-dir", str(tiny_data_dir)]) == 2
+    err = capsys.readouterr().err
+    assert "evaluation.benchmarks.tasks" in err and "tiny_mcq" in err and "'tiny_mc'" not in err
+    assert not out.exists()
+
+
+# ---------------------------------------------------------------------------------------------------------
+# kdlab's numbers are lm-eval's
+
+
+def test_in_process_evaluation_equals_lm_eval_on_the_saved_weights(tmp_path: Path) -> None:
+    """The model kdlab holds, through `evaluate_benchmark`, against lm-eval loading the same folder itself:
+    every metric and stderr, every generated answer, every task hash."""
+    from kdlab.benchmarks import evaluate_benchmark
+    from kdlab.models import load_model, load_tokenizer
+    from kdlab.tiny import write_tiny_llama
+
+    folder = write_tiny_llama(tmp_path / "model")
+    tasks = write_tasks(tmp_path / "tasks")
+    settings = BenchmarkSettings(tasks=["tiny_mc", "tiny_gen"], include_path=str(tasks), limit=12)
+    model, tokenizer = load_model(str(folder), dtype="float32"), load_tokenizer(str(folder))
+    ours = {name: evaluate_benchmark(model, tokenizer, name, settings, batch_size=4)
+            for name in settings.tasks}
+    theirs = direct(folder, settings.tasks, tasks, 12, batch_size=4)
+
+    metrics = {task: m for r in ours.values() for task, m in r.metrics.items()}
+    assert_same_numbers(metrics, theirs)
+    assert 0.0 < metrics["tiny_mc"]["acc"] < 1.0  # the documents tell the choices apart: not a constant
+    answers = [s["filtered_resps"] for s in sorted(theirs["samples"]["tiny_gen"], key=lambda s: s["doc_id"])]
+    assert ours["tiny_gen"].responses["tiny_gen"] == answers and any(a[0].strip() for a in answers)
+    for name, result in ours.items():
+        (facts,) = result.tasks.values()
+        assert facts["documents"] == 12 and facts["version"] == {"tiny_mc": 1.0, "tiny_gen": 2.0}[name]
+        samples = sorted(theirs["samples"][name], key=lambda s: s["doc_id"])
+        assert facts["hash"] == lm_eval.utils.hash_string(
+            "".join(s["doc_hash"] + s["prompt_hash"] + s["target_hash"] for s in samples))
+        # Per-document scores: what the report compares on; their mean is lm-eval's number.
+        for metric, scores in result.scores[name].items():
+            assert len(scores) == 12
+            assert np.mean(scores) == pytest.approx(result.metrics[name][metric])
+
+
+# ---------------------------------------------------------------------------------------------------------
+# a study with benchmarks
+
+
+class Smoke:
+    def __init__(self, out: Path, data_dir: Path, tasks: Path, config: dict[str, Any]):
+        self.out, self.data_dir, self.tasks, self.config = out, data_dir, tasks, config
+
+    def registry(self):
+        from kdlab.registry import Registry
+
+        return Registry(self.out / "registry.sqlite")
+
+    def study(self, config: dict[str, Any] | None = None):
+        from kdlab.study import Study
+
+        return Study(parse_config(config or self.config), output_dir=self.out, data_dir=self.data_dir)
+
+
+STUDENT_RUNS = ["sft-sst2-s1-seed1", "sft-sst2-s1-seed2",
+                "kd1-sst2-s1-lam0.5-seed1", "kd1-sst2-s1-lam0.5-seed2"]
+MODELS = ["teacher-base", "teacher-sst2", *STUDENT_RUNS]
+
+
+@pytest.fixture(scope="module")
+def smoke(tmp_path_factory: pytest.TempPathFactory, tiny_data_dir: Path) -> Smoke:
+    """The smoke preset cut to SST-2, SFT and one KD1 setting on two seeds, with the adapted teacher, and two
+    local lm-eval benchmarks."""
+    root = tmp_path_factory.mktemp("benchmark_study")
+    tasks = write_tasks(root / "tasks")
+    data = yaml.safe_load(preset_text("smoke"))
+    data["tasks"] = {"sst2": data["tasks"]["sst2"]}
+    data["methods"] = {"sft": {}, "kd1": {"lambda": 0.5, "temperature": 2.0, "top_k": 8}}
+    data["seeds"] = [1, 2]
+    data["bench"] = {"enabled": False}
+    data["output_dir"] = str(root / "out")
+    data["evaluation"]["benchmarks"] = {"tasks": ["tiny_mc", "tiny_gen"], "include_path": str(tasks),
+                                        "limit": 12}
+    smoke = Smoke(root / "out", tiny_data_dir, tasks, data)
+    with pytest.MonkeyPatch.context() as mp:
+        mp.setenv("HF_HUB_OFFLINE", "1")
+        study = smoke.study()
+        study.run()
+    assert not study.failed
+    return smoke
+
+
+def test_study_evaluates_the_teachers_and_every_final_student(smoke: Smoke) -> None:
+    runs = {r.id: r for r in smoke.registry().runs() if r.method == "benchmarks"}
+    assert set(runs) == {f"benchmark-{b}-{m}" for b in ("tiny_mc", "tiny_gen") for m in MODELS}
+    assert all(r.status == "done" and r.attempts == 1 for r in runs.values())
+    for model in MODELS:
+        for name in ("tiny_mc", "tiny_gen"):
+            assert (smoke.out / "benchmarks" / model / name / "run.json").is_file()  # `registry rebuild`
+    # lm-eval's version and each task's version and hash, in provenance.json
+    provenance = json.loads((smoke.out / "provenance.json").read_text())["benchmarks"]
+    assert provenance["lm_eval"] == lm_eval_version()
+    assert [provenance["tasks"][t]["version"] for t in ("tiny_mc", "tiny_gen")] == [1.0, 2.0]
+    assert all(isinstance(t["hash"], str) and len(t["hash"]) == 64 for t in provenance["tasks"].values())
+    assert "seeds" in json.loads((smoke.out / "provenance.json").read_text())  # the rest kept
+
+
+def test_study_numbers_equal_lm_eval_on_the_saved_student(smoke: Smoke) -> None:
+    """A final student's benchmark numbers, as the study recorded them, against lm-eval run directly on
+    runs/<id>/model (the study evaluates in float32, batch size 8)."""
+    run = smoke.registry().get("benchmark-tiny_mc-kd1-sst2-s1-lam0.5-seed2")
+    theirs = direct(smoke.out / "runs" / "kd1-sst2-s1-lam0.5-seed2" / "model", ["tiny_mc", "tiny_gen"],
+                    smoke.tasks, 12, batch_size=8)
+    gen = smoke.registry().get("benchmark-tiny_gen-kd1-sst2-s1-lam0.5-seed2")
+    assert_same_numbers({**run.metrics["benchmarks"], **gen.metrics["benchmarks"]}, theirs)
+
+
+def test_results_csv_report_table_and_figure(smoke: Smoke) -> None:
+    with open(smoke.out / "results.csv") as f:
+        rows = {r["run"]: r for r in csv.DictReader(f)}
+    assert not any(rid.startswith("benchmark-") for rid in rows)  # on their models' rows instead
+    registry = smoke.registry()
+    for rid, model in [("teacher-sst2-zero-shot", "teacher-base"), ("teacher-sst2", "teacher-sst2"),
+                       *((r, r) for r in STUDENT_RUNS)]:
+        metrics = registry.get(f"benchmark-tiny_mc-{model}").metrics["benchmarks"]["tiny_mc"]
+        assert float(rows[rid]["bench_tiny_mc_acc"]) == pytest.approx(metrics["acc"])
+        assert float(rows[rid]["bench_tiny_mc_acc_stderr"]) == pytest.approx(metrics["acc_stderr"])
+        assert rows[rid]["bench_tiny_gen_exact_match"] != ""
+    report = (smoke.out / "report.md").read_text()
+    section = report[report.index("## General ability"):]
+    table = [line for line in section.splitlines() if line.startswith("| ")]
+    assert table[0].startswith("| model | method | tiny_mc acc | tiny_mc acc_norm | tiny_gen exact_match |")
+    kd1_acc = np.mean([registry.get(f"benchmark-tiny_mc-{r}").metrics["benchmarks"]["tiny_mc"]["acc"]
+                       for r in STUDENT_RUNS[2:]])
+    assert any(line.startswith(f"| s1 | kd1 | {kd1_acc:.3f} ± ") for line in table)
+    assert any(line.startswith("| s1 | kd1 | 2/2 | seeds + examples |") for line in table)  # Δ vs SFT
+    assert "General ability" in (smoke.out / "summary.tex").read_text()
+    assert (smoke.out / "figures" / "retention_sst2.png").stat().st_size > 0
+    assert "figures/retention_sst2.png" in report
+
+
+def test_rerun_does_no_work(smoke: Smoke, no_training: None, monkeypatch: pytest.MonkeyPatch) -> None:
+    import kdlab.stages.benchmarks
+
+    def forbidden(*args: object, **kwargs: object) -> None:
+        raise AssertionError("a finished benchmark evaluation must not be redone")
+
+    monkeypatch.setattr(kdlab.stages.benchmarks, "evaluate_benchmark", forbidden)
+    monkeypatch.setattr(kdlab.stages.benchmarks, "load_model", forbidden, raising=False)
+    before = {r.id: (r.status, r.attempts, r.finished_at, r.metrics) for r in smoke.registry().runs()}
+    study = smoke.study()
+    study.run()
+    assert not study.failed
+    assert {r.id: (r.status, r.attempts, r.finished_at, r.metrics) for r in smoke.registry().runs()} == before
+
+
+def test_eval_command_redoes_only_changed_benchmarks(smoke: Smoke, no_training: None,
+                                                     monkeypatch: pytest.MonkeyPatch) -> None:
+    """`kdlab eval OUT --set ...`: a changed limit redoes that benchmark's evaluations, and nothing else."""
+    from kdlab.cli import main
+
+    monkeypatch.setenv("HF_HUB_OFFLINE", "1")
+    before = {r.id: r.finished_at for r in smoke.registry().runs()}
+    assert main(["eval", str(smoke.out), "--data-dir", str(smoke.data_dir), "--set",
+                 "evaluation.benchmarks.tasks=[tiny_mc]", "--set", "evaluation.benchmarks.limit=6"]) == 0
+    after = {r.id: r for r in smoke.registry().runs()}
+    redone = {rid for rid, r in after.items() if r.finished_at != before[rid]}
+    assert redone == {f"benchmark-tiny_mc-{m}" for m in MODELS}
+    assert all(r.metrics["lm_eval"]["tasks"]["tiny_mc"]["documents"] == 6 for rid, r in after.items()
+               if rid in redone)
