@@ -366,3 +366,60 @@ def test_smollm2_sst2_accuracy_through_kdlab_equals_lm_eval(tmp_path: Path, real
     assert ours.scores["sst2_local"]["acc"] == [s["acc"] for s in docs]
     # SmolLM2-135M-Instruct reads sentiment well above chance (kdlab's own SST-2 evaluation: ~79%).
     assert ours.metrics["sst2_local"]["acc"] > 0.6, ours.metrics
+
+
+# ---------------------------------------------------------------------------------------------------------
+# the comparison against SFT and the retention, on made-up per-document scores
+
+
+def _record(run_id: str, method: str, seed: int | None, **extra: Any):
+    from kdlab.registry import RunRecord
+
+    fields = dict(kind="student", task="sst2", method=method, student="s1", stage="final", params={},
+                  seed=seed, config_hash="h", status="done", metrics={}, wall_time=1.0, owner=None,
+                  heartbeat=None, attempts=1, error=None, output_dir="", created_at=0.0, started_at=0.0,
+                  finished_at=1.0)
+    return RunRecord(id=run_id, **(fields | extra))
+
+
+def test_benchmark_comparison_and_retention_on_known_scores(tmp_path: Path) -> None:
+    """KD1 scores 1 on documents 0-5 and SFT on 0-2 of 8 (every seed): Δ = +3/8 = 0.375, seed-aware with two
+    seeds a side; retention is the score over the base teacher's (0.5), in %."""
+    from kdlab.layout import Layout
+    from kdlab.report.benchmarks import Column, Evaluations, compare_benchmarks_to_sft, retention
+    from kdlab.report.collect import StudyOutputs
+    from kdlab.stages.selection import Group
+
+    layout = Layout(tmp_path)
+    column = Column("tiny_mc", "tiny_mc", "acc")
+    bench_runs: dict[tuple[str, str], Any] = {}
+
+    def evaluated(model: str, hits: int) -> None:
+        scores = [1.0] * hits + [0.0] * (8 - hits)
+        path = layout.benchmark_scores(model, "tiny_mc")
+        path.parent.mkdir(parents=True)
+        path.write_text(json.dumps({"scores": {"tiny_mc": {"acc": scores}}}))
+        bench_runs[(model, "tiny_mc")] = _record(
+            f"benchmark-tiny_mc-{model}", "benchmarks", None, kind="teacher", params={"model": model},
+            metrics={"benchmarks": {"tiny_mc": {"acc": hits / 8}}})
+
+    groups = {}
+    for method, hits in (("sft", 3), ("kd1", 6)):
+        runs = [_record(f"{method}-sst2-s1-seed{s}", method, s) for s in (1, 2)]
+        for r in runs:
+            evaluated(r.id, hits)
+        groups[("s1", method, "sst2")] = Group("s1", method, "sst2", {}, runs, runs[:1], "single setting", [])
+    evaluated("teacher-base", 4)
+    outputs = StudyOutputs(tmp_path, [], {}, None, None, None, ["sst2"])
+    (c,) = compare_benchmarks_to_sft(outputs, groups, Evaluations(bench_runs, [column]), n_resamples=2000,
+                                     seed=0)
+    assert (c.method, c.seeds) == ("kd1", (2, 2)) and c.result is not None and c.result.seed_aware
+    assert c.result.delta == pytest.approx(0.375) and c.result.low <= 0.375 <= c.result.high
+    assert c.holm_p == c.result.p_value  # one comparison: Holm changes nothing
+    evaluations = Evaluations(bench_runs, [column])
+    assert retention(evaluations, "kd1-sst2-s1-seed1") == pytest.approx(150.0)
+    assert retention(evaluations, "sft-sst2-s1-seed2") == pytest.approx(75.0)
+    # Scores that do not average to lm-eval's number are not compared (a group aggregated otherwise).
+    bench_runs[("kd1-sst2-s1-seed2", "tiny_mc")].metrics["benchmarks"]["tiny_mc"]["acc"] = 0.5
+    (c,) = compare_benchmarks_to_sft(outputs, groups, evaluations, n_resamples=200, seed=0)
+    assert c.result is None and "do not average" in c.note
