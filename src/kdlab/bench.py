@@ -28,9 +28,10 @@ from torch import nn
 from transformers import PreTrainedTokenizerBase
 
 from kdlab import evaluation
+from kdlab.alignment import same_vocabulary
 from kdlab.files import atomic_write_json
 from kdlab.job import PROJECTIONS_FILE
-from kdlab.models import count_parameters, folder_size_bytes, load_model
+from kdlab.models import count_parameters, folder_size_bytes, load_model, load_tokenizer
 from kdlab.tasks.base import Example, Task
 
 log = logging.getLogger("kdlab")
@@ -367,6 +368,14 @@ def _prime(
     _release_memory()
 
 
+def own_tokenizer(entry: BenchEntry, tokenizer: PreTrainedTokenizerBase) -> PreTrainedTokenizerBase | None:
+    """A student's tokenizer when its vocabulary differs from `tokenizer` (the study's), else None."""
+    if entry.role != "student" or not (Path(entry.path) / "tokenizer_config.json").is_file():
+        return None
+    own = load_tokenizer(entry.path, trust_remote_code=entry.trust_remote_code)
+    return None if same_vocabulary(own, tokenizer) else own
+
+
 def bench_models(
     entries: Sequence[BenchEntry],
     tasks: Mapping[str, tuple[Task, list[Example]]],
@@ -405,12 +414,17 @@ def bench_models(
                 model = model.merge_and_unload()
             model.eval()
             total, trainable = count_parameters(model)
+            # A student with its own tokenizer reads the same examples in its own tokens.
+            own = own_tokenizer(entry, tokenizer)
+            entry_tokenizer = tokenizer if own is None else own
+            entry_prepared = prepared if own is None else {
+                n: prepare_prompts(tasks[n][0], own, tasks[n][1]) for n in names}
             results = {}
             for name in names:
                 results[name] = measure_task(
                     model,
-                    tokenizer,
-                    prepared[name],
+                    entry_tokenizer,
+                    entry_prepared[name],
                     batch_size=batch_size,
                     warmup=warmup,
                     repeats=repeats,

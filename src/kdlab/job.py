@@ -21,6 +21,7 @@ from typing import Any
 from safetensors.torch import save_file
 
 from kdlab import losses
+from kdlab.alignment import same_vocabulary, vocabulary_map
 from kdlab.config import EvaluationSettings, StudentSettings, TrainingSettings
 from kdlab.distributed import Ranks
 from kdlab.evaluation import evaluate_splits, generation_for, generation_options, predict
@@ -43,7 +44,7 @@ from kdlab.stages.cache import teacher_answer, transfer_item
 from kdlab.stages.data import TaskData, load_task_data
 from kdlab.tasks.base import encode
 from kdlab.teacher_cache import TeacherCache
-from kdlab.training import TrainItem, last_checkpoint, train
+from kdlab.training import TrainItem, last_checkpoint, train, with_teacher_view
 
 log = logging.getLogger("kdlab")
 
@@ -146,7 +147,12 @@ def run_job(
     if job.live_teacher:
         live = load_frozen(job.teacher, dtype=dtype, device=device,
                            attn_implementation=settings.attn_implementation)
-    items = train_items(job, data, tokenizer, signals, cache, live)
+    # A student with its own tokenizer trains, saves and is evaluated in its tokens (the teacher in its own).
+    student_tokenizer = _tokenizer(job.initial_weights, job.student.trust_remote_code)
+    across = not same_vocabulary(student_tokenizer, tokenizer)
+    items = train_items(job, data, tokenizer, signals, cache, live,
+                        student_tokenizer=student_tokenizer if across else None)
+    teacher_tokenizer, tokenizer = tokenizer, student_tokenizer if across else tokenizer
     # An interrupted run continues from its last checkpoint (training.save_steps > 0).
     trainer_dir = folder / "trainer"
     # The leader looks (and tidies); every rank resumes from what it found.
@@ -171,6 +177,9 @@ def run_job(
         run_name=spec.id,
         tokenizer=tokenizer,
         rollouts_file=folder / "rollouts.jsonl",
+        teacher_pad_id=teacher_tokenizer.pad_token_id,
+        teacher_vocab_size=len(teacher_tokenizer),
+        vocabulary=vocabulary_map(tokenizer, teacher_tokenizer) if across else None,
     )
     del live
     if not ranks.leader:
@@ -193,10 +202,16 @@ def run_job(
             data.task, model, tokenizer, splits, folder, label=spec.id,
             batch_size=job.evaluation.batch_size, dtype=job.evaluation.dtype,
         )
-    metrics.update(diagnostics.after_training(
-        folder, model, data, items, tokenizer, teacher=job.teacher, epochs=settings.epochs,
-        batch_size=job.evaluation.batch_size, dtype=job.evaluation.dtype, device=device,
-    ))
+    if across:
+        # KL(teacher ‖ student) on the gold answers is token by token: not defined across tokenizers yet.
+        atomic_write_json(folder / diagnostics.DIAGNOSTICS_FILE,
+                          {"error": "not computed: the student's tokenizer differs from the teacher's"})
+        metrics["train_tokens"] = int(round(settings.epochs * diagnostics.training_tokens(items)))
+    else:
+        metrics.update(diagnostics.after_training(
+            folder, model, data, items, tokenizer, teacher=job.teacher, epochs=settings.epochs,
+            batch_size=job.evaluation.batch_size, dtype=job.evaluation.dtype, device=device,
+        ))
     metrics.update(
         train_runtime=round(result.train_runtime, 1),
         steps=result.steps,
@@ -209,12 +224,17 @@ def run_job(
 
 
 def train_items(
-    job: Job, data: TaskData, tokenizer: Any, signals: Signals, cache: TeacherCache | None, live: Any
+    job: Job, data: TaskData, tokenizer: Any, signals: Signals, cache: TeacherCache | None, live: Any,
+    *, student_tokenizer: Any = None,
 ) -> list[TrainItem]:
     """The gold examples (with the teacher's answer as a second target when the method reads answers),
     then, for methods that learn from the teacher, the transfer set labelled by the teacher's answers (no
-    task loss on those)."""
+    task loss on those). `tokenizer` is the teacher's; a `student_tokenizer` of its own (another vocabulary)
+    encodes every sequence the student reads, answers retokenised from their text, and the teacher's
+    distributions are read on its own encoding, aligned to the student's (`training.with_teacher_view`)."""
     task = data.task
+    student_tok = tokenizer if student_tokenizer is None else student_tokenizer
+    aligned = student_tokenizer is not None and signals.top_k is not None
     batch_size = job.evaluation.batch_size
     answers: dict[str, Any] = {}
     transfer_answers: dict[str, Any] = {}
@@ -237,20 +257,37 @@ def train_items(
         gold = data.encoded.get(ex.id)
         if gold is None:
             continue
+        teacher_view = gold
+        if student_tokenizer is not None:
+            gold = encode(task, ex, data.prompts[ex.id], student_tok)
+            if gold is None:
+                continue  # longer than max_length in the student's tokens
         teacher_item = None
         if signals.answers:
             if answers.get(ex.id) is None:
                 continue  # an empty teacher answer dropped by `cache.empty_answers: drop`
             target = task.answer_target(answers[ex.id])
-            teacher_item = encode(task, ex, data.prompts[ex.id], tokenizer, target=target)
+            teacher_item = encode(task, ex, data.prompts[ex.id], student_tok, target=target)
             if teacher_item is None:
                 continue
-        items.append(TrainItem(gold=gold, teacher=teacher_item))
+        item = TrainItem(gold=gold, teacher=teacher_item)
+        if aligned:
+            item = with_teacher_view(item, teacher_view, task.target_text(ex), student_tok, tokenizer)
+        items.append(item)
     if signals.from_teacher:
         for ex in data.transfer:
-            item = transfer_item(task, tokenizer, ex, transfer_answers.get(ex.id))
-            if item is not None:
-                items.append(TrainItem(gold=item, teacher=item if signals.answers else None, transfer=True))
+            answer = transfer_answers.get(ex.id)
+            item = transfer_item(task, student_tok, ex, answer)
+            if item is None:
+                continue
+            train_item = TrainItem(gold=item, teacher=item if signals.answers else None, transfer=True)
+            if aligned:
+                view = transfer_item(task, tokenizer, ex, answer)  # the cache's rows are on these tokens
+                if view is None:
+                    continue
+                train_item = with_teacher_view(train_item, view, task.answer_target(str(answer)), student_tok,
+                                               tokenizer)
+            items.append(train_item)
     return items
 
 

@@ -287,7 +287,18 @@ def model_provenance(spec: str, revision: str | None = None) -> dict[str, Any]:
     path = resolve_model_path(spec, revision)
     repo_id, commit = hub_snapshot_info(path) or (None, None)
     return {"spec": spec, "path": path, "revision": revision, "repo_id": repo_id, "commit": commit,
-            "fingerprint": hash_model_files(path)}
+            "fingerprint": hash_model_files(path), **tokenizer_provenance(path)}
+
+
+def tokenizer_provenance(path: str) -> dict[str, Any]:
+    """The tokenizer of a model folder: a short hash of its vocabulary (equal hashes: the same tokens) and its
+    size, so a report tells a student with its own tokenizer at a glance. {} when it has none."""
+    try:
+        tokenizer = load_tokenizer(path)
+    except (OSError, ValueError):
+        return {}
+    vocab = json.dumps(sorted(tokenizer.get_vocab().items()), ensure_ascii=False)
+    return {"tokenizer": hashlib.sha256(vocab.encode()).hexdigest()[:12], "vocab_size": len(tokenizer)}
 
 
 def materialize_gguf(gguf: Path) -> Path:

@@ -29,9 +29,9 @@ def field_error(where: str, error: Exception) -> str:
 
 
 def preflight(study: StudyView) -> None:
-    """Model paths, tokenizers (students share the teacher's vocabulary), derivable students and layer maps,
-    top-k within the vocabulary, data files with their fields, subset sizes, labels. Raises ConfigError /
-    DataError naming the field or file."""
+    """Model paths, tokenizers (a student with its own vocabulary only with methods that work across
+    tokenizers), derivable students and layer maps, top-k within the vocabulary, data files with their
+    fields, subset sizes, labels. Raises ConfigError / DataError naming the field or file."""
     cfg = study.config
     check_training_arguments(cfg)
     try:
@@ -48,7 +48,8 @@ def preflight(study: StudyView) -> None:
         try:
             if student.model is not None:
                 check_vocabulary(
-                    student, resolve_model_path(student.model, student.revision), study.tokenizer
+                    student, resolve_model_path(student.model, student.revision), study.tokenizer,
+                    list(cfg.methods),
                 )
             else:
                 kept = derive_layers(teacher_config, student.derive)

@@ -561,7 +561,7 @@ def reproducibility_markdown(outputs: StudyOutputs) -> str:
     lines += ["Models:", ""]
     models = as_mapping(as_mapping(prov).get("models"))
     if models:
-        keys = ["spec", "path", "revision", "repo_id", "commit", "fingerprint"]
+        keys = ["spec", "path", "revision", "repo_id", "commit", "fingerprint", "tokenizer", "vocab_size"]
         rows = []
         for name, entry in models.items():
             e = as_mapping(entry)

@@ -14,6 +14,7 @@ from kdlab import losses
 from kdlab.config import StudentSettings
 from kdlab.errors import StudyError
 from kdlab.files import atomic_folder
+from kdlab.methods import METHODS, get_method
 from kdlab.models import (
     check_derivable,
     count_parameters,
@@ -81,13 +82,26 @@ def build_student(study: StudyView, student: StudentSettings) -> None:
     )
 
 
-def check_vocabulary(student: StudentSettings, path: str, teacher_tokenizer: PreTrainedTokenizerBase) -> None:
+def check_vocabulary(
+    student: StudentSettings, path: str, teacher_tokenizer: PreTrainedTokenizerBase, methods: Sequence[str]
+) -> None:
+    """A student whose tokenizer differs from the teacher's: every method of the study must have a form across
+    tokenizers (`Method.across_tokenizers`), and both tokenizers must give character offsets (fast ones)."""
     tok = load_tokenizer(path, trust_remote_code=student.trust_remote_code)
-    if tok.get_vocab() != teacher_tokenizer.get_vocab():
-        raise ValueError(
-            f"students.{student.name}: its tokenizer differs from the teacher's "
-            f"({len(tok)} vs {len(teacher_tokenizer)} tokens); KD needs a shared vocabulary"
-        )
+    if tok.get_vocab() == teacher_tokenizer.get_vocab():
+        return
+    differs = f"its tokenizer differs from the teacher's ({len(tok)} vs {len(teacher_tokenizer)} tokens)"
+    for name in methods:
+        if not get_method(name).across_tokenizers:
+            able = ", ".join(m for m, method in METHODS.items() if method.across_tokenizers)
+            raise ValueError(
+                f"students.{student.name}: {differs}, and methods.{name} has no cross-tokenizer form yet "
+                f"(those with one: {able}); give this student the teacher's tokenizer or drop {name}"
+            )
+    for who, t in (("the student", tok), ("the teacher", teacher_tokenizer)):
+        if not getattr(t, "is_fast", False):
+            raise ValueError(f"students.{student.name}: {differs}; aligning them needs fast tokenizers (with "
+                             f"offset mappings), and {who}'s is {type(t).__name__}")
 
 
 def layer_counts(study: StudyView, student: StudentSettings) -> tuple[list[int] | None, int, int]:
