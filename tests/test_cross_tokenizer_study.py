@@ -79,3 +79,57 @@ def test_a_method_without_a_cross_tokenizer_form_is_refused(tiny_data_dir: Path,
     err = capsys.readouterr().err
     assert "students.own" in err and f"methods.{method}" in err and "cross-tokenizer" in err
     assert not out.exists()
+
+
+class AnswersOnly:
+    """A cache holding the teacher's answers (what kd2 reads), nothing else."""
+
+    def __init__(self, answers: dict[str, str]) -> None:
+        self.answers = answers
+
+    def answer(self, example_id: str) -> str:
+        return self.answers[example_id]
+
+    def __contains__(self, example_id: object) -> bool:
+        return example_id in self.answers
+
+
+def test_items_for_a_student_with_its_own_tokenizer(tiny_data_dir: Path, student_folder: Path) -> None:
+    """kd2: the teacher's answers are text, encoded with the student's tokenizer; kd1: the gold sequence in
+    the student's tokens with the teacher's own encoding beside it, aligned."""
+    from types import SimpleNamespace
+
+    from kdlab.job import train_items
+    from kdlab.methods import Signals
+    from kdlab.models import load_tokenizer, resolve_model_path
+    from kdlab.stages.data import load_task_data
+    from kdlab.tasks import get_task, settings_class
+    from kdlab.tasks.base import encode
+
+    teacher_tok = load_tokenizer(resolve_model_path("tiny-llama"))
+    student_tok = load_tokenizer(str(student_folder))
+    assert len(teacher_tok) == 512 and len(student_tok) == 400
+    raw = yaml.safe_load(preset_text("smoke"))["tasks"]["squad"]
+    settings = settings_class("squad", raw).model_validate(raw)
+    task = get_task("squad", settings)
+    td = load_task_data(task, settings, teacher_tok, tiny_data_dir, 1234)
+    job = SimpleNamespace(evaluation=SimpleNamespace(batch_size=4), empty_answers="gold")
+    answers = {i: "Denver Broncos won" for i in td.encoded}
+    items = train_items(job, td, teacher_tok, Signals(answers=True), AnswersOnly(answers), None,  # type: ignore[arg-type]
+                        student_tokenizer=student_tok)
+    assert items
+    by_id = {ex.id: ex for ex in td.train}
+    for item in items:
+        ex = by_id[item.gold.id]
+        assert item.gold == encode(task, ex, td.prompts[ex.id], student_tok)
+        assert item.teacher == encode(task, ex, td.prompts[ex.id], student_tok,
+                                      target=task.answer_target("Denver Broncos won"))
+        assert item.teacher_view is None  # kd2 reads no teacher distribution
+    items = train_items(job, td, teacher_tok, Signals(top_k=8, temperature=2.0), None, None,  # type: ignore[arg-type]
+                        student_tokenizer=student_tok)
+    for item in items:
+        ex = by_id[item.gold.id]
+        assert item.gold == encode(task, ex, td.prompts[ex.id], student_tok)
+        assert item.teacher_view == td.encoded[ex.id]  # the teacher's own encoding: the cache's rows
+        assert item.alignment is not None
+        assert item.alignment.student_tokens == sum(t != -100 for t in item.gold.labels)

@@ -155,3 +155,24 @@ def test_an_encoding_that_is_not_the_answer_is_refused(setup: Setup) -> None:
     with pytest.raises(ValueError, match="answer tokens"):
         with_teacher_view(TrainItem(gold=encoded(0, setup.student_tok)), wrong, " Denver Broncos",
                           setup.student_tok, setup.teacher_tok)
+
+
+def test_uld_with_one_tokenizer_compares_row_by_row(setup: Setup, tmp_path: Path) -> None:
+    """cross_tokenizer: uld with the teacher's own tokenizer (no teacher view): the same loss as the aligned
+    path with every chunk 1:1, and not the plain divergence."""
+    tok = setup.teacher_tok
+    ascii_rows = [i for i, (_, a) in enumerate(EXAMPLES) if a.isascii()]
+    plain = [TrainItem(gold=setup.teacher_encoded[f"ex{i}"]) for i in ascii_rows]
+    aligned = [with_teacher_view(item, item.gold, EXAMPLES[i][1], tok, tok)
+               for item, i in zip(plain, ascii_rows, strict=True)]
+    student = build_tiny_llama(tok, num_layers=1, seed=5)
+    out = []
+    for items, mode in ((plain, "uld"), (aligned, "uld"), (plain, "auto")):
+        result = train(copy.deepcopy(student), items, method=METHODS["kd1"],
+                       params=dict(KD1, top_k=len(tok), cross_tokenizer=mode),
+                       settings=settings(batch_size=len(items)), output_dir=tmp_path / f"r{len(out)}", seed=3,
+                       pad_id=tok.pad_token_id, vocab_size=len(tok), live_teacher=setup.teacher,
+                       vocabulary=vocabulary_map(tok, tok))
+        out.append([e for e in result.log_history if "loss" in e][0]["loss_kd"])
+    assert out[0] == pytest.approx(out[1], rel=1e-5)
+    assert abs(out[0] - out[2]) > 1e-3  # ULD is not the forward KL
