@@ -122,6 +122,8 @@ def hybrid64(s, t, table, mask, merged, first, rest_logp, divergence="forward_kl
         p_a, q_a = ps[i][in_a], q[in_a]
         buckets_t = np.append(q_a, rest_t)
         buckets_s = np.append(p_a, rest_s)
+        if in_a.all():  # no student token left for the rest: the matched part alone, teacher renormalised
+            buckets_t, buckets_s = q_a / q_a.sum(), p_a
         if divergence == "forward_kl":
             pos = buckets_t > 0
             d = float((buckets_t[pos] * np.log(buckets_t[pos] / buckets_s[pos])).sum())
@@ -133,18 +135,20 @@ def hybrid64(s, t, table, mask, merged, first, rest_logp, divergence="forward_kl
     return T**2 * total
 
 
+@pytest.mark.parametrize("matched", [20_000, V_S])  # V_S: every student token matched, no student rest
 @pytest.mark.parametrize("divergence", ["forward_kl", "reverse_kl"])
-def test_hybrid_matches_float64(divergence) -> None:
+def test_hybrid_matches_float64(divergence, matched) -> None:
     n = 4
     s, t = logits(n, V_S, 10), logits(n, V_T, 11)
-    table, mask = random_map(0, 20_000)
+    table, mask = random_map(0, matched)
     matched_s = torch.nonzero(mask).squeeze(1)
     unmatched_s = torch.nonzero(~mask).squeeze(1)
     matched_t = torch.nonzero(table >= 0).squeeze(1)
     unmatched_t = torch.nonzero(table < 0).squeeze(1)
     # Row 0: no merge; row 1: an unmatched student token spelled by a matched first piece and more; row 2: a
     # matched student token by an unmatched first piece; row 3: first piece maps to the merged token itself.
-    merged = torch.tensor([-1, int(unmatched_s[5]), int(matched_s[7]), int(table[matched_t[9]])])
+    spelled = int(unmatched_s[5]) if len(unmatched_s) else int(matched_s[5])
+    merged = torch.tensor([-1, spelled, int(matched_s[7]), int(table[matched_t[9]])])
     first = torch.tensor([-1, int(matched_t[3]), int(unmatched_t[4]), int(matched_t[9])])
     rest_logp = torch.tensor([0.0, -0.7, -2.5, -0.01])
     got = hybrid_loss(
@@ -152,7 +156,7 @@ def test_hybrid_matches_float64(divergence) -> None:
         merged_first_piece=first, merged_rest_logprob=rest_logp, temperature=T, divergence=divergence,
         num_tokens=1)
     want = hybrid64(s, t, table, mask, merged.tolist(), first.tolist(), rest_logp.tolist(), divergence)
-    assert float(got) == pytest.approx(want, rel=1e-4)
+    assert np.isfinite(want) and float(got) == pytest.approx(want, rel=1e-4)
 
 
 @pytest.mark.parametrize("divergence", losses.DIVERGENCES)
@@ -210,3 +214,36 @@ def test_bad_shapes_are_refused() -> None:
         hybrid_loss(torch.zeros(1, 5), *full_head(torch.zeros(1, 5), 1.0), teacher_to_student=torch.arange(5),
                     student_matched=torch.ones(5, dtype=torch.bool), temperature=1.0, divergence="kl",
                     num_tokens=1)
+
+
+def test_teacher_batch_merges_pieces_by_the_chain_rule() -> None:
+    """One example: student answer ["ab", EOS]; teacher answer ["a", "b", EOS] (a 1:2 merge). The teacher's
+    probability of "ab" must be p(a at row 0)·p(b at row 1): checked against hybrid_loss given that product
+    by hand, and against a wrong one."""
+    from kdlab.alignment import VocabularyMap
+    from kdlab.methods import TeacherBatch
+
+    # Student vocab: 0 "ab", 1 "a", 2 EOS; teacher vocab: 0 "a", 1 "b", 2 EOS, 3 "c".
+    vocab = VocabularyMap(student_ids=torch.tensor([1, 2]), teacher_ids=torch.tensor([0, 2]), student_vocab=3,
+                          teacher_vocab=4)
+    alignment = {  # pairs (student 0, teacher 0) with the merge, (student 1, teacher 2): EOS
+        "xt_pair_student": torch.tensor([0, 1]), "xt_pair_teacher": torch.tensor([0, 2]),
+        "xt_merged_student": torch.tensor([0, -1]), "xt_merged_first": torch.tensor([0, -1]),
+        "xt_merge_rows": torch.tensor([1]), "xt_merge_tokens": torch.tensor([1]),
+        "xt_merge_owner": torch.tensor([0]),
+    }
+    teacher_logits = logits(3, 4, 50)
+    student_logits = logits(2, 3, 51)
+    teacher = TeacherBatch(logits=teacher_logits, alignment=alignment, vocabulary=vocab)
+    got = teacher.divergence(student_logits, temperature=T, divergence="forward_kl", num_tokens=2,
+                             cross_tokenizer="hybrid")
+    rest = torch.log_softmax(teacher_logits[1] / T, dim=-1)[1]  # log p(b | a) at the teacher's second row
+    common = dict(teacher_to_student=vocab.teacher_to_student(), student_matched=vocab.student_matched(),
+                  merged_student_token=torch.tensor([0, -1]), merged_first_piece=torch.tensor([0, -1]),
+                  temperature=T, num_tokens=2)
+    head = full_head(teacher_logits[[0, 2]], T)
+    want = hybrid_loss(student_logits, *head, merged_rest_logprob=torch.stack([rest, torch.tensor(0.0)]),
+                       **common)
+    wrong = hybrid_loss(student_logits, *head, merged_rest_logprob=torch.zeros(2), **common)
+    torch.testing.assert_close(got, want)
+    assert abs(float(want) - float(wrong)) > 1e-3

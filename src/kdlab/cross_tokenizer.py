@@ -25,6 +25,10 @@ p_T(t_1)·p_T(t_2 | t_1)·...·p_T(t_n | ...) and counts as matched for that row
 own entry, so the teacher's row still sums to 1. With one tokenizer on both sides every token is matched,
 the rest buckets are empty and hybrid is exactly the divergence of ordinary KD.
 
+When every student token of a row is matched (a student vocabulary inside the teacher's), the student has
+no rest to put the teacher's unmatched mass in: D then compares the matched part alone (the teacher
+renormalised over it) and that mass shows in the uld term only.
+
 Both are multiplied by T² (as every kd1 divergence) and summed over pairs / `num_tokens`.
 """
 
@@ -178,6 +182,11 @@ def hybrid_loss(
 
     s = F.log_softmax(student_logits.float() / temperature, dim=-1)
     s_rest = s.masked_fill(known, float("-inf")).logsumexp(dim=-1)
+    # A row whose every student token is compared one by one has no rest to put the teacher's unmatched
+    # mass in (KL would be infinite): there D compares the matched part alone, the teacher renormalised
+    # over it, and the uld part below sees the teacher's unmatched mass.
+    no_rest = known.all(dim=-1)
+    t_buckets[:, -1] = t_buckets[:, -1].masked_fill(no_rest, float("-inf"))
     s_buckets = torch.cat([s.masked_fill(~known, float("-inf")), s_rest.unsqueeze(-1)], dim=-1)
     # Both sides' buckets are normalised already; the log_softmax only removes rounding.
     matched_part = _divergence_rows(F.log_softmax(t_buckets, dim=-1), F.log_softmax(s_buckets, dim=-1),
