@@ -17,7 +17,9 @@ import yaml
 
 from kdlab.benchmarks import lm_eval_version
 from kdlab.config import BenchmarkSettings, ConfigError, parse_config, preset_text
+from kdlab.layout import Layout
 from kdlab.plan import build_plan
+from kdlab.registry import find_run_records
 
 lm_eval = pytest.importorskip("lm_eval", reason="lm-eval is not installed (pip install 'kdlab[eval]')")
 
@@ -114,7 +116,6 @@ def test_bad_benchmark_settings_name_the_field(tmp_path: Path, benchmarks: dict[
 def test_benchmarks_change_no_run_hash_and_stay_out_of_an_unset_config(tmp_path: Path) -> None:
     """Adding a benchmark to a finished study must redo no training: every teacher and student run keeps its
     hash. A config without benchmarks writes study.yaml as before (no `benchmarks: null`)."""
-    from kdlab.layout import Layout
     from kdlab.resolve import resolve_config
 
     plain = resolve_config(parse_config(_mini(tmp_path)))
@@ -159,6 +160,17 @@ def test_an_unknown_benchmark_is_refused_before_any_work(tiny_data_dir: Path, tm
     assert not out.exists()
 
 
+def test_eval_without_benchmarks_says_how_to_ask_for_them(tmp_path: Path,
+                                                          capsys: pytest.CaptureFixture[str]) -> None:
+    from kdlab.cli import main
+
+    (tmp_path / "study.yaml").write_text(yaml.safe_dump(_mini(tmp_path)))
+    assert main(["eval", str(tmp_path)]) == 2
+    err = capsys.readouterr().err
+    assert "evaluation.benchmarks" in err and "--set 'evaluation.benchmarks.tasks=" in err
+    assert sorted(p.name for p in tmp_path.iterdir()) == ["study.yaml"]  # nothing written
+
+
 # ---------------------------------------------------------------------------------------------------------
 # kdlab's numbers are lm-eval's
 
@@ -193,6 +205,27 @@ def test_in_process_evaluation_equals_lm_eval_on_the_saved_weights(tmp_path: Pat
         for metric, scores in result.scores[name].items():
             assert len(scores) == 12
             assert np.mean(scores) == pytest.approx(result.metrics[name][metric])
+
+
+def test_a_hub_dataset_offline_fails_saying_what_to_do(tmp_path: Path) -> None:
+    """A task whose dataset is on the hub and not cached, offline: the error says so and what to do."""
+    from kdlab.benchmarks import evaluate_benchmark
+    from kdlab.models import load_model, load_tokenizer
+    from kdlab.tiny import write_tiny_llama
+
+    folder = write_tiny_llama(tmp_path / "model")
+    tasks = tmp_path / "tasks"
+    tasks.mkdir()
+    (tasks / "hub_task.yaml").write_text(yaml.safe_dump({
+        "task": "hub_task", "dataset_path": "kdlab-tests/not-cached-anywhere", "test_split": "test",
+        "output_type": "multiple_choice", "doc_to_text": "{{text}}", "doc_to_choice": ["a", "b"],
+        "doc_to_target": 0, "metric_list": [{"metric": "acc"}],
+    }))
+    settings = BenchmarkSettings(tasks=["hub_task"], include_path=str(tasks))
+    with pytest.raises(RuntimeError, match="not in the Hugging Face cache and the hub is unreachable") as e:
+        evaluate_benchmark(load_model(str(folder)), load_tokenizer(str(folder)), "hub_task", settings,
+                           batch_size=2)
+    assert "include_path" in str(e.value)
 
 
 # ---------------------------------------------------------------------------------------------------------
@@ -248,7 +281,9 @@ def test_study_evaluates_the_teachers_and_every_final_student(smoke: Smoke) -> N
     assert all(r.status == "done" and r.attempts == 1 for r in runs.values())
     for model in MODELS:
         for name in ("tiny_mc", "tiny_gen"):
-            assert (smoke.out / "benchmarks" / model / name / "run.json").is_file()  # `registry rebuild`
+            assert (Layout(smoke.out).benchmark_scores(model, name)).is_file()
+    # Each keeps its run.json where `kdlab registry rebuild` looks: a lost registry redoes none of them.
+    assert set(runs) <= {r.id for r in find_run_records(smoke.out)[0]}
     # lm-eval's version and each task's version and hash, in provenance.json
     provenance = json.loads((smoke.out / "provenance.json").read_text())["benchmarks"]
     assert provenance["lm_eval"] == lm_eval_version()
@@ -385,7 +420,6 @@ def _record(run_id: str, method: str, seed: int | None, **extra: Any):
 def test_benchmark_comparison_and_retention_on_known_scores(tmp_path: Path) -> None:
     """KD1 scores 1 on documents 0-5 and SFT on 0-2 of 8 (every seed): Δ = +3/8 = 0.375, seed-aware with two
     seeds a side; retention is the score over the base teacher's (0.5), in %."""
-    from kdlab.layout import Layout
     from kdlab.report.benchmarks import Column, Evaluations, compare_benchmarks_to_sft, retention
     from kdlab.report.collect import StudyOutputs
     from kdlab.stages.selection import Group

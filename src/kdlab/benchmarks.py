@@ -8,11 +8,13 @@ Reading lm-eval's results (`read_results`) is pure, apart from the run.
 
 from __future__ import annotations
 
+import contextlib
 import hashlib
 import importlib.util
+import logging
 import math
 import os
-from collections.abc import Mapping, Sequence
+from collections.abc import Iterator, Mapping, Sequence
 from dataclasses import dataclass, field
 from importlib import metadata
 from typing import Any
@@ -157,6 +159,20 @@ def _plain(value: Any) -> Any:
     return value
 
 
+@contextlib.contextmanager
+def _lm_eval_logging(level: int) -> Iterator[None]:
+    """lm-eval logs each step at INFO, and warns that it was handed a model instance (as kdlab means to):
+    its logger at `level` for the block, unless kdlab's is at DEBUG (`kdlab -v`)."""
+    logger = logging.getLogger("lm_eval")
+    before = logger.level
+    if not logging.getLogger("kdlab").isEnabledFor(logging.DEBUG):
+        logger.setLevel(level)
+    try:
+        yield
+    finally:
+        logger.setLevel(before)
+
+
 def evaluate_benchmark(
     model: Any, tokenizer: Any, name: str, settings: BenchmarkSettings, *, batch_size: int
 ) -> BenchmarkResult:
@@ -166,16 +182,18 @@ def evaluate_benchmark(
     import lm_eval
     from lm_eval.models.huggingface import HFLM
 
-    lm = HFLM(pretrained=model, tokenizer=tokenizer, batch_size=batch_size)
+    with _lm_eval_logging(logging.ERROR):
+        lm = HFLM(pretrained=model, tokenizer=tokenizer, batch_size=batch_size)
     try:
-        results = lm_eval.simple_evaluate(
-            model=lm,
-            tasks=[name],
-            num_fewshot=settings.num_fewshot,
-            limit=settings.limit,
-            task_manager=task_manager(settings),
-            log_samples=True,  # the per-document scores the report's paired comparison needs
-        )
+        with _lm_eval_logging(logging.WARNING):
+            results = lm_eval.simple_evaluate(
+                model=lm,
+                tasks=[name],
+                num_fewshot=settings.num_fewshot,
+                limit=settings.limit,
+                task_manager=task_manager(settings),
+                log_samples=True,  # the per-document scores the report's paired comparison needs
+            )
     except Exception as e:
         text = f"{type(e).__name__}: {e}".lower()
         if any(word in text for word in ("offline", "connection", "couldn't reach", "cannot reach")):

@@ -10,7 +10,7 @@ owns. Pure paths: nothing here reads or writes.
     students/<name>/init      a derived student's initial weights
     runs/<id>                 a student run: model, predictions, log, run.json
     selection.json            the grid settings chosen on the selection split
-    benchmarks/<model>/<name> an lm-eval benchmark of one model (teacher-base, teacher-<task>, a student
+    benchmarks/<name>-<model> an lm-eval benchmark of one model (teacher-base, teacher-<task>, a student
                               run id): its per-document scores and answers, run.json
     provenance.json bench.json results.csv report.md ...   what `kdlab run` writes last
 """
@@ -86,8 +86,8 @@ class Layout:
 
     def benchmark(self, model: str, name: str) -> Path:
         """The benchmark `name` (an lm-eval task or group) of `model`: teacher-base, teacher-<task> or a
-        student run id."""
-        return self.root / "benchmarks" / model / name
+        student run id. One folder deep, as every run's: `kdlab registry rebuild` finds its run.json."""
+        return self.root / "benchmarks" / f"{name}-{model}"
 
     def benchmark_scores(self, model: str, name: str) -> Path:
         """Its per-document scores and answers (what the report's paired comparison reads)."""
