@@ -185,18 +185,22 @@ def test_hybrid_is_zero_when_the_student_is_the_teacher() -> None:
     assert float(got) == pytest.approx(0, abs=1e-5)
 
 
-def test_hybrid_gradient_is_finite_and_reaches_the_student() -> None:
+@pytest.mark.parametrize("divergence", losses.DIVERGENCES)
+@pytest.mark.parametrize("matched", [200, 300])  # 300: every student token matched
+@pytest.mark.parametrize("rest", [-1.0, 0.0])  # 0.0: the teacher sure of the later pieces of a merge
+def test_hybrid_loss_and_gradient_are_finite(divergence, matched, rest) -> None:
     s = logits(2, 300, 40).requires_grad_(True)
     t = logits(2, 350, 41)
     table = torch.full((350,), -1, dtype=torch.long)
-    table[:200] = torch.arange(200)
+    table[:matched] = torch.arange(matched)
     mask = torch.zeros(300, dtype=torch.bool)
-    mask[:200] = True
+    mask[:matched] = True
     loss = hybrid_loss(s, *full_head(t, T), teacher_to_student=table, student_matched=mask,
                        merged_student_token=torch.tensor([250, -1]), merged_first_piece=torch.tensor([3, -1]),
-                       merged_rest_logprob=torch.tensor([-1.0, 0.0]), temperature=T, num_tokens=2)
+                       merged_rest_logprob=torch.tensor([rest, 0.0]), temperature=T, divergence=divergence,
+                       num_tokens=2)
     loss.backward()
-    assert torch.isfinite(s.grad).all() and s.grad.abs().sum() > 0
+    assert torch.isfinite(loss) and torch.isfinite(s.grad).all() and s.grad.abs().sum() > 0
 
 
 def test_head_token_logprob_reads_listed_tokens_only() -> None:

@@ -43,6 +43,8 @@ from kdlab.losses import _check_common, _divergence_rows, _normalise
 MATCHED_WEIGHT = 1.0  # hybrid: the exact divergence on the matched vocabulary (+ the rest's bucket)
 UNMATCHED_WEIGHT = 1.0  # hybrid: ULD between the unmatched tokens' probabilities (the shape of the rest)
 
+CHAIN_FLOOR = 1e-6  # hybrid: the smallest share of a first piece's mass left to the piece itself
+
 _NumTokens = int | float | Tensor
 
 
@@ -155,8 +157,10 @@ def hybrid_loss(
         merged_logp = (first + merged_rest_logprob.float()).masked_fill(~has, float("-inf"))
         has = has & torch.isfinite(merged_logp)  # a first piece outside a cached head: no chain entry
         merged_logp = merged_logp.masked_fill(~has, float("-inf"))
-        # log(p(t_1) − p(t_1)·r) = log p(t_1) + log(1 − r)
-        left = t_logp + torch.log1p(-merged_rest_logprob.float().exp().clamp(max=1.0)).unsqueeze(-1)
+        # log(p(t_1) − p(t_1)·r) = log p(t_1) + log(1 − r); t_1 keeps at least a CHAIN_FLOOR share of its
+        # mass: a teacher sure of the later pieces (r rounds to 1) leaves no zero for reverse KL to divide by.
+        r = merged_rest_logprob.float().exp().clamp(max=1.0 - CHAIN_FLOOR)
+        left = t_logp + torch.log1p(-r).unsqueeze(-1)
         is_first = has.unsqueeze(-1) & (idx == merged_first_piece.unsqueeze(-1))
         t_logp = torch.where(is_first, left, t_logp)
         rows = has.nonzero().squeeze(-1)
