@@ -216,7 +216,12 @@ def test_failed_run_is_recorded_and_redone(tiny_data_dir: Path, tmp_path: Path,
     assert run is not None and run.status == "failed" and run.attempts == 1
     assert "boom: simulated crash" in (run.error or "")
     assert registry.get("teacher-sst2-zero-shot").status == "done"
-    assert "sft-sst2-s1-seed1" in capsys.readouterr().err  # status on stderr
+    err = capsys.readouterr().err
+    assert "sft-sst2-s1-seed1" in err  # status on stderr
+    # where the time went, stage by stage
+    line = next(x for x in err.splitlines() if "[study] time by stage:" in x)
+    stages = [part.split()[0] for part in line.split("time by stage: ")[1].split(", ")]
+    assert stages == ["data", "teacher", "students", "cache", "sweep", "benchmarks", "bench", "report"]
 
     monkeypatch.setattr(kdlab.stages.sweep, "run_job", real)
     assert main(argv) == 0

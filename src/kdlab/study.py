@@ -12,10 +12,12 @@ share: the config, the folder, the tokenizer, the registry, and where things are
 
 from __future__ import annotations
 
+import contextlib
 import functools
 import json
 import logging
 import time
+from collections.abc import Iterator
 from pathlib import Path
 from typing import Any
 
@@ -74,6 +76,7 @@ class Study:
         self._data: dict[str, TaskData] = {}
         self._tokenizer = None
         self.failed: list[str] = []  # ids of the runs that failed, after `sweep` / `run`
+        self.timings: dict[str, float] = {}  # wall seconds by stage in this process (`timed`)
         self.written: list[Path] = []  # the report's files, after `run`
         if inspect_only:
             path = self.layout.registry
@@ -148,14 +151,26 @@ class Study:
         """Every check that needs no training (`kdlab.preflight`); raises naming the field or file."""
         preflight(self)
 
+    @contextlib.contextmanager
+    def timed(self, stage: str) -> Iterator[None]:
+        """Adds the block's wall time to `timings[stage]` (logged by `run`: where a study's time goes)."""
+        start = time.perf_counter()
+        try:
+            yield
+        finally:
+            self.timings[stage] = self.timings.get(stage, 0.0) + time.perf_counter() - start
+
     def prepare(self) -> None:
         """Data, teacher (zero-shot, adaptation, evaluation) and the students' initial weights."""
-        for name in self.config.tasks:
-            self.data(name)
-        for name in self.config.tasks:
-            teacher.run_teacher(self, name)
-        for student in self.config.students:
-            students.build_student(self, student)  # derived students (vocabularies: `preflight`)
+        with self.timed("data"):
+            for name in self.config.tasks:
+                self.data(name)
+        with self.timed("teacher"):
+            for name in self.config.tasks:
+                teacher.run_teacher(self, name)
+        with self.timed("students"):
+            for student in self.config.students:
+                students.build_student(self, student)  # derived students (vocabularies: `preflight`)
 
     def sweep(self, poll_seconds: float = 5.0, executor: ExecutorSettings | None = None) -> list[str]:
         """Everything but the report: `prepare`, the teacher caches, then every student run (shared safely
@@ -166,8 +181,10 @@ class Study:
 
         with driving(self, executor or self.config.executor) as runs_on:
             self.prepare()
-            caches = {name: self.cache_stage(name) for name in self.config.tasks}
-            self.failed = sweep.run_sweep(self, caches, poll_seconds, runs_on)
+            with self.timed("cache"):
+                caches = {name: self.cache_stage(name) for name in self.config.tasks}
+            with self.timed("sweep"):
+                self.failed = sweep.run_sweep(self, caches, poll_seconds, runs_on)
         return self.failed
 
     def run(self, executor: ExecutorSettings | None = None) -> pd.DataFrame:
@@ -177,20 +194,25 @@ class Study:
         self.sweep(executor=executor)
         if self.ranks.leader:
             atomic_write_json(self.layout.provenance, self.provenance(), indent=1)
-        self.failed += benchmarks.run_benchmarks(self)  # every rank: the leader decides and evaluates
+        with self.timed("benchmarks"):
+            self.failed += benchmarks.run_benchmarks(self)  # every rank: the leader decides and evaluates
         if self.ranks.leader:  # inference only: one process measures and writes
             if self.config.bench.enabled:
                 from kdlab.bench import write_bench
 
-                write_bench(self, reuse=True)
+                with self.timed("bench"):
+                    write_bench(self, reuse=True)
             from kdlab.report import write_results
 
-            self.written = write_results(self)
+            with self.timed("report"):
+                self.written = write_results(self)
         self.ranks.barrier()
         self.log(
             f"[study] finished in {time.perf_counter() - start:.0f}s; results: "
             + ", ".join(str(p) for p in self.written)
         )
+        # Work already done is skipped, so a resumed study shows only what this command did.
+        self.log("[study] time by stage: " + ", ".join(f"{k} {v:.0f}s" for k, v in self.timings.items()))
         if self.failed:
             self.log(
                 f"[study] {len(self.failed)} run(s) failed: {', '.join(self.failed)}; see `kdlab status` "
