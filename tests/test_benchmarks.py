@@ -355,6 +355,13 @@ def test_eval_command_redoes_only_changed_benchmarks(smoke: Smoke, no_training: 
     assert redone == {f"benchmark-tiny_mc-{m}" for m in MODELS}
     assert all(r.metrics["lm_eval"]["tasks"]["tiny_mc"]["documents"] == 6 for rid, r in after.items()
                if rid in redone)
+    # An edited task file (include_path) is another benchmark: evaluated again, its new version recorded.
+    path = smoke.tasks / "tiny_mc.yaml"
+    path.write_text(path.read_text().replace("version: 1.0", "version: 1.1"))
+    assert main(["eval", str(smoke.out), "--data-dir", str(smoke.data_dir)]) == 0
+    again = {r.id: r for r in smoke.registry().runs()}
+    assert {rid for rid, r in again.items() if r.finished_at != after[rid].finished_at} == redone
+    assert all(again[rid].metrics["lm_eval"]["tasks"]["tiny_mc"]["version"] == 1.1 for rid in redone)
 
 
 # ---------------------------------------------------------------------------------------------------------
