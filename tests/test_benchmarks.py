@@ -207,8 +207,12 @@ def test_in_process_evaluation_equals_lm_eval_on_the_saved_weights(tmp_path: Pat
             assert np.mean(scores) == pytest.approx(result.metrics[name][metric])
 
 
-def test_a_hub_dataset_offline_fails_saying_what_to_do(tmp_path: Path) -> None:
+def test_a_hub_dataset_offline_fails_saying_what_to_do(tmp_path: Path,
+                                                       monkeypatch: pytest.MonkeyPatch) -> None:
     """A task whose dataset is on the hub and not cached, offline: the error says so and what to do."""
+    import datasets
+    import huggingface_hub
+
     from kdlab.benchmarks import evaluate_benchmark
     from kdlab.models import load_model, load_tokenizer
     from kdlab.tiny import write_tiny_llama
@@ -222,6 +226,9 @@ def test_a_hub_dataset_offline_fails_saying_what_to_do(tmp_path: Path) -> None:
         "doc_to_target": 0, "metric_list": [{"metric": "acc"}],
     }))
     settings = BenchmarkSettings(tasks=["hub_task"], include_path=str(tasks))
+    # Both libraries read HF_HUB_OFFLINE when first imported: offline now, not after a network timeout.
+    monkeypatch.setattr(huggingface_hub.constants, "HF_HUB_OFFLINE", True)
+    monkeypatch.setattr(datasets.config, "HF_HUB_OFFLINE", True)
     with pytest.raises(RuntimeError, match="not in the Hugging Face cache and the hub is unreachable") as e:
         evaluate_benchmark(load_model(str(folder)), load_tokenizer(str(folder)), "hub_task", settings,
                            batch_size=2)
