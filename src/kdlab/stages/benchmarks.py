@@ -25,6 +25,8 @@ from kdlab.files import atomic_write_json
 from kdlab.identity import run_hash
 from kdlab.plan import BENCHMARK_METHOD, benchmark_run
 from kdlab.registry import RunRecord
+from kdlab.stages.selection import chosen_groups
+from kdlab.tasks import get_task
 from kdlab.teacher_cache import hash_file
 
 if TYPE_CHECKING:
@@ -60,9 +62,8 @@ def _has_weights(folder: Path) -> bool:
 
 def benchmark_models(study: StudyView) -> list[BenchmarkModel]:
     """The base teacher, the adapted teacher of each task, and every run of each (student, method, task)'s
-    chosen setting (as the report and the bench choose it), for the models whose weights are there."""
-    from kdlab.report.collect import StudyOutputs, chosen_groups
-
+    chosen setting (the one selection rule the report and the bench read), for the models whose weights are
+    there."""
     cfg = study.config
     trust = cfg.teacher.trust_remote_code
     first_task = next(iter(cfg.tasks))
@@ -77,11 +78,12 @@ def benchmark_models(study: StudyView) -> list[BenchmarkModel]:
                                              record.config_hash, trust))
     path = study.layout.selection
     selection = json.loads(path.read_text()) if path.is_file() else {}
-    outputs = StudyOutputs(study.out, study.registry.runs(), selection, cfg, None, None, list(cfg.tasks))
+    runs = [r for r in study.registry.runs() if r.task in cfg.tasks]
+    groups = chosen_groups(runs, selection, cfg.seeds, lambda task: get_task(task, cfg.tasks[task]).metric)
     students = {s.name: s for s in cfg.students}
-    for (student, _method, task), group in chosen_groups(outputs).items():
+    for (student, _method, task), group in sorted(groups.items()):
         for run in group.runs:
-            folder = outputs.run_dir(run) / "model"
+            folder = study.layout.run(run.id) / "model"  # inside the study folder, whatever the row says
             if not _has_weights(folder):
                 study.log(f"[benchmarks] {run.id}: no saved model in {folder}; not evaluated")
                 continue
