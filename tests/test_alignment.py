@@ -164,3 +164,26 @@ def test_slow_tokenizer_is_refused() -> None:
 
     with pytest.raises(ValueError, match="fast tokenizer"):
         tokenize_with_spans("x", Slow())  # type: ignore[arg-type]
+
+
+def test_batch_alignment_indexes_the_batch_rows(tokenizers) -> None:
+    """Two examples: pairs and merge pieces index the batch's answer rows (row-major, target + EOS per
+    example), the merged student token and the pieces' teacher tokens are read from the answers."""
+    from kdlab.alignment import batch_alignment
+
+    s, t = tokenizers["bpe512"], tokenizers["bpe300"]
+    texts = [" positive", " film"]
+    aligns = [align_texts(x, s, t) for x in texts]
+    s_ids = [[*s(x, add_special_tokens=False)["input_ids"], s.eos_token_id] for x in texts]
+    t_ids = [[*t(x, add_special_tokens=False)["input_ids"], t.eos_token_id] for x in texts]
+    assert [len(i) for i in s_ids] == [2, 2] and [len(i) for i in t_ids] == [6, 4]  # "Ġfi" "l" "m"
+    b = batch_alignment(aligns, s_ids, t_ids)
+    assert b["xt_pair_student"].tolist() == [0, 1, 2, 3]
+    assert b["xt_pair_teacher"].tolist() == [0, 5, 6, 9]
+    assert b["xt_merged_student"].tolist() == [s_ids[0][0], -1, s_ids[1][0], -1]
+    assert b["xt_merged_first"].tolist() == [t_ids[0][0], -1, t_ids[1][0], -1]
+    assert b["xt_merge_rows"].tolist() == [1, 2, 3, 4, 7, 8]  # the later pieces only, offset by example
+    assert b["xt_merge_tokens"].tolist() == [*t_ids[0][1:5], *t_ids[1][1:3]]
+    assert b["xt_merge_owner"].tolist() == [0, 0, 0, 0, 2, 2]
+    with pytest.raises(ValueError, match="answer tokens"):
+        batch_alignment(aligns, s_ids, [t_ids[0], t_ids[1][:-1]])

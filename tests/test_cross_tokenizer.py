@@ -150,7 +150,10 @@ def test_hybrid_matches_float64(divergence, matched) -> None:
     spelled = int(unmatched_s[5]) if len(unmatched_s) else int(matched_s[5])
     merged = torch.tensor([-1, spelled, int(matched_s[7]), int(table[matched_t[9]])])
     first = torch.tensor([-1, int(matched_t[3]), int(unmatched_t[4]), int(matched_t[9])])
-    rest_logp = torch.tensor([0.0, -0.7, -2.5, -0.01])
+    rest_logp = torch.tensor([0.0, -0.7, -0.2, -1.5])
+    # First pieces the teacher finds likely, so their share of the mass weighs in the loss.
+    t[torch.arange(1, n), first[1:]] += 15.0
+    t[2, int((table == merged[2]).nonzero())] += 14.0  # and the teacher's own token of row 2's merged one
     got = hybrid_loss(
         s, *full_head(t, T), teacher_to_student=table, student_matched=mask, merged_student_token=merged,
         merged_first_piece=first, merged_rest_logprob=rest_logp, temperature=T, divergence=divergence,
@@ -221,33 +224,37 @@ def test_bad_shapes_are_refused() -> None:
 
 
 def test_teacher_batch_merges_pieces_by_the_chain_rule() -> None:
-    """One example: student answer ["ab", EOS]; teacher answer ["a", "b", EOS] (a 1:2 merge). The teacher's
-    probability of "ab" must be p(a at row 0)·p(b at row 1): checked against hybrid_loss given that product
-    by hand, and against a wrong one."""
+    """Two examples: A, student ["a", EOS] and teacher ["a", EOS]; B, student ["ab", EOS] and teacher
+    ["a", "b", EOS] (a 1:2 merge). The pairs read the teacher rows of their own positions, and the teacher's
+    probability of "ab" is p(a at B's row 0)·p(b at B's row 1): checked against hybrid_loss given those rows
+    and that product by hand, and against a wrong product."""
     from kdlab.alignment import VocabularyMap
     from kdlab.methods import TeacherBatch
 
     # Student vocab: 0 "ab", 1 "a", 2 EOS; teacher vocab: 0 "a", 1 "b", 2 EOS, 3 "c".
     vocab = VocabularyMap(student_ids=torch.tensor([1, 2]), teacher_ids=torch.tensor([0, 2]), student_vocab=3,
                           teacher_vocab=4)
-    alignment = {  # pairs (student 0, teacher 0) with the merge, (student 1, teacher 2): EOS
-        "xt_pair_student": torch.tensor([0, 1]), "xt_pair_teacher": torch.tensor([0, 2]),
-        "xt_merged_student": torch.tensor([0, -1]), "xt_merged_first": torch.tensor([0, -1]),
-        "xt_merge_rows": torch.tensor([1]), "xt_merge_tokens": torch.tensor([1]),
-        "xt_merge_owner": torch.tensor([0]),
+    alignment = {  # student rows A0 A1 B0 B1, teacher rows A0 A1 B0 B1 B2
+        "xt_pair_student": torch.tensor([0, 1, 2, 3]), "xt_pair_teacher": torch.tensor([0, 1, 2, 4]),
+        "xt_merged_student": torch.tensor([-1, -1, 0, -1]), "xt_merged_first": torch.tensor([-1, -1, 0, -1]),
+        "xt_merge_rows": torch.tensor([3]), "xt_merge_tokens": torch.tensor([1]),
+        "xt_merge_owner": torch.tensor([2]),
     }
-    teacher_logits = logits(3, 4, 50)
-    student_logits = logits(2, 3, 51)
+    teacher_logits = logits(5, 4, 50)
+    student_logits = logits(4, 3, 51)
     teacher = TeacherBatch(logits=teacher_logits, alignment=alignment, vocabulary=vocab)
-    got = teacher.divergence(student_logits, temperature=T, divergence="forward_kl", num_tokens=2,
+    got = teacher.divergence(student_logits, temperature=T, divergence="forward_kl", num_tokens=4,
                              cross_tokenizer="hybrid")
-    rest = torch.log_softmax(teacher_logits[1] / T, dim=-1)[1]  # log p(b | a) at the teacher's second row
+    rest = torch.log_softmax(teacher_logits[3] / T, dim=-1)[1]  # log p(b | a) at B's second teacher row
     common = dict(teacher_to_student=vocab.teacher_to_student(), student_matched=vocab.student_matched(),
-                  merged_student_token=torch.tensor([0, -1]), merged_first_piece=torch.tensor([0, -1]),
-                  temperature=T, num_tokens=2)
-    head = full_head(teacher_logits[[0, 2]], T)
-    want = hybrid_loss(student_logits, *head, merged_rest_logprob=torch.stack([rest, torch.tensor(0.0)]),
-                       **common)
-    wrong = hybrid_loss(student_logits, *head, merged_rest_logprob=torch.zeros(2), **common)
+                  merged_student_token=torch.tensor([-1, -1, 0, -1]),
+                  merged_first_piece=torch.tensor([-1, -1, 0, -1]), temperature=T, num_tokens=4)
+    head = full_head(teacher_logits[[0, 1, 2, 4]], T)
+    want = hybrid_loss(student_logits, *head, merged_rest_logprob=torch.stack(
+        [torch.tensor(0.0), torch.tensor(0.0), rest, torch.tensor(0.0)]), **common)
+    wrong = hybrid_loss(student_logits, *head, merged_rest_logprob=torch.zeros(4), **common)
     torch.testing.assert_close(got, want)
     assert abs(float(want) - float(wrong)) > 1e-3
+    uld = teacher.divergence(student_logits, temperature=T, divergence="forward_kl", num_tokens=4,
+                             cross_tokenizer="uld")
+    torch.testing.assert_close(uld, uld_loss(student_logits, *head, temperature=T, num_tokens=4))
