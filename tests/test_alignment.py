@@ -185,5 +185,8 @@ def test_batch_alignment_indexes_the_batch_rows(tokenizers) -> None:
     assert b["xt_merge_rows"].tolist() == [1, 2, 3, 4, 7, 8]  # the later pieces only, offset by example
     assert b["xt_merge_tokens"].tolist() == [*t_ids[0][1:5], *t_ids[1][1:3]]
     assert b["xt_merge_owner"].tolist() == [0, 0, 0, 0, 2, 2]
+    # Each answer row's chunk, numbered over the batch (a chunk per pair; EOS its own).
+    assert b["xt_student_chunk"].tolist() == [0, 1, 2, 3]
+    assert b["xt_teacher_chunk"].tolist() == [0, 0, 0, 0, 0, 1, 2, 2, 2, 3]
     with pytest.raises(ValueError, match="answer tokens"):
         batch_alignment(aligns, s_ids, [t_ids[0], t_ids[1][:-1]])

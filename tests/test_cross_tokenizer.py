@@ -258,3 +258,13 @@ def test_teacher_batch_merges_pieces_by_the_chain_rule() -> None:
     uld = teacher.divergence(student_logits, temperature=T, divergence="forward_kl", num_tokens=4,
                              cross_tokenizer="uld")
     torch.testing.assert_close(uld, uld_loss(student_logits, *head, temperature=T, num_tokens=4))
+
+
+def test_pool_by_chunk_averages_each_chunks_rows() -> None:
+    from kdlab.cross_tokenizer import pool_by_chunk
+
+    hidden = torch.tensor([[1.0, 2.0], [3.0, 4.0], [5.0, 6.0], [7.0, 9.0]], requires_grad=True)
+    pooled = pool_by_chunk(hidden, torch.tensor([0, 0, 2, 1]), 3)
+    torch.testing.assert_close(pooled, torch.tensor([[2.0, 3.0], [7.0, 9.0], [5.0, 6.0]]))
+    pooled.sum().backward()
+    torch.testing.assert_close(hidden.grad, torch.tensor([[0.5, 0.5], [0.5, 0.5], [1.0, 1.0], [1.0, 1.0]]))

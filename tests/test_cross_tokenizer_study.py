@@ -1,6 +1,6 @@
 """A study whose student has its own tokenizer (a tiny byte-level BPE trained on another corpus, 400 tokens,
-against the tiny teacher's 512): every method with a cross-tokenizer form runs end to end, cached and live;
-the others are refused before any work, naming the method."""
+against the tiny teacher's 512): every method with a cross-tokenizer form (sft, kd1, kd2, kd3) runs end to
+end, cached and live; the others (gkd, opd) are refused before any work, naming the method."""
 
 from __future__ import annotations
 
@@ -44,20 +44,21 @@ def config(out: Path, student: Path, methods: dict, mode: str = "cached") -> dic
 def test_every_cross_tokenizer_method_runs_end_to_end(tiny_data_dir: Path, tmp_path: Path,
                                                       student_folder: Path, mode: str) -> None:
     out = tmp_path / "study"
-    methods = {"sft": {}, "kd1": {"lambda": 0.5, "temperature": 2.0, "top_k": 8}, "kd2": {"lambda": 0.5}}
+    methods = {"sft": {}, "kd1": {"lambda": 0.5, "temperature": 2.0, "top_k": 8}, "kd2": {"lambda": 0.5},
+               "kd3": {"lambda": 0.5}}
     path = tmp_path / "study.yaml"
     path.write_text(yaml.safe_dump(config(out, student_folder, methods, mode)))
     assert main(["run", str(path), "--data-dir", str(tiny_data_dir)]) == 0
     runs = {r.id: r for r in Registry(out / "registry.sqlite").runs()}
-    students = {i: r for i, r in runs.items() if i.startswith(("sft-", "kd1-", "kd2-"))}
-    assert {i.split("-")[0] for i in students} == {"sft", "kd1", "kd2"}
+    students = {i: r for i, r in runs.items() if i.startswith(("sft-", "kd1-", "kd2-", "kd3-"))}
+    assert {i.split("-")[0] for i in students} == {"sft", "kd1", "kd2", "kd3"}
     assert all(r.status == "done" for r in students.values()), {i: r.status for i, r in students.items()}
     for run_id, record in students.items():
         folder = out / "runs" / run_id
         history = json.loads((folder / "log_history.json").read_text())
         losses = [e for e in history if "loss" in e]
         assert losses and all(e["loss"] == e["loss"] for e in losses)  # trained, finite
-        if run_id.startswith(("kd1", "kd2")):
+        if run_id.startswith(("kd1", "kd2", "kd3")):
             assert all(e["loss_kd"] > 0 for e in losses)
         # The trained student keeps its own tokenizer, and is evaluated with it.
         saved = json.loads((folder / "model" / "tokenizer.json").read_text())
@@ -67,7 +68,7 @@ def test_every_cross_tokenizer_method_runs_end_to_end(tiny_data_dir: Path, tmp_p
     assert "400" in report and "512" in report  # both tokenizers' vocabularies in the models table
 
 
-@pytest.mark.parametrize("method", ["kd3"])
+@pytest.mark.parametrize("method", ["gkd", "opd"])
 def test_a_method_without_a_cross_tokenizer_form_is_refused(tiny_data_dir: Path, tmp_path: Path,
                                                             student_folder: Path, method: str,
                                                             capsys: pytest.CaptureFixture[str]) -> None:
@@ -133,3 +134,6 @@ def test_items_for_a_student_with_its_own_tokenizer(tiny_data_dir: Path, student
         assert item.teacher_view == td.encoded[ex.id]  # the teacher's own encoding: the cache's rows
         assert item.alignment is not None
         assert item.alignment.student_tokens == sum(t != -100 for t in item.gold.labels)
+    items = train_items(job, td, teacher_tok, Signals(layer_map="auto"), None, None,  # type: ignore[arg-type]
+                        student_tokenizer=student_tok)
+    assert items and all(item.teacher_view == td.encoded[item.gold.id] for item in items)  # kd3 reads it too

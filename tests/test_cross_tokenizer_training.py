@@ -11,6 +11,7 @@ from typing import Any
 import pytest
 import torch
 
+from kdlab import losses
 from kdlab.alignment import vocabulary_map
 from kdlab.config import TrainingSettings
 from kdlab.methods import METHODS
@@ -57,7 +58,7 @@ class Setup:
         self.cache = build_teacher_cache(
             root / "cache", task=SST2Task(), teacher=self.teacher, tokenizer=self.teacher_tok,
             examples=examples, encoded=self.teacher_encoded, fingerprint_inputs={"test": 21},
-            top_k=len(self.teacher_tok), hidden_layers=[], answers=False, batch_size=3, temperatures=[2.0],
+            top_k=len(self.teacher_tok), hidden_layers=[2], answers=False, batch_size=3, temperatures=[2.0],
         )
 
     def items(self) -> list[TrainItem]:
@@ -176,3 +177,41 @@ def test_uld_with_one_tokenizer_compares_row_by_row(setup: Setup, tmp_path: Path
         out.append([e for e in result.log_history if "loss" in e][0]["loss_kd"])
     assert out[0] == pytest.approx(out[1], rel=1e-5)
     assert abs(out[0] - out[2]) > 1e-3  # ULD is not the forward KL
+
+
+def run_kd3(student, items, tmp: Path, *, tok_pad: int, vocab: int, live=None, cache=None,
+            **kw: Any) -> dict:
+    pairs = [(1, 2)]
+    torch.manual_seed(0)
+    projections = losses.make_projections(pairs, 64, 64)
+    params = {"lam": 0.5, "layer_map": "last", "loss": "mse"}
+    result = train(copy.deepcopy(student), items, method=METHODS["kd3"], params=params,
+                   settings=settings(batch_size=len(items)), output_dir=tmp / f"k{len(list(tmp.iterdir()))}",
+                   seed=3, pad_id=tok_pad, vocab_size=vocab, live_teacher=live, cache=cache,
+                   layer_pairs=pairs, projections=projections, **kw)
+    return [e for e in result.log_history if "loss" in e][0]
+
+
+def test_kd3_with_the_teachers_own_tokenizer_is_ordinary_kd3(setup: Setup, tmp_path: Path) -> None:
+    tok = setup.teacher_tok
+    ascii_rows = [i for i, (_, a) in enumerate(EXAMPLES) if a.isascii()]
+    plain = [TrainItem(gold=setup.teacher_encoded[f"ex{i}"]) for i in ascii_rows]
+    aligned = [with_teacher_view(item, item.gold, EXAMPLES[i][1], tok, tok)
+               for item, i in zip(plain, ascii_rows, strict=True)]
+    student = build_tiny_llama(tok, num_layers=1, seed=5)
+    common = dict(tok_pad=tok.pad_token_id, vocab=len(tok), live=setup.teacher)
+    a = run_kd3(student, plain, tmp_path, **common)
+    b = run_kd3(student, aligned, tmp_path, vocabulary=vocabulary_map(tok, tok), **common)
+    assert a["loss_kd"] > 0.05
+    assert b["loss_kd"] == pytest.approx(a["loss_kd"], rel=1e-5)
+
+
+def test_kd3_across_tokenizers_cached_and_live_agree(setup: Setup, tmp_path: Path) -> None:
+    """States pooled over the aligned chunks: the cached teacher's (float16) and the live teacher's agree."""
+    common = dict(tok_pad=setup.student_tok.pad_token_id, vocab=len(setup.student_tok),
+                  teacher_pad_id=setup.teacher_tok.pad_token_id, teacher_vocab_size=len(setup.teacher_tok),
+                  vocabulary=setup.vocabulary)
+    cached = run_kd3(setup.student, setup.items(), tmp_path, cache=setup.cache, **common)
+    live = run_kd3(setup.student, setup.items(), tmp_path, live=setup.teacher, **common)
+    assert cached["loss_kd"] > 0.05
+    assert cached["loss_kd"] == pytest.approx(live["loss_kd"], rel=1e-2)

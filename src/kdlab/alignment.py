@@ -304,7 +304,8 @@ def same_vocabulary(a: PreTrainedTokenizerBase, b: PreTrainedTokenizerBase) -> b
 TEACHER_VIEW = "teacher_view_"
 # Batch keys of the alignment (`batch_alignment`), rows indexing the student's and teacher's answer rows.
 ALIGNMENT_KEYS = ("xt_pair_student", "xt_pair_teacher", "xt_merged_student", "xt_merged_first",
-                  "xt_merge_rows", "xt_merge_tokens", "xt_merge_owner")
+                  "xt_merge_rows", "xt_merge_tokens", "xt_merge_owner", "xt_student_chunk",
+                  "xt_teacher_chunk")
 
 
 def batch_alignment(
@@ -315,15 +316,21 @@ def batch_alignment(
     """The alignments of a batch's examples as index tensors over the batch's answer rows (row-major, as
     `scored.forward_scored` gathers them): per pair its student row and teacher row, the student token a
     chain merge spells (-1: none) and its first teacher token, and per later piece of a merge its teacher
-    row, its teacher token and the pair it belongs to. `*_targets`: each example's answer tokens (+ EOS)."""
+    row, its teacher token and the pair it belongs to; per answer row of each side, its chunk (numbered over
+    the batch: a chunk's number is its pair's). `*_targets`: each example's answer tokens (+ EOS)."""
     pair_s, pair_t, merged, first, m_rows, m_tokens, m_owner = [], [], [], [], [], [], []
+    s_chunk: list[int] = []
+    t_chunk: list[int] = []
     s_offset = t_offset = 0
     for a, s_ids, t_ids in zip(alignments, student_targets, teacher_targets, strict=True):
         if (a.student_tokens, a.teacher_tokens) != (len(s_ids), len(t_ids)):
             raise ValueError(f"alignment of {a.student_tokens}/{a.teacher_tokens} answer tokens for an "
                              f"example of {len(s_ids)}/{len(t_ids)}")
         merges = dict(a.merges())
-        for s_pos, t_pos in a.pairs():
+        for c in a.chunks:
+            s_chunk += [len(pair_s)] * c.student_tokens
+            t_chunk += [len(pair_s)] * c.teacher_tokens
+            s_pos, t_pos = c.student_start, c.teacher_start
             pieces = merges.get(s_pos)
             if pieces is not None:
                 for t in pieces[1:]:
@@ -336,5 +343,5 @@ def batch_alignment(
             pair_t.append(t_offset + t_pos)
         s_offset += len(s_ids)
         t_offset += len(t_ids)
-    values = (pair_s, pair_t, merged, first, m_rows, m_tokens, m_owner)
+    values = (pair_s, pair_t, merged, first, m_rows, m_tokens, m_owner, s_chunk, t_chunk)
     return {key: torch.tensor(v, dtype=torch.long) for key, v in zip(ALIGNMENT_KEYS, values, strict=True)}

@@ -30,6 +30,10 @@ no rest to put the teacher's unmatched mass in: D then compares the matched part
 renormalised over it) and that mass shows in the uld term only.
 
 Both are multiplied by T² (as every kd1 divergence) and summed over pairs / `num_tokens`.
+
+Hidden states (kd3): each side's states are averaged over the tokens of each chunk (`pool_by_chunk`), and
+every student answer token is compared through its chunk's two averages, so a chunk weighs as many student
+tokens as it holds (with one tokenizer every chunk is one token: plain kd3).
 """
 
 from __future__ import annotations
@@ -205,6 +209,15 @@ def hybrid_loss(
                            torch.zeros_like(t_tail), remainder=full)
     per_row = MATCHED_WEIGHT * matched_part + UNMATCHED_WEIGHT * rest_part
     return _normalise(per_row.sum() * temperature**2, num_tokens)
+
+
+def pool_by_chunk(hidden: Tensor, chunk: Tensor, num_chunks: int) -> Tensor:
+    """[num_chunks, d]: the mean of `hidden`'s rows [N, d] in each chunk (`chunk` [N]: each row's chunk)."""
+    sums = torch.zeros(num_chunks, hidden.shape[-1], dtype=hidden.dtype, device=hidden.device)
+    sums = sums.index_add(0, chunk, hidden)
+    ones = torch.ones(chunk.shape[0], dtype=hidden.dtype, device=hidden.device)
+    counts = torch.zeros(num_chunks, dtype=hidden.dtype, device=hidden.device).index_add(0, chunk, ones)
+    return sums / counts.clamp(min=1).unsqueeze(-1)
 
 
 def _check_rows(student_logits: Tensor, head_indices: Tensor, head_logprobs: Tensor, tail: Tensor) -> None:

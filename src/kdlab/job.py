@@ -234,7 +234,7 @@ def train_items(
     distributions are read on its own encoding, aligned to the student's (`training.with_teacher_view`)."""
     task = data.task
     student_tok = tokenizer if student_tokenizer is None else student_tokenizer
-    aligned = student_tokenizer is not None and signals.top_k is not None
+    aligned = student_tokenizer is not None and (signals.top_k is not None or signals.layer_map is not None)
     batch_size = job.evaluation.batch_size
     answers: dict[str, Any] = {}
     transfer_answers: dict[str, Any] = {}

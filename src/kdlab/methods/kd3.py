@@ -2,7 +2,8 @@
 
 D is the MSE of layer-normed states (or 1 - cosine), so the term is of order 1 per token whatever the
 teacher's hidden-state scale, and λ weighs it against the task CE directly. P are learned projections
-(identity-initialised when the widths match).
+(identity-initialised when the widths match). A teacher with its own tokenizer: both sides' states averaged
+over each aligned chunk first (`pooled_by_chunk`).
 """
 
 from __future__ import annotations
@@ -10,9 +11,10 @@ from __future__ import annotations
 from collections.abc import Mapping
 from typing import Any, ClassVar, Literal
 
+import torch
 from pydantic import Field, field_validator
 
-from kdlab import losses
+from kdlab import cross_tokenizer, losses
 from kdlab.methods.base import Label, LossInputs, LossParts, Method, MixedSettings, Signals, register, task_ce
 
 
@@ -53,10 +55,25 @@ class KD3Settings(MixedSettings):
         return v
 
 
+def pooled_by_chunk(
+    student: list[torch.Tensor], teacher: list[torch.Tensor], alignment: Mapping[str, torch.Tensor]
+) -> tuple[list[torch.Tensor], list[torch.Tensor]]:
+    """Each layer's states averaged over each aligned chunk on both sides, then read back at every student
+    answer row (its chunk's averages): rows [N_s, d] on both sides, as `losses.feature_loss` takes them."""
+    device = student[0].device
+    s_chunk = alignment["xt_student_chunk"].to(device)
+    t_chunk = alignment["xt_teacher_chunk"].to(device)
+    chunks = int(alignment["xt_pair_student"].numel())
+    pool = cross_tokenizer.pool_by_chunk
+    return ([pool(h, s_chunk, chunks)[s_chunk] for h in student],
+            [pool(h.to(device), t_chunk, chunks)[s_chunk] for h in teacher])
+
+
 @register
 class KD3(Method):
     name = "kd3"
     settings = KD3Settings
+    across_tokenizers = True  # hidden states pooled over the aligned chunks
     color = "#1b7837"
     kd_term = "feature distance"
 
@@ -70,9 +87,13 @@ class KD3(Method):
             return ce, {"ce": ce}
         t = x.teacher
         assert t is not None
+        student = [x.student.hidden[s] for s, _ in x.layer_pairs]
+        teacher = [t.hidden[tl] for _, tl in x.layer_pairs]
+        if t.alignment is not None:  # a teacher with its own tokenizer: states pooled over aligned chunks
+            student, teacher = pooled_by_chunk(student, teacher, t.alignment)
         feat = losses.feature_loss(
-            [x.student.hidden[s] for s, _ in x.layer_pairs],
-            [t.hidden[tl] for _, tl in x.layer_pairs],
+            student,
+            teacher,
             x.projections,
             kind=x.params.get("loss", "mse"),
             num_tokens=x.num_tokens,
