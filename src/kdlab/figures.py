@@ -290,6 +290,8 @@ def retention_figure(stem: Path, *, title: str, xlabel: str, ylabel: str,
     pts = [p for p in points if p.values and p.retention]
     with rc_context(STYLE):
         fig, (ax,) = _new_figure(3.1)
+        # 100%: the base teacher's scores, everything kept
+        ax.axvline(100.0, linestyle="--", color="#999999", linewidth=1.0, label="base teacher", zorder=1)
         for p in pts:
             color = method_color(p.method)
             n = min(len(p.values), len(p.retention))
