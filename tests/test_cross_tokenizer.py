@@ -268,3 +268,17 @@ def test_pool_by_chunk_averages_each_chunks_rows() -> None:
     torch.testing.assert_close(pooled, torch.tensor([[2.0, 3.0], [7.0, 9.0], [5.0, 6.0]]))
     pooled.sum().backward()
     torch.testing.assert_close(hidden.grad, torch.tensor([[0.5, 0.5], [0.5, 0.5], [1.0, 1.0], [1.0, 1.0]]))
+
+
+def test_kd3_pools_each_side_over_its_own_chunk_rows() -> None:
+    """Chunk 0: student rows 0, 1 and teacher row 0; chunk 1: student row 2 and teacher rows 1-3. Every
+    student row is compared through its chunk's two averages."""
+    from kdlab.methods.kd3 import pooled_by_chunk
+
+    hs = torch.tensor([[1.0, 0.0], [3.0, 2.0], [5.0, 5.0]])
+    ht = torch.tensor([[9.0, 9.0], [1.0, 1.0], [2.0, 4.0], [3.0, 7.0]])
+    alignment = {"xt_student_chunk": torch.tensor([0, 0, 1]), "xt_teacher_chunk": torch.tensor([0, 1, 1, 1]),
+                 "xt_pair_student": torch.tensor([0, 2])}
+    (s,), (t,) = pooled_by_chunk([hs], [ht], alignment)
+    torch.testing.assert_close(s, torch.tensor([[2.0, 1.0], [2.0, 1.0], [5.0, 5.0]]))
+    torch.testing.assert_close(t, torch.tensor([[9.0, 9.0], [9.0, 9.0], [2.0, 4.0]]))
