@@ -292,7 +292,7 @@ class Study:
             log.info(text)
 
     def _describe(self, spec: RunSpec, metrics: dict[str, Any]) -> str:
-        """A finished run's metrics in one line: the cache's size, or the task's metrics."""
+        """A finished run's metrics in one line: the cache's size, a benchmark's metrics, or the task's."""
         if "cache" in metrics:
             c = metrics["cache"]
             fields = ", ".join(c["fields"])
@@ -300,6 +300,10 @@ class Study:
             if "topk_bytes_per_token" in c:
                 text += f", top-k {c['topk_bytes_per_token']:.0f} bytes/token"
             return text
+        if "benchmarks" in metrics:  # an lm-eval benchmark (stages/benchmarks.py), in lm-eval's units
+            return "; ".join(f"{entry} " + ", ".join(f"{m} {v:.3f}" for m, v in values.items()
+                                                      if not m.endswith("_stderr"))
+                             for entry, values in metrics["benchmarks"].items())
         ev, sel = metrics.get("eval", {}), metrics.get("selection", {})
         keys = [k for k in get_task(spec.task, self.config.tasks.get(spec.task)).metrics if k in ev]
         text = ", ".join(f"{k} {ev[k]:.1f}" for k in keys)
