@@ -256,7 +256,7 @@ class Smoke:
 
 STUDENT_RUNS = ["sft-sst2-s1-seed1", "sft-sst2-s1-seed2",
                 "kd1-sst2-s1-lam0.5-seed1", "kd1-sst2-s1-lam0.5-seed2"]
-MODELS = ["teacher-base", "teacher-sst2", *STUDENT_RUNS]
+MODELS = ["teacher-base", "teacher-sst2", "student-s1-init", *STUDENT_RUNS]
 
 
 @pytest.fixture(scope="module")
@@ -327,6 +327,8 @@ def test_results_csv_report_table_and_figure(smoke: Smoke) -> None:
     kd1_acc = np.mean([registry.get(f"benchmark-tiny_mc-{r}").metrics["benchmarks"]["tiny_mc"]["acc"]
                        for r in STUDENT_RUNS[2:]])
     assert any(line.startswith(f"| s1 | kd1 | {kd1_acc:.3f} ± ") for line in table)
+    init_acc = registry.get("benchmark-tiny_mc-student-s1-init").metrics["benchmarks"]["tiny_mc"]["acc"]
+    assert any(line.startswith(f"| s1 | initial | {init_acc:.3f} |") for line in table)
     assert any(line.startswith("| s1 | kd1 | 2/2 | seeds + examples |") for line in table)  # Δ vs SFT
     assert "General ability" in (smoke.out / "summary.tex").read_text()
     assert (smoke.out / "figures" / "retention_sst2.png").stat().st_size > 0

@@ -22,7 +22,7 @@ from kdlab.report.collect import StudyOutputs, bootstrap_seed, run_metric, task_
 from kdlab.report.compare import CONFIDENCE, N_RESAMPLES, student_label
 from kdlab.report.figures import METRIC_NAMES, FigureEntry
 from kdlab.report.render import Latex, Markdown, tex_escape
-from kdlab.stages.benchmarks import BASE_TEACHER
+from kdlab.stages.benchmarks import BASE_TEACHER, student_init
 from kdlab.stages.selection import Group
 from kdlab.stats import BootstrapResult, compare_systems, holm, mean_std
 
@@ -180,21 +180,30 @@ def compare_benchmarks_to_sft(
 def benchmark_rows(
     groups: Mapping[tuple[str, str, str], Group], evaluations: Evaluations, task: str
 ) -> list[BenchmarkRow]:
-    """The base teacher, the teacher adapted to `task`, then each (student, method) of `task`."""
+    """The base teacher, the teacher adapted to `task`, then per student its initial weights and each of its
+    methods on `task`."""
     rows = []
     for model, label in ((BASE_TEACHER, "base (zero-shot)"), (f"teacher-{task}", "adapted")):
         values = {c: [v] for c in evaluations.columns if (v := evaluations.value(model, c)) is not None}
         if values:
             kept = retention(evaluations, model)
             rows.append(BenchmarkRow("teacher", label, values, [kept] if kept is not None else [], True))
+    shown: set[str] = set()
     for (student, method, t), g in groups.items():
         if t != task:
             continue
+        if student not in shown:  # what the student knew before training, first
+            shown.add(student)
+            values = {c: [v] for c in evaluations.columns
+                      if (v := evaluations.value(student_init(student), c)) is not None}
+            kept = retention(evaluations, student_init(student))
+            if values:
+                rows.append(BenchmarkRow(student, "initial", values, [kept] if kept is not None else []))
         values = {c: [v for r in g.runs if (v := evaluations.value(r.id, c)) is not None]
                   for c in evaluations.columns}
-        kept = [k for r in g.runs if (k := retention(evaluations, r.id)) is not None]
+        kept_by_seed = [k for r in g.runs if (k := retention(evaluations, r.id)) is not None]
         if any(values.values()):
-            rows.append(BenchmarkRow(student, method, values, kept))
+            rows.append(BenchmarkRow(student, method, values, kept_by_seed))
     return rows
 
 

@@ -21,6 +21,7 @@ from typing import TYPE_CHECKING, Any
 
 from kdlab.benchmarks import BenchmarkResult, evaluate_benchmark, lm_eval_version, require_lm_eval
 from kdlab.config import BenchmarkSettings
+from kdlab.errors import StudyError
 from kdlab.files import atomic_write_json
 from kdlab.identity import run_hash
 from kdlab.plan import BENCHMARK_METHOD, benchmark_run
@@ -35,6 +36,11 @@ if TYPE_CHECKING:
 log = logging.getLogger("kdlab")
 
 BASE_TEACHER = "teacher-base"  # the base teacher's model key: one model, whatever the task
+
+
+def student_init(name: str) -> str:
+    """The model key of student `name`'s initial weights (before any training: what it knew)."""
+    return f"student-{name}-init"
 
 
 @dataclass(frozen=True)
@@ -61,9 +67,9 @@ def _has_weights(folder: Path) -> bool:
 
 
 def benchmark_models(study: StudyView) -> list[BenchmarkModel]:
-    """The base teacher, the adapted teacher of each task, and every run of each (student, method, task)'s
-    chosen setting (the one selection rule the report and the bench read), for the models whose weights are
-    there."""
+    """The base teacher, the adapted teacher of each task, each student's initial weights, and every run of
+    each (student, method, task)'s chosen setting (the one selection rule the report and the bench read), for
+    the models whose weights are there."""
     cfg = study.config
     trust = cfg.teacher.trust_remote_code
     first_task = next(iter(cfg.tasks))
@@ -76,6 +82,15 @@ def benchmark_models(study: StudyView) -> list[BenchmarkModel]:
             if record is not None and record.done and _has_weights(folder):
                 models.append(BenchmarkModel(f"teacher-{task}", str(folder), task, "teacher", record.seed,
                                              record.config_hash, trust))
+    for student in cfg.students:
+        try:
+            folder = Path(study.initial_weights(student))
+        except StudyError:  # a derived student not built yet: nothing trained from it either
+            continue
+        if _has_weights(folder):
+            made_by = run_hash(student, cfg.teacher.model, cfg.teacher.revision)
+            models.append(BenchmarkModel(student_init(student.name), str(folder), first_task, student.name,
+                                         None, made_by, student.trust_remote_code))
     path = study.layout.selection
     selection = json.loads(path.read_text()) if path.is_file() else {}
     runs = [r for r in study.registry.runs() if r.task in cfg.tasks]
