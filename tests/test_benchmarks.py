@@ -171,6 +171,28 @@ def test_eval_without_benchmarks_says_how_to_ask_for_them(tmp_path: Path,
     assert sorted(p.name for p in tmp_path.iterdir()) == ["study.yaml"]  # nothing written
 
 
+def test_dry_run_lists_the_benchmark_runs(tiny_data_dir: Path, tmp_path: Path,
+                                         capsys: pytest.CaptureFixture[str]) -> None:
+    from kdlab.cli import main
+
+    out = tmp_path / "out"
+    tasks = write_tasks(tmp_path / "tasks")
+    config = tmp_path / "study.yaml"
+    data = _mini(out, tasks=["tiny_mc", "tiny_gen"], include_path=str(tasks))
+    data["methods"] = {"sft": {}, "kd1": {"lambda": [0.5, 1.0], "top_k": 8}}
+    data["seeds"] = [1, 2]
+    config.write_text(yaml.safe_dump(data))
+    assert main(["run", str(config), "--data-dir", str(tiny_data_dir), "--dry-run"]) == 0
+    listed = [line.split() for line in capsys.readouterr().out.splitlines()]
+    benchmark_runs = [run for status, run in listed if run.startswith("benchmark-")]
+    models = ["teacher-base", "student-s1-init", "sft-sst2-s1-seed1", "sft-sst2-s1-seed2",
+              "kd1-sst2-s1-<best>-seed1", "kd1-sst2-s1-<best>-seed2"]  # kd1's setting is chosen later
+    expected = [f"benchmark-{b}-{m}" for m in models for b in ("tiny_mc", "tiny_gen")]
+    assert sorted(benchmark_runs) == sorted(expected)
+    assert benchmark_runs[:2] == ["benchmark-tiny_mc-teacher-base", "benchmark-tiny_gen-teacher-base"]
+    assert {status for status, run in listed} == {"todo"} and not out.exists()
+
+
 # ---------------------------------------------------------------------------------------------------------
 # kdlab's numbers are lm-eval's
 
@@ -348,6 +370,17 @@ def test_rerun_does_no_work(smoke: Smoke, no_training: None, monkeypatch: pytest
     study.run()
     assert not study.failed
     assert {r.id: (r.status, r.attempts, r.finished_at, r.metrics) for r in smoke.registry().runs()} == before
+
+
+def test_dry_run_of_the_finished_study(smoke: Smoke) -> None:
+    """Every run of the finished study listed as done, its benchmark runs included (the chosen settings)."""
+    from kdlab.study import Study
+
+    study = Study(parse_config(smoke.config), output_dir=smoke.out, data_dir=smoke.data_dir,
+                  inspect_only=True)
+    statuses = dict(study.run_statuses())
+    assert {f"benchmark-{b}-{m}" for b in ("tiny_mc", "tiny_gen") for m in MODELS} <= set(statuses)
+    assert set(statuses.values()) == {"done"}
 
 
 def test_eval_command_redoes_only_changed_benchmarks(smoke: Smoke, no_training: None,

@@ -86,6 +86,10 @@ def teacher_hash_parts(config: StudyConfig, task: str) -> dict[str, list[Any]]:
 BENCHMARK_METHOD = "benchmarks"  # the registry's method of benchmark runs (kind "teacher": no grid sees them)
 
 
+def benchmark_run_id(name: str, model: str) -> str:
+    return f"benchmark-{name}-{model}"
+
+
 def benchmark_run(
     config: StudyConfig, layout: Layout, name: str, model: str, *, task: str, student: str,
     seed: int | None, source_hash: str, include_hash: str | None, lm_eval: str | None,
@@ -98,7 +102,7 @@ def benchmark_run(
     assert settings is not None
     params = {"model": model, "benchmark": name, "num_fewshot": settings.num_fewshot, "limit": settings.limit}
     return RunSpec(
-        id=f"benchmark-{name}-{model}", kind="teacher", task=task, method=BENCHMARK_METHOD, student=student,
+        id=benchmark_run_id(name, model), kind="teacher", task=task, method=BENCHMARK_METHOD, student=student,
         stage="teacher", params=params, seed=seed,
         config_hash=run_hash(params, settings.include_path, include_hash, lm_eval, ev.dtype, ev.batch_size,
                              source_hash),

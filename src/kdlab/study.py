@@ -335,16 +335,24 @@ class Study:
         ids += [f"cache-{name}" for name in self.plan.cached_tasks]
         path = self.layout.selection
         selected = json.loads(path.read_text()) if path.is_file() else {}
+        chosen_runs: list[str] = []  # every seed of each group's chosen setting: the benchmarked students
         for group in self.plan.groups:
             ids += [run.id for run in group.grid]
             chosen = selected.get(group.key, {}).get("chosen")
             best = chosen if group.choosing else group.grid[0].spec.params
             try:
-                ids += [run.id for run in group.finals(best)] if best is not None else []
+                finals = [run.id for run in group.finals(best)] if best is not None else []
             except KeyError:  # chosen under another grid: the choice is made again
                 best = None
             if best is None:
                 ids += [f"{group.key}-<best>-seed{seed}" for seed in self.config.seeds[1:]]
+                chosen_runs += [f"{group.key}-<best>-seed{seed}" for seed in self.config.seeds]
+            else:
+                ids += finals
+                first = next((r.id for r in group.grid if group.finals(r.spec.params) is group.finals(best)),
+                             f"{group.key}-<best>-seed{self.config.seeds[0]}")
+                chosen_runs += [first, *finals]
+        ids += benchmarks.planned_ids(self.config, chosen_runs)
         return [(i, status.get(i, "todo")) for i in ids]
 
     def provenance(self) -> dict[str, Any]:

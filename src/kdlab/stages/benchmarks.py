@@ -20,11 +20,11 @@ from pathlib import Path
 from typing import TYPE_CHECKING, Any
 
 from kdlab.benchmarks import BenchmarkResult, evaluate_benchmark, lm_eval_version, require_lm_eval
-from kdlab.config import BenchmarkSettings
+from kdlab.config import BenchmarkSettings, StudyConfig
 from kdlab.errors import StudyError
 from kdlab.files import atomic_write_json
 from kdlab.identity import run_hash
-from kdlab.plan import BENCHMARK_METHOD, benchmark_run
+from kdlab.plan import BENCHMARK_METHOD, benchmark_run, benchmark_run_id
 from kdlab.registry import RunRecord
 from kdlab.stages.selection import chosen_groups
 from kdlab.tasks import get_task
@@ -56,6 +56,18 @@ class BenchmarkModel:
     seed: int | None
     source_hash: str
     trust_remote_code: bool = False
+
+
+def planned_ids(config: StudyConfig, chosen_runs: list[str]) -> list[str]:
+    """The benchmark runs a study will do (`kdlab run --dry-run`), given the ids of its chosen student runs:
+    per model (the base teacher, the adapted ones, each student's initial weights, then the students), each
+    benchmark."""
+    settings = config.evaluation.benchmarks
+    if settings is None:
+        return []
+    models = [BASE_TEACHER, *(f"teacher-{task}" for task in config.tasks if config.teacher.adapt)]
+    models += [student_init(s.name) for s in config.students] + chosen_runs
+    return [benchmark_run_id(name, model) for model in models for name in settings.tasks]
 
 
 def is_benchmark_run(run: RunRecord) -> bool:
