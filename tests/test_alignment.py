@@ -66,18 +66,24 @@ def test_chunks_spell_the_same_text_on_both_sides(tokenizers, student, teacher, 
     s, t = tokenizers[student], tokenizers[teacher]
     s_tok, t_tok = tokenize_with_spans(text, s), tokenize_with_spans(text, t)
     a = align_answer(text, s_tok, t_tok)
-    # The chunks partition both sides' answer tokens (target + EOS) and the text, in order.
-    assert a.chunks[0].student_start == 0 and a.chunks[0].teacher_start == 0 and a.chunks[0].char_start == 0
+    # The chunks partition both sides' answer tokens (target + EOS) and the text's bytes, in order.
+    first = a.chunks[0]
+    assert (first.student_start, first.teacher_start, first.char_start, first.byte_start) == (0, 0, 0, 0)
     for prev, nxt in zip(a.chunks, a.chunks[1:], strict=False):
-        assert (prev.student_end, prev.teacher_end, prev.char_end) == (
-            nxt.student_start, nxt.teacher_start, nxt.char_start)
+        assert (prev.student_end, prev.teacher_end, prev.byte_end) == (
+            nxt.student_start, nxt.teacher_start, nxt.byte_start)
+        # Characters too, except between the pieces of one character (they share it).
+        assert prev.char_end == nxt.char_start or (prev.char_start, prev.char_end) == (
+            nxt.char_start, nxt.char_end)
     last = a.chunks[-1]
     assert (last.student_end, last.teacher_end) == (len(s_tok.ids) + 1, len(t_tok.ids) + 1)
     assert last.char_end == len(text) and last.student_tokens == last.teacher_tokens == 1  # EOS with EOS
-    # Every chunk's student tokens and teacher tokens spell exactly its characters, byte for byte.
+    assert last.byte_start == last.byte_end == len(text.encode())
+    # Every chunk's student tokens and teacher tokens spell exactly its bytes, and lie in its characters.
     for c in a.chunks[:-1]:
-        segment = text[c.char_start : c.char_end].encode()
-        assert c.student_tokens >= 1 and c.teacher_tokens >= 1
+        segment = text.encode()[c.byte_start : c.byte_end]
+        assert c.student_tokens >= 1 and c.teacher_tokens >= 1 and segment
+        assert segment in text[c.char_start : c.char_end].encode()
         assert spelled(s, s_tok.ids[c.student_start : c.student_end]) == segment
         assert spelled(t, t_tok.ids[c.teacher_start : c.teacher_end]) == segment
     # Every answer character is covered: each student token's covering teacher tokens spell a text that
@@ -125,8 +131,10 @@ def test_byte_fallback_pieces_are_grouped(tokenizers) -> None:
     # The pieces of one character share its span: no cut falls inside a character.
     assert s_tok.spans == ((0, 1), (0, 1), (1, 2), (1, 2), (1, 2), (1, 2))
     a = align_texts(text, s, t)
-    assert [(c.char_start, c.char_end) for c in a.chunks] == [(0, 1), (1, 2), (2, 2)]
-    assert a.pairs() == [(0, 0), (2, 2), (6, 6)]
+    # Byte-level BPE cuts these characters into the same byte pieces: each piece pairs with its twin.
+    assert [(c.char_start, c.char_end) for c in a.chunks] == [(0, 1)] * 2 + [(1, 2)] * 4 + [(2, 2)]
+    assert [(c.byte_start, c.byte_end) for c in a.chunks] == [(i, i + 1) for i in range(6)] + [(6, 6)]
+    assert a.pairs() == [(i, i) for i in range(7)]
 
 
 def test_normalised_spans_partition_the_text() -> None:

@@ -7,7 +7,9 @@ which share that character's offsets) is grouped with the pieces that complete i
 leaves out of its offsets (trimmed offsets) belongs to the token after it. The positions where both
 tokenizers cut are the common cuts; between two common cuts lies one *chunk*: a run of student tokens and a
 run of teacher tokens spelling exactly the same characters (1:1, one student token made of several teacher
-tokens, several student tokens inside one teacher token, or many to many). The first student token and the
+tokens, several student tokens inside one teacher token, or many to many). A chunk is cut further where both
+sides' tokens end at the same byte (the bytes each token stands for, when they spell the chunk): byte pieces
+of one character that both tokenizers cut alike become 1:1 chunks. The first student token and the
 first teacher token of a chunk are predicted from the same text prefix, so their next-token distributions
 are comparable: those are the *pairs* the cross-tokenizer losses use. The answer's EOS is its own chunk.
 
@@ -18,9 +20,12 @@ SentencePiece's "▁" and <0xNN> byte-fallback pieces decoded), special tokens b
 from __future__ import annotations
 
 import bisect
+import itertools
 import re
+import weakref
 from dataclasses import dataclass
 from functools import lru_cache
+from typing import Any
 
 import torch
 from transformers import PreTrainedTokenizerBase
@@ -33,6 +38,7 @@ class TokenizedText:
     ids: tuple[int, ...]
     spans: tuple[tuple[int, int], ...]  # [start, end) in characters; pieces of one character share a span
     length: int  # characters in the text
+    pieces: tuple[bytes | None, ...] | None = None  # the bytes each token stands for (`token_bytes`)
 
     def cuts(self) -> list[int]:
         """Positions (0 < p <= length) where a token ends a whole character run."""
@@ -42,7 +48,8 @@ class TokenizedText:
 @dataclass(frozen=True)
 class Chunk:
     """Student tokens [student_start, student_end) and teacher tokens [teacher_start, teacher_end) spelling
-    the same characters [char_start, char_end) (the EOS chunk spells none)."""
+    the same characters [char_start, char_end), bytes [byte_start, byte_end) of the text's UTF-8 (the EOS
+    chunk spells none). Chunks cut inside one character share its characters."""
 
     student_start: int
     student_end: int
@@ -50,6 +57,8 @@ class Chunk:
     teacher_end: int
     char_start: int
     char_end: int
+    byte_start: int
+    byte_end: int
 
     @property
     def student_tokens(self) -> int:
@@ -89,8 +98,20 @@ def tokenize_with_spans(text: str, tokenizer: PreTrainedTokenizerBase) -> Tokeni
         raise ValueError(f"{type(tokenizer).__name__}: aligning tokenizers needs a fast tokenizer (offset "
                          "mappings); load it with use_fast=True")
     enc = tokenizer(text, add_special_tokens=False, return_offsets_mapping=True)
-    return TokenizedText(ids=tuple(enc["input_ids"]), spans=normalise_spans(enc["offset_mapping"], len(text)),
-                         length=len(text))
+    table = _token_bytes_of(tokenizer)
+    ids = tuple(enc["input_ids"])
+    return TokenizedText(ids=ids, spans=normalise_spans(enc["offset_mapping"], len(text)), length=len(text),
+                         pieces=tuple(table[i] if i < len(table) else None for i in ids))
+
+
+_TOKEN_BYTES: weakref.WeakKeyDictionary[Any, list[bytes | None]] = weakref.WeakKeyDictionary()
+
+
+def _token_bytes_of(tokenizer: PreTrainedTokenizerBase) -> list[bytes | None]:
+    """`token_bytes`, computed once per tokenizer object."""
+    if tokenizer not in _TOKEN_BYTES:
+        _TOKEN_BYTES[tokenizer] = token_bytes(tokenizer)
+    return _TOKEN_BYTES[tokenizer]
 
 
 def normalise_spans(offsets: list[tuple[int, int]], length: int) -> tuple[tuple[int, int], ...]:
@@ -129,18 +150,24 @@ def align_answer(text: str, student: TokenizedText, teacher: TokenizedText) -> A
     if student.length != len(text) or teacher.length != len(text):
         raise ValueError("align_answer: both tokenizations must be of `text`")
     common = sorted(set(student.cuts()) & set(teacher.cuts()) | {len(text)}) if text else []
-    chunks = []
+    byte_at = [0]  # the UTF-8 offset of each character position
+    for ch in text:
+        byte_at.append(byte_at[-1] + len(ch.encode()))
+    encoded = text.encode()
+    chunks: list[Chunk] = []
     s_pos = t_pos = 0
     char = 0
     for cut in common:
         s_end = _tokens_up_to(student, cut, s_pos)
         t_end = _tokens_up_to(teacher, cut, t_pos)
-        chunks.append(Chunk(s_pos, s_end, t_pos, t_end, char, cut))
+        chunk = Chunk(s_pos, s_end, t_pos, t_end, char, cut, byte_at[char], byte_at[cut])
+        chunks.extend(_split_at_common_bytes(chunk, student, teacher, encoded))
         s_pos, t_pos, char = s_end, t_end, cut
     if s_pos != len(student.ids) or t_pos != len(teacher.ids):
         raise ValueError(f"align_answer: tokens left over after the last cut of {text!r}")
     ns, nt = len(student.ids), len(teacher.ids)
-    chunks.append(Chunk(ns, ns + 1, nt, nt + 1, len(text), len(text)))  # EOS with EOS
+    end = len(encoded)
+    chunks.append(Chunk(ns, ns + 1, nt, nt + 1, len(text), len(text), end, end))  # EOS with EOS
     t_starts = [s for s, _ in teacher.spans]
     covering = []
     for s_start, s_end in student.spans:
@@ -152,6 +179,35 @@ def align_answer(text: str, student: TokenizedText, teacher: TokenizedText) -> A
     covering.append((nt,))
     return AnswerAlignment(chunks=tuple(chunks), covering=tuple(covering), student_tokens=ns + 1,
                            teacher_tokens=nt + 1)
+
+
+def _split_at_common_bytes(
+    chunk: Chunk, student: TokenizedText, teacher: TokenizedText, encoded: bytes
+) -> list[Chunk]:
+    """`chunk` cut where both sides' tokens end at the same byte inside it (when each side's pieces spell
+    its bytes; otherwise, e.g. a normalizer that adds a prefix space, it stays whole)."""
+    segment = encoded[chunk.byte_start : chunk.byte_end]
+    sides = []
+    for tok, start, end in ((student, chunk.student_start, chunk.student_end),
+                            (teacher, chunk.teacher_start, chunk.teacher_end)):
+        pieces = None if tok.pieces is None else tok.pieces[start:end]
+        if pieces is None or any(p is None for p in pieces) or b"".join(pieces) != segment:  # type: ignore[arg-type]
+            return [chunk]
+        ends = list(itertools.accumulate(len(p) for p in pieces))  # type: ignore[arg-type]
+        sides.append(ends)
+    s_ends, t_ends = sides
+    inner = sorted(set(s_ends[:-1]) & set(t_ends[:-1]))
+    if not inner:
+        return [chunk]
+    out = []
+    s, t, b = chunk.student_start, chunk.teacher_start, 0
+    for cut in [*inner, len(segment)]:
+        s_next = chunk.student_start + s_ends.index(cut) + 1
+        t_next = chunk.teacher_start + t_ends.index(cut) + 1
+        out.append(Chunk(s, s_next, t, t_next, chunk.char_start, chunk.char_end, chunk.byte_start + b,
+                         chunk.byte_start + cut))
+        s, t, b = s_next, t_next, cut
+    return out
 
 
 def _tokens_up_to(tok: TokenizedText, cut: int, start: int) -> int:
