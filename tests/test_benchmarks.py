@@ -355,6 +355,24 @@ def test_results_csv_report_table_and_figure(smoke: Smoke) -> None:
     assert "General ability" in (smoke.out / "summary.tex").read_text()
     assert (smoke.out / "figures" / "retention_sst2.png").stat().st_size > 0
     assert "figures/retention_sst2.png" in report
+    # What the figure plots: per method, each seed's task accuracy against its benchmark retention.
+    from kdlab.report import chosen_groups, load_outputs
+    from kdlab.report.benchmarks import general_ability, retention, retention_points
+
+    outputs = load_outputs(smoke.out)
+    groups = chosen_groups(outputs)
+    section = general_ability(outputs, groups, n_resamples=200)
+    points = {p.label: p for p in retention_points(outputs, section, groups, "sst2")}
+    assert set(points) == {"teacher (adapted)", "sft", "kd1"}
+    kd1 = points["kd1"]
+    assert kd1.values == [registry.get(r).metrics["eval"]["accuracy"] for r in STUDENT_RUNS[2:]]
+    assert kd1.retention == [retention(section.evaluations, r) for r in STUDENT_RUNS[2:]]
+    shares = []  # retention by hand: each column's score over the base teacher's, averaged
+    for c in section.evaluations.columns:
+        base = section.evaluations.value("teacher-base", c)
+        if base:
+            shares.append(100.0 * section.evaluations.value(STUDENT_RUNS[2], c) / base)
+    assert kd1.retention[0] == pytest.approx(np.mean(shares))
 
 
 def test_rerun_does_no_work(smoke: Smoke, no_training: None, monkeypatch: pytest.MonkeyPatch) -> None:
