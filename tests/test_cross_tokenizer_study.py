@@ -31,7 +31,8 @@ def config(out: Path, student: Path, methods: dict, mode: str = "cached") -> dic
     data = yaml.safe_load(preset_text("smoke"))
     data["teacher"]["adapt"] = False
     data["students"] = [{"name": "own", "model": str(student), "finetune": "full"}]
-    data["tasks"]["sst2"].update(train_size=16, selection_size=4, eval_size=8)
+    # A transfer set too: its teacher-answered targets are aligned like the gold ones.
+    data["tasks"]["sst2"].update(train_size=16, selection_size=4, eval_size=8, transfer_size=8)
     data["tasks"]["squad"].update(train_size=8, selection_size=4, eval_size=4)
     data["methods"] = methods
     data["seeds"] = [1]
@@ -55,6 +56,8 @@ def test_every_cross_tokenizer_method_runs_end_to_end(tiny_data_dir: Path, tmp_p
     assert all(r.status == "done" for r in students.values()), {i: r.status for i, r in students.items()}
     for run_id, record in students.items():
         folder = out / "runs" / run_id
+        if "-sst2-" in run_id and not run_id.startswith("sft"):
+            assert record.metrics["train_examples"] > 16  # the transfer examples trained on
         history = json.loads((folder / "log_history.json").read_text())
         losses = [e for e in history if "loss" in e]
         assert losses and all(e["loss"] == e["loss"] for e in losses)  # trained, finite
