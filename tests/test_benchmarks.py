@@ -200,6 +200,8 @@ def test_dry_run_lists_the_benchmark_runs(tiny_data_dir: Path, tmp_path: Path,
 def test_in_process_evaluation_equals_lm_eval_on_the_saved_weights(tmp_path: Path) -> None:
     """The model kdlab holds, through `evaluate_benchmark`, against lm-eval loading the same folder itself:
     every metric and stderr, every generated answer, every task hash."""
+    from lm_eval.utils import hash_string
+
     from kdlab.benchmarks import evaluate_benchmark
     from kdlab.models import load_model, load_tokenizer
     from kdlab.tiny import write_tiny_llama
@@ -221,7 +223,7 @@ def test_in_process_evaluation_equals_lm_eval_on_the_saved_weights(tmp_path: Pat
         (facts,) = result.tasks.values()
         assert facts["documents"] == 12 and facts["version"] == {"tiny_mc": 1.0, "tiny_gen": 2.0}[name]
         samples = sorted(theirs["samples"][name], key=lambda s: s["doc_id"])
-        assert facts["hash"] == lm_eval.utils.hash_string(
+        assert facts["hash"] == hash_string(
             "".join(s["doc_hash"] + s["prompt_hash"] + s["target_hash"] for s in samples))
         # Per-document scores: what the report compares on; their mean is lm-eval's number.
         for metric, scores in result.scores[name].items():
@@ -255,6 +257,38 @@ def test_a_hub_dataset_offline_fails_saying_what_to_do(tmp_path: Path,
         evaluate_benchmark(load_model(str(folder)), load_tokenizer(str(folder)), "hub_task", settings,
                            batch_size=2)
     assert "include_path" in str(e.value)
+
+
+def test_read_results_names_filtered_metrics_and_keeps_groups() -> None:
+    """lm-eval's results as kdlab records them: "metric,filter" keys named `metric` (filter none) or
+    `metric_filter`, stderr beside, "N/A" left out; a group's aggregate kept beside its subtasks; the
+    per-document scores in document order, tuples (perplexity inputs) left out."""
+    from lm_eval.utils import hash_string
+
+    from kdlab.benchmarks import read_results
+
+    def sample(doc_id: int, em: float) -> dict[str, Any]:
+        return {"doc_id": doc_id, "filter": "strict-match", "metrics": ["exact_match", "perplexity"],
+                "exact_match": em, "perplexity": (-1.0, 3), "filtered_resps": [f"answer {doc_id}"],
+                "doc_hash": f"d{doc_id}", "prompt_hash": f"p{doc_id}", "target_hash": f"t{doc_id}"}
+
+    results = {
+        "results": {"math": {"alias": "math", "exact_match,strict-match": 0.5,
+                             "exact_match_stderr,strict-match": 0.25, "perplexity,none": 3.0,
+                             "perplexity_stderr,none": "N/A", "sample_len": 2}},
+        "groups": {"suite": {"alias": "suite", "exact_match,strict-match": 0.5}},
+        "versions": {"math": 3}, "n-shot": {"math": 5},
+        "n-samples": {"math": {"original": 9, "effective": 2}},
+        "samples": {"math": [sample(1, 0.0), sample(0, 1.0)]},
+    }
+    r = read_results(results)
+    assert r.metrics == {"math": {"exact_match_strict-match": 0.5, "exact_match_strict-match_stderr": 0.25,
+                                  "perplexity": 3.0},
+                         "suite": {"exact_match_strict-match": 0.5}}
+    assert r.scores == {"math": {"exact_match_strict-match": [1.0, 0.0]}}
+    assert r.responses == {"math": [["answer 0"], ["answer 1"]]}
+    assert r.tasks["math"] == {"version": 3, "num_fewshot": 5, "documents": 2,
+                               "hash": hash_string("d0p0t0d1p1t1")}
 
 
 # ---------------------------------------------------------------------------------------------------------
@@ -385,9 +419,13 @@ def test_rerun_does_no_work(smoke: Smoke, no_training: None, monkeypatch: pytest
     monkeypatch.setattr(kdlab.stages.benchmarks, "load_model", forbidden, raising=False)
     before = {r.id: (r.status, r.attempts, r.finished_at, r.metrics) for r in smoke.registry().runs()}
     study = smoke.study()
-    study.run()
+    results = study.run()
     assert not study.failed
     assert {r.id: (r.status, r.attempts, r.finished_at, r.metrics) for r in smoke.registry().runs()} == before
+    # The Python API's table is results.csv's: the benchmark columns on the models' rows.
+    row = results.set_index("run").loc["kd1-sst2-s1-lam0.5-seed1"]
+    assert row["bench_tiny_mc_acc"] == before["benchmark-tiny_mc-kd1-sst2-s1-lam0.5-seed1"][3][
+        "benchmarks"]["tiny_mc"]["acc"]
 
 
 def test_dry_run_of_the_finished_study(smoke: Smoke) -> None:
