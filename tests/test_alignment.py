@@ -198,3 +198,37 @@ def test_batch_alignment_indexes_the_batch_rows(tokenizers) -> None:
     assert b["xt_teacher_chunk"].tolist() == [0, 0, 0, 0, 0, 1, 2, 2, 2, 3]
     with pytest.raises(ValueError, match="answer tokens"):
         batch_alignment(aligns, s_ids, [t_ids[0], t_ids[1][:-1]])
+
+
+def metaspace_tokenizer() -> PreTrainedTokenizerFast:
+    """A Llama-2-style SentencePiece BPE: "▁" for spaces, one prepended to the text, byte-fallback pieces."""
+    from tokenizers import pre_tokenizers, trainers
+
+    from kdlab.tiny import _CORPUS
+
+    tok = Tokenizer(models.BPE(unk_token="<unk>", byte_fallback=True))
+    tok.pre_tokenizer = pre_tokenizers.Metaspace(replacement="▁", prepend_scheme="always")
+    tok.decoder = decoders.Metaspace(replacement="▁", prepend_scheme="always")
+    pieces = [f"<0x{b:02X}>" for b in range(256)]
+    trainer = trainers.BpeTrainer(vocab_size=300, special_tokens=["<pad>", "</s>", "<unk>", *pieces],
+                                  show_progress=False)
+    tok.train_from_iterator(_CORPUS.splitlines(), trainer=trainer)
+    return PreTrainedTokenizerFast(tokenizer_object=tok, eos_token="</s>", pad_token="<pad>",
+                                   unk_token="<unk>")
+
+
+# ASCII: this tokenizer's byte pieces are added tokens (its trainer adds them so), unlike a real Llama's.
+@pytest.mark.parametrize("text", [t for t in HARD_TEXTS if t and t.isascii()])
+def test_a_prepended_space_is_aligned_with_the_text_it_precedes(tokenizers, text) -> None:
+    """A tokenizer that prepends "▁" to the text spells one byte more than the text in its first chunk; the
+    chunks still partition both sides and the text, and the other chunks spell their bytes exactly."""
+    s, t = metaspace_tokenizer(), tokenizers["bpe512"]
+    s_tok, t_tok = tokenize_with_spans(text, s), tokenize_with_spans(text, t)
+    a = align_answer(text, s_tok, t_tok)
+    assert [c.student_end for c in a.chunks[:-1]][-1] == len(s_tok.ids)
+    assert [c.teacher_end for c in a.chunks[:-1]][-1] == len(t_tok.ids)
+    for c in a.chunks[:-1]:
+        segment = text.encode()[c.byte_start : c.byte_end]
+        student = spelled(s, s_tok.ids[c.student_start : c.student_end])
+        assert spelled(t, t_tok.ids[c.teacher_start : c.teacher_end]) == segment
+        assert student == segment or (c.student_start == 0 and student == b" " + segment)
