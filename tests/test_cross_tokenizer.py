@@ -282,3 +282,22 @@ def test_kd3_pools_each_side_over_its_own_chunk_rows() -> None:
     (s,), (t,) = pooled_by_chunk([hs], [ht], alignment)
     torch.testing.assert_close(s, torch.tensor([[2.0, 1.0], [2.0, 1.0], [5.0, 5.0]]))
     torch.testing.assert_close(t, torch.tensor([[9.0, 9.0], [9.0, 9.0], [2.0, 4.0]]))
+
+
+def test_hybrid_maps_a_live_head_by_columns_as_a_listed_one_by_entries() -> None:
+    """The live teacher's head is one broadcast row of token ids (mapped by columns); the same head with its
+    ids listed row by row (mapped entry by entry, as a cached head is) gives the same loss."""
+    s, t = logits(3, 2_000, 60), logits(3, 2_500, 61)
+    table = torch.full((2_500,), -1, dtype=torch.long)
+    students = torch.randperm(2_000, generator=torch.Generator().manual_seed(1))[:1_200]
+    table[torch.arange(0, 2_500, 2)[:1_200]] = students
+    mask = torch.zeros(2_000, dtype=torch.bool)
+    mask[table[table >= 0]] = True
+    idx, lp, tail = full_head(t, T)
+    assert idx.stride(0) == 0
+    common = dict(teacher_to_student=table, student_matched=mask,
+                  merged_student_token=torch.tensor([5, -1, 7]), merged_first_piece=torch.tensor([0, -1, 1]),
+                  merged_rest_logprob=torch.tensor([-0.5, 0.0, -1.0]), temperature=T, num_tokens=3)
+    live = hybrid_loss(s, idx, lp, tail, **common)
+    listed = hybrid_loss(s, idx.clone(), lp, tail, **common)
+    torch.testing.assert_close(live, listed)

@@ -149,7 +149,10 @@ def hybrid_loss(
     idx = head_indices.long()
     t_logp = head_logprobs.detach().float()
     t_tail = tail.detach().float()
-    to_student = teacher_to_student.to(device)[idx]  # [N, h] student id of each listed teacher token
+    table = teacher_to_student.to(device)
+    # A live teacher (`full_head`: every token in id order, one broadcast row) is mapped by columns, so no
+    # [N, V_T] index tensor is built; a cached head is mapped entry by entry.
+    full_vocab = idx.stride(0) == 0 and idx.shape[-1] == table.shape[0]
     matched = student_matched.to(device).expand(n, vocab).clone()
 
     # The chain-rule entry: p(t_1)·r moves from t_1's own entry to the merged student token.
@@ -172,11 +175,18 @@ def hybrid_loss(
 
     # Teacher over the student's vocabulary: the listed matched entries (one-to-one, so a scatter), the
     # chain entries added; everything else falls in the rest.
-    listed_matched = to_student >= 0
-    column = torch.where(listed_matched, to_student, torch.full_like(to_student, vocab))  # vocab: discarded
-    dense = torch.full((n, vocab + 1), float("-inf"), device=device)
-    dense.scatter_(1, column, t_logp.masked_fill(~listed_matched, float("-inf")))
-    dense = dense[:, :vocab]
+    if full_vocab:
+        listed_matched = (table >= 0).expand(n, -1)
+        t_ids = (table >= 0).nonzero().squeeze(-1)
+        dense = torch.full((n, vocab), float("-inf"), device=device)
+        dense[:, table[t_ids]] = t_logp[:, t_ids]
+    else:
+        to_student = table[idx]  # [N, h] student id of each listed teacher token
+        listed_matched = to_student >= 0
+        column = torch.where(listed_matched, to_student, torch.full_like(to_student, vocab))  # vocab: dropped
+        dense = torch.full((n, vocab + 1), float("-inf"), device=device)
+        dense.scatter_(1, column, t_logp.masked_fill(~listed_matched, float("-inf")))
+        dense = dense[:, :vocab]
     if merged_logp is not None:
         rows = (merged_logp > float("-inf")).nonzero().squeeze(-1)
         cols = merged_student_token[rows]

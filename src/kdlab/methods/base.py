@@ -197,16 +197,21 @@ class TeacherBatch:
         )
         return losses.kd_divergence_topk(student_logits, idx, lp, tail_lse=tail, **common)
 
-    def head(self, temperature: float, top_k: int | None = None) -> tuple[torch.Tensor, ...]:
-        """The teacher's rows as a `cross_tokenizer` head at `temperature`: every token of a live teacher,
-        the cached top-k (its first `top_k`) with the tail otherwise."""
+    def head(
+        self, temperature: float, top_k: int | None = None, rows: torch.Tensor | None = None
+    ) -> tuple[torch.Tensor, ...]:
+        """The teacher's rows (all, or `rows`) as a `cross_tokenizer` head at `temperature`: every token of
+        a live teacher, the cached top-k (its first `top_k`) with the tail otherwise."""
+        def pick(t: torch.Tensor) -> torch.Tensor:
+            return t if rows is None else t[rows.to(t.device)]
+
         if self.logits is not None:
-            return cross_tokenizer.full_head(self.logits, temperature)
+            return cross_tokenizer.full_head(pick(self.logits), temperature)
         if self.topk_indices is None or self.topk_logprobs is None or self.tail_lse is None:
             raise ValueError("the teacher gives neither logits nor its cached top-k with the tail")
         k = self.topk_indices.shape[-1] if top_k is None else top_k
-        idx, lp, tail = losses.topk_head(self.topk_indices, self.topk_logprobs, self.tail_lse, k=k,
-                                         temperature=temperature)
+        idx, lp, tail = losses.topk_head(pick(self.topk_indices), pick(self.topk_logprobs),
+                                         pick(self.tail_lse), k=k, temperature=temperature)
         return cross_tokenizer.cached_head(idx, lp, tail, temperature)
 
     def _cross_divergence(
@@ -214,21 +219,21 @@ class TeacherBatch:
         divergence: str, beta: float, alpha: float, num_tokens: torch.Tensor | float,
     ) -> torch.Tensor:
         """ULD or hybrid over the aligned (student row, teacher row) pairs (every row with one tokenizer)."""
-        all_idx, all_lp, all_tail = self.head(temperature, top_k)
         if self.alignment is None:  # one tokenizer: ULD row by row
-            return cross_tokenizer.uld_loss(student_logits, all_idx, all_lp, all_tail,
+            return cross_tokenizer.uld_loss(student_logits, *self.head(temperature, top_k),
                                             temperature=temperature, num_tokens=num_tokens)
         a = {k: v.to(student_logits.device) for k, v in self.alignment.items()}
-        rows_s, rows_t = a["xt_pair_student"], a["xt_pair_teacher"]
-        student, idx, lp, tail = student_logits[rows_s], all_idx[rows_t], all_lp[rows_t], all_tail[rows_t]
+        rows_s = a["xt_pair_student"]
+        # Only the paired rows are read (a live head stays one broadcast row of token ids, not [N, V]).
+        student, (idx, lp, tail) = student_logits[rows_s], self.head(temperature, top_k, a["xt_pair_teacher"])
         if mode == "uld":
             return cross_tokenizer.uld_loss(student, idx, lp, tail, temperature=temperature,
                                             num_tokens=num_tokens)
         if self.vocabulary is None:
             raise ValueError("hybrid cross-tokenizer KD needs the matched vocabulary")
         # The chain rule: each later piece's own tempered log-prob (at its own teacher row), summed per pair.
-        m_rows = a["xt_merge_rows"]
-        piece = cross_tokenizer.head_token_logprob(all_idx[m_rows], all_lp[m_rows], a["xt_merge_tokens"])
+        m_idx, m_lp, _ = self.head(temperature, top_k, a["xt_merge_rows"])
+        piece = cross_tokenizer.head_token_logprob(m_idx, m_lp, a["xt_merge_tokens"])
         rest = torch.zeros(len(rows_s), device=student.device).index_add(0, a["xt_merge_owner"], piece)
         return cross_tokenizer.hybrid_loss(
             student, idx, lp, tail,
