@@ -460,6 +460,11 @@ def test_eval_command_redoes_only_changed_benchmarks(smoke: Smoke, no_training: 
     again = {r.id: r for r in smoke.registry().runs()}
     assert {rid for rid, r in again.items() if r.finished_at != after[rid].finished_at} == redone
     assert all(again[rid].metrics["lm_eval"]["tasks"]["tiny_mc"]["version"] == 1.1 for rid in redone)
+    # provenance.json describes the benchmarks the config now asks for, as evaluated last
+    provenance = json.loads((smoke.out / "provenance.json").read_text())["benchmarks"]
+    assert list(provenance["tasks"]) == ["tiny_mc"]
+    facts = provenance["tasks"]["tiny_mc"]
+    assert (facts["version"], facts["documents"]) == (1.1, 6)
 
 
 # ---------------------------------------------------------------------------------------------------------

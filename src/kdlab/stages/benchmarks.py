@@ -205,14 +205,15 @@ def run_benchmarks(study: StudyView) -> list[str]:
     return failed
 
 
-def benchmark_provenance(runs: list[RunRecord]) -> dict[str, Any]:
+def benchmark_provenance(runs: list[RunRecord], names: list[str]) -> dict[str, Any]:
     """lm-eval's version and, per lm-eval task, its version, few-shot count, documents and hash, from the
-    finished benchmark runs (a task whose hash differs between models lists every hash: it should not)."""
+    finished runs of the benchmarks `names` (a task whose hash differs between models lists every hash: it
+    should not)."""
     versions: set[str] = set()
     tasks: dict[str, dict[str, Any]] = {}
     for run in runs:
-        if not (is_benchmark_run(run) and run.done):
-            continue
+        if not (is_benchmark_run(run) and run.done and run.params.get("benchmark") in names):
+            continue  # a benchmark taken out of the config is no part of the study's results
         info = (run.metrics or {}).get("lm_eval") or {}
         if info.get("version"):
             versions.add(str(info["version"]))
@@ -237,5 +238,7 @@ def write_provenance(study: StudyView) -> None:
             data = {}
     if not isinstance(data, dict) or not data:
         data = study.provenance()
-    data["benchmarks"] = benchmark_provenance(study.registry.runs())
+    settings = study.config.evaluation.benchmarks
+    names = list(settings.tasks) if settings is not None else []
+    data["benchmarks"] = benchmark_provenance(study.registry.runs(), names)
     atomic_write_json(path, data, indent=1)
