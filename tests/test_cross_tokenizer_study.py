@@ -1,6 +1,7 @@
 """A study whose student has its own tokenizer (a tiny byte-level BPE trained on another corpus, 400 tokens,
 against the tiny teacher's 512): every method with a cross-tokenizer form (sft, kd1, kd2, kd3) runs end to
-end, cached and live; the others (gkd, opd) are refused before any work, naming the method."""
+end, cached and live, and gkd on the student's retokenised samples; opd (and gkd's seq_kd) are refused before
+any work, naming the method."""
 
 from __future__ import annotations
 
@@ -46,13 +47,13 @@ def test_every_cross_tokenizer_method_runs_end_to_end(tiny_data_dir: Path, tmp_p
                                                       student_folder: Path, mode: str) -> None:
     out = tmp_path / "study"
     methods = {"sft": {}, "kd1": {"lambda": 0.5, "temperature": 2.0, "top_k": 8}, "kd2": {"lambda": 0.5},
-               "kd3": {"lambda": 0.5}}
+               "kd3": {"lambda": 0.5}, "gkd": {"lambda": 0.5, "student_fraction": 1.0, "max_new_tokens": 6}}
     path = tmp_path / "study.yaml"
     path.write_text(yaml.safe_dump(config(out, student_folder, methods, mode)))
     assert main(["run", str(path), "--data-dir", str(tiny_data_dir)]) == 0
     runs = {r.id: r for r in Registry(out / "registry.sqlite").runs()}
-    students = {i: r for i, r in runs.items() if i.startswith(("sft-", "kd1-", "kd2-", "kd3-"))}
-    assert {i.split("-")[0] for i in students} == {"sft", "kd1", "kd2", "kd3"}
+    students = {i: r for i, r in runs.items() if i.startswith(("sft-", "kd1-", "kd2-", "kd3-", "gkd-"))}
+    assert {i.split("-")[0] for i in students} == {"sft", "kd1", "kd2", "kd3", "gkd"}
     assert all(r.status == "done" for r in students.values()), {i: r.status for i, r in students.items()}
     for run_id, record in students.items():
         folder = out / "runs" / run_id
@@ -63,6 +64,8 @@ def test_every_cross_tokenizer_method_runs_end_to_end(tiny_data_dir: Path, tmp_p
         assert losses and all(e["loss"] == e["loss"] for e in losses)  # trained, finite
         if run_id.startswith(("kd1", "kd2", "kd3")):
             assert all(e["loss_kd"] > 0 for e in losses)
+        if run_id.startswith("gkd"):
+            assert record.metrics["rollout_samples"] > 0 and any(e["loss_kd"] > 0 for e in losses)
         # The trained student keeps its own tokenizer, and is evaluated with it.
         saved = json.loads((folder / "model" / "tokenizer.json").read_text())
         assert len(saved["model"]["vocab"]) == 400
@@ -71,17 +74,21 @@ def test_every_cross_tokenizer_method_runs_end_to_end(tiny_data_dir: Path, tmp_p
     assert "400" in report and "512" in report  # both tokenizers' vocabularies in the models table
 
 
-@pytest.mark.parametrize("method", ["gkd", "opd"])
+@pytest.mark.parametrize(("method", "settings", "reason"), [
+    ("opd", {"lambda": 0.5}, "no cross-tokenizer form"),
+    ("gkd", {"lambda": 0.5, "seq_kd": True}, "seq_kd"),
+])
 def test_a_method_without_a_cross_tokenizer_form_is_refused(tiny_data_dir: Path, tmp_path: Path,
-                                                            student_folder: Path, method: str,
+                                                            student_folder: Path, method: str, settings: dict,
+                                                            reason: str,
                                                             capsys: pytest.CaptureFixture[str]) -> None:
     out = tmp_path / "study"
     path = tmp_path / "study.yaml"
-    methods = {"sft": {}, method: {"lambda": 0.5}}
+    methods = {"sft": {}, method: settings}
     path.write_text(yaml.safe_dump(config(out, student_folder, methods)))
     assert main(["run", str(path), "--data-dir", str(tiny_data_dir)]) == 2
     err = capsys.readouterr().err
-    assert "students.own" in err and f"methods.{method}" in err and "cross-tokenizer" in err
+    assert "students.own" in err and f"methods.{method}" in err and reason in err
     assert not out.exists()
 
 

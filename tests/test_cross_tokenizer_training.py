@@ -215,3 +215,83 @@ def test_kd3_across_tokenizers_cached_and_live_agree(setup: Setup, tmp_path: Pat
     live = run_kd3(setup.student, setup.items(), tmp_path, live=setup.teacher, **common)
     assert cached["loss_kd"] > 0.05
     assert cached["loss_kd"] == pytest.approx(live["loss_kd"], rel=1e-2)
+
+
+def test_student_samples_are_retokenised_for_the_teacher(setup: Setup) -> None:
+    """An on-policy sample (student tokens, maybe not the canonical ones) becomes its text encoded again by
+    both tokenizers, EOS-ended, after each side's own prompt; an empty text is left out."""
+    from types import SimpleNamespace
+
+    from kdlab.tasks.base import target_ids
+    from kdlab.training import KDTrainer
+
+    s, t = setup.student_tok, setup.teacher_tok
+    text = " Denver Broncos"
+    pieces = [i for ch in text for i in s(ch, add_special_tokens=False)["input_ids"]]  # one token per char
+    assert pieces != s(text, add_special_tokens=False)["input_ids"]  # not the canonical tokens
+    prompt, t_prompt = [5, 6, 7], [8, 9]
+    samples = [Encoded("a", [*prompt, *pieces], [-100] * 3 + pieces),  # cut at max_new_tokens: no EOS
+               Encoded("b", [*prompt, s.eos_token_id], [-100] * 3 + [s.eos_token_id])]  # empty
+    trainer = SimpleNamespace(tokenizer=s, teacher_tokenizer=t)
+    kept, views, alignment = KDTrainer._retokenised(trainer, samples, {"a": t_prompt, "b": t_prompt})
+    assert [k.id for k in kept] == ["a"]
+    assert kept[0].input_ids == [*prompt, *target_ids(text, s)]
+    assert views[0].input_ids == [*t_prompt, *target_ids(text, t)]
+    assert views[0].labels == [-100] * 2 + target_ids(text, t)
+    n_s, n_t = len(target_ids(text, s)), len(target_ids(text, t))
+    assert alignment["xt_student_chunk"].numel() == n_s and alignment["xt_teacher_chunk"].numel() == n_t
+    assert int(alignment["xt_pair_student"][-1]) == n_s - 1  # EOS pairs with EOS
+    assert int(alignment["xt_pair_teacher"][-1]) == n_t - 1
+
+
+@pytest.mark.parametrize("fraction", [1.0, 0.5])
+def test_gkd_across_tokenizers_trains_on_retokenised_samples(setup: Setup, tmp_path: Path,
+                                                            fraction: float) -> None:
+    params = {"lam": 1.0, "temperature": 1.0, "divergence": "reverse_kl", "jsd_beta": 0.5,
+              "student_fraction": fraction, "seq_kd": False, "sample_temperature": 1.0,
+              "max_new_tokens": 6}
+    result = train(
+        copy.deepcopy(setup.student), setup.items(), method=METHODS["gkd"], params=params,
+        settings=settings(batch_size=4, max_steps=3), output_dir=tmp_path / "gkd", seed=3,
+        pad_id=setup.student_tok.pad_token_id, vocab_size=len(setup.student_tok), live_teacher=setup.teacher,
+        tokenizer=setup.student_tok, teacher_pad_id=setup.teacher_tok.pad_token_id,
+        teacher_vocab_size=len(setup.teacher_tok), vocabulary=setup.vocabulary,
+        teacher_tokenizer=setup.teacher_tok, rollouts_file=tmp_path / "rollouts.jsonl",
+    )
+    kd = [e["loss_kd"] for e in result.log_history if "loss_kd" in e]
+    assert len(kd) == 3 and all(v == v and v >= 0 for v in kd) and max(kd) > 0
+    assert result.cost["rollout_samples"] > 0 and result.cost["teacher_tokens"] > 0
+
+
+def test_the_teacher_reads_each_sequence_sets_own_view_and_alignment(setup: Setup) -> None:
+    """Gold and POLICY sequences each carry the teacher's own encoding and their alignment: the live teacher
+    runs on the set asked for, with that set's alignment."""
+    import contextlib
+    from collections import defaultdict
+    from types import SimpleNamespace
+
+    from kdlab.alignment import TEACHER_VIEW, batch_alignment
+    from kdlab.methods import POLICY, Signals
+    from kdlab.tasks.base import collate
+    from kdlab.training import KDTrainer, answer_tokens
+
+    items = setup.items()
+    gold, policy = items[:2], items[2:5]
+    batch: dict[str, Any] = {}
+    for prefix, chosen in (("", gold), (POLICY, policy)):
+        views = collate([it.teacher_view for it in chosen], setup.teacher_tok.pad_token_id,
+                        padding_side="left")
+        views.pop("example_ids")
+        batch.update({prefix + TEACHER_VIEW + k: v for k, v in views.items()})
+        alignment = batch_alignment([it.alignment for it in chosen],
+                                    [answer_tokens(it.gold) for it in chosen],
+                                    [answer_tokens(it.teacher_view) for it in chosen])
+        batch.update({prefix + k: v for k, v in alignment.items()})
+    trainer = SimpleNamespace(signals=Signals(live=True), layer_pairs=[], live_teacher=setup.teacher,
+                              accelerator=SimpleNamespace(autocast=contextlib.nullcontext),
+                              teacher_vocab_size=len(setup.teacher_tok), vocabulary=setup.vocabulary,
+                              cost=defaultdict(float))
+    for prefix, chosen in (("", gold), (POLICY, policy)):
+        teacher = KDTrainer._teacher_on(trainer, batch, prefix)
+        assert teacher.logits.shape[0] == sum(len(answer_tokens(it.teacher_view)) for it in chosen)
+        assert torch.equal(teacher.alignment["xt_pair_teacher"], batch[prefix + "xt_pair_teacher"])

@@ -180,6 +180,7 @@ def run_job(
         teacher_pad_id=teacher_tokenizer.pad_token_id,
         teacher_vocab_size=len(teacher_tokenizer),
         vocabulary=vocabulary_map(tokenizer, teacher_tokenizer) if across else None,
+        teacher_tokenizer=teacher_tokenizer if across else None,
     )
     del live
     if not ranks.leader:
@@ -234,7 +235,8 @@ def train_items(
     distributions are read on its own encoding, aligned to the student's (`training.with_teacher_view`)."""
     task = data.task
     student_tok = tokenizer if student_tokenizer is None else student_tokenizer
-    aligned = student_tokenizer is not None and (signals.top_k is not None or signals.layer_map is not None)
+    aligned = student_tokenizer is not None and (
+        signals.top_k is not None or signals.layer_map is not None or signals.live)
     batch_size = job.evaluation.batch_size
     answers: dict[str, Any] = {}
     transfer_answers: dict[str, Any] = {}

@@ -49,7 +49,7 @@ def preflight(study: StudyView) -> None:
             if student.model is not None:
                 check_vocabulary(
                     student, resolve_model_path(student.model, student.revision), study.tokenizer,
-                    list(cfg.methods),
+                    cfg.methods,
                 )
             else:
                 kept = derive_layers(teacher_config, student.derive)

@@ -58,10 +58,11 @@ from kdlab.scored import (
     pack,
     packing_respected,
 )
-from kdlab.tasks.base import IGNORE_INDEX, Encoded, collate
+from kdlab.tasks.base import IGNORE_INDEX, Encoded, collate, target_ids
 from kdlab.teacher_cache import TeacherCache
 
 CHECKPOINT_FILE = "trainable.safetensors"
+TEACHER_PROMPTS = "teacher_prompt_ids"  # batch key: each row's prompt in the teacher's tokens (rollouts)
 FSDP_MODEL_PREFIX = "pytorch_model_fsdp"  # the Trainer's FSDP weights: a .bin (full) or a folder (sharded)
 log = logging.getLogger("kdlab")
 
@@ -189,6 +190,9 @@ class TrainCollator:
             batch.update(batch_alignment([it.alignment for it in items],  # type: ignore[misc]
                                          [answer_tokens(it.gold) for it in items],
                                          [answer_tokens(v) for v in views]))  # type: ignore[arg-type]
+            if self.keep_ids:  # the student's samples get the teacher's own prompt (`_add_rollouts`)
+                batch[TEACHER_PROMPTS] = [[t for t, label in zip(v.input_ids, v.labels, strict=True)
+                                           if label == IGNORE_INDEX] for v in views]  # type: ignore[union-attr]
         if self.cache is not None and self.signals.top_k is not None:
             assert self.signals.temperature is not None  # checked in __init__
             idx, lp, tail = self.cache.batch_topk_tail(ids, self.signals.temperature)
@@ -214,9 +218,11 @@ class KDTrainer(Trainer):
         rollouts_file: Path | None = None,
         teacher_vocab_size: int | None = None,
         vocabulary: VocabularyMap | None = None,
+        teacher_tokenizer: Any = None,
         **kwargs: Any,
     ):
         super().__init__(*args, **kwargs)
+        self.teacher_tokenizer = teacher_tokenizer  # a teacher with its own tokenizer (samples retokenised)
         self.teacher_vocab_size = vocab_size if teacher_vocab_size is None else teacher_vocab_size
         self.vocabulary = vocabulary  # a teacher with its own tokenizer: the matched vocabulary
         self.method = method
@@ -299,15 +305,50 @@ class KDTrainer(Trainer):
             if a and a != [self.tokenizer.eos_token_id]
         ]
         batch[ROLLOUT_STEP] = True
+        views: list[Encoded] = []
+        alignment: dict[str, torch.Tensor] = {}
+        if sequences and TEACHER_PROMPTS in batch:
+            teacher_prompts = dict(zip(ids, batch[TEACHER_PROMPTS], strict=True))
+            sequences, views, alignment = self._retokenised(sequences, teacher_prompts)
         if sequences:
             layout = self.data_collator.layout(sequences)
             batch[POLICY + "example_ids"] = layout.pop("example_ids")
             device = batch["input_ids"].device
             batch.update({POLICY + k: v.to(device) for k, v in layout.items()})
+            if views:
+                teacher = self.data_collator.layout(views, self.data_collator.teacher_pad_id)
+                teacher.pop("example_ids")
+                batch.update({POLICY + TEACHER_VIEW + k: v.to(device) for k, v in teacher.items()})
+                batch.update({POLICY + k: v for k, v in alignment.items()})
         self.cost["rollout_seconds"] += _elapsed(start, batch["input_ids"].device)
         self.cost["rollout_tokens"] += sum(len(a) for a in answers)
         self.cost["rollout_samples"] += len(answers)
         self.cost["empty_rollouts"] += len(answers) - len(sequences)
+
+    def _retokenised(
+        self, sequences: list[Encoded], teacher_prompts: Mapping[str, list[int]]
+    ) -> tuple[list[Encoded], list[Encoded], dict[str, torch.Tensor]]:
+        """The student's samples for a teacher with its own tokenizer: each answer's text, encoded again by
+        the student's tokenizer (its canonical tokens, which the alignment needs; a sample already in them
+        is unchanged) and by the teacher's after the teacher's own prompt, both ending with EOS, and the
+        alignment of the two. A sample whose text is empty is left out."""
+        student_tok, teacher_tok = self.tokenizer, self.teacher_tokenizer
+        kept, views, alignments = [], [], []
+        for seq in sequences:
+            prompt = [t for t, label in zip(seq.input_ids, seq.labels, strict=True) if label == IGNORE_INDEX]
+            text = student_tok.decode(answer_tokens(seq), skip_special_tokens=True)
+            if not text.strip():
+                continue
+            s_ids, t_ids = target_ids(text, student_tok), target_ids(text, teacher_tok)
+            t_prompt = teacher_prompts[seq.id]
+            kept.append(Encoded(seq.id, [*prompt, *s_ids], [IGNORE_INDEX] * len(prompt) + s_ids))
+            views.append(Encoded(seq.id, [*t_prompt, *t_ids], [IGNORE_INDEX] * len(t_prompt) + t_ids))
+            alignments.append(align_texts(text, student_tok, teacher_tok))
+        if not kept:
+            return [], [], {}
+        alignment = batch_alignment(alignments, [answer_tokens(s) for s in kept],
+                                    [answer_tokens(v) for v in views])
+        return kept, views, alignment
 
     def _teacher_on(self, batch: Mapping[str, Any], prefix: str) -> TeacherBatch | None:
         """The teacher at the answer tokens of the sequences under `prefix`: a live teacher is run on them,
@@ -316,12 +357,12 @@ class KDTrainer(Trainer):
             return None  # the run reads no teacher distribution (answers, if any, are sequences of the batch)
         teacher_layers = [t for _, t in self.layer_pairs]
         # A teacher with its own tokenizer reads the gold sequences in its own tokens (the teacher view).
-        own_view = not prefix and TEACHER_VIEW + "labels" in batch
-        alignment = {k: batch[k] for k in ALIGNMENT_KEYS} if own_view else None
+        own_view = prefix + TEACHER_VIEW + "labels" in batch
+        alignment = {k: batch[prefix + k] for k in ALIGNMENT_KEYS} if own_view else None
         vocabulary = self.vocabulary if own_view else None
         if self.live_teacher is not None:
             start = time.perf_counter()
-            read = TEACHER_VIEW if own_view else prefix
+            read = prefix + TEACHER_VIEW if own_view else prefix
             # The teacher is not wrapped by accelerate, so mixed precision is entered here (a no-op without).
             with torch.no_grad(), self.accelerator.autocast():
                 out = forward_scored(
@@ -352,8 +393,8 @@ class KDTrainer(Trainer):
                 or (step % max(1, int(self.args.logging_steps)) and step != 1)):
             return
         teacher = teachers.get(POLICY)
-        if teacher is None or teacher.logits is None:
-            return
+        if teacher is None or teacher.logits is None or teacher.cross_tokenizer:
+            return  # (across tokenizers the per-token KL has no row-by-row form: no records yet)
         if not self._rollouts_trimmed:
             # A resumed run redoes the steps after its checkpoint: their earlier records go.
             self._rollouts_trimmed = True
@@ -767,6 +808,7 @@ def train(
     teacher_pad_id: int | None = None,
     teacher_vocab_size: int | None = None,
     vocabulary: VocabularyMap | None = None,
+    teacher_tokenizer: Any = None,
 ) -> TrainResult:
     """Train `student` on `items` with `method`; the caller saves `result.model` (the student itself, or
     under FSDP its gathered copy on rank 0). `run_name` names the run where the settings' `report_to`
@@ -777,7 +819,8 @@ def train(
     teacher: "replicate" (every rank holds it whole) or "shard" (FSDP2 over the ranks). See docs/fsdp.md.
 
     A teacher with its own tokenizer: `items` carry its view of each example (`with_teacher_view`),
-    `teacher_pad_id` and `teacher_vocab_size` are its tokenizer's, `vocabulary` the matched vocabulary."""
+    `teacher_pad_id` and `teacher_vocab_size` are its tokenizer's, `vocabulary` the matched vocabulary,
+    `teacher_tokenizer` (a method that samples) retokenises the student's samples for it."""
     if not items:
         raise ValueError("no training examples left after encoding (all skipped as too long?)")
     set_seed(seed)
@@ -827,6 +870,7 @@ def train(
             rollouts_file=Path(rollouts_file) if rollouts_file is not None else None,
             teacher_vocab_size=teacher_vocab_size,
             vocabulary=vocabulary,
+            teacher_tokenizer=teacher_tokenizer,
         )
     if fsdp and args.world_size > 1 and not trainer.is_fsdp_enabled:
         raise ValueError("FSDP was asked for, but accelerate chose another strategy (see docs/fsdp.md)")

@@ -342,6 +342,11 @@ class Method:
         """How a run with these params samples its own training answers (on-policy); None: it does not."""
         return None
 
+    def across_tokenizers_refused(self, settings: MethodSettings) -> str | None:
+        """Why these settings cannot train a student whose tokenizer differs from the teacher's (None: they
+        can); preflight refuses such a study with it."""
+        return None if self.across_tokenizers else "it has no cross-tokenizer form yet"
+
 
 METHODS: dict[str, Method] = {}  # name -> method, in registration order (the report's table order)
 

@@ -23,6 +23,7 @@ from kdlab.methods.base import (
     LossInputs,
     LossParts,
     Method,
+    MethodSettings,
     Rollout,
     SamplingSettings,
     Signals,
@@ -70,9 +71,17 @@ class GKD(Method):
     settings = GKDSettings
     color = "#762a83"
     kd_term = "T²-scaled divergence on the step's answers (the student's own when on-policy), nats"
+    # Across tokenizers the student's samples are retokenised for the teacher and compared like kd1's
+    # (`training.KDTrainer._retokenised`, `TeacherBatch.divergence`).
+    across_tokenizers = True
 
     def signals(self, params: Mapping[str, Any]) -> Signals:
         return Signals(answers=bool(params.get("seq_kd")), live=True)
+
+    def across_tokenizers_refused(self, settings: MethodSettings) -> str | None:
+        if getattr(settings, "seq_kd", False):
+            return "seq_kd: the teacher's answers are not scored in the teacher's own tokens yet"
+        return None
 
     def rollout(self, params: Mapping[str, Any]) -> Rollout | None:
         return SamplingSettings.rollout_of(params, float(params["student_fraction"]))

@@ -4,7 +4,7 @@ student, built once under students/<name>/init), and which of their hidden state
 from __future__ import annotations
 
 import json
-from collections.abc import Sequence
+from collections.abc import Mapping, Sequence
 from pathlib import Path
 from typing import TYPE_CHECKING, Any
 
@@ -14,7 +14,7 @@ from kdlab import losses
 from kdlab.config import StudentSettings
 from kdlab.errors import StudyError
 from kdlab.files import atomic_folder
-from kdlab.methods import METHODS, get_method
+from kdlab.methods import METHODS, MethodSettings, get_method
 from kdlab.models import (
     check_derivable,
     count_parameters,
@@ -83,20 +83,24 @@ def build_student(study: StudyView, student: StudentSettings) -> None:
 
 
 def check_vocabulary(
-    student: StudentSettings, path: str, teacher_tokenizer: PreTrainedTokenizerBase, methods: Sequence[str]
+    student: StudentSettings, path: str, teacher_tokenizer: PreTrainedTokenizerBase,
+    methods: Mapping[str, MethodSettings],
 ) -> None:
     """A student whose tokenizer differs from the teacher's: every method of the study must have a form across
-    tokenizers (`Method.across_tokenizers`), and both tokenizers must give character offsets (fast ones)."""
+    tokenizers for its settings (`Method.across_tokenizers_refused`), and both tokenizers must give character
+    offsets (fast ones)."""
     tok = load_tokenizer(path, trust_remote_code=student.trust_remote_code)
     if tok.get_vocab() == teacher_tokenizer.get_vocab():
         return
     differs = f"its tokenizer differs from the teacher's ({len(tok)} vs {len(teacher_tokenizer)} tokens)"
-    for name in methods:
-        if not get_method(name).across_tokenizers:
+    for name, settings in methods.items():
+        reason = get_method(name).across_tokenizers_refused(settings)
+        if reason is not None:
             able = ", ".join(m for m, method in METHODS.items() if method.across_tokenizers)
             raise ValueError(
-                f"students.{student.name}: {differs}, and methods.{name} has no cross-tokenizer form yet "
-                f"(those with one: {able}); give this student the teacher's tokenizer or drop {name}"
+                f"students.{student.name}: {differs}, and methods.{name} cannot train it across tokenizers: "
+                f"{reason} (methods with a cross-tokenizer form: {able}); give this student the teacher's "
+                f"tokenizer or drop {name}"
             )
     for who, t in (("the student", tok), ("the teacher", teacher_tokenizer)):
         if not getattr(t, "is_fast", False):
