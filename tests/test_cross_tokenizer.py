@@ -301,3 +301,22 @@ def test_hybrid_maps_a_live_head_by_columns_as_a_listed_one_by_entries() -> None
     live = hybrid_loss(s, idx, lp, tail, **common)
     listed = hybrid_loss(s, idx.clone(), lp, tail, **common)
     torch.testing.assert_close(live, listed)
+
+
+def test_teacher_scores_each_chunks_text_at_its_last_student_token() -> None:
+    """opd across tokenizers: chunk 0 = student rows 0, 1 / teacher row 0; chunk 1 = student row 2 / teacher
+    rows 1, 2. The teacher's log-prob of each chunk's text (its own tokens' sum) lands on the chunk's last
+    student row, so a sample's sum is the teacher's log-prob of its text."""
+    from kdlab.cross_tokenizer import chunk_logprobs_at_last_rows
+    from kdlab.methods import TeacherBatch
+
+    got = chunk_logprobs_at_last_rows(torch.tensor([-1.0, -2.0, -0.5]), torch.tensor([0, 1, 1]),
+                                      torch.tensor([0, 0, 1]))
+    torch.testing.assert_close(got, torch.tensor([0.0, -1.0, -2.5]))
+    teacher_logits = logits(3, 6, 70)
+    targets = torch.tensor([4, 1, 5])
+    alignment = {"xt_teacher_chunk": torch.tensor([0, 1, 1]), "xt_student_chunk": torch.tensor([0, 0, 1])}
+    teacher = TeacherBatch(logits=teacher_logits, alignment=alignment, targets=targets)
+    own = torch.log_softmax(teacher_logits, dim=-1)[torch.arange(3), targets]
+    want = torch.stack([torch.tensor(0.0), own[0], own[1] + own[2]])
+    torch.testing.assert_close(teacher.token_logprobs(torch.tensor([9, 9, 9])), want)

@@ -244,6 +244,20 @@ def test_student_samples_are_retokenised_for_the_teacher(setup: Setup) -> None:
     assert int(alignment["xt_pair_teacher"][-1]) == n_t - 1
 
 
+def test_opd_across_tokenizers_trains_on_retokenised_samples(setup: Setup, tmp_path: Path) -> None:
+    params = {"lam": 1.0, "discount": 1.0, "sample_temperature": 1.0, "max_new_tokens": 6}
+    result = train(
+        copy.deepcopy(setup.student), setup.items(), method=METHODS["opd"], params=params,
+        settings=settings(batch_size=4, max_steps=3), output_dir=tmp_path / "opd", seed=3,
+        pad_id=setup.student_tok.pad_token_id, vocab_size=len(setup.student_tok), live_teacher=setup.teacher,
+        tokenizer=setup.student_tok, teacher_pad_id=setup.teacher_tok.pad_token_id,
+        teacher_vocab_size=len(setup.teacher_tok), vocabulary=setup.vocabulary,
+        teacher_tokenizer=setup.teacher_tok,
+    )
+    kd = [e["loss_kd"] for e in result.log_history if "loss_kd" in e]
+    assert len(kd) == 3 and all(v == v for v in kd) and result.cost["rollout_samples"] > 0
+
+
 @pytest.mark.parametrize("fraction", [1.0, 0.5])
 def test_gkd_across_tokenizers_trains_on_retokenised_samples(setup: Setup, tmp_path: Path,
                                                             fraction: float) -> None:

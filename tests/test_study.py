@@ -371,12 +371,12 @@ def test_student_with_another_vocabulary_is_refused_at_start(tiny_data_dir: Path
     out = tmp_path / "out"
     data = _mini_config(out)
     data["students"] = [{"name": "s9", "model": str(other)}]
-    data["methods"] = {"sft": {}, "opd": {"lambda": 0.5}}  # opd has no cross-tokenizer form
+    data["methods"] = {"sft": {}, "gkd": {"lambda": 0.5, "seq_kd": True}}  # no cross-tokenizer form
     config = tmp_path / "mini.yaml"
     config.write_text(yaml.safe_dump(data))
     assert main(["run", str(config), "--data-dir", str(tiny_data_dir)]) == 2
     err = capsys.readouterr().err
-    assert "students.s9" in err and "methods.opd" in err
+    assert "students.s9" in err and "methods.gkd" in err and "seq_kd" in err
     assert not out.exists()  # refused before any work: nothing trained, nothing written
 
 

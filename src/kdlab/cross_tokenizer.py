@@ -230,6 +230,22 @@ def pool_by_chunk(hidden: Tensor, chunk: Tensor, num_chunks: int) -> Tensor:
     return sums / counts.clamp(min=1).unsqueeze(-1)
 
 
+def chunk_logprobs_at_last_rows(
+    teacher_logprobs: Tensor, teacher_chunk: Tensor, student_chunk: Tensor
+) -> Tensor:
+    """[N_S]: each chunk's summed teacher log-prob ([N_T] per teacher row, `teacher_chunk` its chunk) at
+    the chunk's last student row (`student_chunk` [N_S], rows in order), 0 at the chunk's other rows."""
+    chunks = int(max(teacher_chunk.max(), student_chunk.max())) + 1 if student_chunk.numel() else 0
+    per_chunk = torch.zeros(chunks, dtype=teacher_logprobs.dtype, device=teacher_logprobs.device)
+    per_chunk = per_chunk.index_add(0, teacher_chunk, teacher_logprobs)
+    rows = torch.arange(student_chunk.numel(), device=student_chunk.device)
+    last = torch.full((chunks,), -1, dtype=torch.long, device=student_chunk.device)
+    last = last.scatter_reduce(0, student_chunk, rows, reduce="amax")
+    out = torch.zeros(student_chunk.numel(), dtype=teacher_logprobs.dtype, device=teacher_logprobs.device)
+    out[last] = per_chunk
+    return out
+
+
 def _check_rows(student_logits: Tensor, head_indices: Tensor, head_logprobs: Tensor, tail: Tensor) -> None:
     if student_logits.ndim != 2:
         raise ValueError(f"student_logits must be [N, V], got {tuple(student_logits.shape)}")

@@ -372,7 +372,8 @@ class KDTrainer(Trainer):
             self.cost["teacher_seconds"] += _elapsed(start, out.logits.device)
             self.cost["teacher_tokens"] += int(sequence_tokens(batch, read))
             logits = out.logits if self.signals.top_k is not None or self.signals.live else None
-            return TeacherBatch(logits=logits, hidden=out.hidden, alignment=alignment, vocabulary=vocabulary)
+            return TeacherBatch(logits=logits, hidden=out.hidden, alignment=alignment, vocabulary=vocabulary,
+                                targets=out.targets)
         if prefix:
             raise ValueError(f"the cache holds the teacher on the gold answers only, not on {prefix!r} ones")
         return TeacherBatch(

@@ -160,6 +160,7 @@ class TeacherBatch:
     # `alignment.batch_alignment` (the batch's `xt_*` tensors) and the matched vocabulary.
     alignment: Mapping[str, torch.Tensor] | None = None
     vocabulary: VocabularyMap | None = None
+    targets: torch.Tensor | None = None  # [N] the teacher's own answer tokens (a live teacher's)
 
     @property
     def cross_tokenizer(self) -> bool:
@@ -253,10 +254,21 @@ class TeacherBatch:
         return self.topk_indices[:, :k].long()
 
     def token_logprobs(self, targets: torch.Tensor, *, temperature: float = 1.0) -> torch.Tensor:
-        """log p_T of each row's target token [N] (a live teacher's, which on-policy methods need)."""
+        """log p_T of each row's target token [N] (a live teacher's, which on-policy methods need).
+
+        A teacher with its own tokenizer: the log-prob of each aligned chunk's text (the sum over its own
+        tokens of the chunk), at the chunk's last student row, 0 at its other rows; summed over an answer it
+        is the teacher's log-prob of the answer's text, as the student tokens' sum is the student's."""
         if self.logits is None:
             raise ValueError("the teacher's log-prob of a sampled token needs a live teacher")
-        return losses.token_logprobs(self.logits, targets, temperature=temperature)
+        if self.alignment is None:
+            return losses.token_logprobs(self.logits, targets, temperature=temperature)
+        if self.targets is None:
+            raise ValueError("a teacher with its own tokenizer scores its own tokens: give its targets")
+        own = losses.token_logprobs(self.logits, self.targets, temperature=temperature)
+        return cross_tokenizer.chunk_logprobs_at_last_rows(
+            own, self.alignment["xt_teacher_chunk"].to(own.device),
+            self.alignment["xt_student_chunk"].to(own.device))
 
 
 # ---------------------------------------------------------------------------------------------------------

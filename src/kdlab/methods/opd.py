@@ -56,6 +56,9 @@ class OPDSettings(SamplingSettings):
 class OPD(Method):
     name = "opd"
     settings = OPDSettings
+    # Across tokenizers the student's samples are retokenised for the teacher; each aligned chunk's text is
+    # scored by the teacher at the chunk's last student token (`TeacherBatch.token_logprobs`).
+    across_tokenizers = True
     color = "#c51b7d"
     kd_term = "reverse KL on the student's samples (sampled-token estimate), nats"
 
