@@ -46,10 +46,10 @@ def test_the_plan_has_the_runs_kdlab_0_1_0_did(tmp_path: Path, tiny_data_dir: Pa
 def test_only_the_plan_makes_run_specs() -> None:
     """Runs are listed once: no module but plan.py builds a RunSpec, except the cache stage (a cache run's
     hash is its fingerprint, known once the teacher is), and where a spec is read back: a registry row
-    (`RunRecord.spec`), the spec the Ray driver sent its worker."""
+    (`RunRecord.spec`). A Ray worker receives the run's `Job`, spec included, and makes none."""
     makers = set()
     for path in PACKAGE.rglob("*.py"):
         for node in ast.walk(ast.parse(path.read_text())):
             if isinstance(node, ast.Call) and getattr(node.func, "id", None) in ("RunSpec", "run_id"):
                 makers.add(str(path.relative_to(PACKAGE)))
-    assert makers == {"plan.py", "stages/cache.py", "registry.py", "ray_executor.py"}
+    assert makers == {"plan.py", "stages/cache.py", "registry.py"}
