@@ -532,7 +532,7 @@ def test_benchmark_comparison_and_retention_on_known_scores(tmp_path: Path) -> N
     seeds a side; retention is the score over the base teacher's (0.5), in %."""
     from kdlab.report.benchmarks import Column, Evaluations, compare_benchmarks_to_sft, retention
     from kdlab.report.collect import StudyOutputs
-    from kdlab.stages.selection import Group
+    from kdlab.selection import Group
 
     layout = Layout(tmp_path)
     column = Column("tiny_mc", "tiny_mc", "acc")

@@ -34,7 +34,7 @@ import kdlab.evaluation
 import kdlab.training
 from kdlab.cli import main
 from kdlab.registry import Registry, RunRecord
-from kdlab.stages.selection import best_run
+from kdlab.selection import best_run
 
 SELECTION = {"lam0.5": 80.0, "lam1": 20.0}  # KD2's rigged selection-split accuracy per λ...
 EVAL = {"lam0.5": 30.0, "lam1": 90.0}  # ...and evaluation-split accuracy: the rankings disagree

@@ -12,13 +12,13 @@ import pytest
 import torch
 from torch.utils.data import DataLoader, Dataset
 
+from kdlab.hashing import canonical_hash
 from kdlab.teacher_cache import (
     CacheError,
     CacheExistsError,
     CacheMismatchError,
     TeacherCache,
     TeacherCacheWriter,
-    fingerprint,
     hash_directory,
     hash_file,
 )
@@ -241,12 +241,12 @@ def test_overwrite_is_atomic(tmp_path, examples):
 def test_fingerprint_mismatch_and_restart(tmp_path, examples):
     path = tmp_path / "cache"
     write_cache(path, examples[:5])
-    fp = fingerprint(INPUTS)
+    fp = canonical_hash(INPUTS)
     assert len(fp) == 64 and int(fp, 16) >= 0
     # Canonical: key order and tuple-vs-list do not matter; values do.
-    assert fingerprint(dict(reversed(list(INPUTS.items())))) == fp
-    assert fingerprint({"a": (1, 2)}) == fingerprint({"a": [1, 2]})
-    assert fingerprint({**INPUTS, "max_length": 1024}) != fp
+    assert canonical_hash(dict(reversed(list(INPUTS.items())))) == fp
+    assert canonical_hash({"a": (1, 2)}) == canonical_hash({"a": [1, 2]})
+    assert canonical_hash({**INPUTS, "max_length": 1024}) != fp
 
     changed = {**INPUTS, "max_length": 1024, "teacher": {"name": "tiny-teacher", "revision": "def"}}
     with pytest.raises(CacheMismatchError) as err:
@@ -259,7 +259,7 @@ def test_fingerprint_mismatch_and_restart(tmp_path, examples):
     assert isinstance(err.value, CacheError)
 
     with pytest.raises(CacheMismatchError, match="fingerprint"):
-        TeacherCache.open(path, expected_fingerprint=fingerprint(changed))
+        TeacherCache.open(path, expected_fingerprint=canonical_hash(changed))
 
     # Matching fingerprint accepted; a fresh object (as after a restart) sees the same data.
     first = TeacherCache.open(path, expected_fingerprint=fp)
@@ -519,7 +519,7 @@ def test_fingerprint_changes_with_temperatures_and_answer_policy(tiny_tokenizer)
         base = dict(teacher_weights="w", tokenizer=tiny_tokenizer, task=SST2Task(), split="train",
                     example_ids=["a", "b"], top_k=8, hidden_layers=[], answers=True, dtype="bfloat16",
                     hidden_dtype="float16", temperatures=[2.0])
-        return fingerprint(cache_fingerprint_inputs(**{**base, **kw}))
+        return canonical_hash(cache_fingerprint_inputs(**{**base, **kw}))
 
     assert fp() == fp(temperatures=[2]) == fp(temperatures=(2.0, 2.0))
     assert fp(temperatures=[1.0, 2.0]) == fp(temperatures=[2.0, 1.0])

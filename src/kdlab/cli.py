@@ -205,7 +205,7 @@ def cmd_status(args: argparse.Namespace) -> int:
             raise ValueError(f"--run {args.run}: no such run in {registry.path}")
         print(json.dumps(dataclasses.asdict(record), indent=1, default=str))
         return EXIT_OK
-    from kdlab.stages.selection import best_run, selection_value
+    from kdlab.selection import best_run, selection_value
 
     metrics = _selection_metrics(out)
     runs, grids = [], {}

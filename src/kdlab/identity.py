@@ -21,8 +21,8 @@ from pydantic_core import to_jsonable_python
 
 from kdlab.config import EvaluationSettings, StudentSettings, TeacherSettings, TrainingSettings
 from kdlab.files import atomic_write_text
+from kdlab.hashing import canonical_hash
 from kdlab.registry import Registry, RunRecord, local_run_folder, write_run_record
-from kdlab.teacher_cache import fingerprint
 
 HASH_CHARS = 16  # the config hash is a prefix of the sha256
 
@@ -40,7 +40,7 @@ def plain(value: Any) -> Any:
 
 def run_hash(*parts: Any) -> str:
     """A run's config hash from its inputs (settings models, dicts, numbers, strings)."""
-    return fingerprint({"parts": [plain(p) for p in parts]})[:HASH_CHARS]
+    return canonical_hash({"parts": [plain(p) for p in parts]})[:HASH_CHARS]
 
 
 # ---------------------------------------------------------------------------------------------------------
@@ -98,7 +98,7 @@ def _legacy_part(part: Any) -> Any:
 
 def legacy_run_hash(*parts: Any) -> str:
     """The config hash kdlab 0.1.0 gave a run with these inputs."""
-    return fingerprint({"parts": [json.loads(json.dumps(_legacy_part(p), default=str)) for p in parts]})[
+    return canonical_hash({"parts": [json.loads(json.dumps(_legacy_part(p), default=str)) for p in parts]})[
         :HASH_CHARS
     ]
 

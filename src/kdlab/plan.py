@@ -21,12 +21,12 @@ from dataclasses import dataclass, field
 from typing import Any
 
 from kdlab.config import StudentSettings, StudyConfig
+from kdlab.hashing import canonical_hash
 from kdlab.identity import run_hash
 from kdlab.layout import Layout
 from kdlab.methods import MethodSettings, Signals, get_method
 from kdlab.registry import RunSpec
 from kdlab.seeding import stage_seed
-from kdlab.teacher_cache import fingerprint
 
 # (student, teacher) hidden-state pairs of a layer map for a student; raises ValueError naming the field.
 LayerPairs = Callable[[StudentSettings, Any, str], list[tuple[int, int]]]
@@ -56,7 +56,7 @@ def run_id(
     for axis in axes:
         value = params[axis]
         if isinstance(value, list):  # e.g. an explicit layer map: a short stable tag
-            value = "pairs" + fingerprint({"map": value})[:6]
+            value = "pairs" + canonical_hash({"map": value})[:6]
         tag = settings.label(axis).run_id
         parts.append(f"{axis if tag is None else tag}{f'{value:g}' if isinstance(value, float) else value}")
     parts.append(f"seed{seed}")

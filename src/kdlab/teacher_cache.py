@@ -50,6 +50,7 @@ import torch
 
 from kdlab.errors import CacheError, CacheExistsError, CacheMismatchError
 from kdlab.files import atomic_write_json, fsync_dir, hash_tree
+from kdlab.hashing import canonical_hash, canonical_json, plain_json
 from kdlab.registry import pid_alive
 
 __all__ = [
@@ -59,7 +60,6 @@ __all__ = [
     "CacheMismatchError",
     "TeacherCache",
     "TeacherCacheWriter",
-    "fingerprint",
     "hash_directory",
     "hash_file",
     "temperature_tag",
@@ -93,55 +93,6 @@ _VERIFIED: set[tuple[str, str]] = set()
 # --------------------------------------------------------------------------------------------------
 # Fingerprints and hashing
 # --------------------------------------------------------------------------------------------------
-
-
-def _jsonable(value: Any, where: str = "inputs") -> Any:
-    """Normalise to plain JSON types, refusing anything whose text form would be ambiguous."""
-    if value is None or isinstance(value, (bool, str)):
-        return value
-    if isinstance(value, int):
-        return int(value)
-    if isinstance(value, float):
-        if not np.isfinite(value):
-            raise TypeError(f"fingerprint input {where} is a non-finite float ({value}); not canonical JSON")
-        return float(value)
-    if isinstance(value, np.generic):
-        return _jsonable(value.item(), where)
-    if isinstance(value, os.PathLike):
-        return os.fspath(value)
-    if isinstance(value, torch.dtype):
-        return str(value)
-    if isinstance(value, Mapping):
-        out: dict[str, Any] = {}
-        for k, v in value.items():
-            # Non-str keys would silently collide with their str form after JSON encoding.
-            if not isinstance(k, str):
-                raise TypeError(f"fingerprint input {where} has a non-string key {k!r}; use str keys")
-            out[k] = _jsonable(v, f"{where}.{k}")
-        return out
-    if isinstance(value, (list, tuple)):
-        return [_jsonable(v, f"{where}[{i}]") for i, v in enumerate(value)]
-    if isinstance(value, (set, frozenset)):
-        items = [_jsonable(v, f"{where}{{}}") for v in value]
-        return sorted(items, key=lambda v: json.dumps(v, sort_keys=True))
-    raise TypeError(f"fingerprint input {where} has unsupported type {type(value).__name__}")
-
-
-def _canonical_json(inputs: Mapping[str, Any]) -> str:
-    return json.dumps(
-        _jsonable(inputs), sort_keys=True, separators=(",", ":"), ensure_ascii=False, allow_nan=False
-    )
-
-
-def fingerprint(inputs: Mapping[str, Any]) -> str:
-    """Hex sha256 of the canonical JSON (sorted keys, compact) of ``inputs``.
-
-    The caller chooses what goes in (teacher spec, weights hash, tokenizer, task, split, template,
-    max length, k, layers, decoding, ...).  Note that ``1`` and ``1.0`` hash differently.
-    """
-    if not isinstance(inputs, Mapping):
-        raise TypeError(f"fingerprint inputs must be a mapping, got {type(inputs).__name__}")
-    return hashlib.sha256(_canonical_json(inputs).encode("utf-8")).hexdigest()
 
 
 def hash_file(path: str | os.PathLike[str], chunk_size: int = _HASH_CHUNK) -> str:
@@ -220,7 +171,7 @@ def _diff_inputs(cached: Mapping[str, Any], requested: Mapping[str, Any]) -> lis
     diffs = []
     for key in sorted(set(a) | set(b)):
         va, vb = a.get(key, _ABSENT), b.get(key, _ABSENT)
-        if va is _ABSENT or vb is _ABSENT or _canonical_json({"v": va}) != _canonical_json({"v": vb}):
+        if va is _ABSENT or vb is _ABSENT or canonical_json({"v": va}) != canonical_json({"v": vb}):
             diffs.append((key, va, vb))
     return diffs
 
@@ -353,8 +304,8 @@ class TeacherCacheWriter:
         if temps and top_k is None:
             raise ValueError("temperatures given but top_k is None: the tails belong to the top-k field")
 
-        self.fingerprint_inputs: dict[str, Any] = _jsonable(fingerprint_inputs)
-        self.fingerprint = fingerprint(fingerprint_inputs)
+        self.fingerprint_inputs: dict[str, Any] = plain_json(fingerprint_inputs)
+        self.fingerprint = canonical_hash(fingerprint_inputs)
         self.vocab_size = int(vocab_size)
         self.top_k = None if top_k is None else int(top_k)
         self.hidden_layers: tuple[int, ...] = tuple(layers)
@@ -908,7 +859,7 @@ class TeacherCache:
                 f"{REBUILD_HINT}"
             )
         try:
-            stored = fingerprint(manifest["fingerprint_inputs"])
+            stored = canonical_hash(manifest["fingerprint_inputs"])
         except (KeyError, TypeError) as e:
             raise CacheError(f"teacher cache at {d}: {MANIFEST_NAME} has no usable fingerprint inputs ({e}); "
                              f"{REBUILD_HINT}") from None
@@ -920,9 +871,9 @@ class TeacherCache:
 
         expected = expected_fingerprint
         if expected_inputs is not None:
-            computed = fingerprint(expected_inputs)
+            computed = canonical_hash(expected_inputs)
             if expected is not None and expected != computed:
-                raise ValueError("expected_fingerprint does not equal fingerprint(expected_inputs)")
+                raise ValueError("expected_fingerprint does not equal canonical_hash(expected_inputs)")
             expected = computed
         if expected is not None and expected != manifest["fingerprint"]:
             raise cls._mismatch(d, manifest, expected, expected_inputs)
@@ -1004,7 +955,7 @@ class TeacherCache:
             )
             diffs: list[tuple[str, Any, Any]] = []
         else:
-            diffs = _diff_inputs(manifest["fingerprint_inputs"], _jsonable(expected_inputs))
+            diffs = _diff_inputs(manifest["fingerprint_inputs"], plain_json(expected_inputs))
             body = "\n  differing inputs:" + "".join(
                 f"\n    {key}: cached={_short(old)} requested={_short(new)}" for key, old, new in diffs
             )

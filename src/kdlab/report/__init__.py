@@ -76,7 +76,7 @@ from kdlab.report.render import (
     summary_markdown,
     tex_escape,
 )
-from kdlab.stages.selection import Group
+from kdlab.selection import Group
 
 __all__ = [
     "Comparison",

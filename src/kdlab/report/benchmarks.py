@@ -22,8 +22,8 @@ from kdlab.report.collect import StudyOutputs, bootstrap_seed, run_metric, task_
 from kdlab.report.compare import CONFIDENCE, N_RESAMPLES, student_label
 from kdlab.report.figures import METRIC_NAMES, FigureEntry
 from kdlab.report.render import Latex, Markdown, tex_escape
+from kdlab.selection import Group
 from kdlab.stages.benchmarks import BASE_TEACHER, student_init
-from kdlab.stages.selection import Group
 from kdlab.stats import BootstrapResult, compare_systems, holm, mean_std
 
 DIGITS = 3  # lm-eval's fractions, as it prints them

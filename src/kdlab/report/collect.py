@@ -24,9 +24,9 @@ from kdlab.layout import PROVENANCE, Layout
 from kdlab.methods import METHODS
 from kdlab.registry import Registry, RunRecord
 from kdlab.resolve import resolve_config
+from kdlab.selection import Group
+from kdlab.selection import chosen_groups as selection_groups
 from kdlab.stages.benchmarks import BASE_TEACHER, is_benchmark_run
-from kdlab.stages.selection import Group
-from kdlab.stages.selection import chosen_groups as selection_groups
 from kdlab.tasks import TASKS, Task, get_task
 
 BOOTSTRAP_SEED = 0  # the report's bootstrap when the study recorded none (provenance.json)

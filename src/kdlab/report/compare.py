@@ -18,7 +18,7 @@ from kdlab.methods import METHODS, MixedSettings, baseline
 from kdlab.registry import RunRecord
 from kdlab.report.collect import StudyOutputs, bootstrap_seed, run_metric
 from kdlab.report.costs import GroupCost, group_cost, run_costs
-from kdlab.stages.selection import Group
+from kdlab.selection import Group
 from kdlab.stats import BootstrapResult, compare_systems, holm, mean_std, significance_level
 from kdlab.tasks import Example, Task, get_task
 

@@ -11,8 +11,8 @@ from typing import Any
 
 from kdlab.report.collect import StudyOutputs, data_manifest, task_title
 from kdlab.report.compare import student_label
+from kdlab.selection import Group
 from kdlab.stages.diagnostics import cache_tail_mass, read_diagnostics, teacher_agreement
-from kdlab.stages.selection import Group
 from kdlab.stats import mean_std
 
 

@@ -29,7 +29,7 @@ from kdlab.registry import RunRecord
 from kdlab.report.collect import StudyOutputs, run_metric, setting_key, task_title
 from kdlab.report.compare import format_value, param_name, setting_parts, setting_text, student_label
 from kdlab.report.costs import RunCost
-from kdlab.stages.selection import Group
+from kdlab.selection import Group
 
 METRIC_NAMES = LONG_NAMES
 

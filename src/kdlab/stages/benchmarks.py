@@ -26,7 +26,7 @@ from kdlab.files import atomic_write_json
 from kdlab.identity import run_hash
 from kdlab.plan import BENCHMARK_METHOD, benchmark_run, benchmark_run_id
 from kdlab.registry import RunRecord
-from kdlab.stages.selection import chosen_groups
+from kdlab.selection import chosen_groups
 from kdlab.tasks import get_task
 from kdlab.teacher_cache import hash_file
 

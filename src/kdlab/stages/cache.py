@@ -18,11 +18,12 @@ from transformers import PreTrainedTokenizerBase
 
 from kdlab.errors import CacheError
 from kdlab.evaluation import generation_options, predict, progress
+from kdlab.hashing import canonical_hash
 from kdlab.models import hash_model_files, load_model
 from kdlab.registry import RunSpec
 from kdlab.scored import forward_scored
 from kdlab.tasks.base import Encoded, Example, Task, collate, encode
-from kdlab.teacher_cache import REBUILD_HINT, TeacherCache, TeacherCacheWriter, fingerprint
+from kdlab.teacher_cache import REBUILD_HINT, TeacherCache, TeacherCacheWriter
 
 if TYPE_CHECKING:
     from kdlab.stages.shared import StudyView
@@ -66,11 +67,11 @@ def cache_fingerprint_inputs(
         "tokenizer": {
             "name": tokenizer.name_or_path,
             "vocab": len(tokenizer),
-            "hash": fingerprint({"vocab": sorted(tokenizer.get_vocab().items())}),
+            "hash": canonical_hash({"vocab": sorted(tokenizer.get_vocab().items())}),
         },
         "task": task.name,
         "split": split,
-        "subset": fingerprint({"ids": list(example_ids)}),
+        "subset": canonical_hash({"ids": list(example_ids)}),
         "template": task.template,
         "settings": task.settings.model_dump(mode="json"),
         "top_k": top_k,
@@ -81,7 +82,7 @@ def cache_fingerprint_inputs(
         if answers
         else None,
         # Transfer examples are labelled by the teacher's own answers (see `build_teacher_cache`).
-        "transfer": fingerprint({"ids": list(transfer_ids)}) if transfer_ids else None,
+        "transfer": canonical_hash({"ids": list(transfer_ids)}) if transfer_ids else None,
         "dtype": dtype,
     }
 
@@ -192,7 +193,7 @@ def build_teacher_cache(
                 writer.add(i, **rows[i])
         if answers or transfer:
             writer.answer_stats = dict(stats, transfer=transfer_stats) if transfer else stats
-    return TeacherCache.open(directory, expected_fingerprint=fingerprint(fingerprint_inputs))
+    return TeacherCache.open(directory, expected_fingerprint=canonical_hash(fingerprint_inputs))
 
 
 def _label_transfer(
@@ -350,7 +351,7 @@ def run_cache(study: StudyView, name: str) -> TeacherCache | None:
         transfer_ids=[e.id for e in data.transfer],
     )
     directory = study.layout.teacher_cache(name)
-    expected = fingerprint(inputs)
+    expected = canonical_hash(inputs)
     # A cache that fails verification (another fingerprint, a missing, truncated or corrupt file) is
     # rebuilt when asked, else refused with the command that rebuilds it; one that never finished (no
     # manifest) is simply built again.

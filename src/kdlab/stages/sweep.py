@@ -13,7 +13,7 @@ from kdlab.job import CacheRef, Job, run_job
 from kdlab.methods import get_method
 from kdlab.plan import RunGroup
 from kdlab.registry import RunRecord, RunSpec
-from kdlab.stages.selection import best_run, record_choice
+from kdlab.selection import best_run, record_choice
 from kdlab.teacher_cache import TeacherCache
 
 if TYPE_CHECKING:
