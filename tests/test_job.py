@@ -62,7 +62,10 @@ def test_a_pickled_job_runs_without_the_study_and_matches_the_local_run(tiny_dat
     worker = json.loads(done.stdout.strip().splitlines()[-1])
 
     local = run_job(job, study.ranks, tokenizer=study.tokenizer, data=study.data("sst2"), cache=cache)
-    assert worker["eval"] == pytest.approx(local["eval"]) and worker["steps"] == local["steps"] > 0
+    def scores(metrics: dict) -> dict:
+        return {k: v for k, v in metrics["eval"].items() if k != "seconds"}  # timings differ
+
+    assert scores(worker) == pytest.approx(scores(local)) and worker["steps"] == local["steps"] > 0
     assert worker["train_examples"] == local["train_examples"]
     assert _losses(worker_dir) == _losses(Path(spec.output_dir))
     assert (worker_dir / "model").is_dir() and (worker_dir / "diagnostics.json").is_file()
