@@ -19,12 +19,12 @@ from kdlab.methods import baseline
 from kdlab.plan import BENCHMARK_METHOD
 from kdlab.registry import RunRecord
 from kdlab.report.collect import StudyOutputs, bootstrap_seed, run_metric, task_title
-from kdlab.report.compare import CONFIDENCE, N_RESAMPLES, student_label
+from kdlab.report.compare import CONFIDENCE, N_RESAMPLES, holm_per_student, student_label
 from kdlab.report.figures import METRIC_NAMES, FigureEntry
 from kdlab.report.render import Latex, Markdown, tex_escape
 from kdlab.selection import Group
 from kdlab.stages.benchmarks import BASE_TEACHER, student_init
-from kdlab.stats import BootstrapResult, compare_systems, holm, mean_std
+from kdlab.stats import BootstrapResult, compare_systems, mean_std
 
 DIGITS = 3  # lm-eval's fractions, as it prints them
 GROUP_TOLERANCE = 1e-9  # a group's per-document mean must reproduce lm-eval's aggregate to be compared
@@ -170,10 +170,7 @@ def compare_benchmarks_to_sft(
             result = compare_systems(system, reference, n_resamples=n_resamples, confidence=CONFIDENCE,
                                      seed=seed)
             out.append(BenchmarkComparison(student, method, task, column, result, seeds))
-    for student in dict.fromkeys(c.student for c in out):
-        family = [c for c in out if c.student == student and c.result is not None]
-        for c, adjusted in zip(family, holm([c.result.p_value for c in family]), strict=True):
-            c.holm_p = float(adjusted)
+    holm_per_student(out)
     return out
 
 

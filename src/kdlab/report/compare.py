@@ -171,12 +171,17 @@ def compare_to_sft(
                 seed=seed,
             )
             out.append(Comparison(task, student, method, m, res, seeds))
-    # One family per student: every method x task x metric compared with SFT (a study's "did KD help?").
-    for student in dict.fromkeys(c.student for c in out):
-        family = [c for c in out if c.student == student and c.result is not None]
+    holm_per_student(out)
+    return out
+
+
+def holm_per_student(comparisons: Sequence[Any]) -> None:
+    """Sets each comparison's `holm_p`: Holm's adjustment within one family per student, every method x task
+    x metric compared with SFT (a study's "did KD help?"); comparisons without a result stay out of it."""
+    for student in dict.fromkeys(c.student for c in comparisons):
+        family = [c for c in comparisons if c.student == student and c.result is not None]
         for c, adjusted in zip(family, holm([c.result.p_value for c in family]), strict=True):
             c.holm_p = float(adjusted)
-    return out
 
 
 def score_all(outputs: StudyOutputs, groups: Mapping[tuple[str, str, str], Group], scorer: Scorer) -> None:
