@@ -16,7 +16,7 @@ from pathlib import Path
 
 import pytest
 import yaml
-from transformers import AutoModelForCausalLM
+from transformers import AutoModelForCausalLM, AutoTokenizer
 
 import kdlab.models
 from kdlab.config import preset_text
@@ -106,8 +106,10 @@ def test_hub_ids_resolve_to_their_snapshot_offline(tmp_path: Path, offline_hub: 
         resolve_model_path(TEACHER, "v2")
 
     entry = model_provenance(TEACHER)
+    vocab = json.dumps(sorted(AutoTokenizer.from_pretrained(a).get_vocab().items()), ensure_ascii=False)
     assert entry == {"spec": TEACHER, "path": str(a), "revision": None, "repo_id": TEACHER,
-                     "commit": COMMIT_A, "fingerprint": hash_directory(a, patterns=WEIGHT_PATTERNS)}
+                     "commit": COMMIT_A, "fingerprint": hash_directory(a, patterns=WEIGHT_PATTERNS),
+                     "tokenizer": hashlib.sha256(vocab.encode()).hexdigest()[:12], "vocab_size": 512}
     assert model_provenance(TEACHER, COMMIT_A)["revision"] == COMMIT_A
     local = model_provenance(str(tmp_path / "a"))
     assert local["commit"] is None and local["fingerprint"] == hash_directory(tmp_path / "a", WEIGHT_PATTERNS)

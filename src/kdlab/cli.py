@@ -26,7 +26,7 @@ from kdlab.errors import (
 from kdlab.layout import Layout
 
 EPILOG = """examples:
-  kdlab run                                  # the demo study (2-core CPU, under 20 minutes)
+  kdlab run                                  # the demo study (2-core CPU, about 25 minutes)
   kdlab run --preset thesis --out runs/thesis --data-dir ../shared/data
   kdlab config show thesis > my_study.yaml   # copy a preset, edit it, then: kdlab run my_study.yaml
   kdlab eval runs/thesis --set 'evaluation.benchmarks.tasks=[arc_easy]'   # lm-eval benchmarks only
@@ -331,8 +331,9 @@ def build_parser() -> argparse.ArgumentParser:
     parser = argparse.ArgumentParser(
         prog="kdlab",
         description="Knowledge-distillation studies on causal language models: adapt a teacher, cache its "
-        "outputs, train students with SFT / logit KD / sequence KD / feature KD over a grid and "
-        "seeds, evaluate on SST-2 and SQuAD v1.1, and write the results.",
+        "outputs, train students (their own tokenizer allowed) with SFT / logit KD / sequence KD / "
+        "feature KD / on-policy KD over a grid and seeds, evaluate them on the study's tasks and on "
+        "lm-eval benchmarks, and write the results.",
         epilog=EPILOG,
         formatter_class=argparse.RawDescriptionHelpFormatter,
     )
