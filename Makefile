@@ -25,8 +25,12 @@ demo: setup
 
 # --durations: the slowest tests are listed after every run, so a test that grows slow shows up in CI's log.
 # KDLAB_STRICT_TESTS=1 (as .ci/run sets it) fails tests skipped for a missing test dependency or data folder.
+# -n auto --dist loadfile: one pytest worker per core (each test uses one torch thread), a test file's tests
+# on one worker so its module-scoped fixtures (the shared smoke study and the like) are built once; the files
+# start slowest first (tests/conftest.py, SLOWEST_FIRST), which --no-loadscope-reorder keeps.
 test: setup
-	KDLAB_DATA_DIR=$(DATA) $(BIN)/python -m pytest -q --durations=30
+	KDLAB_DATA_DIR=$(DATA) $(BIN)/python -m pytest -q -n auto --dist loadfile --no-loadscope-reorder \
+		--durations=30
 	$(BIN)/ruff check src tests bench
 
 lint: setup

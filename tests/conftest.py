@@ -24,6 +24,22 @@ STRICT = os.environ.get("KDLAB_STRICT_TESTS", "") not in ("", "0")
 MISSING = ("could not import", "not installed", "not present")  # the reasons such skips give
 
 
+# Test files, slowest first (by `make test`'s --durations): `make test` runs the files on every core
+# (pytest-xdist, --dist loadfile, in this order), so the long ones start first and the short ones fill in at
+# the end instead of one long file running alone on one core. A file not named here runs after these.
+SLOWEST_FIRST = (
+    "test_study.py", "test_ray.py", "test_fsdp.py", "test_benchmarks.py", "test_real.py",
+    "test_cross_tokenizer_study.py", "test_real_cross_tokenizer.py", "test_on_policy.py", "test_hub.py",
+    "test_reproducibility.py", "test_families.py", "test_faults.py", "test_strict_skips.py",
+    "test_data_tasks.py", "test_catches_study.py", "test_catches_distributed.py",
+)
+
+
+def pytest_collection_modifyitems(items: list[pytest.Item]) -> None:
+    rank = {name: i for i, name in enumerate(SLOWEST_FIRST)}
+    items.sort(key=lambda item: rank.get(item.path.name, len(rank)))  # stable: each file keeps its order
+
+
 def data_dir() -> Path:
     """The real data folder: KDLAB_DATA_DIR (what `make test DATA=...` sets), else ../shared/data beside the
     checkout."""

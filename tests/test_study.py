@@ -84,7 +84,10 @@ def smoke(tmp_path_factory: pytest.TempPathFactory, tiny_data_dir: Path) -> Smok
     assert proc.returncode == -signal.SIGKILL
     killed_at = time.perf_counter()
     before = {r.id: r for r in Registry(out / "registry.sqlite").runs()}
-    code = main(["run", "--preset", "smoke", "--out", str(out), "--data-dir", str(tiny_data_dir)])
+    # Finished with two sweep workers (this process and one `kdlab sweep` it starts): the rest of the runs
+    # are shared between them.
+    code = main(["run", "--preset", "smoke", "--out", str(out), "--data-dir", str(tiny_data_dir),
+                 "--workers", "2"])
     assert code == 0
     return SmokeStudy(out, tiny_data_dir, before, killed_at - start, time.perf_counter() - killed_at)
 
@@ -109,6 +112,10 @@ def test_smoke_study_end_to_end(smoke: SmokeStudy) -> None:
                        "cache-sst2", "cache-squad"}
     assert runs["cache-sst2"].metrics["cache"]["topk_bytes_per_token"] <= 128
     students = {i: r for i, r in runs.items() if r.kind == "student"}
+    # The runs left at the kill were shared by the two workers of the resumed study, each run done once.
+    resumed = {r.owner for i, r in students.items() if i not in smoke.before_kill or smoke.before_kill[i].status != "done"}
+    assert len(resumed) == 2, resumed
+    assert (smoke.out / "logs" / "sweep-worker-1.log").is_file()
     # kd1 has a two-point grid on seed 1; its best point is run again on seed 2 (whichever it is).
     kd1_final = {i for i in students if i.startswith("kd1-") and i.endswith("-seed2")}
     assert len(kd1_final) == 2

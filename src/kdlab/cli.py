@@ -119,7 +119,7 @@ def _executor(args: argparse.Namespace) -> tuple[StudyConfig, Any]:
     from kdlab.ray_executor import executor_settings, precheck
 
     config = _study_config(args)
-    settings = executor_settings(config, args.executor, args.address)
+    settings = executor_settings(config, args.executor, args.address, args.workers)
     precheck(Path(args.out or config.output_dir), settings)
     return config, settings
 
@@ -378,6 +378,13 @@ def build_parser() -> argparse.ArgumentParser:
                 help="where student runs execute: this machine (default; several `kdlab sweep` processes "
                 "share the work) or a Ray cluster, one driver for the study (docs/cluster.md; needs "
                 "pip install 'kdlab[ray]'); default: the config's executor.kind",
+            )
+            p.add_argument(
+                "--workers",
+                type=int,
+                metavar="N",
+                help="--executor local: N sweep processes on this machine, each with 1/N of the cores as "
+                "torch threads (default: the config's executor.workers, 1)",
             )
             p.add_argument(
                 "--address",

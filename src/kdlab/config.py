@@ -311,6 +311,10 @@ class ExecutorSettings(Strict):
     or a Ray cluster (one driver writes the registry; each run is a Ray task). CLI flags override."""
 
     kind: Literal["local", "ray"] = Field("local", description="local processes, or tasks on a Ray cluster")
+    workers: int = Field(
+        1, ge=1, description="local: sweep processes on this machine, each with an equal share of the cores "
+        "as torch threads (kdlab.local_workers); several small runs side by side use a CPU's cores better"
+    )
     address: str | None = Field(
         None,
         description="the Ray cluster: 'auto' (one started with `ray start` on this machine), "

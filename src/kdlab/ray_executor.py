@@ -60,10 +60,12 @@ def require_ray() -> Any:
 
 
 def executor_settings(
-    config: StudyConfig, kind: str | None = None, address: str | None = None
+    config: StudyConfig, kind: str | None = None, address: str | None = None, workers: int | None = None
 ) -> ExecutorSettings:
-    """The config's `executor:` with the command line's --executor / --address on top."""
+    """The config's `executor:` with the command line's --executor / --address / --workers on top."""
     settings = config.executor
+    if workers is not None:
+        settings = settings.model_copy(update={"workers": workers})
     if kind is not None:
         settings = settings.model_copy(update={"kind": kind})
     if address is not None:

@@ -177,13 +177,16 @@ class Study:
         with other processes running the same sweep), here or as tasks on a Ray cluster (`executor`, default
         the config's `executor:`; see `kdlab.ray_executor`, whose driver holds the study throughout). Returns
         the ids of failed runs (kept as `failed`)."""
+        from kdlab.local_workers import local_workers
         from kdlab.ray_executor import driving
 
-        with driving(self, executor or self.config.executor) as runs_on:
+        settings = executor or self.config.executor
+        with driving(self, settings) as runs_on:
             self.prepare()
             with self.timed("cache"):
                 caches = {name: self.cache_stage(name) for name in self.config.tasks}
-            with self.timed("sweep"):
+            workers = settings.workers if runs_on is None else 1
+            with self.timed("sweep"), local_workers(self, workers):
                 self.failed = sweep.run_sweep(self, caches, poll_seconds, runs_on)
         return self.failed
 
