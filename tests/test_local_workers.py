@@ -1,5 +1,5 @@
-"""`executor.workers` / `--workers`: the extra sweep processes' command, threads and GPUs. That a study shared
-by two workers is bit-identical to one worker's is checked in tests/test_study.py (the smoke study is finished by two workers)."""
+"""`executor.workers` / `--workers`: the extra sweep processes' command, threads and GPUs. A study shared by
+two workers is checked end to end in tests/test_study.py (the smoke study is finished by two workers)."""
 
 from __future__ import annotations
 

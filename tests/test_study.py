@@ -113,7 +113,8 @@ def test_smoke_study_end_to_end(smoke: SmokeStudy) -> None:
     assert runs["cache-sst2"].metrics["cache"]["topk_bytes_per_token"] <= 128
     students = {i: r for i, r in runs.items() if r.kind == "student"}
     # The runs left at the kill were shared by the two workers of the resumed study, each run done once.
-    resumed = {r.owner for i, r in students.items() if i not in smoke.before_kill or smoke.before_kill[i].status != "done"}
+    left = {i for i in students if i not in smoke.before_kill or smoke.before_kill[i].status != "done"}
+    resumed = {students[i].owner for i in left}
     assert len(resumed) == 2, resumed
     assert (smoke.out / "logs" / "sweep-worker-1.log").is_file()
     # kd1 has a two-point grid on seed 1; its best point is run again on seed 2 (whichever it is).
