@@ -272,3 +272,13 @@ def test_an_accepted_config_change_keeps_the_earlier_config(study: Study, no_tra
     assert len(kept) == 1 and kept[0].name.split(".")[1].isdigit(), kept
     assert kept[0].read_text() == old
     assert yaml.safe_load((study.out / "study.yaml").read_text())["name"] == "renamed"
+
+
+def test_every_groups_grid_runs_before_any_other_seed(study: Study) -> None:
+    """The sweep starts every group's grid (first seed) before any group's other seeds, so that with several
+    workers the last groups' grids do not wait behind the first groups' seeds."""
+    runs = Registry(study.out / "registry.sqlite").runs(kind="student")
+    grid = [r.started_at for r in runs if r.seed == 1]
+    others = [r.started_at for r in runs if r.seed == 2]
+    assert len(grid) == 3 and len(others) == 2  # sft and kd2's two settings; sft and kd2's best
+    assert max(grid) < min(others)

@@ -165,3 +165,32 @@ def test_single_token_label_probabilities_from_the_kl_pass(tiny_tokenizer) -> No
     expected = label_probabilities(student, prompts, [[t] for t in labels], pad_id=0, batch_size=4)
     for i, e in enumerate(expected):
         assert probs[f"e{i}"] == pytest.approx(e, abs=1e-5)
+
+
+def test_one_teacher_pass_per_task_however_the_runs_alternate(tmp_path: Path, tiny_tokenizer,
+                                                              monkeypatch: pytest.MonkeyPatch) -> None:
+    """A sweep starts every group's grid before the other seeds, so a process's runs alternate between tasks:
+    the teacher's log-probs of both tasks stay in memory (one pass per task), unless they do not fit."""
+    import kdlab.models
+    from kdlab.stages import diagnostics
+
+    loads: list[str] = []
+    monkeypatch.setattr(kdlab.models, "load_frozen", lambda path, **kw: loads.append(path) or object())
+    monkeypatch.setattr(diagnostics, "answer_logprobs",
+                        lambda model, batches, **kw: [torch.zeros(len(b), 1000) for b in batches])
+    monkeypatch.setattr(diagnostics, "_memo", {})
+    batches = {task: [[Encoded(f"{task}-{i}", [1, 2], [-100, 2])] for i in range(3)] for task in ("a", "b")}
+
+    def diagnose(task: str) -> None:
+        diagnostics._teacher_logprobs(str(tmp_path), batches[task], tiny_tokenizer, "float32",
+                                      torch.device("cpu"))
+
+    for task in ("a", "b", "a", "b", "a"):
+        diagnose(task)
+    assert len(loads) == 2
+    monkeypatch.setattr(diagnostics, "MEMO_BYTES", 3 * 1000 * 4)  # room for one task's log-probs only
+    loads.clear()
+    diagnostics._memo.clear()
+    for task in ("a", "b", "a"):
+        diagnose(task)
+    assert len(loads) == 3

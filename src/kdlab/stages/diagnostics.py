@@ -95,9 +95,10 @@ def student_diagnostics(model: nn.Module, data: TaskData, tokenizer: Any, *, tea
     return out
 
 
-# The teacher's answer-token log-probs of the last task diagnosed, kept while the runs of that task follow
-# one another in this process (one teacher pass per task, not per run), when they fit in MEMO_BYTES.
-MEMO_BYTES = 512 * 2**20
+# The teacher's answer-token log-probs of the tasks diagnosed in this process, the most recent ones that fit
+# in MEMO_BYTES together (the demo's SST-2 and SQuAD: ~400 MB): one teacher pass per task and process, not per
+# run, however a sweep's runs alternate between tasks (it starts every group's grid before the other seeds).
+MEMO_BYTES = 768 * 2**20
 _memo: dict[tuple[Any, ...], list[torch.Tensor]] = {}
 
 
@@ -114,9 +115,9 @@ def _teacher_logprobs(path: str, batches: Sequence[Sequence[Encoded]], tokenizer
     teacher = load_frozen(path, dtype=dtype, device=device)
     lp = answer_logprobs(teacher, batches, pad_id=tokenizer.pad_token_id, vocab_size=vocab)
     del teacher
-    _memo.clear()
-    if sum(t.numel() * t.element_size() for t in lp) <= MEMO_BYTES:
-        _memo[key] = lp
+    _memo[key] = lp
+    while sum(t.numel() * t.element_size() for v in _memo.values() for t in v) > MEMO_BYTES:
+        del _memo[next(iter(_memo))]  # the oldest first (the one just computed last, if alone too big)
     return lp
 
 

@@ -110,6 +110,11 @@ def run_sweep(
     to `executor` (every group's grid at once; each group's other seeds once its grid is done). Returns the
     ids of failed runs."""
     while True:
+        # Every group's grid before any group's other seeds: with several workers (or an executor) the
+        # last groups' grids (gkd, the slowest, is often last) do not wait behind the first groups' seeds.
+        for group in study.plan.groups:
+            for run in group.grid:
+                student_run(study, run.spec, group.student, caches.get(group.task), executor)
         states = [advance(study, group, caches.get(group.task), executor) for group in study.plan.groups]
         if "waiting" not in states:
             break
