@@ -26,7 +26,7 @@ from kdlab.errors import (
 from kdlab.layout import Layout
 
 EPILOG = """examples:
-  kdlab run                                  # the demo study (2-core CPU, about 25 minutes)
+  kdlab run                                  # the demo study (three seeds; 51 min on a 2-core CPU)
   kdlab run --preset thesis --out runs/thesis --data-dir ../shared/data
   kdlab config show thesis > my_study.yaml   # copy a preset, edit it, then: kdlab run my_study.yaml
   kdlab eval runs/thesis --set 'evaluation.benchmarks.tasks=[arc_easy]'   # lm-eval benchmarks only

@@ -313,7 +313,7 @@ class ExecutorSettings(Strict):
     kind: Literal["local", "ray"] = Field("local", description="local processes, or tasks on a Ray cluster")
     workers: int = Field(
         1, ge=1, description="local: sweep processes on this machine, each with an equal share of the cores "
-        "as torch threads (kdlab.local_workers); several small runs side by side use a CPU's cores better"
+        "as torch threads (kdlab.local_workers); on the 2-core demo it gained only ~1.1x (docs/demo.md)"
     )
     address: str | None = Field(
         None,

@@ -3,8 +3,9 @@
 A local sweep already shares its runs with any other `kdlab sweep` process on the same study folder: each
 run is claimed in the registry, so nothing runs twice. `workers: N` starts N - 1 such processes for the
 sweep stage and gives every process (this one included) an equal share of the cores as torch threads. On
-a CPU, several small runs side by side use the cores better than one run spread over all of them (a small
-model's ops are too short to keep many threads busy): see docs/demo.md for the measurement. On a machine
+a CPU, several small runs side by side may use the cores better than one run spread over all of them (a
+small model's ops are too short to keep many threads busy); on the 2-core demo machine it gained only about
+1.1x (docs/demo.md, section 7). On a machine
 with several GPUs the extra workers take the visible GPUs in turn (this process keeps the first), the
 "one `kdlab sweep` per GPU with CUDA_VISIBLE_DEVICES" of the README in one command.
 
