@@ -113,7 +113,9 @@ def _launch(root: Path, launcher: list[str], config: Path, data_dir: Path, name:
     # FSDP2 shards on CUDA whenever a GPU is visible: a CPU study hides them (docs/fsdp.md).
     if yaml.safe_load(config.read_text())["device"] == "cpu":
         environ["CUDA_VISIBLE_DEVICES"] = ""
-    cmd = [*launcher, "-m", "kdlab.cli", "run", str(config), "--data-dir", str(data_dir)]
+    # `kdlab sweep`: every stage up to the student runs (the bench and report stages of a distributed
+    # `kdlab run` are test_study's two-process launch).
+    cmd = [*launcher, "-m", "kdlab.cli", "sweep", str(config), "--data-dir", str(data_dir)]
     with log.open("w") as fh:
         proc = subprocess.run(cmd, stdout=fh, stderr=subprocess.STDOUT, env=environ, cwd=root, timeout=600)
     return Launch(root / "out", log, proc.returncode)

@@ -326,13 +326,9 @@ def test_hub_dataset_offline(tmp_path: Path) -> None:
     (snapshot.parent.parent / "refs").mkdir()
     (snapshot.parent.parent / "refs" / "main").write_text(COMMIT_A)
     env = {k: v for k, v in _hub_env(hf_home).items() if k not in ("KDLAB_DATA_DIR", "HF_DATASETS_CACHE")}
-    run = [sys.executable, "-c", _LOAD_SST2]
-    proc = subprocess.run(run, env=env, capture_output=True, text=True, timeout=300)
-    assert proc.returncode == 0 and proc.stdout.startswith("unavailable:"), proc.stdout + proc.stderr[-2000:]
-    assert "--data-dir" in proc.stdout
-
-    # The Arrow cache an online load_dataset("stanfordnlp/sst2") writes: built here from the same files with
-    # the parquet builder, under the name and config the hub load gives it.
+    # The Arrow cache an online load_dataset("stanfordnlp/sst2") writes: built from the same files with the
+    # parquet builder, under the name and config the hub load gives it, in the process that first found the
+    # snapshot alone unavailable (one process fewer); a fresh process then loads the task from it.
     prepare = f"""
 import os, datasets
 from datasets.packaged_modules.parquet.parquet import Parquet
@@ -345,9 +341,12 @@ target = os.path.join(datasets.config.HF_DATASETS_CACHE, "stanfordnlp___sst2")
 os.makedirs(target)
 os.rename(os.path.join(root, config_dir), os.path.join(target, "default"))
 """
-    done = subprocess.run([sys.executable, "-c", prepare], env=env, capture_output=True, text=True,
+    first = subprocess.run([sys.executable, "-c", _LOAD_SST2 + prepare], env=env, capture_output=True,
+                           text=True, timeout=300)
+    assert first.returncode == 0, first.stderr[-2000:]
+    assert first.stdout.startswith("unavailable:"), first.stdout
+    assert "--data-dir" in first.stdout
+    proc = subprocess.run([sys.executable, "-c", _LOAD_SST2], env=env, capture_output=True, text=True,
                           timeout=300)
-    assert done.returncode == 0, done.stderr[-2000:]
-    proc = subprocess.run(run, env=env, capture_output=True, text=True, timeout=300)
     assert proc.returncode == 0, proc.stderr[-2000:]
     assert proc.stdout.strip() == str([(f"validation-{i}", i % 2) for i in range(4)])

@@ -99,13 +99,14 @@ SMOKE_METHODS = {"sft": {}, "kd1": {"lambda": [0.5, 1.0], "temperature": 2.0, "t
 
 def test_ray_study_gives_the_local_results(cluster: str, tiny_data_dir: Path, tmp_path: Path,
                                            capsys: pytest.CaptureFixture[str]) -> None:
-    """The smoke study (SST-2: every method, kd1's grid, two seeds) through `--executor ray`: the same
+    """The smoke study (SST-2: every method, kd1's grid, one seed) through `--executor ray`: the same
     results.csv rows as the local executor (only the timings differ), the same training losses, every run
-    done exactly once, each student run by one Ray task attempt."""
+    done exactly once, each student run by one Ray task attempt. (A second seed, which runs after the
+    grid's best setting is chosen, is the driven study's: `driven` below.)"""
     outs = {}
     for kind in ("local", "ray"):
         out = tmp_path / kind
-        config = _write(tmp_path / f"{kind}.yaml", _config(out, SMOKE_METHODS, [1, 2], adapt=True))
+        config = _write(tmp_path / f"{kind}.yaml", _config(out, SMOKE_METHODS, [1], adapt=True))
         start = time.perf_counter()
         argv = ["run", str(config), "--data-dir", str(tiny_data_dir), "--executor", kind]
         assert main(argv + (["--address", cluster] if kind == "ray" else [])) == 0
@@ -113,14 +114,14 @@ def test_ray_study_gives_the_local_results(cluster: str, tiny_data_dir: Path, tm
         outs[kind] = out
     err = capsys.readouterr().err
     local, remote = (pd.read_csv(outs[k] / "results.csv").set_index("run") for k in ("local", "ray"))
-    assert remote.index.is_unique and len(remote) == 12  # teacher x3 (zero-shot, adapted, cache) + 9 runs
+    assert remote.index.is_unique and len(remote) == 8  # teacher x3 (zero-shot, adapted, cache) + 5 runs
     # Times (and the costs made of them: *_seconds, cost_*_s) differ between any two runs.
     volatile = [c for c in local.columns if c in VOLATILE or c.endswith(("_seconds", "_s"))]
     pd.testing.assert_frame_equal(local.drop(columns=volatile).sort_index(),
                                   remote.drop(columns=volatile).sort_index())
     assert (remote["status"] == "done").all() and (remote["attempts"] == 1).all()
     students = [r for r in remote.index if remote.loc[r, "kind"] == "student"]
-    assert len(students) == 9 and set(remote.loc[students, "method"]) == set(SMOKE_METHODS)
+    assert len(students) == 5 and set(remote.loc[students, "method"]) == set(SMOKE_METHODS)
     for rid in students:
         losses = [[(e.get("step"), e.get("loss")) for e in json.loads((outs[k] / "runs" / rid /
                                                                        "log_history.json").read_text())]
@@ -131,7 +132,7 @@ def test_ray_study_gives_the_local_results(cluster: str, tiny_data_dir: Path, tm
         assert task["attempts"][0]["pid"] != os.getpid()
         assert ray_executor.read_task_record(outs["local"] / "runs" / rid) is None
     # one status line per finished run, with the cluster's totals
-    assert "[done] sft-sst2-s1-seed2: " in err and "ray: " in err and "1 node(s), CPU " in err
+    assert "[done] sft-sst2-s1-seed1: " in err and "ray: " in err and "1 node(s), CPU " in err
     registry = Registry(outs["ray"] / "registry.sqlite", readonly=True)
     assert registry.live_driver() is None  # the driver gave the study up when it finished
     view = registry.note("ray")

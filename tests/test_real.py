@@ -107,6 +107,7 @@ def test_tiny_real_study(tmp_path: Path, capsys: pytest.CaptureFixture[str]) -> 
         "methods": {"sft": {}, "kd1": {"lambda": 0.5, "temperature": 2.0, "top_k": 8}},
         "training": {"batch_size": 8, "max_steps": 2, "warmup_ratio": 0.0, "logging_steps": 1},
         "evaluation": {"batch_size": 16, "dtype": "bfloat16"},
+        "bench": {"examples": 4, "warmup": 1, "repeats": 1},  # the stage on real weights, a few calls
         "seeds": [7],
     })
     path = tmp_path / "study.yaml"

@@ -351,7 +351,7 @@ def test_changed_settings_under_a_finished_run_need_force(tiny_data_dir: Path, t
     data = _mini_config(out)
     config = tmp_path / "mini.yaml"
     config.write_text(yaml.safe_dump(data))
-    argv = ["run", str(config), "--data-dir", str(tiny_data_dir)]
+    argv = ["sweep", str(config), "--data-dir", str(tiny_data_dir)]  # the check is the sweep's: no report
     assert main(argv) == 0
     data["training"]["learning_rate"] = 0.0005  # the finished SFT run no longer matches the study
     config.write_text(yaml.safe_dump(data))
@@ -359,6 +359,8 @@ def test_changed_settings_under_a_finished_run_need_force(tiny_data_dir: Path, t
     assert main(argv) == 2
     err = capsys.readouterr().err
     assert "sft-sst2-s1-seed1" in err and "--force" in err
+    # refused up front (kdlab.preflight), before the changed config was written over the study's
+    assert yaml.safe_load((out / "study.yaml").read_text())["training"]["learning_rate"] == 0.001
     registry = Registry(out / "registry.sqlite")
     before = registry.get("sft-sst2-s1-seed1")
     assert before.status == "done" and before.attempts == 1  # refused: the old result is untouched
@@ -442,7 +444,7 @@ def test_vllm_backend_reaches_every_generation_of_a_study(tiny_data_dir: Path, t
     data["evaluation"]["backend"] = "vllm"
     config = tmp_path / "study.yaml"
     config.write_text(yaml.safe_dump(data))
-    assert main(["run", str(config), "--data-dir", str(tiny_data_dir)]) == 0
+    assert main(["sweep", str(config), "--data-dir", str(tiny_data_dir)]) == 0  # every generation but bench's
     engines = [engine["model"] for engine in standin.engines]
     teacher = str(out / "teacher" / "squad")
     student = str(out / "runs" / "kd2-squad-s1-lam0.5-seed1" / "model")
