@@ -146,6 +146,38 @@ def test_a_study_asking_for_benchmarks_without_lm_eval_is_refused_before_any_wor
     assert not out.exists()
 
 
+def test_the_task_index_is_made_once_per_process_and_task_files(tmp_path: Path,
+                                                               monkeypatch: pytest.MonkeyPatch) -> None:
+    """lm-eval's TaskManager (its index of task names to files; over lm-eval's built-in tasks ~9 s) is made
+    once for the same settings and include_path files, and again when a task file changes: a renamed task is
+    found under its new name."""
+    import lm_eval.tasks
+
+    from kdlab.benchmarks import task_manager
+
+    made: list[Any] = []
+
+    class Counted(lm_eval.tasks.TaskManager):
+        def __init__(self, *args: Any, **kwargs: Any) -> None:
+            made.append(kwargs)
+            super().__init__(*args, **kwargs)
+
+    monkeypatch.setattr(lm_eval.tasks, "TaskManager", Counted)
+    tasks = write_tasks(tmp_path / "tasks")
+    settings = BenchmarkSettings(tasks=["tiny_gen"], include_path=str(tasks))
+    first = task_manager(settings)
+    assert task_manager(settings) is first and len(made) == 1
+    both = BenchmarkSettings(tasks=["tiny_gen", "tiny_mc"], include_path=str(tasks))
+    assert task_manager(both) is not first
+    assert len(made) == 2  # other benchmarks asked for: another index
+    path = tasks / "tiny_mc.yaml"
+    path.write_text(path.read_text().replace("task: tiny_mc", "task: tiny_mc_v2"))
+    edited = task_manager(settings)
+    assert len(made) == 3
+    assert "tiny_mc" in first.all_tasks and "tiny_mc_v2" not in first.all_tasks
+    assert "tiny_mc_v2" in edited.all_tasks and "tiny_mc" not in edited.all_tasks
+
+
 def test_an_unknown_benchmark_is_refused_before_any_work(tiny_data_dir: Path, tmp_path: Path,
                                                          capsys: pytest.CaptureFixture[str]) -> None:
     from kdlab.cli import main

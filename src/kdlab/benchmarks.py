@@ -43,10 +43,35 @@ def require_lm_eval(where: str = "evaluation.benchmarks") -> str:
     return version
 
 
+# One TaskManager per process and settings: making one indexes lm-eval's few thousand built-in YAML files
+# (~9 s here), and a study evaluates every model on every benchmark. A changed file under include_path is
+# another key, so an edited task is indexed again.
+_task_managers: dict[tuple[Any, ...], Any] = {}
+
+
 def task_manager(settings: BenchmarkSettings) -> Any:
-    """lm-eval's TaskManager for `settings`: over `include_path` alone when it defines every benchmark asked
-    for (indexing lm-eval's few thousand built-in YAML files takes ~10 s), else over both (include_path's
-    tasks take precedence, as in lm-eval)."""
+    """lm-eval's TaskManager for `settings` (the one made earlier in this process for the same settings and
+    include_path files, if any): over `include_path` alone when it defines every benchmark asked for, else
+    over both (include_path's tasks take precedence, as in lm-eval)."""
+    key = (settings.include_path, tuple(settings.tasks), _files_stamp(settings.include_path))
+    if key not in _task_managers:
+        _task_managers[key] = _new_task_manager(settings)
+    return _task_managers[key]
+
+
+def _files_stamp(folder: str | None) -> tuple[tuple[str, int, int], ...]:
+    """(path, mtime in ns, size) of every file under `folder` (none: empty)."""
+    if not folder or not os.path.isdir(folder):
+        return ()
+    stamp = []
+    for root, _, names in os.walk(folder):
+        for name in names:
+            stat = os.stat(path := os.path.join(root, name))
+            stamp.append((path, stat.st_mtime_ns, stat.st_size))
+    return tuple(sorted(stamp))
+
+
+def _new_task_manager(settings: BenchmarkSettings) -> Any:
     from lm_eval.tasks import TaskManager
 
     if settings.include_path:
