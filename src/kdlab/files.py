@@ -79,9 +79,16 @@ def built_once(final: Path, build: Callable[[Path], object]) -> Path:
     if final.is_dir():
         return final
     final.parent.mkdir(parents=True, exist_ok=True)
-    with open(final.with_name(final.name + ".lock"), "a") as lock:
+    lock_path = final.with_name(final.name + ".lock")
+    with open(lock_path, "a") as lock:
         fcntl.flock(lock, fcntl.LOCK_EX)  # released when the file is closed
-        return atomic_folder(final, build)
+        try:
+            return atomic_folder(final, build)
+        finally:
+            # Whoever still waits on it finds the folder (atomic_folder looks again), and later callers
+            # return before locking; after a failed build, at worst two retries build side by side.
+            with contextlib.suppress(OSError):
+                lock_path.unlink()
 
 
 def fsync_dir(path: str | Path) -> None:
