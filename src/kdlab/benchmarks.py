@@ -17,9 +17,12 @@ import os
 from collections.abc import Iterator, Mapping, Sequence
 from dataclasses import dataclass, field
 from importlib import metadata
+from pathlib import Path
 from typing import Any
 
 from kdlab.config import BenchmarkSettings, ConfigError
+from kdlab.identity import run_hash
+from kdlab.teacher_cache import hash_file
 
 INSTALL = "pip install 'kdlab[eval]'"  # what the errors tell a user without lm-eval
 NO_FILTER = "none"  # lm-eval's name for a metric read without a filter ("acc,none")
@@ -44,7 +47,7 @@ def require_lm_eval(where: str = "evaluation.benchmarks") -> str:
 
 
 # One TaskManager per process and settings: making one indexes lm-eval's few thousand built-in YAML files
-# (~9 s here), and a study evaluates every model on every benchmark. A changed file under include_path is
+# (~9 s here), and a study evaluates every model on every benchmark. Edited files under include_path are
 # another key, so an edited task is indexed again.
 _task_managers: dict[tuple[Any, ...], Any] = {}
 
@@ -53,22 +56,19 @@ def task_manager(settings: BenchmarkSettings) -> Any:
     """lm-eval's TaskManager for `settings` (the one made earlier in this process for the same settings and
     include_path files, if any): over `include_path` alone when it defines every benchmark asked for, else
     over both (include_path's tasks take precedence, as in lm-eval)."""
-    key = (settings.include_path, tuple(settings.tasks), _files_stamp(settings.include_path))
+    key = (settings.include_path, tuple(settings.tasks), include_path_hash(settings))
     if key not in _task_managers:
         _task_managers[key] = _new_task_manager(settings)
     return _task_managers[key]
 
 
-def _files_stamp(folder: str | None) -> tuple[tuple[str, int, int], ...]:
-    """(path, mtime in ns, size) of every file under `folder` (none: empty)."""
-    if not folder or not os.path.isdir(folder):
-        return ()
-    stamp = []
-    for root, _, names in os.walk(folder):
-        for name in names:
-            stat = os.stat(path := os.path.join(root, name))
-            stamp.append((path, stat.st_mtime_ns, stat.st_size))
-    return tuple(sorted(stamp))
+def include_path_hash(settings: BenchmarkSettings) -> str | None:
+    """The files of `include_path` (task YAML and local data), hashed: editing a task redoes it."""
+    if not settings.include_path or not os.path.isdir(settings.include_path):
+        return None
+    root = Path(settings.include_path)
+    files = sorted(p for p in root.rglob("*") if p.is_file() and not p.name.startswith("."))
+    return run_hash({str(p.relative_to(root)): hash_file(p) for p in files})
 
 
 def _new_task_manager(settings: BenchmarkSettings) -> Any:

@@ -19,8 +19,14 @@ from dataclasses import dataclass
 from pathlib import Path
 from typing import TYPE_CHECKING, Any
 
-from kdlab.benchmarks import BenchmarkResult, evaluate_benchmark, lm_eval_version, require_lm_eval
-from kdlab.config import BenchmarkSettings, StudyConfig
+from kdlab.benchmarks import (
+    BenchmarkResult,
+    evaluate_benchmark,
+    include_path_hash,
+    lm_eval_version,
+    require_lm_eval,
+)
+from kdlab.config import StudyConfig
 from kdlab.errors import StudyError
 from kdlab.files import atomic_write_json
 from kdlab.identity import run_hash
@@ -28,7 +34,6 @@ from kdlab.plan import BENCHMARK_METHOD, benchmark_run, benchmark_run_id
 from kdlab.registry import RunRecord
 from kdlab.selection import chosen_groups
 from kdlab.tasks import get_task
-from kdlab.teacher_cache import hash_file
 
 if TYPE_CHECKING:
     from kdlab.stages.shared import StudyView
@@ -118,15 +123,6 @@ def benchmark_models(study: StudyView) -> list[BenchmarkModel]:
             models.append(BenchmarkModel(run.id, str(folder), task, student, run.seed, run.config_hash,
                                          settings.trust_remote_code if settings is not None else False))
     return models
-
-
-def include_path_hash(settings: BenchmarkSettings) -> str | None:
-    """The files of `include_path` (task YAML and local data), hashed: editing a task redoes it."""
-    if not settings.include_path:
-        return None
-    root = Path(settings.include_path)
-    files = sorted(p for p in root.rglob("*") if p.is_file() and not p.name.startswith("."))
-    return run_hash({str(p.relative_to(root)): hash_file(p) for p in files})
 
 
 class _LoadedModel:
