@@ -209,17 +209,20 @@ def test_built_once_builds_a_folder_once_for_processes_that_need_it_together(tmp
     import time
 
     builds: list[int] = []
+    started = threading.Event()
 
     def build(tmp: Path) -> None:
         builds.append(threading.get_ident())
-        time.sleep(0.3)  # long enough for the other builder to arrive while this one works
+        started.set()
+        time.sleep(0.5)  # the second builder arrives while this one works (it is started below)
         (tmp / "weights.bin").write_bytes(b"w")
 
     final = tmp_path / "cache" / "model"
     got: list[Path] = []
     threads = [threading.Thread(target=lambda: got.append(built_once(final, build))) for _ in range(2)]
-    for t in threads:
-        t.start()
+    threads[0].start()
+    assert started.wait(30)  # the first is building: the folder does not exist yet
+    threads[1].start()
     for t in threads:
         t.join()
     assert len(builds) == 1 and got == [final, final] and (final / "weights.bin").read_bytes() == b"w"
