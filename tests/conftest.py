@@ -12,6 +12,7 @@ import pytest
 import torch
 from transformers import PreTrainedTokenizerFast
 
+from kdlab.heap import freeze_imports
 from kdlab.tiny import build_tiny_tokenizer
 
 USER_KDLAB_CACHE = os.environ.get("KDLAB_CACHE")  # as the developer had it, before any test changed it
@@ -88,7 +89,9 @@ def kdlab_cache_dir(tmp_path_factory: pytest.TempPathFactory) -> Path:
 def _test_environment(kdlab_cache_dir: Path):
     """For the whole session (module- and session-scoped fixtures and subprocesses included): models are
     cached in a temporary folder, never in ~/.cache/kdlab, and torch uses one thread (the models are
-    small, and the suite should not crowd a shared CPU)."""
+    small, and the suite should not crowd a shared CPU). The imports are frozen out of the collector's view
+    as a study process freezes them before its first run: the trainer collects after every `train`."""
+    freeze_imports()
     with pytest.MonkeyPatch.context() as mp:
         mp.setenv("KDLAB_CACHE", str(kdlab_cache_dir))
         mp.setenv("OMP_NUM_THREADS", "1")

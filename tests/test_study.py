@@ -24,7 +24,7 @@ from transformers import AutoModelForCausalLM
 import kdlab.stages.sweep
 from kdlab.cli import main
 from kdlab.config import parse_config, preset_text
-from kdlab.registry import Registry, RunRecord
+from kdlab.registry import Registry, RunRecord, default_owner
 from kdlab.study import Study
 from kdlab.tasks import get_task
 
@@ -85,9 +85,24 @@ def smoke(tmp_path_factory: pytest.TempPathFactory, tiny_data_dir: Path) -> Smok
     killed_at = time.perf_counter()
     before = {r.id: r for r in Registry(out / "registry.sqlite").runs()}
     # Finished with two sweep workers (this process and one `kdlab sweep` it starts): the rest of the runs
-    # are shared between them.
-    code = main(["run", "--preset", "smoke", "--out", str(out), "--data-dir", str(tiny_data_dir),
-                 "--workers", "2"])
+    # are shared between them. A tiny run takes a fraction of a second, less than the second worker needs
+    # to start, so this process's first run waits until the other worker holds one of its own.
+    real = kdlab.stages.sweep.run_job
+
+    def after_the_other_worker_starts(*args, **kwargs):
+        registry = Registry(out / "registry.sqlite")
+        start = time.perf_counter()
+        mine = {None, default_owner(), *(r.owner for r in before.values())}  # and the killed process's
+        while not any(r.owner not in mine for r in registry.runs(kind="student")):
+            if time.perf_counter() - start > KILL_TIMEOUT:
+                pytest.fail(f"the second worker took no run:\n{_tail(out / 'logs' / 'sweep-worker-1.log')}")
+            time.sleep(0.05)
+        return real(*args, **kwargs)
+
+    with pytest.MonkeyPatch.context() as mp:
+        mp.setattr(kdlab.stages.sweep, "run_job", after_the_other_worker_starts)
+        code = main(["run", "--preset", "smoke", "--out", str(out), "--data-dir", str(tiny_data_dir),
+                     "--workers", "2"])
     assert code == 0
     return SmokeStudy(out, tiny_data_dir, before, killed_at - start, time.perf_counter() - killed_at)
 

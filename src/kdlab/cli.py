@@ -83,10 +83,14 @@ def _out(args: argparse.Namespace) -> str:
 
 def _study(args: argparse.Namespace, *, inspect_only: bool = False, config: StudyConfig | None = None):
     from kdlab.distributed import hide_gpus_from_cpu_study
-    from kdlab.study import Study
+    from kdlab.heap import freeze_imports
 
     config = config or _study_config(args)
     hide_gpus_from_cpu_study(config.device)
+    if not inspect_only:
+        freeze_imports()  # before the study imports them (kdlab.heap says why)
+    from kdlab.study import Study
+
     return Study(
         config,
         output_dir=args.out,
@@ -116,6 +120,9 @@ def _executor(args: argparse.Namespace) -> tuple[StudyConfig, Any]:
     """The study config and where its runs execute (config `executor:`, then --executor / --address), after
     the checks that need no work: Ray installed, no second Ray driver, no local process on a registry
     another host is using."""
+    from kdlab.heap import freeze_imports
+
+    freeze_imports()  # first: the imports below are the run's (kdlab.heap says why)
     from kdlab.ray_executor import executor_settings, precheck
 
     config = _study_config(args)
