@@ -29,6 +29,7 @@ from kdlab.study import Study
 from kdlab.tasks import get_task
 
 KILL_TIMEOUT = 240  # seconds to reach the first finished student run (about 15 s on an idle 2-core CPU)
+WORKER_TIMEOUT = 120  # seconds for the resumed study's second worker to take a run (about 6 s idle)
 
 
 
@@ -94,7 +95,7 @@ def smoke(tmp_path_factory: pytest.TempPathFactory, tiny_data_dir: Path) -> Smok
         start = time.perf_counter()
         mine = {None, default_owner(), *(r.owner for r in before.values())}  # and the killed process's
         while not any(r.owner not in mine for r in registry.runs(kind="student")):
-            if time.perf_counter() - start > KILL_TIMEOUT:
+            if time.perf_counter() - start > WORKER_TIMEOUT:
                 pytest.fail(f"the second worker took no run:\n{_tail(out / 'logs' / 'sweep-worker-1.log')}")
             time.sleep(0.05)
         return real(*args, **kwargs)
