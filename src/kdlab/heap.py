@@ -2,10 +2,14 @@
 
 A full garbage collection walks every tracked object alive. Once torch, transformers and peft are imported
 that is about 450 000 objects (functions, classes, module dicts) and 0.19 s a collection on one CPU core, and
-a run collects several times: the runner after every run, the evaluation after a vLLM engine, accelerate at
-the end of every `Trainer.train`. On a tiny study that was a third of its time. Those objects live as long as
+every run collects several times: the runner after the run, accelerate at the end of `Trainer.train`, the
+evaluation after a vLLM engine. On a tiny study that was a third of its time. Those objects live as long as
 the process, so freezing them (`gc.freeze`) loses nothing; objects made after the freeze (models, tensors,
 data) are collected as before.
+
+Only where kdlab owns the process: the CLI's commands that run a study (before their imports) and a Ray
+worker's task. An object frozen is never freed through a reference cycle, so the Python API leaves its
+caller's collector alone (a notebook's model, deleted later, must stay collectable).
 """
 
 from __future__ import annotations
@@ -17,8 +21,7 @@ _frozen = False
 
 def freeze_imports() -> None:
     """Once per process, before its first run: import the libraries every run loads, collect, and freeze what
-    is alive then. Call it where no model or other large object is alive yet: an object frozen here is never
-    freed by the collector if it later becomes unreachable through a reference cycle."""
+    is alive then."""
     global _frozen
     if _frozen:
         return

@@ -26,7 +26,6 @@ from kdlab.config import EvaluationSettings, StudentSettings, TrainingSettings
 from kdlab.distributed import Ranks
 from kdlab.evaluation import evaluate_splits, generation_for, generation_options, predict
 from kdlab.files import atomic_write_json
-from kdlab.heap import freeze_imports
 from kdlab.methods import Signals, get_method
 from kdlab.models import (
     count_parameters,
@@ -119,7 +118,6 @@ def run_job(
     leader, which saves and evaluates). ``tokenizer``, ``data`` and ``cache``: what the caller already holds
     (the local sweep); a worker passes none and they are loaded from the job."""
     ranks = ranks or Ranks()
-    freeze_imports()  # a Ray or launched worker's first run (the local sweep's runner did it already)
     tokenizer = tokenizer if tokenizer is not None else _tokenizer(job.base_teacher, job.trust_remote_code)
     data = data if data is not None else _task_data(job, tokenizer)
     if cache is None and job.cache is not None:

@@ -381,6 +381,9 @@ def _note_attempt(folder: Path, submission: str, config_hash: str) -> int:
 
 def _train_in_worker(job: Job, submission: str) -> dict[str, Any]:
     """One student run in a Ray worker; returns its metrics (the driver records them)."""
+    from kdlab.heap import freeze_imports
+
+    freeze_imports()  # a worker process is kdlab's alone (kdlab.heap says why)
     from kdlab.job import run_job
 
     if not log.handlers:  # the status lines ("[resume] ...") in the worker's log, forwarded by Ray

@@ -16,7 +16,6 @@ from typing import Any
 
 from kdlab.distributed import Ranks
 from kdlab.errors import StudyError
-from kdlab.heap import freeze_imports
 from kdlab.registry import RUN_RECORD, Registry, RunRecord, RunSpec, default_owner, write_run_record
 
 log = logging.getLogger("kdlab")
@@ -74,7 +73,6 @@ class Runner:
         if decision == "skip":
             return self.registry.get(spec.id)
         self._tried.add(spec.id)
-        freeze_imports()  # before the first run's models exist
         start = time.perf_counter()
         beating = Heartbeat(self.registry, spec.id) if self.ranks.leader else None
         metrics: dict[str, Any] = {}
