@@ -6,6 +6,7 @@ import copy
 import importlib.util
 import os
 import sys
+import warnings
 from pathlib import Path
 
 import pytest
@@ -270,6 +271,15 @@ def _trained_lora(base: LlamaForCausalLM) -> nn.Module:
             if "lora_B" in name:
                 p.normal_(0, 0.2)
     return model
+
+
+def test_add_lora_warns_the_user_of_nothing_peft_does(tokenizer) -> None:
+    # peft reads transformers' deprecated `is_gradient_checkpointing` on every model it wraps: not the
+    # user's to fix
+    with warnings.catch_warnings(record=True) as caught:
+        warnings.simplefilter("always")
+        add_lora(build_tiny_llama(tokenizer, num_layers=1), _LORA)
+    assert [str(w.message) for w in caught if issubclass(w.category, FutureWarning)] == []
 
 
 def test_add_lora_rejects_unknown_modules(tokenizer) -> None:

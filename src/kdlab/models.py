@@ -20,6 +20,7 @@ import json
 import logging
 import os
 import re
+import warnings
 from collections.abc import Iterable, Sequence
 from pathlib import Path
 from typing import Any
@@ -740,7 +741,12 @@ def add_lora(model: PreTrainedModel, lora: LoraSettings) -> nn.Module:
         r=lora.r, lora_alpha=lora.alpha, lora_dropout=lora.dropout,
         target_modules=targets, task_type="CAUSAL_LM",
     )
-    return get_peft_model(model, config)
+    with warnings.catch_warnings():
+        # peft reads transformers' deprecated alias on every model it wraps: a warning about peft's code, not
+        # the user's, printed once per process.
+        warnings.filterwarnings("ignore", message="`is_gradient_checkpointing` is deprecated",
+                                category=FutureWarning)
+        return get_peft_model(model, config)
 
 
 def load_trainable(
