@@ -165,13 +165,13 @@ def test_model_files_hashed_once(tmp_path: Path, monkeypatch: pytest.MonkeyPatch
     folder = write_tiny_model(tmp_path / "m", "gpt2", num_layers=2)
     monkeypatch.setattr(kdlab.models, "MEMO_MIN_BYTES", 0)  # memoise even these small files
     reads: list[str] = []
-    real_read = kdlab.models._read_sha256
+    real_read = kdlab.models.hash_file
 
     def counting(path: Path) -> str:
         reads.append(path.name)
         return real_read(path)
 
-    monkeypatch.setattr(kdlab.models, "_read_sha256", counting)
+    monkeypatch.setattr(kdlab.models, "hash_file", counting)
     expected = hash_directory(folder, patterns=WEIGHT_PATTERNS)
     assert hash_model_files(folder) == expected and sorted(reads) == ["config.json", "model.safetensors"]
     reads.clear()

@@ -12,6 +12,7 @@ import pytest
 import torch
 from torch.utils.data import DataLoader, Dataset
 
+from kdlab.files import hash_file
 from kdlab.hashing import canonical_hash
 from kdlab.teacher_cache import (
     CacheError,
@@ -20,7 +21,6 @@ from kdlab.teacher_cache import (
     TeacherCache,
     TeacherCacheWriter,
     hash_directory,
-    hash_file,
 )
 
 INPUTS = {

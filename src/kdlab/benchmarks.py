@@ -21,8 +21,8 @@ from pathlib import Path
 from typing import Any
 
 from kdlab.config import BenchmarkSettings, ConfigError
+from kdlab.files import hash_file
 from kdlab.identity import run_hash
-from kdlab.teacher_cache import hash_file
 
 INSTALL = "pip install 'kdlab[eval]'"  # what the errors tell a user without lm-eval
 NO_FILTER = "none"  # lm-eval's name for a metric read without a filter ("acc,none")

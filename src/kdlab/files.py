@@ -105,6 +105,15 @@ def fsync_dir(path: str | Path) -> None:
         os.close(fd)
 
 
+def hash_file(path: str | os.PathLike[str], chunk_size: int = 1 << 20) -> str:
+    """Hex sha256 of a file's bytes, read in chunks so multi-GB weights never sit in RAM."""
+    h = hashlib.sha256()
+    with open(path, "rb") as f:
+        while chunk := f.read(chunk_size):
+            h.update(chunk)
+    return h.hexdigest()
+
+
 def hash_tree(path: str | os.PathLike[str], patterns: Sequence[str], file_hash: Callable[[Path], str]) -> str:
     """Hex sha256 over every file below `path` whose name matches one of `patterns`: each file's relative path
     and `file_hash(file)`, in sorted order (independent of listing order; symlinks are followed)."""

@@ -37,7 +37,7 @@ from transformers import (
 )
 
 from kdlab.config import DeriveSettings, LoraSettings
-from kdlab.files import atomic_write_json, built_once, hash_tree
+from kdlab.files import atomic_write_json, built_once, hash_file, hash_tree
 
 log = logging.getLogger(__name__)
 
@@ -257,7 +257,7 @@ def file_sha256(path: str | Path) -> str:
         return real.name  # the hub names LFS blobs by their sha256 and checks it on download
     st = real.stat()
     if st.st_size < MEMO_MIN_BYTES:
-        return _read_sha256(real)
+        return hash_file(real)
     memo = cache_root() / "file-hashes" / (hashlib.sha256(str(real).encode()).hexdigest()[:32] + ".json")
     stamp = {"path": str(real), "size": st.st_size, "mtime_ns": st.st_mtime_ns, "inode": st.st_ino}
     try:
@@ -266,20 +266,12 @@ def file_sha256(path: str | Path) -> str:
             return saved["sha256"]
     except (OSError, ValueError, KeyError):
         pass
-    digest = _read_sha256(real)
+    digest = hash_file(real)
     try:
         atomic_write_json(memo, {**stamp, "sha256": digest})
     except OSError as e:  # a read-only cache only costs the next start a re-read
         log.debug("could not write hash memo %s: %s", memo, e)
     return digest
-
-
-def _read_sha256(path: Path) -> str:
-    h = hashlib.sha256()
-    with open(path, "rb") as f:
-        while chunk := f.read(1 << 24):
-            h.update(chunk)
-    return h.hexdigest()
 
 
 def model_provenance(spec: str, revision: str | None = None) -> dict[str, Any]:

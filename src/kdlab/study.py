@@ -27,7 +27,7 @@ import yaml
 from kdlab.config import ExecutorSettings, StudentSettings, StudyConfig, parse_config
 from kdlab.distributed import Ranks
 from kdlab.evaluation import GenerationOptions, generation_for
-from kdlab.files import atomic_write_json, atomic_write_text
+from kdlab.files import atomic_write_json, atomic_write_text, hash_file
 from kdlab.identity import rekey_checkpoints, rekey_finished_runs
 from kdlab.layout import Layout
 from kdlab.methods import Signals, get_method
@@ -41,7 +41,7 @@ from kdlab.seeding import configure_determinism, stage_seed
 from kdlab.stages import benchmarks, cache, students, sweep, teacher
 from kdlab.stages.data import TaskData, load_task_data
 from kdlab.tasks import get_task
-from kdlab.teacher_cache import TeacherCache, hash_file
+from kdlab.teacher_cache import TeacherCache
 
 log = logging.getLogger("kdlab")
 

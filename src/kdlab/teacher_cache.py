@@ -49,7 +49,7 @@ import numpy as np
 import torch
 
 from kdlab.errors import CacheError, CacheExistsError, CacheMismatchError
-from kdlab.files import atomic_write_json, fsync_dir, hash_tree
+from kdlab.files import atomic_write_json, fsync_dir, hash_file, hash_tree
 from kdlab.hashing import canonical_hash, canonical_json, plain_json
 from kdlab.registry import pid_alive
 
@@ -61,7 +61,6 @@ __all__ = [
     "TeacherCache",
     "TeacherCacheWriter",
     "hash_directory",
-    "hash_file",
     "temperature_tag",
 ]
 
@@ -82,7 +81,6 @@ _FP16_MAX = 65504.0
 _LOGPROB_SLACK = 1e-3
 _DEFAULT_SHARD_ROWS = 1_000_000
 _DEFAULT_SHARD_BYTES = 512 << 20
-_HASH_CHUNK = 1 << 20
 
 ExampleId = str | int
 
@@ -93,15 +91,6 @@ _VERIFIED: set[tuple[str, str]] = set()
 # --------------------------------------------------------------------------------------------------
 # Fingerprints and hashing
 # --------------------------------------------------------------------------------------------------
-
-
-def hash_file(path: str | os.PathLike[str], chunk_size: int = _HASH_CHUNK) -> str:
-    """Hex sha256 of a file's bytes, read in chunks so multi-GB weights never sit in RAM."""
-    h = hashlib.sha256()
-    with open(path, "rb") as f:
-        while chunk := f.read(chunk_size):
-            h.update(chunk)
-    return h.hexdigest()
 
 
 def hash_directory(
