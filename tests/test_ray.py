@@ -182,12 +182,21 @@ def driven(cluster: str, tiny_data_dir: Path, tmp_path_factory: pytest.TempPathF
                     and any(v.get("state") == "running" for v in view)
 
             _until("a student run done and another one running on a worker", mid_sweep, log=log)
+
+            def status_with_a_run_on_a_worker() -> str | None:
+                # Ray's view can be between runs (one done, the next still pending) when status reads it.
+                if proc.poll() is not None:
+                    pytest.fail(f"the driver exited ({proc.returncode}) before the kill:\n{_tail(log)}")
+                text = io.StringIO()
+                with contextlib.redirect_stdout(text):
+                    assert main(["status", str(out)]) == 0
+                return text.getvalue() if _run_on_a_worker(text.getvalue()) else None
+
+            status = _until("status showing a run on a worker", status_with_a_run_on_a_worker, log=log)
             # In this process (another pid than the first driver's): quick, so the kill lands mid-sweep.
-            second_err, status = io.StringIO(), io.StringIO()
+            second_err = io.StringIO()
             with contextlib.redirect_stderr(second_err):
                 second_code = main(argv)
-            with contextlib.redirect_stdout(status):
-                assert main(["status", str(out)]) == 0
             before = {r.id: r for r in registry.runs()}
             os.kill(proc.pid, signal.SIGKILL)
         finally:
@@ -196,7 +205,13 @@ def driven(cluster: str, tiny_data_dir: Path, tmp_path_factory: pytest.TempPathF
             proc.wait()
     assert proc.returncode == -signal.SIGKILL
     restart = main(argv)
-    return DrivenStudy(out, before, second_code, second_err.getvalue(), status.getvalue(), proc.pid, restart)
+    return DrivenStudy(out, before, second_code, second_err.getvalue(), status, proc.pid, restart)
+
+
+def _run_on_a_worker(status: str) -> bool:
+    """A run in flight on a node, as the worker reported it (host, ip, pid, attempt)."""
+    return any(line.strip().startswith("running ") and " on " in line and "attempt 1" in line
+               for line in status.splitlines())
 
 
 def test_second_driver_is_refused_naming_the_first(driven: DrivenStudy) -> None:
@@ -212,9 +227,7 @@ def test_status_shows_rays_view_while_the_driver_runs(driven: DrivenStudy) -> No
     text = driven.status_while_running
     assert "ray: driver " in text and f":{driven.first_pid} driving" in text, text
     assert "CPU " in text and " running" in text
-    # a run in flight on a node, as the worker reported it (host, ip, pid, attempt)
-    assert any(line.strip().startswith("running ") and " on " in line and "attempt 1" in line
-               for line in text.splitlines()), text
+    assert _run_on_a_worker(text), text
 
 
 def test_killed_driver_is_restarted_without_redoing_finished_runs(driven: DrivenStudy) -> None:
