@@ -159,7 +159,7 @@ class DrivenStudy:
 def driven(cluster: str, tiny_data_dir: Path, tmp_path_factory: pytest.TempPathFactory) -> DrivenStudy:
     root = tmp_path_factory.mktemp("driven")
     out = root / "out"
-    # Two epochs: each run lasts a second or two, so the kill lands with runs in flight.
+    # Three epochs and two seeds: the first seed's runs are still in flight when the fixture kills the driver.
     config = _write(root / "study.yaml", _config(out, {"sft": {}, "kd1": {"lambda": [0.5, 1.0], "top_k": 8}},
                                                  [1, 2], epochs=3))
     argv = ["sweep", str(config), "--data-dir", str(tiny_data_dir), "--executor", "ray", "--address", cluster]
