@@ -241,3 +241,36 @@ def test_status_json(tmp_path: Path, capsys: pytest.CaptureFixture[str]) -> None
     assert [b["run"] for b in status["best"]] == ["kd1-sst2-s1-seed1", "sft-sst2-s1-seed1"]
     assert main(["status", str(tmp_path)]) == 0  # the folder alone works too
     assert "2 done" in capsys.readouterr().out
+
+
+@pytest.mark.parametrize("loudness, loading_bars, kdlab_lines", [([], False, True), (["-v"], True, True),
+                                                                 (["-q"], False, False)])
+def test_a_runs_bars_are_its_own_and_transformers_loading_bars_show_with_verbose_only(
+    loudness: list[str], loading_bars: bool, kdlab_lines: bool, tiny_data_dir: Path, tmp_path: Path,
+    capsys: pytest.CaptureFixture[str],
+) -> None:
+    """transformers draws a bar per checkpoint it loads: dozens in a study, burying kdlab's own lines; the
+    Trainer's bar is named after its run, like the run's eval bars."""
+    data = yaml.safe_load(preset_text("smoke"))
+    data["teacher"]["adapt"] = False
+    data["tasks"] = {"sst2": data["tasks"]["sst2"]}
+    data["methods"] = {"sft": {}}
+    data["seeds"] = [1]
+    data["bench"] = {"enabled": False}
+    config = tmp_path / "study.yaml"
+    config.write_text(yaml.safe_dump(data))
+    argv = [*loudness, "run", str(config), "--out", str(tmp_path / "out"), "--data-dir", str(tiny_data_dir)]
+    try:
+        assert main(argv) == 0
+    finally:
+        import datasets.utils.logging
+        import transformers.utils.logging
+
+        # as an unconfigured process has them, for the tests after this one
+        transformers.utils.logging.set_tqdm_hook(None)
+        transformers.utils.logging.enable_progress_bar()
+        datasets.utils.logging.enable_progress_bar()
+    err = capsys.readouterr().err
+    assert ("Loading weights" in err) == loading_bars, err[-3000:]
+    assert ("sft-sst2-s1-seed1 train" in err) == kdlab_lines, err[-3000:]
+    assert ("[done] sft-sst2-s1-seed1" in err) == kdlab_lines, err[-3000:]

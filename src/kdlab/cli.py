@@ -89,6 +89,7 @@ def _study(args: argparse.Namespace, *, inspect_only: bool = False, config: Stud
     hide_gpus_from_cpu_study(config.device)
     if not inspect_only:
         freeze_imports()  # before the study imports them (kdlab.heap says why)
+    _library_bars()
     from kdlab.study import Study
 
     return Study(
@@ -568,16 +569,29 @@ class _StderrHandler(logging.StreamHandler):
         pass
 
 
-def configure_logging(level: int) -> None:
-    """kdlab's status messages as plain lines on stderr (stdout keeps each command's results); other
-    libraries' messages from warnings up, or everything with -v; with -q warnings and errors only, and no
-    progress bars."""
-    if level > logging.INFO:  # quiet: no progress bars either (kdlab's own follow its logger's level)
+def _hidden_bar(factory: Any, args: tuple, kwargs: dict) -> Any:
+    return factory(*args, **{**kwargs, "disable": True})
+
+
+def _library_bars() -> None:
+    """Other libraries' progress bars, for a command about to load models (so not in `configure_logging`:
+    importing transformers would slow `kdlab status`). transformers draws one for each checkpoint it loads
+    ("Loading weights") and each model it saves ("Writing model shards"): dozens of instant bars in a study,
+    between kdlab's own lines, so they show with -v only; downloads from the hub keep theirs. With -q no
+    library draws a bar (kdlab's own follow its logger's level)."""
+    import transformers.utils.logging
+
+    if not log.isEnabledFor(logging.INFO):
         import datasets.utils.logging
-        import transformers.utils.logging
 
         transformers.utils.logging.disable_progress_bar()
         datasets.utils.logging.disable_progress_bar()
+    transformers.utils.logging.set_tqdm_hook(None if log.isEnabledFor(logging.DEBUG) else _hidden_bar)
+
+
+def configure_logging(level: int) -> None:
+    """kdlab's status messages as plain lines on stderr (stdout keeps each command's results); other
+    libraries' messages from warnings up, or everything with -v; with -q warnings and errors only."""
     handler = _StderrHandler()
     handler.setFormatter(logging.Formatter("%(message)s"))
     log.handlers[:] = [handler]

@@ -608,13 +608,20 @@ def sequence_tokens(batch: Mapping[str, Any], prefix: str = "") -> int:
 
 
 class TrainingProgress(ProgressCallback):
-    """The Trainer's progress bar, hidden under `kdlab -q`; the losses it logs go to the "kdlab" logger at
-    debug level (`kdlab -v`) and to log_history.json, never to stdout, which keeps the commands' results."""
+    """The Trainer's progress bar, named "<run> train" like the run's "<run> eval" bars and hidden under
+    `kdlab -q`; the losses it logs go to the "kdlab" logger at debug level (`kdlab -v`) and to
+    log_history.json, never to stdout, which keeps the commands' results."""
+
+    def __init__(self, run_name: str | None = None) -> None:
+        super().__init__()
+        self.description = f"{run_name} train" if run_name else "train"
 
     def on_train_begin(self, args: Any, state: Any, control: Any, **kwargs: Any) -> None:
         self.current_step = 0
         if log.isEnabledFor(logging.INFO):
             super().on_train_begin(args, state, control, **kwargs)
+            if self.training_bar is not None:  # rank 0 only
+                self.training_bar.set_description(self.description, refresh=False)
 
     def on_step_end(self, args: Any, state: Any, control: Any, **kwargs: Any) -> None:
         if self.training_bar is not None:
@@ -888,7 +895,7 @@ def train(
         )
     trainer.remove_callback(ProgressCallback)
     trainer.remove_callback(PrinterCallback)
-    trainer.add_callback(TrainingProgress())
+    trainer.add_callback(TrainingProgress(run_name))
     out = trainer.train(resume_from_checkpoint=resume_from_checkpoint)
     history = trainer.state.log_history
     atomic_write_json(Path(output_dir) / "log_history.json", history, indent=1)
