@@ -159,9 +159,10 @@ class DrivenStudy:
 def driven(cluster: str, tiny_data_dir: Path, tmp_path_factory: pytest.TempPathFactory) -> DrivenStudy:
     root = tmp_path_factory.mktemp("driven")
     out = root / "out"
-    # Three epochs and two seeds: the first seed's runs are still in flight when the fixture kills the driver.
+    # Two seeds, forty epochs (a second or so a run; the driver looks for started runs every 0.5 s): the first
+    # seed's runs show as running, and are still in flight when the fixture kills the driver.
     config = _write(root / "study.yaml", _config(out, {"sft": {}, "kd1": {"lambda": [0.5, 1.0], "top_k": 8}},
-                                                 [1, 2], epochs=3))
+                                                 [1, 2], epochs=40, logging_steps=20))
     argv = ["sweep", str(config), "--data-dir", str(tiny_data_dir), "--executor", "ray", "--address", cluster]
     log = root / "driver.log"
     with log.open("w") as fh:
@@ -323,6 +324,45 @@ def test_without_ray_the_executor_says_how_to_install_it(tiny_data_dir: Path, tm
         assert main(["sweep", str(config), "--data-dir", str(tiny_data_dir), *argv]) == 2
         assert "pip install 'kdlab[ray]'" in capsys.readouterr().err
     assert not out.exists()  # refused before any work
+
+
+def test_status_shows_a_run_running_as_soon_as_a_worker_starts_it(tmp_path: Path) -> None:
+    """The driver writes Ray's view when it sees a worker start a run, not only every VIEW_EVERY seconds:
+    a run shorter than that would go from pending to done without `kdlab status` ever showing it running."""
+    from types import SimpleNamespace
+
+    from kdlab.files import atomic_write_json
+
+    rid = "sft-sst2-s1-seed1"
+    folder = tmp_path / "runs" / rid
+    spec = RunSpec(id=rid, kind="student", task="sst2", method="sft", student="s1", stage="grid", params={},
+                   seed=1, config_hash="h", output_dir=str(folder))
+    registry = Registry(tmp_path / "registry.sqlite")
+    executor = object.__new__(ray_executor.RayExecutor)  # its state, with a Ray where no task ends
+    now = time.time()
+    executor.__dict__.update(
+        ray=SimpleNamespace(wait=lambda refs, num_returns, timeout: ([], refs)), registry=registry,
+        owner="driver-host:1", settings=SimpleNamespace(address="auto"), cluster={}, _cluster_at=now,
+        _last_view=now,  # the view was written when the run was submitted, just now
+        tasks={rid: ray_executor._Task(spec, "ref", "submission-1", now)},
+        view={rid: {"state": "pending", "attempts": 0, "submitted": now}},
+    )
+    executor.wait(0.01)
+    assert registry.note("ray") is None  # nothing new: the view is not rewritten before VIEW_EVERY
+    atomic_write_json(folder / ray_executor.TASK_RECORD, {"submission": "submission-1", "attempts": [
+        {"node": "n1", "host": "worker-host", "ip": "10.0.0.2", "pid": 4242, "started": now}]})
+    executor.wait(0.01)
+    lines = ray_executor.status_lines(registry)
+    assert any(line.strip().startswith(f"running  {rid} on worker-host") and "attempt 1" in line
+               for line in lines), lines
+    assert _run_on_a_worker("\n".join(lines))
+    atomic_write_json(folder / ray_executor.TASK_RECORD, {"submission": "submission-1", "attempts": [
+        {"node": "n1", "host": "worker-host", "ip": "10.0.0.2", "pid": 4242, "started": now},
+        {"node": "n2", "host": "other-host", "ip": "10.0.0.3", "pid": 77, "started": now + 1}]})
+    executor.wait(0.01)  # a retry on another node: shown at once too
+    lines = ray_executor.status_lines(registry)
+    assert any(f"running  {rid} on other-host" in line and "attempt 2, retried 1x" in line
+               for line in lines), lines
 
 
 def test_executor_settings_config_and_flags() -> None:

@@ -44,6 +44,7 @@ log = logging.getLogger("kdlab")
 INSTALL_HINT = "pip install 'kdlab[ray]'"
 TASK_RECORD = "ray_task.json"  # in a run's folder: each attempt of its Ray task (node, pid, resumed from)
 VIEW_EVERY = 2.0  # seconds between refreshes of the `ray` note while runs are in flight
+POLL_EVERY = 0.5  # seconds between looks at which submitted runs a worker has started
 BEAT_EVERY = 30.0  # seconds between heartbeats of the driver and its runs (stale after 600 s elsewhere)
 
 
@@ -222,13 +223,13 @@ class RayExecutor:
             if not refs:
                 time.sleep(max(0.0, deadline - time.time()))  # only other processes' runs to wait for
                 return
-            ready, _ = self.ray.wait(refs, num_returns=1, timeout=min(VIEW_EVERY, timeout))
-            self._poll_attempts()
+            ready, _ = self.ray.wait(refs, num_returns=1, timeout=min(POLL_EVERY, timeout))
+            started = self._poll_attempts()
             if ready:
                 for task in [t for t in self.tasks.values() if t.ref in ready]:
                     self._finish(task)
                 return
-            self._write_view()
+            self._write_view(force=started)  # `kdlab status` shows a run as running once a worker starts it
             if time.time() >= deadline:
                 return
 
@@ -258,18 +259,21 @@ class RayExecutor:
                               note=self._totals())
         self._write_view(force=True)
 
-    def _poll_attempts(self) -> None:
+    def _poll_attempts(self) -> bool:
         """Which submitted runs a worker has started, where, and how often (each attempt writes its
-        folder's ray_task.json before it trains)."""
+        folder's ray_task.json before it trains); whether an attempt started since the last look."""
+        started = False
         for run_id, task in list(self.tasks.items()):
             record = read_task_record(Path(task.spec.output_dir))
             if not record or record.get("submission") != task.submission:
                 continue
             last = record["attempts"][-1]
             entry = self.view.setdefault(run_id, {})
+            started |= entry.get("state") != "running" or entry.get("attempts") != len(record["attempts"])
             entry.update(state="running", attempts=len(record["attempts"]), node=last.get("node"),
                          host=last.get("host"), ip=last.get("ip"), pid=last.get("pid"),
                          started=last.get("started"))
+        return started
 
     def _refresh_cluster(self) -> None:
         try:
