@@ -19,6 +19,7 @@ import threading
 import time
 from dataclasses import dataclass
 from pathlib import Path
+from types import SimpleNamespace
 
 import pandas as pd
 import pytest
@@ -307,6 +308,29 @@ def test_killed_worker_is_retried_and_resumes_from_its_checkpoint(
     assert f"done     {rid} after 2 attempts" in text, text
 
 
+def test_a_ray_task_hides_transformers_loading_bars(cluster: str, tmp_path: Path,
+                                                    monkeypatch: pytest.MonkeyPatch) -> None:
+    """A worker's output is forwarded to the driver's terminal: there, as under a `kdlab` command, no bar for
+    each checkpoint the run loads (cli._library_bars)."""
+    import transformers.utils.logging
+
+    transformers.utils.logging.enable_progress_bar()  # as a fresh worker has it
+    seen = {}
+
+    def run_job(job) -> dict:
+        seen["bar shown"] = not transformers.utils.logging.tqdm(range(1), desc="Loading weights").disable
+        return {}
+
+    monkeypatch.setattr("kdlab.job.run_job", run_job)
+    spec = RunSpec("sft-sst2-s1-seed1", kind="student", task="sst2", method="sft", student="s1", stage="grid",
+                   seed=1, output_dir=str(tmp_path / "run"))
+    try:
+        ray_executor._train_in_worker(SimpleNamespace(spec=spec), "submission-1")
+    finally:
+        transformers.utils.logging.set_tqdm_hook(None)
+    assert seen == {"bar shown": False}
+
+
 # ---------------------------------------------------------------------------------------------------------
 # no cluster needed
 
@@ -329,8 +353,6 @@ def test_without_ray_the_executor_says_how_to_install_it(tiny_data_dir: Path, tm
 def test_status_shows_a_run_running_as_soon_as_a_worker_starts_it(tmp_path: Path) -> None:
     """The driver writes Ray's view when it sees a worker start a run, not only every VIEW_EVERY seconds:
     a run shorter than that would go from pending to done without `kdlab status` ever showing it running."""
-    from types import SimpleNamespace
-
     from kdlab.files import atomic_write_json
 
     rid = "sft-sst2-s1-seed1"

@@ -569,24 +569,20 @@ class _StderrHandler(logging.StreamHandler):
         pass
 
 
-def _hidden_bar(factory: Any, args: tuple, kwargs: dict) -> Any:
-    return factory(*args, **{**kwargs, "disable": True})
-
-
 def _library_bars() -> None:
     """Other libraries' progress bars, for a command about to load models (so not in `configure_logging`:
-    importing transformers would slow `kdlab status`). transformers draws one for each checkpoint it loads
-    ("Loading weights") and each model it saves ("Writing model shards"): dozens of instant bars in a study,
-    between kdlab's own lines, so they show with -v only; downloads from the hub keep theirs. With -q no
-    library draws a bar (kdlab's own follow its logger's level)."""
+    importing transformers would slow `kdlab status`): transformers' per-checkpoint bars with -v only
+    (`models.show_loading_bars`); with -q no library draws a bar (kdlab's own follow its logger's level)."""
     import transformers.utils.logging
+
+    from kdlab.models import show_loading_bars
 
     if not log.isEnabledFor(logging.INFO):
         import datasets.utils.logging
 
         transformers.utils.logging.disable_progress_bar()
         datasets.utils.logging.disable_progress_bar()
-    transformers.utils.logging.set_tqdm_hook(None if log.isEnabledFor(logging.DEBUG) else _hidden_bar)
+    show_loading_bars(log.isEnabledFor(logging.DEBUG))
 
 
 def configure_logging(level: int) -> None:

@@ -50,6 +50,19 @@ class ModelSpecError(ValueError):
     """A model spec that names nothing loadable."""
 
 
+def show_loading_bars(shown: bool) -> None:
+    """transformers draws a progress bar for each checkpoint it loads ("Loading weights") and each model it
+    saves ("Writing model shards"): dozens of instant bars in a study, between kdlab's own lines. kdlab's
+    processes show them only with `-v`; hub downloads keep their bars (huggingface_hub draws those)."""
+    import transformers.utils.logging
+
+    transformers.utils.logging.set_tqdm_hook(None if shown else _hidden_bar)
+
+
+def _hidden_bar(factory: Any, args: tuple, kwargs: dict) -> Any:
+    return factory(*args, **{**kwargs, "disable": True})
+
+
 def cache_root() -> Path:
     """Where dequantized GGUF copies and tiny models live (`KDLAB_CACHE`, default ~/.cache/kdlab)."""
     return Path(os.environ.get("KDLAB_CACHE", Path.home() / ".cache" / "kdlab"))

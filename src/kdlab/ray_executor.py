@@ -389,7 +389,9 @@ def _train_in_worker(job: Job, submission: str) -> dict[str, Any]:
 
     freeze_imports()  # a worker process is kdlab's alone (kdlab.heap says why)
     from kdlab.job import run_job
+    from kdlab.models import show_loading_bars
 
+    show_loading_bars(False)  # as under a `kdlab` command: the worker's output is forwarded to the driver's
     if not log.handlers:  # the status lines ("[resume] ...") in the worker's log, forwarded by Ray
         handler = logging.StreamHandler()
         handler.setFormatter(logging.Formatter("%(message)s"))
