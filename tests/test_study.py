@@ -89,11 +89,11 @@ def smoke(tmp_path_factory: pytest.TempPathFactory, tiny_data_dir: Path) -> Smok
     # are shared between them. A tiny run takes a fraction of a second, less than the second worker needs
     # to start, so this process's first run waits until the other worker holds one of its own.
     real = kdlab.stages.sweep.run_job
+    registry = Registry(out / "registry.sqlite")
+    mine = {None, default_owner(), *(r.owner for r in before.values())}  # and the killed process's
 
     def after_the_other_worker_starts(*args, **kwargs):
-        registry = Registry(out / "registry.sqlite")
         start = time.perf_counter()
-        mine = {None, default_owner(), *(r.owner for r in before.values())}  # and the killed process's
         while not any(r.owner not in mine for r in registry.runs(kind="student")):
             if time.perf_counter() - start > WORKER_TIMEOUT:
                 pytest.fail(f"the second worker took no run:\n{_tail(out / 'logs' / 'sweep-worker-1.log')}")

@@ -573,12 +573,11 @@ def _library_bars() -> None:
     """Other libraries' progress bars, for a command about to load models (so not in `configure_logging`:
     importing transformers would slow `kdlab status`): transformers' per-checkpoint bars with -v only
     (`models.show_loading_bars`); with -q no library draws a bar (kdlab's own follow its logger's level)."""
-    import transformers.utils.logging
-
     from kdlab.models import show_loading_bars
 
     if not log.isEnabledFor(logging.INFO):
         import datasets.utils.logging
+        import transformers.utils.logging
 
         transformers.utils.logging.disable_progress_bar()
         datasets.utils.logging.disable_progress_bar()

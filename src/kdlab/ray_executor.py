@@ -391,7 +391,7 @@ def _train_in_worker(job: Job, submission: str) -> dict[str, Any]:
     from kdlab.job import run_job
     from kdlab.models import show_loading_bars
 
-    show_loading_bars(False)  # as under a `kdlab` command: the worker's output is forwarded to the driver's
+    show_loading_bars(False)  # Ray forwards the worker's output to the driver's terminal: as under `kdlab`
     if not log.handlers:  # the status lines ("[resume] ...") in the worker's log, forwarded by Ray
         handler = logging.StreamHandler()
         handler.setFormatter(logging.Formatter("%(message)s"))
