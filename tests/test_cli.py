@@ -274,3 +274,23 @@ def test_a_runs_bars_are_its_own_and_transformers_loading_bars_show_with_verbose
     assert ("Loading weights" in err) == loading_bars, err[-3000:]
     assert ("sft-sst2-s1-seed1 train" in err) == kdlab_lines, err[-3000:]
     assert ("[done] sft-sst2-s1-seed1" in err) == kdlab_lines, err[-3000:]
+
+
+def test_a_launched_command_leaves_its_process_group_before_exit(tmp_path: Path,
+                                                                 capsys: pytest.CaptureFixture[str]) -> None:
+    """Left to interpreter exit, a gloo group can abort a rank whose work is done (SIGABRT, "terminate called
+    without an active exception"; seen once in a two-rank DDP launch), and torchrun reports the launch
+    failed."""
+    import torch.distributed as dist
+
+    dist.init_process_group("gloo", init_method=f"file://{tmp_path / 'store'}", rank=0, world_size=1)
+    try:
+        assert main(["config", "show", "smoke"]) == 0
+        assert not dist.is_initialized()
+        dist.init_process_group("gloo", init_method=f"file://{tmp_path / 'store2'}", rank=0, world_size=1)
+        assert main(["config", "check", str(tmp_path / "missing.yaml")]) == 2  # refused: left as well
+        assert not dist.is_initialized()
+    finally:
+        if dist.is_initialized():
+            dist.destroy_process_group()
+    capsys.readouterr()

@@ -603,13 +603,25 @@ def main(argv: list[str] | None = None) -> int:
     with warnings.catch_warnings():
         warnings.showwarning = _show_warning
         try:
-            return args.func(args)
+            code = args.func(args)
         except StudyError as e:
             print(f"kdlab: error: {e}", file=sys.stderr)
-            return EXIT_FAILED
+            code = EXIT_FAILED
         except USAGE_ERRORS as e:
             print(f"kdlab: error: {e}", file=sys.stderr)
-            return EXIT_USAGE
+            code = EXIT_USAGE
+    _leave_process_group()
+    return code
+
+
+def _leave_process_group() -> None:
+    """Under `torchrun` / `accelerate launch`: leave the process group the command joined while the
+    interpreter is still whole. Left to interpreter exit, gloo's threads can still hold tensors whose release
+    needs the GIL, and a rank whose work is done dies with SIGABRT ("terminate called without an active
+    exception"), failing the launch. Not after an unexpected exception: another rank may be mid-collective."""
+    dist = sys.modules.get("torch.distributed")  # never imported: nothing joined (and `status` stays light)
+    if dist is not None and dist.is_available() and dist.is_initialized():
+        dist.destroy_process_group()
 
 
 if __name__ == "__main__":
